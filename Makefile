@@ -1,0 +1,60 @@
+# Cairn: `make demo` and `make test` set everything up on a fresh machine (Python 3.11 and pip needed).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+GPU    ?= 0
+STAMP  := $(VENV)/.cairn-setup-gpu$(GPU)
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONDONTWRITEBYTECODE = 1
+
+.PHONY: setup demo test test-fast bench lint clean help
+
+help:
+	@echo "make setup   create $(VENV) with the pinned dependencies (GPU=1 for the CUDA builds of TF and FAISS)"
+	@echo "make demo    synthetic landmarks + the baseline/deep comparison; outputs in ./demo"
+	@echo "make test    the test suite (CI runs this)"
+	@echo "make bench   benchmarks; figures in BENCHMARKS.md and bench/results.json"
+	@echo "make lint    ruff"
+	@echo "make clean   remove outputs and caches (keeps $(VENV)); 'make clean-all' removes it too"
+
+setup: $(STAMP)
+
+# Re-runs only when the pins change; otherwise `make setup` is a no-op.
+$(STAMP): pyproject.toml requirements.lock requirements-dev.lock requirements-gpu.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; assert sys.version_info[:2] == (3, 11), "Cairn needs Python 3.11; set PYTHON=..."'
+ifeq ($(GPU),1)
+	grep -v -E '^(faiss-cpu|tensorflow-cpu|tensorflow_cpu)==' requirements.lock > $(VENV)/requirements-gpu.lock
+	$(PIP) uninstall -y -q faiss-cpu tensorflow-cpu 2>/dev/null || true
+	$(PIP) install -q -r $(VENV)/requirements-gpu.lock -r requirements-dev.lock -r requirements-gpu.txt
+else
+	$(PIP) uninstall -y -q faiss-gpu tensorflow 2>/dev/null || true
+	$(PIP) install -q -r requirements.lock -r requirements-dev.lock
+endif
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.cairn-setup-gpu*
+	@touch $@
+	@echo "setup: $(VENV) is ready ($$($(BIN)/python --version), GPU=$(GPU))"
+
+demo: setup
+	$(BIN)/cairn demo --out demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf demo out runs bench/out .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+clean-all: clean
+	rm -rf $(VENV)

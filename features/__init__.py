@@ -1,0 +1,1 @@
+"""Feature extractors as plain numpy functions and classes (no Beam, no I/O)."""

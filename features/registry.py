@@ -1,0 +1,30 @@
+"""Global-descriptor extractors by method name, built from a JSON-ready parameter dict.
+
+Beam DoFns carry (name, params) and build the extractor once per worker with :func:`make_extractor`, so
+nothing heavier than a dict is pickled into the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from features.base import GlobalExtractor
+from features.hog import HogConfig, HogExtractor
+
+# name -> (extractor class, its frozen config class)
+EXTRACTORS = {
+    "hog": (HogExtractor, HogConfig),
+}
+
+
+def make_extractor(name: str, params: dict | None = None) -> GlobalExtractor:
+    """Build the extractor ``name`` with config fields from ``params`` (unknown fields are an error)."""
+    if name not in EXTRACTORS:
+        raise KeyError(f"no global extractor named {name!r}; known: {sorted(EXTRACTORS)}")
+    cls, config_cls = EXTRACTORS[name]
+    params = dict(params or {})
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"unknown {name} parameters {unknown}; known: {sorted(known)}")
+    return cls(config_cls(**params))

@@ -1,0 +1,1 @@
+"""FAISS indices over global descriptors, batched search, and recognition from neighbours."""

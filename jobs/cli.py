@@ -1,0 +1,65 @@
+"""The `cairn` command: one sub-command per job."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+COMMANDS = {
+    "synth": ("jobs.synth", "generate the synthetic landmark data set (train.csv, queries.csv, boxes.csv)"),
+    "extract": ("jobs.extract", "Beam job: manifest -> descriptors in sharded Parquet, with dead letters"),
+    "train": ("jobs.train", "learn a method's models (vocabularies, classifiers, fine-tuned networks)"),
+    "index": ("jobs.index", "build a FAISS index over database descriptors"),
+    "recognize": ("jobs.recognize", "predict landmarks and list the nearest database images of queries"),
+    "report": ("jobs.report", "recompute metrics.json of a compare run from its outputs"),
+    "compare": ("jobs.compare", "run and score several methods on the same train and query manifests"),
+    "demo": ("jobs.demo", "synth + compare on the built-in synthetic data"),
+}
+
+
+def usage() -> str:
+    from jobs.methods import describe
+
+    lines = ["usage: cairn COMMAND [--help] [ARGS]", "", "Landmark recognition and image retrieval as batch jobs.",
+             "", "commands:"]
+    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "methods (cairn compare --methods ...):", describe(), "",
+              "Run `cairn COMMAND --help` for a command's flags. Quick start: cairn demo"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"cairn {version('cairn')}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"cairn: unknown command {name!r}; commands: {', '.join(COMMANDS)} (cairn --help)", file=sys.stderr)
+        return 2
+    from jobs.common import setup_logging
+
+    setup_logging(verbose="--verbose" in argv)
+    argv = [a for a in argv[1:] if a != "--verbose"]
+    from pipeline.errors import CairnError
+
+    try:
+        importlib.import_module(COMMANDS[name][0]).run(argv)
+    except CairnError as e:
+        print(f"cairn {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cairn {name}: interrupted", file=sys.stderr)
+        return 130
+    logging.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Argument handling shared by the jobs: Cairn flags are parsed here, everything else goes to Beam."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pipeline.errors import CairnError
+from pipeline.images import DecodeConfig
+from pipeline.options import default_threads_per_worker
+
+BEAM_EPILOG = (
+    "Any other --flag is passed to Apache Beam, e.g. --runner=DataflowRunner --project=P --region=R "
+    "--temp_location=gs://B/tmp. The default runner is DirectRunner on this machine."
+)
+
+
+def parser(prog: str, description: str, beam: bool = False) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=BEAM_EPILOG if beam else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    d = DecodeConfig()
+    g = p.add_argument_group("image decoding")
+    g.add_argument("--max-side", type=int, default=d.max_side,
+                   help=f"shrink images so their long side is at most this many pixels (0 = keep; default {d.max_side})")
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"reject images declaring more pixels than this (decompression-bomb guard; default {d.max_pixels})")
+    g.add_argument("--min-side", type=int, default=d.min_side,
+                   help=f"reject images whose short side is below this (default {d.min_side})")
+
+
+def decode_config(args: argparse.Namespace) -> DecodeConfig:
+    for name in ("max_side", "max_pixels", "min_side"):
+        if getattr(args, name) < 0:
+            raise CairnError(f"--{name.replace('_', '-')} must be >= 0")
+    return DecodeConfig(max_side=args.max_side, max_pixels=args.max_pixels, min_side=args.min_side)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (DirectRunner)")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes on DirectRunner; 1 runs in-process (default: one per CPU core)")
+    g.add_argument("--threads-per-worker", type=int, default=0,
+                   help="CPU threads each worker gives OpenCV/FAISS/TensorFlow (default: cores / workers)")
+
+
+def threads(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise CairnError("--workers must be >= 1")
+    return args.threads_per_worker or default_threads_per_worker(args.workers)
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False):
+    """(known args, Beam args). Without ``beam``, unknown flags are an error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not beam:
+        return p.parse_args(argv), []
+    args, rest = p.parse_known_args(argv)
+    stray = [a for a in rest if not a.startswith("--")]
+    if stray:
+        p.error(f"unexpected arguments {stray}; Cairn's own flags are listed by --help, Beam flags start with --")
+    return args, rest
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Cairn logs at INFO (one line per step); Beam and TensorFlow only at WARNING."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", force=True)
+    for noisy in ("apache_beam", "absl", "tensorflow", "h5py", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

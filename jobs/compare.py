@@ -1,0 +1,124 @@
+"""cairn compare: run every chosen method on the same train and query manifests and compare them.
+
+For each method: extract database and query descriptors (Beam jobs), train what the method learns, build the
+index, recognise the queries; then score all methods together. Writes to OUT:
+    metrics.json                  one entry per method: quality (gap, accuracy, map_at_100, ...) and cost
+                                  (images_per_second, bytes_per_image, ...), plus the run config
+    predictions/<method>.csv      Google Landmark Recognition submission format
+    neighbours/<method>.parquet   top database images per query (query_id, rank, id, score, landmark_id)
+    dead_letters.csv              method,split,id,stage,reason,path for every image a method could not use
+    run.json                      the resolved config
+    work/<method>/...             intermediate outputs (features, index), reused by reruns with the same config
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shutil
+
+from index.faiss_index import IndexConfig
+from index.recognize import VoteConfig
+from jobs import common, methods
+from jobs.extract import extract
+from jobs.index import build_index
+from jobs.recognize import recognize
+from jobs.report import summary_table, write_metrics
+from pipeline import config as cfg
+from pipeline import fs
+from pipeline.errors import read_dead_letters
+from pipeline.images import DecodeConfig
+from pipeline.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def _global_knn(method: str, train: str, queries: str, work: str, *, decode: DecodeConfig, workers: int,
+                threads: int, beam_args: list[str], vote: VoteConfig, neighbours: int, force: bool) -> dict:
+    """A global descriptor + FAISS kNN method: extract, index, recognise. Returns its cost figures."""
+    common_args = dict(method=method, decode=decode, workers=workers, threads=threads, beam_args=beam_args,
+                       force=force)
+    tr = extract(train, fs.join(work, "train"), **common_args)
+    qr = extract(queries, fs.join(work, "queries"), **common_args)
+    ix = build_index(fs.join(work, "train"), fs.join(work, "index"), IndexConfig())
+    rc = recognize(fs.join(work, "index"), fs.join(work, "queries"), fs.join(work, "recognize"), vote, neighbours)
+    images = tr["counts"]["outputs"] + qr["counts"]["outputs"]
+    seconds = tr["seconds"] + qr["seconds"]
+    feature_bytes = sum(fs.size(p) for split in ("train", "queries")
+                        for p in fs.glob(fs.join(work, split, "features-*.parquet")))
+    return {
+        "images_per_second": round(images / seconds, 2) if seconds else None,
+        "extract_seconds": round(seconds, 3),
+        "train_seconds": 0.0,
+        "index_seconds": round(ix["seconds"], 4),
+        "search_seconds": rc["search_seconds"],
+        "dim": tr["dim"],
+        "bytes_per_image": tr["dim"] * 4,
+        "feature_bytes_per_image": round(feature_bytes / images) if images else None,
+        "index_bytes": ix["index_bytes"],
+        "dead_letters": tr["counts"]["dead_letters"] + qr["counts"]["dead_letters"],
+    }
+
+
+RUNNERS = {"hog": _global_knn}
+
+
+def compare(train: str, queries: str, out: str, method_names: list[str], *, decode: DecodeConfig = DecodeConfig(),
+            workers: int = 1, threads: int = 1, beam_args: list[str] | None = None, vote: VoteConfig = VoteConfig(),
+            neighbours: int = 100, force: bool = False) -> dict:
+    names = methods.check(method_names)
+    read_manifest(train), read_manifest(queries)  # fail on a bad manifest before any heavy work
+    fs.makedirs(out)
+    config = {"train": train, "queries": queries, "methods": names, "decode": cfg.to_dict(decode),
+              "vote": cfg.to_dict(vote), "neighbours": neighbours, "workers": workers, "beam_args": beam_args or []}
+    cfg.save_json(fs.join(out, "run.json"), {"config": config, "methods": names})
+    dead_rows = []
+    for name in names:
+        work = fs.join(out, "work", name)
+        log.info("compare: method %s", name)
+        costs = RUNNERS[name](name, train, queries, work, decode=decode, workers=workers, threads=threads,
+                              beam_args=beam_args or [], vote=vote, neighbours=neighbours, force=force)
+        cfg.save_json(fs.join(work, "costs.json"), costs)
+        for sub, target in (("predictions.csv", f"predictions/{name}.csv"),
+                            ("neighbours.parquet", f"neighbours/{name}.parquet")):
+            fs.makedirs(fs.dirname(fs.join(out, target)))
+            shutil.copyfile(fs.join(work, "recognize", sub), fs.join(out, target))
+        for split in ("train", "queries"):
+            for d in read_dead_letters(fs.join(work, split, "dead_letters.csv")):
+                dead_rows.append((name, split, *d))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(("method", "split", "id", "stage", "reason", "path"))
+    w.writerows(dead_rows)
+    fs.write_text(fs.join(out, "dead_letters.csv"), buf.getvalue())
+    return write_metrics(out)
+
+
+def build_parser():
+    p = common.parser("cairn compare", __doc__ + "\nMethods:\n" + methods.describe(), beam=True)
+    p.add_argument("--train", required=True, help="database manifest (CSV id,path,landmark_id; Parquet; or folder)")
+    p.add_argument("--queries", required=True, help="query manifest (empty landmark_id = no landmark)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--methods", nargs="+", default=methods.available(),
+                   help=f"methods to compare (default: every method built: {' '.join(methods.available())})")
+    p.add_argument("--k", type=int, default=VoteConfig.k, help=f"neighbours that vote (default {VoteConfig.k})")
+    p.add_argument("--min-confidence", type=float, default=VoteConfig.min_confidence,
+                   help="predict no landmark below this confidence (default 0)")
+    p.add_argument("--force", action="store_true", help="recompute features even when a rerun could reuse them")
+    common.add_decode_args(p)
+    common.add_worker_args(p)
+    return p
+
+
+def run(argv=None, test_pipeline=None) -> dict:
+    args, beam_args = common.parse(build_parser(), argv, beam=True)
+    metrics = compare(args.train, args.queries, args.out, args.methods, decode=common.decode_config(args),
+                      workers=args.workers, threads=common.threads(args), beam_args=beam_args,
+                      vote=VoteConfig(args.k, args.min_confidence), force=args.force)
+    print(summary_table(metrics))
+    print(f"metrics:      {fs.join(args.out, 'metrics.json')}")
+    print(f"predictions:  {fs.join(args.out, 'predictions')}/")
+    print(f"neighbours:   {fs.join(args.out, 'neighbours')}/")
+    print(f"dead letters: {fs.join(args.out, 'dead_letters.csv')}")
+    return metrics

@@ -1,0 +1,177 @@
+"""cairn extract: a Beam job from a manifest to global descriptors in sharded Parquet, with dead letters.
+
+Outputs in OUT:
+    features-SSSSS-of-NNNNN.parquet   id, landmark_id, vector (schema in pipeline/schemas.py)
+    dead_letters.csv                  id,stage,reason,path for every record that could not be used
+    manifest-SSSSS-of-NNNNN.parquet   the validated manifest the job read (id, path, landmark_id)
+    extract.json                      the resolved config, the record counts and the timing
+
+Every manifest row ends in exactly one of features or dead letters; the job checks this at the end and
+fails if it does not hold. A rerun with the same config and manifest reuses the outputs; a different
+config replaces them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import apache_beam as beam
+
+from features.registry import EXTRACTORS, make_extractor
+from jobs import common
+from pipeline import config as cfg
+from pipeline import fs
+from pipeline.errors import CairnError, read_dead_letters
+from pipeline.images import DecodeConfig
+from pipeline.manifest import read_manifest
+from pipeline.options import pipeline_options, runner_name
+from pipeline.parquet_io import SHARD_TEMPLATE, count_rows, read_shards, write_table_shards
+from pipeline.schemas import global_features_schema
+from pipeline.transforms import DEAD, DecodeAndExtract, WriteDeadLetters
+
+log = logging.getLogger(__name__)
+ROWS_PER_SHARD = 20_000
+
+
+def outputs(out: str) -> dict[str, str]:
+    return {
+        "features": fs.join(out, "features"),
+        "manifest": fs.join(out, "manifest"),
+        "dead_letters": fs.join(out, "dead_letters.csv"),
+        "record": fs.join(out, "extract.json"),
+    }
+
+
+def _clear(out: str) -> None:
+    paths = outputs(out)
+    old = fs.glob(paths["features"] + "-*") + fs.glob(paths["manifest"] + "-*")
+    old += [p for p in (paths["dead_letters"], paths["record"]) if fs.exists(p)]
+    fs.delete(old)
+
+
+def extract(manifest_path: str, out: str, method: str = "hog", params: dict | None = None,
+            decode: DecodeConfig = DecodeConfig(), workers: int = 1, threads: int = 1, num_shards: int = 0,
+            beam_args: list[str] | None = None, force: bool = False, test_pipeline=None) -> dict:
+    """Run the extraction job; returns the record written to OUT/extract.json."""
+    if method not in EXTRACTORS:
+        raise CairnError(f"method {method!r} has no global extractor yet; available: {', '.join(sorted(EXTRACTORS))}")
+    extractor = make_extractor(method, params)  # validates params early, in the launching process
+    manifest = read_manifest(manifest_path)
+    paths = outputs(out)
+    config = {
+        "manifest": manifest_path,
+        "manifest_sha256": cfg.file_fingerprint(manifest_path) if fs.exists(manifest_path) and not
+        _is_dir(manifest_path) else cfg.fingerprint(list(manifest.records())),
+        "method": method,
+        "extractor": extractor.metadata(),
+        "decode": cfg.to_dict(decode),
+    }
+    if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config):
+        record = cfg.load_json(paths["record"])
+        log.info("extract: reusing %s (same config and manifest; --force recomputes)", out)
+        return record
+    fs.makedirs(out)
+    _clear(out)
+
+    num_shards = num_shards or max(1, math.ceil(len(manifest) / ROWS_PER_SHARD))
+    if len(manifest):
+        write_table_shards(manifest.to_table(), paths["manifest"], num_shards=num_shards)
+    schema = global_features_schema(extractor.dim, extractor.metadata())
+    options = pipeline_options(beam_args or [], workers)
+    runner = runner_name(options)
+    log.info("extract: %d images (%d rejected by the manifest) with %s on %s (%d worker%s, %d thread%s each)",
+             len(manifest), len(manifest.dead_letters), method, runner, workers, "s"[: workers > 1],
+             threads, "s"[: threads > 1])
+    started = time.perf_counter()
+    p = test_pipeline or beam.Pipeline(options=options)
+    if len(manifest):
+        rows = (
+            p
+            | "ReadManifest" >> beam.io.ReadFromParquet(paths["manifest"] + "-*-of-*.parquet")
+            | "Spread" >> beam.Reshuffle()
+        )
+    else:
+        rows = p | "NoRows" >> beam.Create([])
+    results = rows | "DecodeAndExtract" >> beam.ParDo(
+        DecodeAndExtract(method, params or {}, decode, threads)).with_outputs(DEAD, main="features")
+    _ = results.features | "WriteFeatures" >> beam.io.WriteToParquet(
+        paths["features"], schema, num_shards=num_shards, shard_name_template=SHARD_TEMPLATE,
+        file_name_suffix=".parquet", codec="zstd",
+    )
+    manifest_dead = p | "ManifestDeadLetters" >> beam.Create(manifest.dead_letters)
+    _ = (results[DEAD], manifest_dead) | "AllDead" >> beam.Flatten() | "WriteDead" >> WriteDeadLetters(
+        paths["dead_letters"])
+    result = p.run()
+    result.wait_until_finish()
+    seconds = time.perf_counter() - started
+
+    counts = reconcile(manifest.total_rows, paths)
+    record = {
+        "config": config,
+        "counts": counts,
+        "runner": runner,
+        "workers": workers,
+        "threads_per_worker": threads,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(counts["outputs"] / seconds, 2) if seconds > 0 else None,
+        "dim": extractor.dim,
+        "outputs": {k: v for k, v in paths.items() if k != "record"},
+    }
+    cfg.save_json(paths["record"], record)
+    log.info("extract: %d inputs = %d features + %d dead letters (%s); %.1f s, %.1f images/s",
+             counts["inputs"], counts["outputs"], counts["dead_letters"], _by_stage(counts), seconds,
+             record["images_per_second"] or 0)
+    return record
+
+
+def _is_dir(path: str) -> bool:
+    import os
+
+    return not fs.has_scheme(path) and os.path.isdir(path)
+
+
+def _by_stage(counts: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts["dead_by_stage"].items())) or "none"
+
+
+def reconcile(inputs: int, paths: dict[str, str]) -> dict:
+    """Check inputs = outputs + dead letters with no id twice; returns the counts or raises."""
+    table, _ = read_shards(paths["features"], columns=["id"])
+    ids = table.column("id").to_pylist()
+    dead = read_dead_letters(paths["dead_letters"])
+    by_stage: dict[str, int] = {}
+    for d in dead:
+        by_stage[d.stage] = by_stage.get(d.stage, 0) + 1
+    counts = {"inputs": inputs, "outputs": len(ids), "dead_letters": len(dead), "dead_by_stage": by_stage}
+    seen = set(ids)
+    twice = len(ids) - len(seen) + sum(1 for d in dead if d.id and d.stage != "manifest" and d.id in seen)
+    if inputs != len(ids) + len(dead) or twice:
+        raise RuntimeError(
+            f"record counts do not reconcile: {inputs} inputs, {len(ids)} outputs, {len(dead)} dead letters, "
+            f"{twice} ids in more than one place. This is a bug; please report it with {paths['features']}."
+        )
+    assert count_rows(paths["features"]) == len(ids)
+    return counts
+
+
+def build_parser():
+    p = common.parser("cairn extract", __doc__, beam=True)
+    p.add_argument("--manifest", required=True,
+                   help="CSV (id,path,landmark_id), Parquet, or a class-per-folder image tree")
+    p.add_argument("--out", required=True, help="output folder (local or any Beam filesystem)")
+    p.add_argument("--method", default="hog", help=f"descriptor to extract: {', '.join(sorted(EXTRACTORS))}")
+    p.add_argument("--num-shards", type=int, default=0,
+                   help=f"output shards (default: one per {ROWS_PER_SHARD:,} images)")
+    p.add_argument("--force", action="store_true", help="recompute even if OUT holds a run with the same config")
+    common.add_decode_args(p)
+    common.add_worker_args(p)
+    return p
+
+
+def run(argv=None, test_pipeline=None) -> dict:
+    args, beam_args = common.parse(build_parser(), argv, beam=True)
+    return extract(args.manifest, args.out, args.method, decode=common.decode_config(args), workers=args.workers,
+                   threads=common.threads(args), num_shards=args.num_shards, beam_args=beam_args,
+                   force=args.force, test_pipeline=test_pipeline)

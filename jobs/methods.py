@@ -1,0 +1,57 @@
+"""The recognition methods `cairn compare` knows, and which of them are built yet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import CairnError
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    summary: str  # one line for --help and the report
+    family: str  # "baseline" (classic) or "deep"
+    issue: int | None = None  # the issue that builds it, while it is not built
+    issue_title: str = ""
+
+
+METHODS = {
+    "hog": MethodInfo("HoG global descriptor, kNN votes over a FAISS index", "baseline"),
+    "sift-bovw": MethodInfo("SIFT/RootSIFT bag of visual words with tf-idf, kNN", "baseline", 3, "Classic baselines"),
+    "sift-vlad": MethodInfo("SIFT/RootSIFT VLAD with PCA-whitening, kNN", "baseline", 3, "Classic baselines"),
+    "sift-bovw+sv": MethodInfo("sift-bovw re-ranked by spatial verification (RANSAC)", "baseline", 3,
+                               "Classic baselines"),
+    "cnn": MethodInfo("CNN fine-tuned with GeM + ArcFace, kNN over embeddings", "deep", 4, "Deep global embeddings"),
+    "cnn-pretrained": MethodInfo("frozen ImageNet CNN extractor, kNN over embeddings", "deep", 4,
+                                 "Deep global embeddings"),
+    "cnn+delf": MethodInfo("cnn re-ranked with DELF local features + RANSAC", "deep", 7, "DELF"),
+    "delf+sv": MethodInfo("DELF local features with spatial verification", "deep", 7, "DELF"),
+}
+
+
+def available() -> list[str]:
+    return [name for name, info in METHODS.items() if info.issue is None]
+
+
+def check(names: list[str]) -> list[str]:
+    """Validate method names; raises CairnError naming what is unknown or not built yet."""
+    if not names:
+        raise CairnError(f"no methods given; available: {', '.join(available())}")
+    for name in names:
+        if name not in METHODS:
+            raise CairnError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+        info = METHODS[name]
+        if info.issue is not None:
+            raise CairnError(
+                f"method {name!r} ({info.summary}) is not built yet: it is planned in issue #{info.issue} "
+                f"({info.issue_title}). Available now: {', '.join(available())}"
+            )
+    return list(dict.fromkeys(names))
+
+
+def describe() -> str:
+    lines = []
+    for name, info in METHODS.items():
+        status = "ready" if info.issue is None else f"not built yet (issue #{info.issue})"
+        lines.append(f"  {name:<15} {info.family:<9} {info.summary} [{status}]")
+    return "\n".join(lines)

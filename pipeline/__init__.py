@@ -1,0 +1,1 @@
+"""Beam plumbing and data contracts: manifests, image decoding, Parquet schemas, job options."""

@@ -1,0 +1,88 @@
+"""Small helpers over Beam's filesystems, so that every path may be local or gs://, s3://, hdfs://."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+
+from apache_beam.io.filesystems import FileSystems
+
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def has_scheme(path: str) -> bool:
+    """True for ``gs://b/x`` and the like; False for local paths."""
+    return bool(_SCHEME.match(path))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with the separator of ``base``'s filesystem."""
+    if has_scheme(base):
+        return posixpath.join(base, *parts)
+    return FileSystems.join(base, *parts)
+
+
+def dirname(path: str) -> str:
+    return FileSystems.split(path)[0]
+
+
+def exists(path: str) -> bool:
+    return FileSystems.exists(path)
+
+
+def read_bytes(path: str) -> bytes:
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    """Read a UTF-8 text file; a leading byte-order mark is dropped."""
+    return read_bytes(path).decode("utf-8-sig")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file. Local writes are atomic (temporary name, then rename)."""
+    if has_scheme(path):
+        with FileSystems.create(path) as f:
+            f.write(data)
+        return
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def makedirs(path: str) -> None:
+    if not has_scheme(path):
+        import os
+
+        os.makedirs(path, exist_ok=True)
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted paths matching a glob pattern on any Beam filesystem."""
+    result = FileSystems.match([pattern])[0]
+    return sorted(m.path for m in result.metadata_list)
+
+
+def size(path: str) -> int:
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+
+
+def delete(paths: list[str]) -> None:
+    if paths:
+        FileSystems.delete(paths)

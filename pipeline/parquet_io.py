@@ -1,0 +1,79 @@
+"""Sharded Parquet files on any Beam filesystem: ``prefix-SSSSS-of-NNNNN.parquet``.
+
+Beam jobs write shards with :func:`beam.io.WriteToParquet` (see pipeline/transforms.py); this module writes
+small tables from one process (id tables, manifests) and reads shard sets back as one table with the
+metadata of the files, checking that every shard agrees.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import fs
+from pipeline.errors import CairnError
+from pipeline.schemas import cairn_metadata
+
+SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
+
+
+def shard_name(prefix: str, index: int, count: int, suffix: str = ".parquet") -> str:
+    return f"{prefix}-{index:05d}-of-{count:05d}{suffix}"
+
+
+def shard_pattern(prefix: str, suffix: str = ".parquet") -> str:
+    return f"{prefix}-*-of-*{suffix}"
+
+
+def write_table_shards(table: pa.Table, prefix: str, num_shards: int = 1) -> list[str]:
+    """Write ``table`` as ``num_shards`` row-balanced shards; returns the paths. Each write is atomic."""
+    num_shards = max(1, min(num_shards, max(1, table.num_rows)))
+    paths = []
+    for i in range(num_shards):
+        lo = table.num_rows * i // num_shards
+        hi = table.num_rows * (i + 1) // num_shards
+        buf = io.BytesIO()
+        pq.write_table(table.slice(lo, hi - lo), buf, compression="zstd")
+        path = shard_name(prefix, i, num_shards)
+        fs.write_bytes(path, buf.getvalue())
+        paths.append(path)
+    return paths
+
+
+def find_shards(prefix: str, suffix: str = ".parquet") -> list[str]:
+    """The complete shard set under ``prefix``; raises CairnError if none or if shards are missing."""
+    paths = fs.glob(shard_pattern(prefix, suffix))
+    if not paths:
+        raise CairnError(f"no shards found at {shard_pattern(prefix, suffix)}; run the job that writes them first")
+    counts = {p.rsplit("-of-", 1)[1][: -len(suffix)] for p in paths}
+    if len(counts) != 1 or len(paths) != int(next(iter(counts))):
+        raise CairnError(
+            f"incomplete or mixed shard set at {prefix} ({len(paths)} files, totals {sorted(counts)}); "
+            "rerun the job that writes them"
+        )
+    return paths
+
+
+def read_shards(prefix: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
+    """Read every shard under ``prefix`` into one table; returns (table, cairn metadata)."""
+    tables, metas = [], []
+    for path in find_shards(prefix):
+        with fs.FileSystems.open(path) as f:
+            t = pq.read_table(f, columns=columns)
+        tables.append(t)
+        metas.append(cairn_metadata(t.schema))
+    if any(m != metas[0] for m in metas[1:]):
+        raise CairnError(f"shards under {prefix} were written with different configurations; rerun the job")
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    return table, metas[0]
+
+
+def count_rows(prefix: str) -> int:
+    """Rows in a shard set, from the Parquet footers only."""
+    total = 0
+    for path in find_shards(prefix):
+        with fs.FileSystems.open(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total

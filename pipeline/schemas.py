@@ -1,0 +1,117 @@
+"""Parquet schemas of Cairn's artefacts. Every file carries a ``cairn`` JSON entry in its schema metadata.
+
+Global features (``features-SSSSS-of-NNNNN.parquet``), one row per image:
+    id            string, not null      image id from the manifest
+    landmark_id   int64, nullable       null = no landmark / unknown
+    vector        fixed_size_list<float32>[dim], not null
+
+Local features (``local-SSSSS-of-NNNNN.parquet``), one row per image:
+    id, landmark_id                      as above
+    keypoints     list<fixed_size_list<float32>[2]>   (x, y) in pixels of the decoded image
+    scales        list<float32>                       keypoint scale (pixels)
+    orientations  list<float32>                       degrees, 0..360 (0 where the detector has none)
+    scores        list<float32>                       detector response or attention score
+    descriptors   list<fixed_size_list<float32|uint8>[dim]>
+    width, height int32                               size of the decoded image the keypoints refer to
+
+Images (``images-SSSSS-of-NNNNN.parquet``), one row per image, packed so that a million images are a few
+hundred files rather than a million:
+    id, landmark_id                      as above
+    path          string                 where the image came from
+    width, height int32                  decoded size
+    image         binary, nullable       encoded image bytes (null when only the index of images is kept)
+
+The ``cairn`` metadata entry is a JSON object with at least ``schema`` (name/version), and for features the
+``method``, ``dim``, the extractor ``config`` and its ``preprocessing``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+METADATA_KEY = b"cairn"
+GLOBAL_FEATURES = "cairn.global_features/1"
+LOCAL_FEATURES = "cairn.local_features/1"
+IMAGES = "cairn.images/1"
+
+_ID = pa.field("id", pa.string(), nullable=False)
+_LABEL = pa.field("landmark_id", pa.int64(), nullable=True)
+
+
+def _with_metadata(fields: list[pa.Field], schema_name: str, metadata: dict | None) -> pa.Schema:
+    meta = {"schema": schema_name, **(metadata or {})}
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def global_features_schema(dim: int, metadata: dict | None = None) -> pa.Schema:
+    """Schema of global descriptors: id, landmark_id, vector (float32[dim])."""
+    vector = pa.field("vector", pa.list_(pa.float32(), dim), nullable=False)
+    return _with_metadata([_ID, _LABEL, vector], GLOBAL_FEATURES, {"dim": dim, **(metadata or {})})
+
+
+def local_features_schema(dim: int, dtype: str = "float32", metadata: dict | None = None) -> pa.Schema:
+    """Schema of local features: keypoints, scales, orientations, scores and descriptors per image."""
+    value_type = {"float32": pa.float32(), "uint8": pa.uint8()}[dtype]
+    fields = [
+        _ID,
+        _LABEL,
+        pa.field("keypoints", pa.list_(pa.list_(pa.float32(), 2)), nullable=False),
+        pa.field("scales", pa.list_(pa.float32()), nullable=False),
+        pa.field("orientations", pa.list_(pa.float32()), nullable=False),
+        pa.field("scores", pa.list_(pa.float32()), nullable=False),
+        pa.field("descriptors", pa.list_(pa.list_(value_type, dim)), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ]
+    return _with_metadata(fields, LOCAL_FEATURES, {"dim": dim, "dtype": dtype, **(metadata or {})})
+
+
+def images_schema(metadata: dict | None = None) -> pa.Schema:
+    """Schema of packed images: id, landmark_id, path, width, height, image bytes."""
+    fields = [
+        _ID,
+        _LABEL,
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("image", pa.binary(), nullable=True),
+    ]
+    return _with_metadata(fields, IMAGES, metadata)
+
+
+def cairn_metadata(schema: pa.Schema) -> dict:
+    """The ``cairn`` metadata entry of a schema ({} when absent)."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def global_features_table(ids: list[str], labels: list[int | None], vectors: np.ndarray,
+                          schema: pa.Schema) -> pa.Table:
+    """Build a global-features table from [N, D] float32 vectors (no per-row Python lists)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = schema.field("vector").type.list_size
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"vectors have shape {vectors.shape}, schema expects [N, {dim}]")
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    column = pa.FixedSizeListArray.from_arrays(flat, dim)
+    return pa.Table.from_arrays(
+        [pa.array(ids, pa.string()), pa.array(labels, pa.int64()), column], schema=schema
+    )
+
+
+def vectors_of(table: pa.Table, column: str = "vector") -> np.ndarray:
+    """[N, D] float32 view of a fixed_size_list column (zero-copy when the table has one chunk)."""
+    col = table.column(column).combine_chunks()
+    dim = col.type.list_size
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def labels_of(table: pa.Table, no_landmark: int = -1) -> np.ndarray:
+    """[N] int64 landmark ids with ``no_landmark`` for nulls."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(table.column("landmark_id"), no_landmark).to_numpy().astype(np.int64)

@@ -1,0 +1,81 @@
+"""Beam adapters: read a validated manifest, decode images and extract descriptors, with dead letters.
+
+These are thin: the work is done by pipeline.images and the extractors in features/. Every element carries
+its image id; a record that fails goes to the ``dead`` output as a DeadLetter with its stage and reason.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from pipeline.errors import DeadLetter
+from pipeline.images import DecodeConfig, ImageError, load_image
+from pipeline.resources import limit_threads
+
+log = logging.getLogger(__name__)
+DEAD = "dead"  # tag of the dead-letter output
+NAMESPACE = "cairn"
+
+
+class DecodeAndExtract(beam.DoFn):
+    """{id, path, landmark_id} -> {id, landmark_id, vector}; failures -> TaggedOutput(DEAD, DeadLetter)."""
+
+    def __init__(self, method: str, params: dict, decode: DecodeConfig, threads: int):
+        self.method = method
+        self.params = params
+        self.decode = decode
+        self.threads = threads
+        self.ok = Metrics.counter(NAMESPACE, "images_ok")
+        self.failed = {stage: Metrics.counter(NAMESPACE, f"dead_{stage}") for stage in ("read", "decode", "extract")}
+
+    def setup(self):
+        from features.registry import make_extractor
+
+        limit_threads(self.threads)
+        self.extractor = make_extractor(self.method, self.params)
+
+    def _dead(self, row: dict, stage: str, reason: str):
+        self.failed[stage].inc()
+        return beam.pvalue.TaggedOutput(DEAD, DeadLetter(row["id"], stage, reason, row.get("path") or ""))
+
+    def process(self, row: dict):
+        try:
+            image = load_image(row["path"], self.decode)
+        except ImageError as e:
+            yield self._dead(row, e.stage, e.reason)
+            return
+        try:
+            vector = self.extractor.extract(image)
+        except Exception as e:  # noqa: BLE001 - any extractor failure is this record's, not the job's
+            log.warning("extract failed for %s: %s", row["id"], e)
+            yield self._dead(row, "extract", f"{type(e).__name__}: {e}")
+            return
+        if vector.shape != (self.extractor.dim,) or not np.all(np.isfinite(vector)):
+            yield self._dead(row, "extract", f"bad descriptor (shape {vector.shape} or non-finite values)")
+            return
+        self.ok.inc()
+        yield {"id": row["id"], "landmark_id": row["landmark_id"], "vector": vector.astype(np.float32)}
+
+
+class WriteDeadLetters(beam.PTransform):
+    """DeadLetters -> one CSV file (``id,stage,reason,path``), sorted by id for stable output."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def expand(self, letters):
+        return (
+            letters
+            | "ToLines" >> beam.Map(lambda d: (d.id, d.to_csv_line()))
+            | "OneKey" >> beam.Map(lambda kv: (None, kv))
+            | "Gather" >> beam.GroupByKey()
+            | "Sort" >> beam.FlatMap(lambda kv: [line for _, line in sorted(kv[1])])
+            | "Write" >> beam.io.WriteToText(
+                self.path, num_shards=1, shard_name_template="", header="id,stage,reason,path"
+            )
+        )
