@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"cairn: unknown command {name!r}; commands: {', '.join(COMMANDS)} (cairn --help)", file=sys.stderr)
         return 2
-    from jobs.common import setup_logging
+    from jobs.logs import setup_logging
 
     setup_logging(verbose="--verbose" in argv)
     argv = [a for a in argv[1:] if a != "--verbose"]

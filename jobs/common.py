@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -68,11 +67,3 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False
     if stray:
         p.error(f"unexpected arguments {stray}; Cairn's own flags are listed by --help, Beam flags start with --")
     return args, rest
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """Cairn logs at INFO (one line per step); Beam and TensorFlow only at WARNING."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", force=True)
-    for noisy in ("apache_beam", "absl", "tensorflow", "h5py", "faiss"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

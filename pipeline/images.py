@@ -116,7 +116,8 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> np.ndarr
         kind = "HTML or text" if head.startswith((b"<", b"{")) or head.isascii() else "unrecognised binary"
         raise ImageError("decode", f"not an image: the file holds {kind} data") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError("decode", f"decompression-bomb guard: {e}") from None
+        raise ImageError("decode", f"decompression-bomb guard: {e} (Pillow's own limit, about 179 megapixels, "
+                         "applies whatever --max-pixels says)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError("decode", f"truncated or corrupt image data: {e}") from None
     if config.max_side and max(img.size) > config.max_side:

@@ -333,9 +333,11 @@ def _place(rng: np.random.Generator, structure: np.ndarray, width: int, height: 
 def _composite(bg: np.ndarray, structure: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     h, w = bg.shape[:2]
     warped = cv2.warpPerspective(structure, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0, 0))
+    # the canvas is premultiplied (colour is 0 wherever alpha is 0), and so is its interpolation: blending
+    # with "over" must not multiply the colour by alpha again, or every edge gets a dark halo
     a = warped[:, :, 3:4].astype(np.float32) / 255.0
-    out = bg.astype(np.float32) * (1 - a) + warped[:, :, :3].astype(np.float32) * a
-    return out.astype(np.uint8), warped[:, :, 3] > 127
+    out = bg.astype(np.float32) * (1 - a) + warped[:, :, :3].astype(np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), warped[:, :, 3] > 127
 
 
 def _photometric(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:

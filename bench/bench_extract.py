@@ -1,0 +1,194 @@
+"""Benchmark "extract": image decode + HoG throughput of the Beam job vs a bare Python loop.
+
+Reference: one process, one thread, ``load_image`` then ``HogExtractor().extract`` for each path. Measured:
+``jobs.extract.extract`` on DirectRunner with 1 worker (in this process) and 2 worker processes, one thread
+each. A job's time includes pipeline start-up, which dominates small runs, so the same job is also timed on
+a 4-image manifest; (N - 4) / (T_N - T_4) estimates the throughput once the pipeline is running.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+
+from tqdm import tqdm
+
+from bench.common import entry, offline_beam_args, skipped, summary, time_runs
+
+log = logging.getLogger(__name__)
+
+NAME = "extract"
+TITLE = "Image decode + HoG extraction throughput"
+DESCRIPTION = (
+    "Reference: a bare Python loop in one process and one thread (`pipeline.resources.limit_threads(1)`), "
+    "`pipeline.images.load_image(path, DecodeConfig())` then `features.hog.HogExtractor().extract(img)` for "
+    "each image. Measured: the Beam job `jobs.extract.extract(manifest, out, method=\"hog\", threads=1, "
+    "force=True)` called in-process with `workers=1`, and with `workers=2` (DirectRunner multi-processing, "
+    "one thread per worker). The job's time is the whole `extract()` call: manifest validation, the "
+    "pipeline (read, decode + HoG, Parquet and dead-letter writes) and the final reconciliation. "
+    "\"Fixed overhead\" is the same job on a 4-image manifest; \"start-up excluded\" is "
+    "(N - 4) / (T_N - T_4), an estimate of the throughput once the pipeline runs. "
+    "Beam flags: `--runner=DirectRunner --prism_location=<missing path>` (DirectRunner first tries Prism, "
+    "which would download a binary; the missing path makes it fall back to the in-process FnApiRunner at "
+    "once, as it does on any offline machine). Ratios are value / bare loop on the same images."
+)
+
+IMAGES_FULL = dict(classes=40, views=10)  # 40 classes x 10 views = 400 training images of 320x240
+IMAGES_QUICK = dict(classes=12, views=5)  # 60 images
+TINY = 4  # images in the manifest that measures the fixed overhead
+
+
+def _porto_root() -> str:
+    """../shared/data/porto next to the project (the photos are read in place, never copied)."""
+    from bench.common import ROOT
+
+    return os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "porto"))
+
+
+def _synthetic(workdir: str, quick: bool) -> str:
+    """Generate (or reuse, when synth.json holds the same config) the synthetic images; returns train.csv."""
+    from pipeline import config as cfg
+    from pipeline.synthetic import SynthConfig, generate
+
+    config = SynthConfig(**(IMAGES_QUICK if quick else IMAGES_FULL), tail=0.0, queries_per_class=0,
+                         non_landmark_queries=0)
+    out = os.path.join(workdir, "synthetic-quick" if quick else "synthetic")
+    record = os.path.join(out, "synth.json")
+    if os.path.exists(record) and os.path.exists(os.path.join(out, "train.csv")) and \
+            cfg.load_json(record).get("config") == cfg.to_dict(config):
+        log.info("extract: reusing the synthetic images in %s (same config)", out)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        log.info("extract: generating %d synthetic images in %s", config.classes * config.views, out)
+        generate(out, config, progress=False)
+    return os.path.join(out, "train.csv")
+
+
+def _write_manifest(path: str, rows: list[tuple[str, str, int]]) -> str:
+    """Write a CSV manifest (id,path,landmark_id) with absolute image paths."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(("id", "path", "landmark_id"))
+        w.writerows(rows)
+    return path
+
+
+def _rows_of(manifest_path: str) -> list[tuple[str, str, int]]:
+    from pipeline.manifest import read_manifest
+
+    m = read_manifest(manifest_path)
+    if m.dead_letters:
+        raise RuntimeError(f"{manifest_path}: {len(m.dead_letters)} rows rejected by the manifest reader")
+    return [(i, os.path.abspath(p), -1 if y is None else y) for i, p, y in m.records()]
+
+
+def _porto_rows(quick: bool) -> list[tuple[str, str, int]]:
+    root = _porto_root()
+    with open(os.path.join(root, "labels.csv"), newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    names = sorted({r["label"] for r in table})
+    label = {name: i for i, name in enumerate(names)}
+    rows = [(os.path.splitext(os.path.basename(r["image_path"]))[0], os.path.join(root, r["image_path"]),
+             label[r["label"]]) for r in table]
+    if quick:
+        rows = rows[::8]  # ~60 photos from every class
+    return rows
+
+
+def bare_loop(paths: list[str], desc: str) -> int:
+    """The reference: decode + HoG for each path in this process. Returns the number of descriptors."""
+    from features.hog import HogExtractor
+    from pipeline.images import DecodeConfig, load_image
+
+    extractor = HogExtractor()
+    decode = DecodeConfig()
+    n = 0
+    for path in tqdm(paths, desc=desc, unit="img", leave=False, mininterval=0.5):
+        extractor.extract(load_image(path, decode))
+        n += 1
+    return n
+
+
+def _beam_runs(manifest: str, tiny: str, out: str, workers: int, n: int, repeats: int, beam_args: list[str],
+               ) -> dict:
+    """Time the extract job on the full and the tiny manifest; returns times and the fitted rates."""
+    from jobs.extract import extract
+
+    def job(path: str, dest: str) -> dict:
+        record = extract(path, dest, method="hog", workers=workers, threads=1, beam_args=beam_args, force=True)
+        counts = record["counts"]
+        if counts["outputs"] != counts["inputs"]:
+            raise RuntimeError(f"extract lost images: {counts}")
+        return record
+
+    # warm-up: first-run costs (imports, pickling, worker start-up code paths) are not start-up of a job
+    job(tiny, os.path.join(out, f"warmup-w{workers}"))
+    tiny_times, full_times, inner = [], [], []
+    for _ in tqdm(range(repeats), desc=f"beam {workers} worker(s)", unit="run", leave=False):
+        tiny_times += time_runs(lambda: job(tiny, os.path.join(out, f"tiny-w{workers}")), 1)
+        records = []
+        full_times += time_runs(lambda: records.append(job(manifest, os.path.join(out, f"full-w{workers}"))), 1)
+        inner.append(records[0]["seconds"])
+    t_full, t_tiny = min(full_times), min(tiny_times)
+    steady = (n - TINY) / (t_full - t_tiny) if t_full > t_tiny else None
+    return {"rate": n / t_full, "steady": steady, "overhead_s": t_tiny, "full": summary(full_times),
+            "tiny": summary(tiny_times), "pipeline_seconds_in_record": inner}
+
+
+def _measure(group: str, rows: list[tuple[str, str, int]], workdir: str, workers_list: tuple[int, ...],
+             repeats: int, beam_args: list[str]) -> list[dict]:
+    n = len(rows)
+    manifest = _write_manifest(os.path.join(workdir, "manifest.csv"), rows)
+    tiny = _write_manifest(os.path.join(workdir, "manifest-tiny.csv"), rows[:TINY])
+    paths = [p for _, p, _ in rows]
+
+    bare_loop(paths[:TINY], "warm-up")
+    times = time_runs(lambda: bare_loop(paths, f"{group}: bare loop"), repeats)
+    ref = "bare loop, 1 process, 1 thread"
+    entries = [entry(group, ref, n / min(times), "images/s", repeats=repeats, images=n, **summary(times))]
+    log.info("extract [%s]: bare loop %.1f images/s", group, n / min(times))
+    for workers in workers_list:
+        label = "1 worker (in-process)" if workers == 1 else f"{workers} workers (processes)"
+        r = _beam_runs(manifest, tiny, os.path.join(workdir, "beam"), workers, n, repeats, beam_args)
+        log.info("extract [%s]: Beam %s %.1f images/s (start-up excluded: %s), fixed overhead %.2f s", group,
+                 label, r["rate"], f"{r['steady']:.1f}" if r["steady"] else "n/a", r["overhead_s"])
+        entries.append(entry(group, f"Beam job, {label}", r["rate"], "images/s", ref, repeats=repeats,
+                             note="whole extract() call, start-up included", images=n, workers=workers,
+                             threads_per_worker=1, full=r["full"],
+                             pipeline_seconds_in_record=r["pipeline_seconds_in_record"]))
+        entries.append(entry(group, f"Beam job, {label}, start-up excluded (estimate)", r["steady"], "images/s",
+                             ref, repeats=repeats, note=f"(N - {TINY}) / (T_N - T_{TINY})", images=n,
+                             workers=workers))
+        entries.append(entry(group, f"Beam fixed overhead, {label}", r["overhead_s"], "s", better="lower",
+                             repeats=repeats, note=f"same job on {TINY} images", workers=workers,
+                             tiny=r["tiny"]))
+    return entries
+
+
+def run(workdir: str, quick: bool) -> list[dict]:
+    from pipeline.resources import limit_threads
+
+    limit_threads(1)  # the reference and the in-process worker both use one OpenCV/BLAS thread
+    os.makedirs(workdir, exist_ok=True)
+    beam_args = offline_beam_args(workdir)
+    repeats = 2 if quick else 3
+
+    train_csv = _synthetic(workdir, quick)
+    rows = _rows_of(train_csv)
+    group = f"Synthetic: {len(rows)} images, 320x240 JPEG"
+    entries = _measure(group, rows, os.path.join(workdir, "run-synthetic"), (1, 2), repeats, beam_args)
+
+    root = _porto_root()
+    porto_group = "Porto: real photos (long side up to 1024 px), read in place"
+    if os.path.exists(os.path.join(root, "labels.csv")):
+        rows = _porto_rows(quick)
+        porto_group = f"Porto: {len(rows)} real photos (long side up to 1024 px), read in place"
+        entries += _measure(porto_group, rows, os.path.join(workdir, "run-porto"), (2,), repeats, beam_args)
+    else:
+        reason = f"{root}/labels.csv not found (the shared Porto photos are not on this machine)"
+        log.warning("extract: skipping the Porto photos: %s", reason)
+        entries.append(skipped(porto_group, "bare loop and Beam 2 workers", reason))
+    return entries

@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny synthetic landmark set, a corpus of bad images made on the fly, ../shared paths."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.synthetic import SynthConfig, generate
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TINY = SynthConfig(seed=7, classes=4, views=4, tail=0.0, min_views=4, queries_per_class=2, non_landmark_queries=4,
+                   width=160, height=120)
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test with the reason when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real data lives in ../shared beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """A 16-train / 12-query synthetic set, generated once per session."""
+    out = tmp_path_factory.mktemp("synth")
+    generate(str(out), TINY, workers=1, progress=False)
+    return out
+
+
+def _jpeg(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def huge_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header declares width x height RGB pixels (a decompression bomb's signature)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def bad_image_corpus() -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, expected outcome: "ok" or the dead-letter stage)."""
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    good = _jpeg(photo)
+    out = {
+        "good.jpg": (good, "ok"),
+        "truncated.jpg": (good[: len(good) // 2], "decode"),
+        "zero.jpg": (b"", "decode"),
+        "text.jpg": (b"<html><body>404 Not Found</body></html>\n", "decode"),
+        "one_by_one.png": (None, "decode"),
+        "huge_declared.png": (huge_png(), "decode"),
+    }
+    buf = io.BytesIO()
+    Image.new("CMYK", (40, 30), (0, 255, 0, 0)).save(buf, "JPEG", quality=95)
+    out["cmyk.jpg"] = (buf.getvalue(), "ok")
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16)).save(buf, "PNG")
+    out["grey16.png"] = (buf.getvalue(), "ok")
+    pal = Image.new("P", (32, 24), 0)
+    pal.putpalette([255, 0, 0] + [0, 0, 255] * 255)
+    pal.paste(1, (0, 0, 16, 24))
+    buf = io.BytesIO()
+    pal.save(buf, "PNG", transparency=0)  # palette index 0 (red) is transparent
+    out["palette_alpha.png"] = (buf.getvalue(), "ok")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    out["exif_rotated.jpg"] = (_jpeg(rng.integers(0, 255, (20, 40, 3), dtype=np.uint8), exif=exif.tobytes()), "ok")
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(buf, "PNG")
+    out["one_by_one.png"] = (buf.getvalue(), "decode")
+    return out
+
+
+@pytest.fixture()
+def bad_images(tmp_path) -> dict[str, tuple[Path, str]]:
+    """The bad-image corpus written to files: name -> (path, expected outcome)."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    result = {}
+    for name, (data, expected) in bad_image_corpus().items():
+        path = folder / name
+        path.write_bytes(data)
+        result[name] = (path, expected)
+    return result
+
+
+def write_manifest(path: Path, rows: list[tuple], header: str = "id,path,landmark_id") -> Path:
+    path.write_text(header + "\n" + "".join(",".join(str(c) for c in r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,55 @@
+import csv
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.compare import compare
+from jobs.report import write_metrics
+from pipeline.submission import read_submission
+
+KEYS = {"gap", "accuracy", "landmark_accuracy", "map_at_100", "images_per_second", "bytes_per_image",
+        "feature_bytes_per_image", "index_bytes", "extract_seconds", "index_seconds", "search_seconds", "dim",
+        "queries", "queries_with_landmark", "predicted", "dead_letters", "train_seconds"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_synth):
+    out = tmp_path_factory.mktemp("compare")
+    compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(out), ["hog"], workers=2)
+    return out
+
+
+def test_compare_writes_every_output(run_dir, tiny_synth):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    m = metrics["methods"]["hog"]
+    assert KEYS <= set(m)
+    assert 0 <= m["gap"] <= 1 and 0 <= m["accuracy"] <= 1 and 0 <= m["map_at_100"] <= 1
+    assert m["bytes_per_image"] == 1764 * 4 and m["images_per_second"] > 0
+    assert metrics["data"] == {"train_images": 16, "queries": 12, "queries_with_landmark": 8, "train_classes": 4}
+    queries = [r["id"] for r in csv.DictReader(open(tiny_synth / "queries.csv"))]
+    preds = read_submission(str(run_dir / "predictions" / "hog.csv"))
+    assert sorted(preds) == sorted(queries)
+    nb = pq.read_table(run_dir / "neighbours" / "hog.parquet")
+    assert nb.num_rows == 12 * 16  # every query lists every database image (fewer than 100)
+    assert set(nb.column("query_id").to_pylist()) == set(queries)
+    assert (run_dir / "dead_letters.csv").read_text().startswith("method,split,id,stage,reason,path")
+
+
+def test_metrics_are_consistent_with_the_predictions(run_dir, tiny_synth):
+    from reports.metrics import gap
+
+    truth = {r["id"]: (int(r["landmark_id"]) if r["landmark_id"] else None)
+             for r in csv.DictReader(open(tiny_synth / "queries.csv"))}
+    preds = read_submission(str(run_dir / "predictions" / "hog.csv"))
+    ids = sorted(truth)
+    expected = gap([preds[i][0] if preds[i] else None for i in ids], [preds[i][1] if preds[i] else 0 for i in ids],
+                   [truth[i] for i in ids], ids)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["methods"]["hog"]["gap"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_report_rebuilds_the_same_metrics(run_dir):
+    before = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").unlink()
+    assert write_metrics(str(run_dir)) == before

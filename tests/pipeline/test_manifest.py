@@ -1,0 +1,103 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import ManifestError
+from pipeline.manifest import parse_landmark_id, read_manifest
+from tests.conftest import write_manifest
+
+
+def test_csv_paths_resolve_against_the_manifest_folder(tmp_path):
+    m = read_manifest(str(write_manifest(tmp_path / "m.csv", [("a", "img/a.jpg", 5), ("b", "/abs/b.jpg", "")])))
+    assert m.ids == ["a", "b"]
+    assert m.paths == [str(tmp_path / "img" / "a.jpg"), "/abs/b.jpg"]
+    assert m.labels == [5, None]
+    assert m.dead_letters == [] and m.total_rows == 2
+
+
+def test_url_column_and_missing_landmark_column(tmp_path):
+    m = read_manifest(str(write_manifest(tmp_path / "t.csv", [("q1", "x.jpg")], header="id,url")))
+    assert m.labels == [None] and m.paths == [str(tmp_path / "x.jpg")]
+
+
+def test_bom_crlf_quotes_and_extra_columns(tmp_path):
+    text = '\ufeffid,path,landmark_id,extra\r\n"a,1","dir with space/ü.jpg",3,x\r\nb,b.jpg, 4 ,"y,z"\r\n'
+    path = tmp_path / "m.csv"
+    path.write_bytes(text.encode("utf-8"))
+    m = read_manifest(str(path))
+    assert m.ids == ["a,1", "b"]
+    assert m.paths[0].endswith("dir with space/ü.jpg")
+    assert m.labels == [3, 4]
+
+
+def test_row_problems_become_dead_letters_and_first_id_wins(tmp_path):
+    rows = [("a", "a.jpg", 1), ("a", "a2.jpg", 2), ("", "c.jpg", 3), ("d", "", 3), ("e", "e.jpg", "x7"),
+            ("f", "f.jpg", -2), ("g", "g.jpg", "2.5"), ("h", "h.jpg", "")]
+    m = read_manifest(str(write_manifest(tmp_path / "m.csv", rows)))
+    assert m.ids == ["a", "h"] and m.labels == [1, None]
+    reasons = {(d.id, d.stage): d.reason for d in m.dead_letters}
+    assert len(m.dead_letters) == 6 and m.total_rows == len(rows)
+    assert "duplicate id" in reasons[("a", "manifest")] and "m.csv:2" in reasons[("a", "manifest")]
+    assert reasons[("", "manifest")] == "empty id"
+    assert reasons[("d", "manifest")] == "empty path"
+    assert "not an integer" in reasons[("e", "manifest")]
+    assert "negative" in reasons[("f", "manifest")]
+    assert "not an integer" in reasons[("g", "manifest")]
+    assert all(d.path.startswith(str(tmp_path / "m.csv") + ":") for d in m.dead_letters)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "is empty"), ("id,landmark_id\na,1\n", "needs 'id' and 'path'"), ("path,landmark_id\na.jpg,1\n", "needs 'id'"),
+     ("id,path,landmark_id\n", "has no rows")],
+)
+def test_whole_file_problems_are_clear_errors(tmp_path, content, message):
+    path = tmp_path / "m.csv"
+    path.write_text(content)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(str(path))
+
+
+def test_missing_and_non_utf8_manifests(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(str(tmp_path / "nope.csv"))
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("id,path\né,a.jpg\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match="UTF-8"):
+        read_manifest(str(path))
+
+
+def test_parquet_manifest(tmp_path):
+    table = pa.table({"id": ["a", "b", "a"], "path": ["a.jpg", "b.jpg", "c.jpg"], "landmark_id": [1, None, 2]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    m = read_manifest(str(tmp_path / "m.parquet"))
+    assert m.ids == ["a", "b"] and m.labels == [1, None] and len(m.dead_letters) == 1
+    assert m.paths[0] == str(tmp_path / "a.jpg")
+    pq.write_table(pa.table({"name": ["a"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ManifestError, match="needs 'id'"):
+        read_manifest(str(tmp_path / "bad.parquet"))
+
+
+def test_folder_tree_with_names_and_with_integer_classes(tmp_path):
+    for cls, files in {"tower": ["1.jpg", "2.PNG", "notes.txt"], "bridge": ["3.jpeg"]}.items():
+        (tmp_path / "named" / cls).mkdir(parents=True)
+        for f in files:
+            (tmp_path / "named" / cls / f).write_bytes(b"x")
+    m = read_manifest(str(tmp_path / "named"))
+    assert sorted(m.ids) == ["bridge/3", "tower/1", "tower/2"]
+    assert m.label_names == {0: "bridge", 1: "tower"}
+    assert dict(zip(m.ids, m.labels, strict=True))["tower/2"] == 1
+    for cls in ("17", "4"):
+        (tmp_path / "ints" / cls).mkdir(parents=True)
+        (tmp_path / "ints" / cls / "a.jpg").write_bytes(b"x")
+    m = read_manifest(str(tmp_path / "ints"))
+    assert sorted(m.labels) == [4, 17] and m.label_names == {}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="no images found"):
+        read_manifest(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("value, expected", [(None, (None, "")), ("", (None, "")), (" 12 ", (12, "")), (7, (7, "")),
+                                             (7.0, (7, "")), (float("nan"), (None, ""))])
+def test_parse_landmark_id(value, expected):
+    assert parse_landmark_id(value) == expected
