@@ -111,19 +111,19 @@ class VectorIndex:
 
         index = self._searcher()
         D = np.empty((len(xq), k), np.float32)
-        I = np.empty((len(xq), k), np.int64)  # noqa: E741 - FAISS's own name
+        I = np.empty((len(xq), k), np.int64)
         for lo in tqdm(range(0, len(xq), batch_size), desc="search", unit="batch", disable=not progress):
             D[lo:lo + batch_size], I[lo:lo + batch_size] = index.search(xq[lo:lo + batch_size], k)
         return D, I
 
-    def labels_of(self, I: np.ndarray) -> np.ndarray:  # noqa: E741
+    def labels_of(self, I: np.ndarray) -> np.ndarray:
         """Landmark ids of faiss ids (-1 for missing neighbours and unlabelled images)."""
         out = np.full(I.shape, -1, np.int64)
         valid = I >= 0
         out[valid] = self.labels[I[valid]]
         return out
 
-    def ids_of(self, I: np.ndarray) -> list[list[str]]:  # noqa: E741
+    def ids_of(self, I: np.ndarray) -> list[list[str]]:
         return [[self.image_ids[j] for j in row if j >= 0] for row in I]
 
     def save(self, folder: str) -> None:

@@ -36,7 +36,7 @@ NEIGHBOURS_SCHEMA = pa.schema([
 ])
 
 
-def neighbours_table(query_ids: list[str], D: np.ndarray, I: np.ndarray, index: VectorIndex) -> pa.Table:  # noqa: E741
+def neighbours_table(query_ids: list[str], D: np.ndarray, I: np.ndarray, index: VectorIndex) -> pa.Table:
     """Long table: one row per (query, rank) for the neighbours that exist."""
     valid = I >= 0
     q_rows, ranks = np.nonzero(valid)
@@ -65,7 +65,7 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     query_ids = table.column("id").to_pylist()
     k = max(vote_config.k, neighbours)
     started = time.perf_counter()
-    D, I = index.search(xq, min(k, max(1, index.ntotal)))  # noqa: E741
+    D, I = index.search(xq, min(k, max(1, index.ntotal)))
     search_seconds = time.perf_counter() - started
     if index.config.metric == "l2":  # squared distances of unit vectors -> cosine similarities
         D = 1.0 - D / 2.0
