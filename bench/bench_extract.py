@@ -12,6 +12,7 @@ import csv
 import logging
 import os
 import shutil
+import time
 
 from tqdm import tqdm
 
@@ -30,9 +31,8 @@ DESCRIPTION = (
     "pipeline (read, decode + HoG, Parquet and dead-letter writes) and the final reconciliation. "
     "\"Fixed overhead\" is the same job on a 4-image manifest; \"start-up excluded\" is "
     "(N - 4) / (T_N - T_4), an estimate of the throughput once the pipeline runs. "
-    "Beam flags: `--runner=DirectRunner --prism_location=<missing path>` (DirectRunner first tries Prism, "
-    "which would download a binary; the missing path makes it fall back to the in-process FnApiRunner at "
-    "once, as it does on any offline machine). Ratios are value / bare loop on the same images."
+    "Beam flags: `--runner=DirectRunner` (run on Beam's FnApiRunner, see pipeline/options.py). "
+    "Ratios are value / bare loop on the same images."
 )
 
 IMAGES_FULL = dict(classes=40, views=10)  # 40 classes x 10 views = 400 training images of 320x240
@@ -128,10 +128,13 @@ def _beam_runs(manifest: str, tiny: str, out: str, workers: int, n: int, repeats
     job(tiny, os.path.join(out, f"warmup-w{workers}"))
     tiny_times, full_times, inner = [], [], []
     for _ in tqdm(range(repeats), desc=f"beam {workers} worker(s)", unit="run", leave=False):
-        tiny_times += time_runs(lambda: job(tiny, os.path.join(out, f"tiny-w{workers}")), 1)
-        records = []
-        full_times += time_runs(lambda: records.append(job(manifest, os.path.join(out, f"full-w{workers}"))), 1)
-        inner.append(records[0]["seconds"])
+        start = time.perf_counter()
+        job(tiny, os.path.join(out, f"tiny-w{workers}"))
+        tiny_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        record = job(manifest, os.path.join(out, f"full-w{workers}"))
+        full_times.append(time.perf_counter() - start)
+        inner.append(record["seconds"])
     t_full, t_tiny = min(full_times), min(tiny_times)
     steady = (n - TINY) / (t_full - t_tiny) if t_full > t_tiny else None
     return {"rate": n / t_full, "steady": steady, "overhead_s": t_tiny, "full": summary(full_times),
@@ -146,7 +149,7 @@ def _measure(group: str, rows: list[tuple[str, str, int]], workdir: str, workers
     paths = [p for _, p, _ in rows]
 
     bare_loop(paths[:TINY], "warm-up")
-    times = time_runs(lambda: bare_loop(paths, f"{group}: bare loop"), repeats)
+    times = time_runs(lambda: bare_loop(paths, "bare loop"), repeats)
     ref = "bare loop, 1 process, 1 thread"
     entries = [entry(group, ref, n / min(times), "images/s", repeats=repeats, images=n, **summary(times))]
     log.info("extract [%s]: bare loop %.1f images/s", group, n / min(times))

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from bench.common import ROOT, machine_info
+from bench.common import ROOT, load_average, machine_info, now
 
 log = logging.getLogger("bench")
 
@@ -62,7 +62,7 @@ def run_benchmark(name: str, out: str, quick: bool) -> dict:
     log.info("bench: %s (%s) in %s", name, "quick" if quick else "full", workdir)
     started = time.perf_counter()
     section = {"name": name, "title": module.TITLE, "description": module.DESCRIPTION, "quick": quick,
-               "measured_at": machine_info()["date"]}
+               "measured_at": now(), "load_average_before": load_average()}
     try:
         entries = module.run(workdir, quick)
     except Exception as e:  # noqa: BLE001 - one failing benchmark must not lose the others' figures
@@ -72,6 +72,7 @@ def run_benchmark(name: str, out: str, quick: bool) -> dict:
         add_ratios(entries)
         section["entries"] = entries
     section["seconds"] = round(time.perf_counter() - started, 1)
+    section["load_average_after"] = load_average()
     log.info("bench: %s done in %.1f s", name, section["seconds"])
     return section
 
@@ -115,7 +116,10 @@ def _cell(text: str) -> str:
 def render_section(section: dict) -> list[str]:
     lines = [f"## {section['name']}: {section['title']}", ""]
     mode = "quick (smoke-test sizes)" if section.get("quick") else "full"
-    lines += [f"Measured {section.get('measured_at', '?')}, {mode}, in {section.get('seconds', '?')} s.", ""]
+    load = section.get("load_average_before")
+    load = f" (1/5/15-min load average at its start, earlier sections of the run included: " \
+        f"{' / '.join(map(str, load))})" if load else ""
+    lines += [f"Measured {section.get('measured_at', '?')}, {mode}, in {section.get('seconds', '?')} s{load}.", ""]
     lines += [section["description"], ""]
     if section.get("error"):
         lines += [f"**Failed:** `{_cell(section['error'])}` (see the log of the run).", ""]

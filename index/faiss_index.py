@@ -55,7 +55,7 @@ class VectorIndex:
 
     def __init__(self, index: faiss.Index, image_ids: list[str], labels: np.ndarray, config: IndexConfig,
                  features_metadata: dict | None = None):
-        self.index = index  # an IndexIDMap2 around the factory index
+        self.index = index  # an IndexIDMap around the factory index
         self.image_ids = image_ids  # [N] image id of faiss id i
         self.labels = np.asarray(labels, dtype=np.int64)  # [N] landmark id of faiss id i (-1 = none)
         self.config = config
@@ -83,7 +83,7 @@ class VectorIndex:
             inner = faiss.index_factory(xb.shape[1], config.factory, METRICS[config.metric])
         except RuntimeError as e:
             raise CairnError(f"FAISS cannot build {config.factory!r}: {str(e).splitlines()[-1]}") from e
-        index = faiss.IndexIDMap2(inner)
+        index = faiss.IndexIDMap(inner)
         if not index.is_trained:
             index.train(xb)
         index.add_with_ids(xb, np.arange(len(xb), dtype=np.int64))

@@ -8,7 +8,6 @@ import sys
 
 from pipeline.errors import CairnError
 from pipeline.images import DecodeConfig
-from pipeline.options import default_threads_per_worker
 
 BEAM_EPILOG = (
     "Any other --flag is passed to Apache Beam, e.g. --runner=DataflowRunner --project=P --region=R "
@@ -43,18 +42,28 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
     return DecodeConfig(max_side=args.max_side, max_pixels=args.max_pixels, min_side=args.min_side)
 
 
+AUTO_WORKERS_MIN_IMAGES = 1000  # below this, worker processes cost more to start than they save
+
+
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism (DirectRunner)")
-    g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="worker processes on DirectRunner; 1 runs in-process (default: one per CPU core)")
+    g.add_argument("--workers", type=int, default=0,
+                   help="worker processes on DirectRunner; 1 runs in-process (default 0 = auto: one per core "
+                        f"for {AUTO_WORKERS_MIN_IMAGES:,}+ images, in-process below)")
     g.add_argument("--threads-per-worker", type=int, default=0,
                    help="CPU threads each worker gives OpenCV/FAISS/TensorFlow (default: cores / workers)")
 
 
-def threads(args: argparse.Namespace) -> int:
-    if args.workers < 1:
-        raise CairnError("--workers must be >= 1")
-    return args.threads_per_worker or default_threads_per_worker(args.workers)
+def check_workers(args: argparse.Namespace) -> None:
+    if args.workers < 0 or args.threads_per_worker < 0:
+        raise CairnError("--workers and --threads-per-worker must be >= 0 (0 = automatic)")
+
+
+def resolve_workers(workers: int, images: int) -> int:
+    """0 = automatic: one process per core when there is enough work to pay for their start-up."""
+    if workers > 0:
+        return workers
+    return (os.cpu_count() or 1) if images >= AUTO_WORKERS_MIN_IMAGES else 1
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False):

@@ -17,6 +17,7 @@ import csv
 import io
 import logging
 import shutil
+from dataclasses import dataclass
 
 from index.faiss_index import IndexConfig
 from index.recognize import VoteConfig
@@ -64,15 +65,28 @@ def _global_knn(method: str, train: str, queries: str, work: str, *, decode: Dec
 RUNNERS = {"hog": _global_knn}
 
 
+@dataclass(frozen=True)
+class CompareConfig:
+    """A comparison run, saved as OUT/run.json."""
+
+    train: str  # database manifest
+    queries: str  # query manifest
+    methods: tuple[str, ...]  # methods, in report order
+    decode: DecodeConfig = DecodeConfig()  # image decoding, the same for every method
+    vote: VoteConfig = VoteConfig()  # kNN recognition
+    neighbours: int = 100  # database images listed per query (mAP@100 needs 100)
+    workers: int = 0  # DirectRunner worker processes (0 = automatic)
+    beam_args: tuple[str, ...] = ()  # Beam flags passed through
+
+
 def compare(train: str, queries: str, out: str, method_names: list[str], *, decode: DecodeConfig = DecodeConfig(),
-            workers: int = 1, threads: int = 1, beam_args: list[str] | None = None, vote: VoteConfig = VoteConfig(),
+            workers: int = 0, threads: int = 0, beam_args: list[str] | None = None, vote: VoteConfig = VoteConfig(),
             neighbours: int = 100, force: bool = False) -> dict:
     names = methods.check(method_names)
     read_manifest(train), read_manifest(queries)  # fail on a bad manifest before any heavy work
     fs.makedirs(out)
-    config = {"train": train, "queries": queries, "methods": names, "decode": cfg.to_dict(decode),
-              "vote": cfg.to_dict(vote), "neighbours": neighbours, "workers": workers, "beam_args": beam_args or []}
-    cfg.save_json(fs.join(out, "run.json"), {"config": config, "methods": names})
+    config = CompareConfig(train, queries, tuple(names), decode, vote, neighbours, workers, tuple(beam_args or ()))
+    cfg.save_json(fs.join(out, "run.json"), {"config": cfg.to_dict(config), "methods": names})
     dead_rows = []
     for name in names:
         work = fs.join(out, "work", name)
@@ -113,8 +127,9 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse(build_parser(), argv, beam=True)
+    common.check_workers(args)
     metrics = compare(args.train, args.queries, args.out, args.methods, decode=common.decode_config(args),
-                      workers=args.workers, threads=common.threads(args), beam_args=beam_args,
+                      workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args,
                       vote=VoteConfig(args.k, args.min_confidence), force=args.force)
     print(summary_table(metrics))
     print(f"metrics:      {fs.join(args.out, 'metrics.json')}")

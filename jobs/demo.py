@@ -29,11 +29,12 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse(build_parser(), argv, beam=True)
+    common.check_workers(args)
     data = os.path.join(args.out, "data")
     synth(data, SynthConfig(seed=args.seed, classes=args.classes, views=args.views), force=args.force)
     run_dir = os.path.join(args.out, "run")
     metrics = compare(os.path.join(data, "train.csv"), os.path.join(data, "queries.csv"), run_dir, args.methods,
-                      workers=args.workers, threads=common.threads(args), beam_args=beam_args, force=args.force)
+                      workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args, force=args.force)
     print()
     print(summary_table(metrics))
     print()

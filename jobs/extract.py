@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 
 import apache_beam as beam
 
@@ -26,13 +27,24 @@ from pipeline import fs
 from pipeline.errors import CairnError, read_dead_letters
 from pipeline.images import DecodeConfig
 from pipeline.manifest import read_manifest
-from pipeline.options import pipeline_options, runner_name
-from pipeline.parquet_io import SHARD_TEMPLATE, count_rows, read_shards, write_table_shards
+from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
+from pipeline.parquet_io import SHARD_TEMPLATE, read_shards, write_table_shards
 from pipeline.schemas import global_features_schema
 from pipeline.transforms import DEAD, DecodeAndExtract, WriteDeadLetters
 
 log = logging.getLogger(__name__)
 ROWS_PER_SHARD = 20_000
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What an extraction run computes; outputs are reused only when this is equal."""
+
+    manifest: str  # the manifest as given
+    manifest_sha256: str  # fingerprint of the manifest's content
+    method: str  # descriptor name (features/registry.py)
+    extractor: dict = field(default_factory=dict)  # the extractor's metadata: dim, config, preprocessing
+    decode: DecodeConfig = DecodeConfig()  # image decoding and validation
 
 
 def outputs(out: str) -> dict[str, str]:
@@ -52,22 +64,20 @@ def _clear(out: str) -> None:
 
 
 def extract(manifest_path: str, out: str, method: str = "hog", params: dict | None = None,
-            decode: DecodeConfig = DecodeConfig(), workers: int = 1, threads: int = 1, num_shards: int = 0,
+            decode: DecodeConfig = DecodeConfig(), workers: int = 0, threads: int = 0, num_shards: int = 0,
             beam_args: list[str] | None = None, force: bool = False, test_pipeline=None) -> dict:
-    """Run the extraction job; returns the record written to OUT/extract.json."""
+    """Run the extraction job; returns the record written to OUT/extract.json.
+
+    ``workers`` 0 picks DirectRunner worker processes automatically; ``threads`` 0 gives each cores / workers.
+    """
     if method not in EXTRACTORS:
         raise CairnError(f"method {method!r} has no global extractor yet; available: {', '.join(sorted(EXTRACTORS))}")
     extractor = make_extractor(method, params)  # validates params early, in the launching process
     manifest = read_manifest(manifest_path)
     paths = outputs(out)
-    config = {
-        "manifest": manifest_path,
-        "manifest_sha256": cfg.file_fingerprint(manifest_path) if fs.exists(manifest_path) and not
-        _is_dir(manifest_path) else cfg.fingerprint(list(manifest.records())),
-        "method": method,
-        "extractor": extractor.metadata(),
-        "decode": cfg.to_dict(decode),
-    }
+    fingerprint = (cfg.fingerprint(list(manifest.records())) if _is_dir(manifest_path)
+                   else cfg.file_fingerprint(manifest_path))
+    config = cfg.to_dict(ExtractConfig(manifest_path, fingerprint, method, extractor.metadata(), decode))
     if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config):
         record = cfg.load_json(paths["record"])
         log.info("extract: reusing %s (same config and manifest; --force recomputes)", out)
@@ -76,6 +86,8 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     _clear(out)
 
     num_shards = num_shards or max(1, math.ceil(len(manifest) / ROWS_PER_SHARD))
+    workers = common.resolve_workers(workers, len(manifest))
+    threads = threads or default_threads_per_worker(workers)
     if len(manifest):
         write_table_shards(manifest.to_table(), paths["manifest"], num_shards=num_shards)
     schema = global_features_schema(extractor.dim, extractor.metadata())
@@ -85,7 +97,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
              len(manifest), len(manifest.dead_letters), method, runner, workers, "s"[: workers > 1],
              threads, "s"[: threads > 1])
     started = time.perf_counter()
-    p = test_pipeline or beam.Pipeline(options=options)
+    p = test_pipeline or make_pipeline(options)
     if len(manifest):
         rows = (
             p
@@ -152,7 +164,6 @@ def reconcile(inputs: int, paths: dict[str, str]) -> dict:
             f"record counts do not reconcile: {inputs} inputs, {len(ids)} outputs, {len(dead)} dead letters, "
             f"{twice} ids in more than one place. This is a bug; please report it with {paths['features']}."
         )
-    assert count_rows(paths["features"]) == len(ids)
     return counts
 
 
@@ -172,6 +183,7 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse(build_parser(), argv, beam=True)
+    common.check_workers(args)
     return extract(args.manifest, args.out, args.method, decode=common.decode_config(args), workers=args.workers,
-                   threads=common.threads(args), num_shards=args.num_shards, beam_args=beam_args,
+                   threads=args.threads_per_worker, num_shards=args.num_shards, beam_args=beam_args,
                    force=args.force, test_pipeline=test_pipeline)

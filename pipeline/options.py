@@ -1,17 +1,22 @@
 """Beam PipelineOptions for Cairn's jobs: the user's Beam flags pass through; the default is DirectRunner.
 
-The default runner is set explicitly to DirectRunner: Beam's newer default (Prism) downloads a binary, which
-machines without network cannot do. ``--workers N`` on DirectRunner runs N worker processes
-(``direct_running_mode=multi_processing``); on other runners it is ignored in favour of the runner's flags.
+The default runner is set explicitly to DirectRunner. Beam 2.77's DirectRunner first tries the Prism runner,
+which downloads a binary from the internet (and, offline, fails and falls back); :func:`make_pipeline`
+therefore runs DirectRunner pipelines on Beam's FnApiRunner directly, which is what DirectRunner falls back to
+for batch pipelines: same semantics, no download, and it honours ``direct_num_workers`` and
+``direct_running_mode``. ``--workers N`` on DirectRunner runs N worker processes
+(``direct_running_mode=multi_processing``); other runners ignore it in favour of their own flags.
 """
 
 from __future__ import annotations
 
 import os
 
+import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 DEFAULT_RUNNER = "DirectRunner"
+LOCAL_RUNNERS = ("DirectRunner", "direct", "SwitchingDirectRunner", "FnApiRunner")
 
 
 def pipeline_options(beam_args: list[str], workers: int = 1) -> PipelineOptions:
@@ -28,7 +33,7 @@ def pipeline_options(beam_args: list[str], workers: int = 1) -> PipelineOptions:
                     '"apache_beam.options.pipeline_options": "ERROR"}')
     options = PipelineOptions(args)
     runner = options.view_as(StandardOptions).runner or DEFAULT_RUNNER
-    if runner in ("DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner"):
+    if runner in LOCAL_RUNNERS:
         direct = options.view_as(DirectOptions)
         if workers > 1 and not any(a.startswith("--direct_num_workers") for a in args):
             direct.direct_num_workers = workers
@@ -43,3 +48,17 @@ def runner_name(options: PipelineOptions) -> str:
 def default_threads_per_worker(workers: int) -> int:
     """CPU threads each worker process may use so that ``workers`` processes do not oversubscribe the CPU."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
+    """A Pipeline for ``options``; DirectRunner pipelines run on FnApiRunner (no Prism download)."""
+    if runner_name(options) not in LOCAL_RUNNERS:
+        return beam.Pipeline(options=options)
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    # as DirectRunner does: worker processes receive the pipeline options through the provision info
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=info), options=options)
