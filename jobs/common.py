@@ -76,3 +76,19 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False
     if stray:
         p.error(f"unexpected arguments {stray}; Cairn's own flags are listed by --help, Beam flags start with --")
     return args, rest
+
+
+def add_beam_job_args(p: argparse.ArgumentParser, decode: bool = True) -> None:
+    """--force, and the decoding and parallelism flags every image-reading Beam job shares."""
+    p.add_argument("--force", action="store_true", help="recompute even when OUT holds outputs of the same config")
+    if decode:
+        add_decode_args(p)
+    add_worker_args(p)
+
+
+def parse_beam_job(p: argparse.ArgumentParser, argv: list[str] | None):
+    """(args, Beam args) of a Beam job, with its parallelism flags checked."""
+    args, beam_args = parse(p, argv, beam=True)
+    check_workers(args)
+    return args, beam_args
+

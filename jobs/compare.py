@@ -119,15 +119,12 @@ def build_parser():
     p.add_argument("--k", type=int, default=VoteConfig.k, help=f"neighbours that vote (default {VoteConfig.k})")
     p.add_argument("--min-confidence", type=float, default=VoteConfig.min_confidence,
                    help="predict no landmark below this confidence (default 0)")
-    p.add_argument("--force", action="store_true", help="recompute features even when a rerun could reuse them")
-    common.add_decode_args(p)
-    common.add_worker_args(p)
+    common.add_beam_job_args(p)
     return p
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    args, beam_args = common.parse(build_parser(), argv, beam=True)
-    common.check_workers(args)
+    args, beam_args = common.parse_beam_job(build_parser(), argv)
     metrics = compare(args.train, args.queries, args.out, args.methods, decode=common.decode_config(args),
                       workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args,
                       vote=VoteConfig(args.k, args.min_confidence), force=args.force)

@@ -22,14 +22,12 @@ def build_parser():
     p.add_argument("--classes", type=int, default=SynthConfig.classes, help="landmark classes")
     p.add_argument("--views", type=int, default=SynthConfig.views, help="database images of the largest class")
     p.add_argument("--methods", nargs="+", default=methods.available(), help="methods to compare")
-    p.add_argument("--force", action="store_true", help="recompute everything")
-    common.add_worker_args(p)
+    common.add_beam_job_args(p, decode=False)
     return p
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    args, beam_args = common.parse(build_parser(), argv, beam=True)
-    common.check_workers(args)
+    args, beam_args = common.parse_beam_job(build_parser(), argv)
     data = os.path.join(args.out, "data")
     synth(data, SynthConfig(seed=args.seed, classes=args.classes, views=args.views), force=args.force)
     run_dir = os.path.join(args.out, "run")

@@ -175,15 +175,12 @@ def build_parser():
     p.add_argument("--method", default="hog", help=f"descriptor to extract: {', '.join(sorted(EXTRACTORS))}")
     p.add_argument("--num-shards", type=int, default=0,
                    help=f"output shards (default: one per {ROWS_PER_SHARD:,} images)")
-    p.add_argument("--force", action="store_true", help="recompute even if OUT holds a run with the same config")
-    common.add_decode_args(p)
-    common.add_worker_args(p)
+    common.add_beam_job_args(p)
     return p
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    args, beam_args = common.parse(build_parser(), argv, beam=True)
-    common.check_workers(args)
+    args, beam_args = common.parse_beam_job(build_parser(), argv)
     return extract(args.manifest, args.out, args.method, decode=common.decode_config(args), workers=args.workers,
                    threads=args.threads_per_worker, num_shards=args.num_shards, beam_args=beam_args,
                    force=args.force, test_pipeline=test_pipeline)
