@@ -70,8 +70,8 @@ def _cpu_model() -> str:
             for line in f:
                 if line.lower().startswith("model name"):
                     return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    except OSError:  # no /proc (not Linux): fall back to what platform knows
+        log.debug("no /proc/cpuinfo")
     return platform.processor() or platform.machine() or "unknown"
 
 
@@ -81,8 +81,8 @@ def _ram_gib() -> float | None:
             for line in f:
                 if line.startswith("MemTotal:"):
                     return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
+    except OSError:  # no /proc: RAM unknown
+        log.debug("no /proc/meminfo")
     return None
 
 
