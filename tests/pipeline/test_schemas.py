@@ -66,3 +66,16 @@ def test_local_features_and_images_schemas_hold_their_data(tmp_path):
     images = pa.Table.from_pylist([{"id": "a", "landmark_id": None, "path": "a.jpg", "width": 3, "height": 2,
                                     "image": b"\xff\xd8"}], schema=images_schema())
     assert images.column("image").to_pylist() == [b"\xff\xd8"]
+
+
+def test_local_features_and_images_shard_like_global_features(tmp_path):
+    schema = local_features_schema(2, "float32", {"method": "sift", "config": {"max_features": 2}})
+    rows = [{"id": f"i{n}", "landmark_id": n, "keypoints": [[float(n), 1.0]], "scales": [1.0], "orientations": [0.0],
+             "scores": [1.0], "descriptors": [[0.5, 0.5]], "width": 8, "height": 8} for n in range(5)]
+    write_table_shards(pa.Table.from_pylist(rows, schema=schema), str(tmp_path / "local"), num_shards=2)
+    back, meta = read_shards(str(tmp_path / "local"))
+    assert back.to_pylist() == rows and meta["method"] == "sift" and meta["schema"] == "cairn.local_features/1"
+    images = [{"id": "a", "landmark_id": 1, "path": "a.jpg", "width": 2, "height": 1, "image": b"abc"}]
+    write_table_shards(pa.Table.from_pylist(images, schema=images_schema({"source": "x.csv"})), str(tmp_path / "im"))
+    back, meta = read_shards(str(tmp_path / "im"))
+    assert back.to_pylist() == images and meta == {"schema": "cairn.images/1", "source": "x.csv"}
