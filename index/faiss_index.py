@@ -81,12 +81,15 @@ class VectorIndex:
             raise CairnError(f"unknown metric {config.metric!r}; use one of {sorted(METRICS)}")
         try:
             inner = faiss.index_factory(xb.shape[1], config.factory, METRICS[config.metric])
+            index = faiss.IndexIDMap(inner)
+            if not index.is_trained:
+                index.train(xb)
+            index.add_with_ids(xb, np.arange(len(xb), dtype=np.int64))
         except RuntimeError as e:
-            raise CairnError(f"FAISS cannot build {config.factory!r}: {str(e).splitlines()[-1]}") from e
-        index = faiss.IndexIDMap(inner)
-        if not index.is_trained:
-            index.train(xb)
-        index.add_with_ids(xb, np.arange(len(xb), dtype=np.int64))
+            detail = [line for line in str(e).splitlines() if line.strip()][-1]
+            raise CairnError(f"FAISS cannot build {config.factory!r} over {len(xb)} vectors of dim {xb.shape[1]}: "
+                             f"{detail}. Give a factory string without IDMap that suits this many vectors "
+                             "(e.g. Flat)") from e
         return cls(index, list(image_ids), labels, config, features_metadata)
 
     def _searcher(self) -> faiss.Index:
@@ -127,7 +130,9 @@ class VectorIndex:
         return [[self.image_ids[j] for j in row if j >= 0] for row in I]
 
     def save(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
+        from pipeline.fs import makedirs
+
+        makedirs(folder)
         tmp = os.path.join(folder, ".index.faiss.tmp")
         faiss.write_index(self.index, tmp)
         os.replace(tmp, os.path.join(folder, "index.faiss"))

@@ -55,8 +55,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_workers(args: argparse.Namespace) -> None:
-    if args.workers < 0 or args.threads_per_worker < 0:
-        raise CairnError("--workers and --threads-per-worker must be >= 0 (0 = automatic)")
+    if not (0 <= args.workers <= 1024 and 0 <= args.threads_per_worker <= 1024):
+        raise CairnError("--workers and --threads-per-worker must be between 0 (automatic) and 1024")
 
 
 def resolve_workers(workers: int, images: int) -> int:
@@ -75,7 +75,25 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False
     stray = [a for a in rest if not a.startswith("--")]
     if stray:
         p.error(f"unexpected arguments {stray}; Cairn's own flags are listed by --help, Beam flags start with --")
+    ours = {s for action in p._actions for s in action.option_strings}
+    for arg in rest:
+        name = arg.split("=", 1)[0]
+        if name.replace("_", "-") in ours:  # --max_side for --max-side would silently go to Beam
+            p.error(f"{name} is not a flag; did you mean {name.replace('_', '-')}?")
     return args, rest
+
+
+def vote_config(args: argparse.Namespace):
+    """The --k / --min-confidence flags as a VoteConfig, checked."""
+    import math
+
+    from index.recognize import VoteConfig
+
+    if args.k < 1:
+        raise CairnError("--k must be >= 1")
+    if not (math.isfinite(args.min_confidence) and 0 <= args.min_confidence <= 1):
+        raise CairnError("--min-confidence must be a number between 0 and 1")
+    return VoteConfig(args.k, args.min_confidence)
 
 
 def add_beam_job_args(p: argparse.ArgumentParser, decode: bool = True) -> None:

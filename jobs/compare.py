@@ -25,7 +25,7 @@ from jobs import common, methods
 from jobs.extract import extract
 from jobs.index import build_index
 from jobs.recognize import recognize
-from jobs.report import summary_table, write_metrics
+from jobs.report import manifest_fingerprints, summary_table, write_metrics
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import read_dead_letters
@@ -69,8 +69,8 @@ RUNNERS = {"hog": _global_knn}
 class CompareConfig:
     """A comparison run, saved as OUT/run.json."""
 
-    train: str  # database manifest
-    queries: str  # query manifest
+    train: str  # database manifest (absolute path)
+    queries: str  # query manifest (absolute path)
     methods: tuple[str, ...]  # methods, in report order
     decode: DecodeConfig = DecodeConfig()  # image decoding, the same for every method
     vote: VoteConfig = VoteConfig()  # kNN recognition
@@ -83,10 +83,12 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
             workers: int = 0, threads: int = 0, beam_args: list[str] | None = None, vote: VoteConfig = VoteConfig(),
             neighbours: int = 100, force: bool = False) -> dict:
     names = methods.check(method_names)
+    train, queries = fs.absolute(train), fs.absolute(queries)
     read_manifest(train), read_manifest(queries)  # fail on a bad manifest before any heavy work
     fs.makedirs(out)
     config = CompareConfig(train, queries, tuple(names), decode, vote, neighbours, workers, tuple(beam_args or ()))
-    cfg.save_json(fs.join(out, "run.json"), {"config": cfg.to_dict(config), "methods": names})
+    cfg.save_json(fs.join(out, "run.json"), {"config": cfg.to_dict(config), "methods": names,
+                                             "manifest_sha256": manifest_fingerprints(train, queries)})
     dead_rows = []
     for name in names:
         work = fs.join(out, "work", name)
@@ -127,7 +129,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
     metrics = compare(args.train, args.queries, args.out, args.methods, decode=common.decode_config(args),
                       workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args,
-                      vote=VoteConfig(args.k, args.min_confidence), force=args.force)
+                      vote=common.vote_config(args), force=args.force)
     print(summary_table(metrics))
     print(f"metrics:      {fs.join(args.out, 'metrics.json')}")
     print(f"predictions:  {fs.join(args.out, 'predictions')}/")

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 
 from features.registry import EXTRACTORS, make_extractor
-from jobs import common
+from jobs import common, methods
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError, read_dead_letters
 from pipeline.images import DecodeConfig
 from pipeline.manifest import read_manifest
 from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
-from pipeline.parquet_io import SHARD_TEMPLATE, read_shards, write_table_shards
+from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, write_table_shards
 from pipeline.schemas import global_features_schema
 from pipeline.transforms import DEAD, DecodeAndExtract, WriteDeadLetters
 
@@ -40,7 +40,7 @@ ROWS_PER_SHARD = 20_000
 class ExtractConfig:
     """What an extraction run computes; outputs are reused only when this is equal."""
 
-    manifest: str  # the manifest as given
+    manifest: str  # the manifest, as an absolute path (relative image paths resolve against its folder)
     manifest_sha256: str  # fingerprint of the manifest's content
     method: str  # descriptor name (features/registry.py)
     extractor: dict = field(default_factory=dict)  # the extractor's metadata: dim, config, preprocessing
@@ -71,21 +71,25 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     ``workers`` 0 picks DirectRunner worker processes automatically; ``threads`` 0 gives each cores / workers.
     """
     if method not in EXTRACTORS:
-        raise CairnError(f"method {method!r} has no global extractor yet; available: {', '.join(sorted(EXTRACTORS))}")
+        methods.check([method])  # names the issue that builds a planned method
+        raise CairnError(f"method {method!r} has no global extractor; available: {', '.join(sorted(EXTRACTORS))}")
+    if not 0 <= num_shards <= 100_000:
+        raise CairnError("--num-shards must be between 0 (automatic) and 100000")
     extractor = make_extractor(method, params)  # validates params early, in the launching process
+    manifest_path = fs.absolute(manifest_path)
     manifest = read_manifest(manifest_path)
     paths = outputs(out)
     fingerprint = (cfg.fingerprint(list(manifest.records())) if _is_dir(manifest_path)
                    else cfg.file_fingerprint(manifest_path))
     config = cfg.to_dict(ExtractConfig(manifest_path, fingerprint, method, extractor.metadata(), decode))
-    if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config):
+    if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config) and _complete(paths):
         record = cfg.load_json(paths["record"])
         log.info("extract: reusing %s (same config and manifest; --force recomputes)", out)
         return record
     fs.makedirs(out)
     _clear(out)
 
-    num_shards = num_shards or max(1, math.ceil(len(manifest) / ROWS_PER_SHARD))
+    num_shards = min(num_shards or math.ceil(len(manifest) / ROWS_PER_SHARD), max(1, len(manifest)))
     workers = common.resolve_workers(workers, len(manifest))
     threads = threads or default_threads_per_worker(workers)
     if len(manifest):
@@ -129,6 +133,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         "seconds": round(seconds, 3),
         "images_per_second": round(counts["outputs"] / seconds, 2) if seconds > 0 else None,
         "dim": extractor.dim,
+        "label_names": {str(k): v for k, v in sorted(manifest.label_names.items())},
         "outputs": {k: v for k, v in paths.items() if k != "record"},
     }
     cfg.save_json(paths["record"], record)
@@ -136,6 +141,15 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
              counts["inputs"], counts["outputs"], counts["dead_letters"], _by_stage(counts), seconds,
              record["images_per_second"] or 0)
     return record
+
+
+def _complete(paths: dict[str, str]) -> bool:
+    """True when a previous run's outputs are all there (a complete shard set and the dead letters)."""
+    try:
+        find_shards(paths["features"])
+    except CairnError:
+        return False
+    return fs.exists(paths["dead_letters"])
 
 
 def _is_dir(path: str) -> bool:

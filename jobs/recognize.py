@@ -101,6 +101,6 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, _ = common.parse(build_parser(), argv)
-    if args.k < 1 or args.neighbours < 1:
-        raise CairnError("--k and --neighbours must be >= 1")
-    return recognize(args.index, args.features, args.out, VoteConfig(args.k, args.min_confidence), args.neighbours)
+    if args.neighbours < 1:
+        raise CairnError("--neighbours must be >= 1")
+    return recognize(args.index, args.features, args.out, common.vote_config(args), args.neighbours)

@@ -13,6 +13,7 @@ accuracy denominator.
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 
 import pyarrow.parquet as pq
@@ -69,11 +70,27 @@ def method_metrics(run_dir: str, method: str, query_ids: list[str], truth: dict[
     return out
 
 
+def manifest_fingerprints(train: str, queries: str) -> dict[str, str]:
+    """Content fingerprints of a run's manifests (folders: of their file lists)."""
+    def one(path: str) -> str:
+        if not fs.has_scheme(path) and os.path.isdir(path):
+            return cfg.fingerprint(list(read_manifest(path).records()))
+        return cfg.file_fingerprint(path)
+
+    return {"train": one(train), "queries": one(queries)}
+
+
 def write_metrics(run_dir: str) -> dict:
     run_path = fs.join(run_dir, "run.json")
     if not fs.exists(run_path):
         raise CairnError(f"{run_dir} has no run.json; give the --out folder of a `cairn compare` run")
     run = cfg.load_json(run_path)
+    for split in ("train", "queries"):
+        if not fs.exists(run["config"][split]):
+            raise CairnError(f"the run's {split} manifest {run['config'][split]} is gone; the report needs it")
+    if run.get("manifest_sha256") != manifest_fingerprints(run["config"]["train"], run["config"]["queries"]):
+        raise CairnError(f"the manifests of {run_dir} changed since the run ({run['config']['train']}, "
+                         f"{run['config']['queries']}); rerun `cairn compare` instead of rebuilding the report")
     train = read_manifest(run["config"]["train"])
     queries = read_manifest(run["config"]["queries"])
     relevant: dict[int, set[str]] = defaultdict(set)

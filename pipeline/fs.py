@@ -15,6 +15,13 @@ def has_scheme(path: str) -> bool:
     return bool(_SCHEME.match(path))
 
 
+def absolute(path: str) -> str:
+    """Local paths made absolute (so that a config means the same from any working folder); URLs as they are."""
+    import os
+
+    return path if has_scheme(path) else os.path.abspath(path)
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts with the separator of ``base``'s filesystem."""
     if has_scheme(base):
@@ -67,10 +74,22 @@ def write_text(path: str, text: str) -> None:
 
 
 def makedirs(path: str) -> None:
+    """Create a local output folder (cloud filesystems have no folders); a file in the way is a user error."""
     if not has_scheme(path):
         import os
 
+        from pipeline.errors import CairnError
+
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise CairnError(f"{path} is a file, but an output folder is needed there; give another --out")
         os.makedirs(path, exist_ok=True)
+
+
+def escape(path: str) -> str:
+    """``path`` with glob wildcards escaped, to build a pattern from a literal folder or prefix."""
+    import glob as _glob
+
+    return _glob.escape(path)
 
 
 def glob(pattern: str) -> list[str]:

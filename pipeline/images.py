@@ -63,8 +63,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         if mode == "F":
             lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
             scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        elif mode.startswith("I;16"):
+            scaled = arr / 257.0  # 16-bit: 0..65535 -> 0..255
         else:
-            # 16-bit images hold 0..65535; an "I" image that only uses 0..255 is already 8-bit data
+            # 32-bit "I": Pillow uses it for 16-bit PNGs too; only values beyond 8 bits say which it holds
             scaled = arr / 257.0 if arr.max(initial=0) > 255 else arr
         grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
@@ -90,7 +92,8 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> np.ndarr
         raise ImageError("decode", "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # our own max_pixels check below replaces Pillow's warning; its hard error (2x its limit) remains
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > config.max_pixels:
@@ -115,16 +118,21 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> np.ndarr
         head = data[:64].lstrip().lower()
         kind = "HTML or text" if head.startswith((b"<", b"{")) or head.isascii() else "unrecognised binary"
         raise ImageError("decode", f"not an image: the file holds {kind} data") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageError("decode", f"decompression-bomb guard: {e} (Pillow's own limit, about 179 megapixels, "
                          "applies whatever --max-pixels says)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError("decode", f"truncated or corrupt image data: {e}") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise odd types on corrupt files (TIFF: TypeError)
+        raise ImageError("decode", f"corrupt image data ({type(e).__name__}: {e})") from None
     if config.max_side and max(img.size) > config.max_side:
         w, h = img.size
         scale = config.max_side / max(w, h)
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR,
-                         reducing_gap=2.0)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if min(size) < config.min_side:
+            raise ImageError("decode", f"image is {w}x{h}: shrunk to max_side={config.max_side} it would be "
+                             f"{size[0]}x{size[1]}, smaller than min_side={config.min_side}")
+        img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageError("decode", f"unexpected decoded shape {arr.shape}")

@@ -7,9 +7,9 @@ Three sources give the same :class:`Manifest`:
   (``gs://...``). An empty ``landmark_id`` means "no landmark / unknown"; so does a manifest without that
   column (as Google Landmarks' ``test.csv``). Extra columns are ignored. A byte-order mark, CRLF line ends and
   quoted fields are handled.
-* **A class-per-folder tree**: ``ROOT/<class>/<image>``. Integer folder names are the landmark ids; otherwise
-  classes get ids 0..C-1 in sorted name order and ``label_names`` maps them back. Image ids are
-  ``<class>/<file stem>``.
+* **A class-per-folder tree**: ``ROOT/<class>/<image>``. Integer folder names are the landmark ids; other names
+  get a stable id derived from the name alone (:func:`class_id`), so that a train tree and a query tree agree on
+  every class they share; ``label_names`` maps ids back to names. Image ids are ``<class>/<file stem>``.
 * **Parquet** with the same columns as the CSV.
 
 Problems with the whole file (unreadable, not UTF-8, no rows, missing columns) raise :class:`ManifestError`.
@@ -20,6 +20,7 @@ become dead letters at stage ``manifest``; the first row with a given id wins.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from collections.abc import Iterator
@@ -113,7 +114,7 @@ def parse_landmark_id(value) -> tuple[int | None, str]:
     if isinstance(value, int | float) and not isinstance(value, bool):
         if value != value:  # NaN from a Parquet float column
             return None, ""
-        if float(value).is_integer() and value >= 0:
+        if float(value).is_integer() and 0 <= value < 2**63:
             return int(value), ""
         return None, f"landmark_id {value!r} is not a non-negative integer"
     text = str(value).strip()
@@ -125,7 +126,17 @@ def parse_landmark_id(value) -> tuple[int | None, str]:
         return None, f"landmark_id {text!r} is not an integer"
     if label < 0:
         return None, f"landmark_id {label} is negative"
+    if label >= 2**63:
+        return None, f"landmark_id {label} does not fit in 64 bits"
     return label, ""
+
+
+def class_id(name: str) -> int:
+    """A stable landmark id for a class folder name: the first 12 hex digits of its SHA-1 (48 bits).
+
+    The same name gives the same id in every manifest, whatever other classes are present.
+    """
+    return int(hashlib.sha1(name.encode("utf-8")).hexdigest()[:12], 16)
 
 
 def _resolve(path: str, base: str) -> str:
@@ -162,11 +173,20 @@ def read_csv_manifest(path: str) -> Manifest:
     id_col, path_col, label_col = _pick_columns(list(reader.fieldnames), path)
     builder = _Builder(path)
     base = fs.dirname(path)
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
-        raw_path = row.get(path_col)
-        resolved = _resolve(raw_path.strip(), base) if raw_path and raw_path.strip() else raw_path
-        builder.add(row.get(id_col), resolved, row.get(label_col) if label_col else None, where)
+    try:
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if any("\n" in v or "\r" in v for v in row.values() if isinstance(v, str)):
+                # a quoted field ran over line ends: with an unbalanced quote, the rows after it are swallowed
+                raise ManifestError(
+                    f"{where}: a quoted field holds a line break, which usually means an unbalanced double "
+                    "quote (the rows after it would be lost); fix the quoting of that row"
+                )
+            raw_path = row.get(path_col)
+            resolved = _resolve(raw_path.strip(), base) if raw_path and raw_path.strip() else raw_path
+            builder.add(row.get(id_col), resolved, row.get(label_col) if label_col else None, where)
+    except csv.Error as e:
+        raise ManifestError(f"{path}:{reader.line_num + 1}: the CSV cannot be parsed ({e}); fix that row") from e
     return _finish(builder)
 
 
@@ -186,6 +206,7 @@ def read_parquet_manifest(path: str) -> Manifest:
     builder = _Builder(path)
     base = fs.dirname(path)
     for i, (image_id, p, label) in enumerate(zip(ids, paths, labels, strict=True)):
+        p = None if p is None else str(p)
         resolved = _resolve(p.strip(), base) if p and p.strip() else p
         builder.add(image_id, resolved, label, f"{path}:row {i}")
     return _finish(builder)
@@ -193,7 +214,7 @@ def read_parquet_manifest(path: str) -> Manifest:
 
 def read_folder_manifest(root: str) -> Manifest:
     """Read a class-per-folder image tree ``ROOT/<class>/<image>``."""
-    files = [p for p in fs.glob(fs.join(root, "*", "*")) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    files = [p for p in fs.glob(fs.join(fs.escape(root), "*", "*")) if p.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise ManifestError(
             f"no images found under {root}/<class>/ (extensions {', '.join(IMAGE_EXTENSIONS)}); "
@@ -204,8 +225,10 @@ def read_folder_manifest(root: str) -> Manifest:
         class_ids = {c: int(c) for c in classes}
         names = {}
     else:
-        class_ids = {c: i for i, c in enumerate(classes)}
+        class_ids = {c: class_id(c) for c in classes}
         names = {i: c for c, i in class_ids.items()}
+        if len(names) != len(classes):
+            raise ManifestError(f"two class folders under {root} hash to the same id; rename one of them")
     builder = _Builder(root)
     for p in files:
         cls = os.path.basename(fs.dirname(p))

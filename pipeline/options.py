@@ -53,7 +53,13 @@ def default_threads_per_worker(workers: int) -> int:
 def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
     """A Pipeline for ``options``; DirectRunner pipelines run on FnApiRunner (no Prism download)."""
     if runner_name(options) not in LOCAL_RUNNERS:
-        return beam.Pipeline(options=options)
+        try:
+            return beam.Pipeline(options=options)
+        except ValueError as e:  # unknown runner name
+            from pipeline.errors import CairnError
+
+            raise CairnError(f"{e}; use --runner=DirectRunner (default), DataflowRunner, FlinkRunner or "
+                             "SparkRunner") from e
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle

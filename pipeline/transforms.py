@@ -48,6 +48,9 @@ class DecodeAndExtract(beam.DoFn):
         except ImageError as e:
             yield self._dead(row, e.stage, e.reason)
             return
+        except Exception as e:  # noqa: BLE001 - never let one file stop the job
+            yield self._dead(row, "decode", f"{type(e).__name__}: {e}")
+            return
         try:
             vector = self.extractor.extract(image)
         except Exception as e:  # noqa: BLE001 - any extractor failure is this record's, not the job's

@@ -35,6 +35,23 @@ def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, tiny_synth):
         (["train", "--method", "sift-vlad"], "issue #3"),
         (["report", str(tmp_path)], "has no run.json"),
         (["frobnicate"], "unknown command"),
+        (["compare", "--train", str(tiny_synth / "train.csv"), "--queries", str(tiny_synth / "queries.csv"),
+          "--out", str(tmp_path / "o"), "--k", "0"], "--k must be >= 1"),
+        (["compare", "--train", str(tiny_synth / "train.csv"), "--queries", str(tiny_synth / "queries.csv"),
+          "--out", str(tmp_path / "o"), "--min-confidence", "nan"], "--min-confidence"),
+        (["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tiny_synth / "train.csv")],
+         "is a file"),
+        (["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"), "--runner=Bogus"],
+         "use --runner=DirectRunner"),
+        (["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"),
+          "--method", "sift-bovw"], "issue #3"),
+        (["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"),
+          "--num-shards", "-1"], "--num-shards"),
+        (["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"),
+          "--threads-per-worker", "100000000000"], "between 0 (automatic) and 1024"),
+        (["demo", "--out", str(tmp_path / "d"), "--classes", "0"], "--classes"),
+        (["synth", str(tmp_path / "s"), "--width", "100000"], "--width"),
+        (["synth", str(tiny_synth / "train.csv")], "is a file"),
     ]
     for args, message in cases:
         result = _cairn(*args)
@@ -44,9 +61,18 @@ def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, tiny_synth):
         assert len([line for line in result.stderr.splitlines() if line.startswith("cairn")]) == 1
 
 
-def test_argparse_errors_exit_2_with_usage():
+def test_argparse_errors_exit_2_with_usage(tiny_synth, tmp_path):
     result = _cairn("extract", "--manifest")
     assert result.returncode == 2 and "usage: cairn extract" in result.stderr
+    result = _cairn("extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path), "--max_side=64")
+    assert result.returncode == 2 and "did you mean --max-side" in result.stderr
+
+
+def test_index_factory_that_cannot_fit_the_data_is_a_user_error(tiny_synth, tmp_path):
+    assert _cairn("extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "f")).returncode == 0
+    result = _cairn("index", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "i"), "--factory", "IVF4096,Flat")
+    assert result.returncode == 2 and "FAISS cannot build 'IVF4096,Flat' over 16 vectors" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

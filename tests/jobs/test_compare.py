@@ -53,3 +53,19 @@ def test_report_rebuilds_the_same_metrics(run_dir):
     before = json.loads((run_dir / "metrics.json").read_text())
     (run_dir / "metrics.json").unlink()
     assert write_metrics(str(run_dir)) == before
+
+
+def test_report_works_from_any_folder_and_refuses_changed_manifests(run_dir, tiny_synth, monkeypatch, tmp_path):
+    from pipeline.errors import CairnError
+
+    monkeypatch.chdir(tmp_path)
+    assert write_metrics(str(run_dir))["methods"]["hog"]["queries"] == 12
+    original = (run_dir / "run.json").read_text()
+    run = json.loads(original)
+    run["manifest_sha256"]["queries"] = "0" * 16
+    (run_dir / "run.json").write_text(json.dumps(run))
+    try:
+        with pytest.raises(CairnError, match="changed since the run"):
+            write_metrics(str(run_dir))
+    finally:
+        (run_dir / "run.json").write_text(original)

@@ -80,8 +80,10 @@ def test_rerun_reuses_only_with_the_same_config(tmp_path, tiny_synth, caplog):
 
 
 def test_unknown_method_and_bad_flags_are_user_errors(tmp_path, tiny_synth):
-    with pytest.raises(CairnError, match="no global extractor"):
+    with pytest.raises(CairnError, match="issue #4"):
         extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), method="cnn")
+    with pytest.raises(CairnError, match="unknown method 'surf'"):
+        extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), method="surf")
     with pytest.raises(CairnError, match="--max-side"):
         run(["--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"), "--max-side", "-1"])
 
@@ -93,3 +95,24 @@ def test_empty_outcome_still_writes_a_valid_shard_set(tmp_path):
                                 "dead_by_stage": {"manifest": 1, "read": 1}}
     table, meta = read_shards(str(tmp_path / "out" / "features"))
     assert table.num_rows == 0 and cairn_metadata(table.schema)["dim"] == 1764
+
+
+def test_reuse_needs_the_same_resolved_images_and_complete_outputs(tmp_path, tiny_synth, monkeypatch):
+    import shutil
+
+    first = sorted((tiny_synth / "images").rglob("*.jpg"))[:2]
+    for name, src in (("a", first[0]), ("b", first[1])):
+        (tmp_path / name).mkdir()
+        shutil.copy(src, tmp_path / name / "x.jpg")
+        write_manifest(tmp_path / name / "m.csv", [("x", "x.jpg", 1)])
+    out = str(tmp_path / "out")
+    monkeypatch.chdir(tmp_path / "a")
+    va = vectors_of(read_shards(out + "/features")[0]) if extract("m.csv", out, workers=1) else None
+    monkeypatch.chdir(tmp_path / "b")  # same manifest text, other folder, other image: no reuse
+    extract("m.csv", out, workers=1)
+    vb = vectors_of(read_shards(out + "/features")[0])
+    assert not np.array_equal(va, vb)
+    for f in (tmp_path / "out").glob("features-*"):
+        f.unlink()
+    again = extract("m.csv", out, workers=1)  # outputs gone: recomputed, not "reused"
+    assert again["counts"]["outputs"] == 1 and read_shards(out + "/features")[0].num_rows == 1

@@ -109,3 +109,33 @@ def test_web_urls_are_refused_with_advice():
     with pytest.raises(ImageError) as e:
         load_image("https://example.com/a.jpg")
     assert e.value.stage == "read" and "download" in e.value.reason
+
+
+def test_decoder_crashes_of_any_type_become_decode_errors():
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    data[72] = 2  # corrupts a TIFF tag's type: Pillow 12.3 raises TypeError, not OSError
+    with pytest.raises(ImageError) as e:
+        decode_image(bytes(data))
+    assert e.value.stage == "decode" and "TypeError" in e.value.reason
+
+
+def test_max_pixels_above_pillows_warning_level_is_honoured():
+    buf = io.BytesIO()
+    Image.new("L", (10_000, 9_100)).save(buf, "PNG")  # 91 MP: above Pillow's 89.5 MP warning level
+    assert decode_image(buf.getvalue(), DecodeConfig(max_pixels=100_000_000, max_side=64)).shape == (58, 64, 3)
+
+
+def test_16_bit_scaling_does_not_depend_on_the_image_content():
+    for value, expected in ((200, 1), (256, 1), (65535, 255)):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((20, 20), value, np.uint16)).save(buf, "PNG")
+        assert decode_image(buf.getvalue())[0, 0, 0] == expected
+
+
+def test_extreme_aspect_ratio_is_rejected_after_shrinking():
+    buf = io.BytesIO()
+    Image.new("L", (20_000, 16)).save(buf, "PNG")
+    with pytest.raises(ImageError, match="would be 1024x1"):
+        decode_image(buf.getvalue())

@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ManifestError
-from pipeline.manifest import parse_landmark_id, read_manifest
+from pipeline.manifest import class_id, parse_landmark_id, read_manifest
 from tests.conftest import write_manifest
 
 
@@ -85,8 +85,8 @@ def test_folder_tree_with_names_and_with_integer_classes(tmp_path):
             (tmp_path / "named" / cls / f).write_bytes(b"x")
     m = read_manifest(str(tmp_path / "named"))
     assert sorted(m.ids) == ["bridge/3", "tower/1", "tower/2"]
-    assert m.label_names == {0: "bridge", 1: "tower"}
-    assert dict(zip(m.ids, m.labels, strict=True))["tower/2"] == 1
+    assert sorted(m.label_names.values()) == ["bridge", "tower"]
+    assert dict(zip(m.ids, m.labels, strict=True))["tower/2"] == class_id("tower")
     for cls in ("17", "4"):
         (tmp_path / "ints" / cls).mkdir(parents=True)
         (tmp_path / "ints" / cls / "a.jpg").write_bytes(b"x")
@@ -101,3 +101,41 @@ def test_folder_tree_with_names_and_with_integer_classes(tmp_path):
                                              (7.0, (7, "")), (float("nan"), (None, ""))])
 def test_parse_landmark_id(value, expected):
     assert parse_landmark_id(value) == expected
+
+
+def test_named_class_folders_get_the_same_ids_in_every_manifest(tmp_path):
+    for tree, classes in (("train", ["alpha", "beta", "gamma"]), ("queries", ["beta", "gamma"])):
+        for cls in classes:
+            (tmp_path / tree / cls).mkdir(parents=True)
+            (tmp_path / tree / cls / "x.jpg").write_bytes(b"x")
+    train, queries = read_manifest(str(tmp_path / "train")), read_manifest(str(tmp_path / "queries"))
+    by_name = {v: k for k, v in train.label_names.items()}
+    assert {v: k for k, v in queries.label_names.items()} == {n: by_name[n] for n in ("beta", "gamma")}
+    assert dict(zip(queries.ids, queries.labels, strict=True))["beta/x"] == by_name["beta"]
+
+
+def test_unbalanced_quote_is_an_error_not_lost_rows(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('id,path,landmark_id\na,"bad/ok.jpg,1\nb,b.jpg,2\nc,c.jpg,3\n')
+    with pytest.raises(ManifestError, match="unbalanced double quote"):
+        read_manifest(str(path))
+    path.write_text("id,path,landmark_id\n\na,a.jpg,1\n\n\nb,b.jpg,2\n\n")  # blank lines are fine
+    assert read_manifest(str(path)).ids == ["a", "b"]
+
+
+def test_odd_cells_do_not_crash(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("id,path,landmark_id\na,a.jpg,99999999999999999999\nb," + "x" * 200_000 + ",1\n")
+    with pytest.raises(ManifestError, match="cannot be parsed"):
+        read_manifest(str(path))
+    path.write_text("id,path,landmark_id\na,a.jpg,99999999999999999999\n")
+    assert "64 bits" in read_manifest(str(path)).dead_letters[0].reason
+    pq.write_table(pa.table({"id": ["a"], "path": [7], "landmark_id": ["3"]}), tmp_path / "m.parquet")
+    m = read_manifest(str(tmp_path / "m.parquet"))
+    assert m.paths == [str(tmp_path / "7")] and m.labels == [3]
+
+
+def test_folder_names_with_glob_characters(tmp_path):
+    (tmp_path / "tree [v1]" / "7").mkdir(parents=True)
+    (tmp_path / "tree [v1]" / "7" / "a.jpg").write_bytes(b"x")
+    assert read_manifest(str(tmp_path / "tree [v1]")).labels == [7]
