@@ -31,6 +31,7 @@ from pipeline import fs
 from pipeline.errors import read_dead_letters
 from pipeline.images import DecodeConfig
 from pipeline.manifest import read_manifest
+from pipeline.parquet_io import shard_pattern
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def _global_knn(method: str, train: str, queries: str, work: str, *, decode: Dec
     images = tr["counts"]["outputs"] + qr["counts"]["outputs"]
     seconds = tr["seconds"] + qr["seconds"]
     feature_bytes = sum(fs.size(p) for split in ("train", "queries")
-                        for p in fs.glob(fs.join(work, split, "features-*.parquet")))
+                        for p in fs.glob(shard_pattern(fs.join(work, split, "features"))))
     return {
         "images_per_second": round(images / seconds, 2) if seconds else None,
         "extract_seconds": round(seconds, 3),
@@ -83,6 +84,7 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
             workers: int = 0, threads: int = 0, beam_args: list[str] | None = None, vote: VoteConfig = VoteConfig(),
             neighbours: int = 100, force: bool = False) -> dict:
     names = methods.check(method_names)
+    fs.check_output_folder(out)
     train, queries = fs.absolute(train), fs.absolute(queries)
     read_manifest(train), read_manifest(queries)  # fail on a bad manifest before any heavy work
     fs.makedirs(out)

@@ -28,7 +28,7 @@ from pipeline.errors import CairnError, read_dead_letters
 from pipeline.images import DecodeConfig
 from pipeline.manifest import read_manifest
 from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
-from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, write_table_shards
+from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
 from pipeline.schemas import global_features_schema
 from pipeline.transforms import DEAD, DecodeAndExtract, WriteDeadLetters
 
@@ -58,7 +58,7 @@ def outputs(out: str) -> dict[str, str]:
 
 def _clear(out: str) -> None:
     paths = outputs(out)
-    old = fs.glob(paths["features"] + "-*") + fs.glob(paths["manifest"] + "-*")
+    old = fs.glob(fs.escape(paths["features"]) + "-*") + fs.glob(fs.escape(paths["manifest"]) + "-*")
     old += [p for p in (paths["dead_letters"], paths["record"]) if fs.exists(p)]
     fs.delete(old)
 
@@ -73,6 +73,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     if method not in EXTRACTORS:
         methods.check([method])  # names the issue that builds a planned method
         raise CairnError(f"method {method!r} has no global extractor; available: {', '.join(sorted(EXTRACTORS))}")
+    fs.check_output_folder(out)
     if not 0 <= num_shards <= 100_000:
         raise CairnError("--num-shards must be between 0 (automatic) and 100000")
     extractor = make_extractor(method, params)  # validates params early, in the launching process
@@ -105,7 +106,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     if len(manifest):
         rows = (
             p
-            | "ReadManifest" >> beam.io.ReadFromParquet(paths["manifest"] + "-*-of-*.parquet")
+            | "ReadManifest" >> beam.io.ReadFromParquet(shard_pattern(paths["manifest"]))
             | "Spread" >> beam.Reshuffle()
         )
     else:

@@ -73,6 +73,15 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def check_output_folder(path: str) -> None:
+    """Refuse output folders that Beam's file sinks cannot finalise: they glob their own output paths."""
+    if any(c in path for c in "*?[]"):
+        from pipeline.errors import CairnError
+
+        raise CairnError(f"output folder {path!r} contains *, ? or [ ], which Beam's file sinks read as wildcards; "
+                         "choose an --out without them")
+
+
 def makedirs(path: str) -> None:
     """Create a local output folder (cloud filesystems have no folders); a file in the way is a user error."""
     if not has_scheme(path):

@@ -24,7 +24,8 @@ def shard_name(prefix: str, index: int, count: int, suffix: str = ".parquet") ->
 
 
 def shard_pattern(prefix: str, suffix: str = ".parquet") -> str:
-    return f"{prefix}-*-of-*{suffix}"
+    """A glob matching the shards of ``prefix`` (wildcards in the prefix itself are escaped)."""
+    return f"{fs.escape(prefix)}-*-of-*{suffix}"
 
 
 def write_table_shards(table: pa.Table, prefix: str, num_shards: int = 1) -> list[str]:

@@ -69,3 +69,11 @@ def test_report_works_from_any_folder_and_refuses_changed_manifests(run_dir, tin
             write_metrics(str(run_dir))
     finally:
         (run_dir / "run.json").write_text(original)
+
+
+def test_output_folders_with_glob_characters_are_refused_before_any_work(tmp_path, tiny_synth):
+    from pipeline.errors import CairnError
+
+    with pytest.raises(CairnError, match="wildcards"):
+        compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(tmp_path / "run [1]"), ["hog"])
+    assert not (tmp_path / "run [1]").exists()
