@@ -25,12 +25,12 @@ from jobs import common, methods
 from jobs.extract import extract
 from jobs.index import build_index
 from jobs.recognize import recognize
-from jobs.report import manifest_fingerprints, summary_table, write_metrics
+from jobs.report import summary_table, write_metrics
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import read_dead_letters
 from pipeline.images import DecodeConfig
-from pipeline.manifest import read_manifest
+from pipeline.manifest import manifest_fingerprint, read_manifest
 from pipeline.parquet_io import shard_pattern
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,13 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
     names = methods.check(method_names)
     fs.check_output_folder(out)
     train, queries = fs.absolute(train), fs.absolute(queries)
-    read_manifest(train), read_manifest(queries)  # fail on a bad manifest before any heavy work
+    # read both now: a bad manifest fails before any heavy work
+    fingerprints = {split: manifest_fingerprint(path, read_manifest(path))
+                    for split, path in (("train", train), ("queries", queries))}
     fs.makedirs(out)
     config = CompareConfig(train, queries, tuple(names), decode, vote, neighbours, workers, tuple(beam_args or ()))
     cfg.save_json(fs.join(out, "run.json"), {"config": cfg.to_dict(config), "methods": names,
-                                             "manifest_sha256": manifest_fingerprints(train, queries)})
+                                             "manifest_sha256": fingerprints})
     dead_rows = []
     for name in names:
         work = fs.join(out, "work", name)

@@ -26,7 +26,7 @@ from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError, read_dead_letters
 from pipeline.images import DecodeConfig
-from pipeline.manifest import read_manifest
+from pipeline.manifest import manifest_fingerprint, read_manifest
 from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
 from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
 from pipeline.schemas import global_features_schema
@@ -80,8 +80,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     manifest_path = fs.absolute(manifest_path)
     manifest = read_manifest(manifest_path)
     paths = outputs(out)
-    fingerprint = (cfg.fingerprint(list(manifest.records())) if _is_dir(manifest_path)
-                   else cfg.file_fingerprint(manifest_path))
+    fingerprint = manifest_fingerprint(manifest_path, manifest)
     config = cfg.to_dict(ExtractConfig(manifest_path, fingerprint, method, extractor.metadata(), decode))
     if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config) and _complete(paths):
         record = cfg.load_json(paths["record"])
@@ -151,12 +150,6 @@ def _complete(paths: dict[str, str]) -> bool:
     except CairnError:
         return False
     return fs.exists(paths["dead_letters"])
-
-
-def _is_dir(path: str) -> bool:
-    import os
-
-    return not fs.has_scheme(path) and os.path.isdir(path)
 
 
 def _by_stage(counts: dict) -> str:

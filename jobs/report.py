@@ -13,7 +13,6 @@ accuracy denominator.
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 
 import pyarrow.parquet as pq
@@ -22,7 +21,7 @@ from jobs import common
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
-from pipeline.manifest import read_manifest
+from pipeline.manifest import manifest_fingerprint, read_manifest
 from pipeline.submission import read_submission
 from reports import metrics as M
 
@@ -70,16 +69,6 @@ def method_metrics(run_dir: str, method: str, query_ids: list[str], truth: dict[
     return out
 
 
-def manifest_fingerprints(train: str, queries: str) -> dict[str, str]:
-    """Content fingerprints of a run's manifests (folders: of their file lists)."""
-    def one(path: str) -> str:
-        if not fs.has_scheme(path) and os.path.isdir(path):
-            return cfg.fingerprint(list(read_manifest(path).records()))
-        return cfg.file_fingerprint(path)
-
-    return {"train": one(train), "queries": one(queries)}
-
-
 def write_metrics(run_dir: str) -> dict:
     run_path = fs.join(run_dir, "run.json")
     if not fs.exists(run_path):
@@ -88,11 +77,12 @@ def write_metrics(run_dir: str) -> dict:
     for split in ("train", "queries"):
         if not fs.exists(run["config"][split]):
             raise CairnError(f"the run's {split} manifest {run['config'][split]} is gone; the report needs it")
-    if run.get("manifest_sha256") != manifest_fingerprints(run["config"]["train"], run["config"]["queries"]):
-        raise CairnError(f"the manifests of {run_dir} changed since the run ({run['config']['train']}, "
-                         f"{run['config']['queries']}); rerun `cairn compare` instead of rebuilding the report")
     train = read_manifest(run["config"]["train"])
     queries = read_manifest(run["config"]["queries"])
+    now = {"train": manifest_fingerprint(train.source, train), "queries": manifest_fingerprint(queries.source, queries)}
+    if run.get("manifest_sha256") != now:
+        raise CairnError(f"the manifests of {run_dir} changed since the run ({run['config']['train']}, "
+                         f"{run['config']['queries']}); rerun `cairn compare` instead of rebuilding the report")
     relevant: dict[int, set[str]] = defaultdict(set)
     for image_id, label in zip(train.ids, train.labels, strict=True):
         if label is not None:

@@ -15,6 +15,12 @@ def has_scheme(path: str) -> bool:
     return bool(_SCHEME.match(path))
 
 
+def is_local_dir(path: str) -> bool:
+    import os
+
+    return not has_scheme(path) and os.path.isdir(path)
+
+
 def absolute(path: str) -> str:
     """Local paths made absolute (so that a config means the same from any working folder); URLs as they are."""
     import os

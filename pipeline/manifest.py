@@ -245,9 +245,21 @@ def _finish(builder: _Builder) -> Manifest:
     return m
 
 
+def manifest_fingerprint(path: str, manifest: Manifest | None = None) -> str:
+    """A content fingerprint: of the file's bytes, or for a folder tree of its (id, path, label) rows.
+
+    ``manifest`` is the already-read manifest of ``path``, to avoid listing a folder twice.
+    """
+    from pipeline import config as cfg
+
+    if fs.is_local_dir(path):
+        return cfg.fingerprint(list((manifest or read_folder_manifest(path)).records()))
+    return cfg.file_fingerprint(path)
+
+
 def read_manifest(path: str) -> Manifest:
     """Read a manifest of any supported kind: a folder tree, a ``.parquet`` file, or a CSV."""
-    if not fs.has_scheme(path) and os.path.isdir(path):
+    if fs.is_local_dir(path):
         return read_folder_manifest(path)
     if not fs.exists(path):
         raise ManifestError(f"manifest {path} does not exist; give a CSV, a Parquet file or an image folder.")
