@@ -1,6 +1,7 @@
-"""Benchmark "extract": image decode + HoG throughput of the Beam job vs a bare Python loop.
+"""Benchmark "extract": image decode + HoG / SIFT throughput of the Beam job vs a bare Python loop.
 
-Reference: one process, one thread, ``load_image`` then ``HogExtractor().extract`` for each path. Measured:
+Reference: one process, one thread, ``load_image`` then the extractor's ``extract`` (HoG: OpenCV's
+HOGDescriptor; SIFT: OpenCV's SIFT detectAndCompute, capped and RootSIFT-ready) for each path. Measured:
 ``jobs.extract.extract`` on DirectRunner with 1 worker (in this process) and 2 worker processes, one thread
 each. A job's time includes pipeline start-up, which dominates small runs, so the same job is also timed on
 a 4-image manifest; (N - 4) / (T_N - T_4) estimates the throughput once the pipeline is running.
@@ -21,11 +22,13 @@ from bench.common import entry, offline_beam_args, skipped, summary, time_runs
 log = logging.getLogger(__name__)
 
 NAME = "extract"
-TITLE = "Image decode + HoG extraction throughput"
+TITLE = "Image decode + HoG / SIFT extraction throughput"
 DESCRIPTION = (
     "Reference: a bare Python loop in one process and one thread (`pipeline.resources.limit_threads(1)`), "
-    "`pipeline.images.load_image(path, DecodeConfig())` then `features.hog.HogExtractor().extract(img)` for "
-    "each image. Measured: the Beam job `jobs.extract.extract(manifest, out, method=\"hog\", threads=1, "
+    "`pipeline.images.load_image(path, DecodeConfig())` then the extractor's `extract(img)` for each image "
+    "(`features.hog.HogExtractor`, or `features.sift.SiftExtractor`: the bare OpenCV SIFT call plus the "
+    "response cap and the keypoint rescaling). SIFT rows also pay for packing the keypoints into Arrow. "
+    "Measured: the Beam job `jobs.extract.extract(manifest, out, method=..., threads=1, "
     "force=True)` called in-process with `workers=1`, and with `workers=2` (DirectRunner multi-processing, "
     "one thread per worker). The job's time is the whole `extract()` call: manifest validation, the "
     "pipeline (read, decode + HoG, Parquet and dead-letter writes) and the final reconciliation. "
@@ -98,12 +101,12 @@ def _porto_rows(quick: bool) -> list[tuple[str, str, int]]:
     return rows
 
 
-def bare_loop(paths: list[str], desc: str) -> int:
-    """The reference: decode + HoG for each path in this process. Returns the number of descriptors."""
-    from features.hog import HogExtractor
+def bare_loop(paths: list[str], desc: str, method: str = "hog") -> int:
+    """The reference: decode + extract for each path in this process. Returns the number of images."""
+    from features.registry import make_extractor
     from pipeline.images import DecodeConfig, load_image
 
-    extractor = HogExtractor()
+    extractor = make_extractor(method)
     decode = DecodeConfig()
     n = 0
     for path in tqdm(paths, desc=desc, unit="img", leave=False, mininterval=0.5):
@@ -113,12 +116,12 @@ def bare_loop(paths: list[str], desc: str) -> int:
 
 
 def _beam_runs(manifest: str, tiny: str, out: str, workers: int, n: int, repeats: int, beam_args: list[str],
-               ) -> dict:
+               method: str = "hog") -> dict:
     """Time the extract job on the full and the tiny manifest; returns times and the fitted rates."""
     from jobs.extract import extract
 
     def job(path: str, dest: str) -> dict:
-        record = extract(path, dest, method="hog", workers=workers, threads=1, beam_args=beam_args, force=True)
+        record = extract(path, dest, method=method, workers=workers, threads=1, beam_args=beam_args, force=True)
         counts = record["counts"]
         if counts["outputs"] != counts["inputs"]:
             raise RuntimeError(f"extract lost images: {counts}")
@@ -142,20 +145,20 @@ def _beam_runs(manifest: str, tiny: str, out: str, workers: int, n: int, repeats
 
 
 def _measure(group: str, rows: list[tuple[str, str, int]], workdir: str, workers_list: tuple[int, ...],
-             repeats: int, beam_args: list[str]) -> list[dict]:
+             repeats: int, beam_args: list[str], method: str = "hog") -> list[dict]:
     n = len(rows)
     manifest = _write_manifest(os.path.join(workdir, "manifest.csv"), rows)
     tiny = _write_manifest(os.path.join(workdir, "manifest-tiny.csv"), rows[:TINY])
     paths = [p for _, p, _ in rows]
 
-    bare_loop(paths[:TINY], "warm-up")
-    times = time_runs(lambda: bare_loop(paths, "bare loop"), repeats)
+    bare_loop(paths[:TINY], "warm-up", method)
+    times = time_runs(lambda: bare_loop(paths, f"bare loop {method}", method), repeats)
     ref = "bare loop, 1 process, 1 thread"
     entries = [entry(group, ref, n / min(times), "images/s", repeats=repeats, images=n, **summary(times))]
     log.info("extract [%s]: bare loop %.1f images/s", group, n / min(times))
     for workers in workers_list:
         label = "1 worker (in-process)" if workers == 1 else f"{workers} workers (processes)"
-        r = _beam_runs(manifest, tiny, os.path.join(workdir, "beam"), workers, n, repeats, beam_args)
+        r = _beam_runs(manifest, tiny, os.path.join(workdir, "beam"), workers, n, repeats, beam_args, method)
         log.info("extract [%s]: Beam %s %.1f images/s (start-up excluded: %s), fixed overhead %.2f s", group,
                  label, r["rate"], f"{r['steady']:.1f}" if r["steady"] else "n/a", r["overhead_s"])
         entries.append(entry(group, f"Beam job, {label}", r["rate"], "images/s", ref, repeats=repeats,
@@ -181,17 +184,22 @@ def run(workdir: str, quick: bool) -> list[dict]:
 
     train_csv = _synthetic(workdir, quick)
     rows = _rows_of(train_csv)
-    group = f"Synthetic: {len(rows)} images, 320x240 JPEG"
-    entries = _measure(group, rows, os.path.join(workdir, "run-synthetic"), (1, 2), repeats, beam_args)
+    entries = []
+    for method in ("hog", "sift"):
+        group = f"{method.upper()}, synthetic: {len(rows)} images, 320x240 JPEG"
+        entries += _measure(group, rows, os.path.join(workdir, f"run-synthetic-{method}"), (1, 2), repeats,
+                            beam_args, method)
 
     root = _porto_root()
-    porto_group = "Porto: real photos (long side up to 1024 px), read in place"
-    if os.path.exists(os.path.join(root, "labels.csv")):
-        rows = _porto_rows(quick)
-        porto_group = f"Porto: {len(rows)} real photos (long side up to 1024 px), read in place"
-        entries += _measure(porto_group, rows, os.path.join(workdir, "run-porto"), (2,), repeats, beam_args)
-    else:
-        reason = f"{root}/labels.csv not found (the shared Porto photos are not on this machine)"
-        log.warning("extract: skipping the Porto photos: %s", reason)
-        entries.append(skipped(porto_group, "bare loop and Beam 2 workers", reason))
+    for method in ("hog", "sift"):
+        porto_group = f"{method.upper()}, Porto: real photos (long side up to 1024 px), read in place"
+        if os.path.exists(os.path.join(root, "labels.csv")):
+            porto = _porto_rows(quick)
+            porto_group = f"{method.upper()}, Porto: {len(porto)} real photos (long side up to 1024 px), read in place"
+            entries += _measure(porto_group, porto, os.path.join(workdir, f"run-porto-{method}"), (2,),
+                                2 if method == "sift" else repeats, beam_args, method)
+        else:
+            reason = f"{root}/labels.csv not found (the shared Porto photos are not on this machine)"
+            log.warning("extract: skipping the Porto photos: %s", reason)
+            entries.append(skipped(porto_group, "bare loop and Beam 2 workers", reason))
     return entries

@@ -63,6 +63,7 @@ class HogExtractor:
     """Global HoG descriptor extractor (see the module docstring)."""
 
     name = "hog"
+    kind = "global"
 
     def __init__(self, config: HogConfig = HogConfig()):
         self.config = config

@@ -1,4 +1,4 @@
-"""Global-descriptor extractors by method name, built from a JSON-ready parameter dict.
+"""Extractors by name (global descriptors and local features), built from a JSON-ready parameter dict.
 
 Beam DoFns carry (name, params) and build the extractor once per worker with :func:`make_extractor`, so
 nothing heavier than a dict is pickled into the pipeline.
@@ -10,17 +10,19 @@ import dataclasses
 
 from features.base import GlobalExtractor
 from features.hog import HogConfig, HogExtractor
+from features.sift import SiftConfig, SiftExtractor
 
-# name -> (extractor class, its frozen config class)
+# name -> (extractor class, its frozen config class); extractor.kind is "global" or "local"
 EXTRACTORS = {
     "hog": (HogExtractor, HogConfig),
+    "sift": (SiftExtractor, SiftConfig),
 }
 
 
 def make_extractor(name: str, params: dict | None = None) -> GlobalExtractor:
     """Build the extractor ``name`` with config fields from ``params`` (unknown fields are an error)."""
     if name not in EXTRACTORS:
-        raise KeyError(f"no global extractor named {name!r}; known: {sorted(EXTRACTORS)}")
+        raise KeyError(f"no extractor named {name!r}; known: {sorted(EXTRACTORS)}")
     cls, config_cls = EXTRACTORS[name]
     params = dict(params or {})
     known = {f.name for f in dataclasses.fields(config_cls)}

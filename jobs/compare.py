@@ -19,51 +19,18 @@ import logging
 import shutil
 from dataclasses import dataclass
 
-from index.faiss_index import IndexConfig
 from index.recognize import VoteConfig
 from jobs import common, methods
-from jobs.extract import extract
-from jobs.index import build_index
-from jobs.recognize import recognize
+from jobs.classic import ClassicConfig, RunContext, parse_overrides, run_method
 from jobs.report import summary_table, write_metrics
+from jobs.train import add_set_arg
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import read_dead_letters
 from pipeline.images import DecodeConfig
 from pipeline.manifest import manifest_fingerprint, read_manifest
-from pipeline.parquet_io import shard_pattern
 
 log = logging.getLogger(__name__)
-
-
-def _global_knn(method: str, train: str, queries: str, work: str, *, decode: DecodeConfig, workers: int,
-                threads: int, beam_args: list[str], vote: VoteConfig, neighbours: int, force: bool) -> dict:
-    """A global descriptor + FAISS kNN method: extract, index, recognise. Returns its cost figures."""
-    common_args = dict(method=method, decode=decode, workers=workers, threads=threads, beam_args=beam_args,
-                       force=force)
-    tr = extract(train, fs.join(work, "train"), **common_args)
-    qr = extract(queries, fs.join(work, "queries"), **common_args)
-    ix = build_index(fs.join(work, "train"), fs.join(work, "index"), IndexConfig())
-    rc = recognize(fs.join(work, "index"), fs.join(work, "queries"), fs.join(work, "recognize"), vote, neighbours)
-    images = tr["counts"]["outputs"] + qr["counts"]["outputs"]
-    seconds = tr["seconds"] + qr["seconds"]
-    feature_bytes = sum(fs.size(p) for split in ("train", "queries")
-                        for p in fs.glob(shard_pattern(fs.join(work, split, "features"))))
-    return {
-        "images_per_second": round(images / seconds, 2) if seconds else None,
-        "extract_seconds": round(seconds, 3),
-        "train_seconds": 0.0,
-        "index_seconds": round(ix["seconds"], 4),
-        "search_seconds": rc["search_seconds"],
-        "dim": tr["dim"],
-        "bytes_per_image": tr["dim"] * 4,
-        "feature_bytes_per_image": round(feature_bytes / images) if images else None,
-        "index_bytes": ix["index_bytes"],
-        "dead_letters": tr["counts"]["dead_letters"] + qr["counts"]["dead_letters"],
-    }
-
-
-RUNNERS = {"hog": _global_knn}
 
 
 @dataclass(frozen=True)
@@ -78,11 +45,12 @@ class CompareConfig:
     neighbours: int = 100  # database images listed per query (mAP@100 needs 100)
     workers: int = 0  # DirectRunner worker processes (0 = automatic)
     beam_args: tuple[str, ...] = ()  # Beam flags passed through
+    methods_config: ClassicConfig = ClassicConfig()  # every method's parameters (jobs/classic.py)
 
 
 def compare(train: str, queries: str, out: str, method_names: list[str], *, decode: DecodeConfig = DecodeConfig(),
             workers: int = 0, threads: int = 0, beam_args: list[str] | None = None, vote: VoteConfig = VoteConfig(),
-            neighbours: int = 100, force: bool = False) -> dict:
+            neighbours: int = 100, force: bool = False, config: ClassicConfig = ClassicConfig()) -> dict:
     names = methods.check(method_names)
     fs.check_output_folder(out)
     train, queries = fs.absolute(train), fs.absolute(queries)
@@ -90,22 +58,23 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
     fingerprints = {split: manifest_fingerprint(path, read_manifest(path))
                     for split, path in (("train", train), ("queries", queries))}
     fs.makedirs(out)
-    config = CompareConfig(train, queries, tuple(names), decode, vote, neighbours, workers, tuple(beam_args or ()))
-    cfg.save_json(fs.join(out, "run.json"), {"config": cfg.to_dict(config), "methods": names,
+    run_config = CompareConfig(train, queries, tuple(names), decode, vote, neighbours, workers,
+                               tuple(beam_args or ()), config)
+    cfg.save_json(fs.join(out, "run.json"), {"config": cfg.to_dict(run_config), "methods": names,
                                              "manifest_sha256": fingerprints})
+    ctx = RunContext(train, queries, fs.join(out, "work"), decode, workers, threads, tuple(beam_args or ()), vote,
+                     neighbours, force)
     dead_rows = []
     for name in names:
-        work = fs.join(out, "work", name)
         log.info("compare: method %s", name)
-        costs = RUNNERS[name](name, train, queries, work, decode=decode, workers=workers, threads=threads,
-                              beam_args=beam_args or [], vote=vote, neighbours=neighbours, force=force)
-        cfg.save_json(fs.join(work, "costs.json"), costs)
+        result = run_method(name, config, ctx)
+        cfg.save_json(fs.join(out, "work", name, "costs.json"), result["costs"])
         for sub, target in (("predictions.csv", f"predictions/{name}.csv"),
                             ("neighbours.parquet", f"neighbours/{name}.parquet")):
             fs.makedirs(fs.dirname(fs.join(out, target)))
-            shutil.copyfile(fs.join(work, "recognize", sub), fs.join(out, target))
-        for split in ("train", "queries"):
-            for d in read_dead_letters(fs.join(work, split, "dead_letters.csv")):
+            shutil.copyfile(fs.join(result["recognize"], sub), fs.join(out, target))
+        for split, path in result["dead_letters"].items():
+            for d in read_dead_letters(path):
                 dead_rows.append((name, split, *d))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -125,6 +94,7 @@ def build_parser():
     p.add_argument("--k", type=int, default=VoteConfig.k, help=f"neighbours that vote (default {VoteConfig.k})")
     p.add_argument("--min-confidence", type=float, default=VoteConfig.min_confidence,
                    help="predict no landmark below this confidence (default 0)")
+    add_set_arg(p)
     common.add_beam_job_args(p)
     return p
 
@@ -133,7 +103,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
     metrics = compare(args.train, args.queries, args.out, args.methods, decode=common.decode_config(args),
                       workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args,
-                      vote=common.vote_config(args), force=args.force)
+                      vote=common.vote_config(args), force=args.force, config=parse_overrides(args.set))
     print(summary_table(metrics))
     print(f"metrics:      {fs.join(args.out, 'metrics.json')}")
     print(f"predictions:  {fs.join(args.out, 'predictions')}/")

@@ -1,7 +1,9 @@
-"""cairn extract: a Beam job from a manifest to global descriptors in sharded Parquet, with dead letters.
+"""cairn extract: a Beam job from a manifest to descriptors in sharded Parquet, with dead letters.
 
 Outputs in OUT:
-    features-SSSSS-of-NNNNN.parquet   id, landmark_id, vector (schema in pipeline/schemas.py)
+    features-SSSSS-of-NNNNN.parquet   global descriptors (hog): id, landmark_id, vector
+    local-SSSSS-of-NNNNN.parquet      local features (sift): keypoints, scales, orientations, scores,
+                                      descriptors per image (schemas in pipeline/schemas.py)
     dead_letters.csv                  id,stage,reason,path for every record that could not be used
     manifest-SSSSS-of-NNNNN.parquet   the validated manifest the job read (id, path, landmark_id)
     extract.json                      the resolved config, the record counts and the timing
@@ -13,6 +15,7 @@ config replaces them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -47,9 +50,17 @@ class ExtractConfig:
     decode: DecodeConfig = DecodeConfig()  # image decoding and validation
 
 
-def outputs(out: str) -> dict[str, str]:
+FEATURE_PREFIX = {"global": "features", "local": "local", "sparse": "sparse"}  # shard name per feature kind
+
+
+def features_prefix(out: str, kind: str = "global") -> str:
+    """Where a job writes features of ``kind`` under OUT (shards ``<prefix>-SSSSS-of-NNNNN.parquet``)."""
+    return fs.join(out, FEATURE_PREFIX[kind])
+
+
+def outputs(out: str, kind: str = "global") -> dict[str, str]:
     return {
-        "features": fs.join(out, "features"),
+        "features": features_prefix(out, kind),
         "manifest": fs.join(out, "manifest"),
         "dead_letters": fs.join(out, "dead_letters.csv"),
         "record": fs.join(out, "extract.json"),
@@ -58,7 +69,8 @@ def outputs(out: str) -> dict[str, str]:
 
 def _clear(out: str) -> None:
     paths = outputs(out)
-    old = fs.glob(fs.escape(paths["features"]) + "-*") + fs.glob(fs.escape(paths["manifest"]) + "-*")
+    old = [p for kind in FEATURE_PREFIX for p in fs.glob(fs.escape(features_prefix(out, kind)) + "-*")]
+    old += fs.glob(fs.escape(paths["manifest"]) + "-*")
     old += [p for p in (paths["dead_letters"], paths["record"]) if fs.exists(p)]
     fs.delete(old)
 
@@ -72,14 +84,19 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     """
     if method not in EXTRACTORS:
         methods.check([method])  # names the issue that builds a planned method
-        raise CairnError(f"method {method!r} has no global extractor; available: {', '.join(sorted(EXTRACTORS))}")
+        raise CairnError(f"method {method!r} is not an extractor (a method that needs its own pipeline); "
+                         f"extractors: {', '.join(sorted(EXTRACTORS))}; use `cairn compare --methods {method}`")
     fs.check_output_folder(out)
     if not 0 <= num_shards <= 100_000:
         raise CairnError("--num-shards must be between 0 (automatic) and 100000")
-    extractor = make_extractor(method, params)  # validates params early, in the launching process
+    try:
+        extractor = make_extractor(method, params)  # validates params early, in the launching process
+    except ValueError as e:
+        raise CairnError(str(e)) from e
+    kind = getattr(extractor, "kind", "global")
     manifest_path = fs.absolute(manifest_path)
     manifest = read_manifest(manifest_path)
-    paths = outputs(out)
+    paths = outputs(out, kind)
     fingerprint = manifest_fingerprint(manifest_path, manifest)
     config = cfg.to_dict(ExtractConfig(manifest_path, fingerprint, method, extractor.metadata(), decode))
     if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config) and _complete(paths):
@@ -94,7 +111,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     threads = threads or default_threads_per_worker(workers)
     if len(manifest):
         write_table_shards(manifest.to_table(), paths["manifest"], num_shards=num_shards)
-    schema = global_features_schema(extractor.dim, extractor.metadata())
+    schema = extractor.schema() if kind == "local" else global_features_schema(extractor.dim, extractor.metadata())
     options = pipeline_options(beam_args or [], workers)
     runner = runner_name(options)
     log.info("extract: %d images (%d rejected by the manifest) with %s on %s (%d worker%s, %d thread%s each)",
@@ -112,7 +129,8 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         rows = p | "NoRows" >> beam.Create([])
     results = rows | "DecodeAndExtract" >> beam.ParDo(
         DecodeAndExtract(method, params or {}, decode, threads)).with_outputs(DEAD, main="features")
-    _ = results.features | "WriteFeatures" >> beam.io.WriteToParquet(
+    write = beam.io.WriteToParquetBatched if kind == "local" else beam.io.WriteToParquet
+    _ = results.features | "WriteFeatures" >> write(
         paths["features"], schema, num_shards=num_shards, shard_name_template=SHARD_TEMPLATE,
         file_name_suffix=".parquet", codec="zstd",
     )
@@ -133,6 +151,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         "seconds": round(seconds, 3),
         "images_per_second": round(counts["outputs"] / seconds, 2) if seconds > 0 else None,
         "dim": extractor.dim,
+        "kind": kind,
         "label_names": {str(k): v for k, v in sorted(manifest.label_names.items())},
         "outputs": {k: v for k, v in paths.items() if k != "record"},
     }
@@ -181,14 +200,34 @@ def build_parser():
                    help="CSV (id,path,landmark_id), Parquet, or a class-per-folder image tree")
     p.add_argument("--out", required=True, help="output folder (local or any Beam filesystem)")
     p.add_argument("--method", default="hog", help=f"descriptor to extract: {', '.join(sorted(EXTRACTORS))}")
+    p.add_argument("--param", action="append", default=[], metavar="FIELD=VALUE",
+                   help="an extractor parameter, e.g. max_features=500 for sift or size=64 for hog (repeatable); "
+                        "fields: " + "; ".join(f"{n}: " + ", ".join(f.name for f in dataclasses.fields(c))
+                                              for n, (_, c) in sorted(EXTRACTORS.items())))
     p.add_argument("--num-shards", type=int, default=0,
                    help=f"output shards (default: one per {ROWS_PER_SHARD:,} images)")
     common.add_beam_job_args(p)
     return p
 
 
+def extractor_params(method: str, items: list[str]) -> dict:
+    """--param FIELD=VALUE items as the extractor's config fields, converted to their types."""
+    from jobs.classic import override
+
+    if method not in EXTRACTORS:
+        return {}
+    config = EXTRACTORS[method][1]()
+    for item in items:
+        name, eq, text = item.partition("=")
+        if not eq:
+            raise CairnError(f"--param {item!r}: expected FIELD=VALUE, e.g. max_features=500")
+        config = override(config, name.strip(), text.strip(), where=f"--param {name.strip()}")
+    return {k: v for k, v in cfg.to_dict(config).items() if k in {i.partition("=")[0].strip() for i in items}}
+
+
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    return extract(args.manifest, args.out, args.method, decode=common.decode_config(args), workers=args.workers,
+    params = extractor_params(args.method, args.param)
+    return extract(args.manifest, args.out, args.method, params, decode=common.decode_config(args), workers=args.workers,
                    threads=args.threads_per_worker, num_shards=args.num_shards, beam_args=beam_args,
                    force=args.force, test_pipeline=test_pipeline)

@@ -17,10 +17,12 @@ class MethodInfo:
 
 METHODS = {
     "hog": MethodInfo("HoG global descriptor, kNN votes over a FAISS index", "baseline"),
-    "sift-bovw": MethodInfo("SIFT/RootSIFT bag of visual words with tf-idf, kNN", "baseline", 3, "Classic baselines"),
-    "sift-vlad": MethodInfo("SIFT/RootSIFT VLAD with PCA-whitening, kNN", "baseline", 3, "Classic baselines"),
-    "sift-bovw+sv": MethodInfo("sift-bovw re-ranked by spatial verification (RANSAC)", "baseline", 3,
-                               "Classic baselines"),
+    "sift-bovw": MethodInfo("RootSIFT bag of visual words, tf-idf, inverted file, kNN votes", "baseline"),
+    "sift-vlad": MethodInfo("RootSIFT VLAD with PCA-whitening, kNN votes over a FAISS index", "baseline"),
+    "sift-bovw+sv": MethodInfo("sift-bovw, top neighbours re-ranked by spatial verification (RANSAC)", "baseline"),
+    "hog-linear": MethodInfo("HoG + calibrated linear softmax classifier (scikit-learn style, 13k classes)",
+                             "baseline"),
+    "sift-vlad-linear": MethodInfo("VLAD + calibrated linear softmax classifier", "baseline"),
     "cnn": MethodInfo("CNN fine-tuned with GeM + ArcFace, kNN over embeddings", "deep", 4, "Deep global embeddings"),
     "cnn-pretrained": MethodInfo("frozen ImageNet CNN extractor, kNN over embeddings", "deep", 4,
                                  "Deep global embeddings"),

@@ -1,24 +1,226 @@
-"""cairn train: learn what a method needs (vocabularies, PCA, classifiers, fine-tuned networks).
+"""cairn train: learn what a method needs from the database features: vocabularies and encoders, PCA, classifiers.
 
-The methods built so far learn nothing: hog is a fixed descriptor and recognition is kNN over the index.
-Trainable methods arrive with their issues (see `cairn compare --help`).
+    --method sift-bovw   FEATURES = local SIFT features (`cairn extract --method sift`). A Beam job samples
+                         descriptors (a seeded share of every image's) and a subset of images; FAISS k-means
+                         learns the vocabulary on the sample; document frequencies (idf) are counted on the
+                         image subset. Writes OUT/encoder.npz (kind "bovw").
+    --method sift-vlad   the same sampling; a small vocabulary, then PCA-whitening learned on the raw VLADs of
+                         the image subset. Writes OUT/encoder.npz (kind "vlad").
+    --method hog         FEATURES = HoG features; PCA-whitening when hog.pca_dim > 0 (OUT/encoder.npz, kind
+                         "pca_whitening"); with pca_dim 0 there is nothing to learn.
+    --method hog-linear, sift-vlad-linear
+                         FEATURES = the method's global descriptors (HoG, or VLAD from `cairn encode`); a
+                         calibrated linear softmax (or nearest-class-mean) classifier, OUT/classifier.npz.
+Artefacts are Cairn's .npz format (features/artifacts.py: numpy arrays + a JSON header, no pickles); OUT/
+train.json holds the config, what it was trained on and the timings. A rerun with the same config and the
+same features reuses them.
 """
 
 from __future__ import annotations
 
-from jobs import common, methods
+import logging
+import time
+
+import numpy as np
+
+from jobs import classic, common, methods
+from jobs.encode import (
+    features_fingerprint,
+    features_kind,
+    features_metadata,
+    read_sample,
+    sample_descriptors,
+)
+from jobs.extract import features_prefix
+from pipeline import config as cfg
+from pipeline import fs
+from pipeline.errors import CairnError
+from pipeline.parquet_io import read_shards
+from pipeline.schemas import labels_of, vectors_of
+
+log = logging.getLogger(__name__)
+TRAINABLE = ("sift-bovw", "sift-vlad", "hog", "hog-linear", "sift-vlad-linear")
+
+
+def _record(out: str, method: str, config, features: str) -> tuple[str, dict]:
+    requested = {"method": method, "method_config": cfg.to_dict(config) if not isinstance(config, dict) else config,
+                 "features": fs.absolute(features), "features_fingerprint": features_fingerprint(features)}
+    return fs.join(out, "train.json"), requested
+
+
+def _reusable(out: str, requested: dict, artefact: str, force: bool) -> dict | None:
+    path = fs.join(out, "train.json")
+    if not force and cfg.check_reusable(path, requested) and fs.exists(fs.join(out, artefact)):
+        log.info("train: reusing %s (same config and features; --force retrains)", out)
+        return cfg.load_json(path)
+    return None
+
+
+def _check_source(features: str, kind: str, method: str, expected: dict | None = None) -> dict:
+    found = features_kind(features)
+    if found != kind:
+        raise CairnError(f"{method} trains on {kind} features, but {features} holds {found} ones")
+    meta = features_metadata(features, kind)
+    if expected is not None and meta.get("config") != expected:
+        raise CairnError(f"{features} was extracted with {meta.get('method')} {meta.get('config')}, but {method} is "
+                         f"configured for {expected}; extract with the same parameters (or change --set)")
+    return meta
+
+
+def train_encoder(method: str, features: str, out: str, config, workers: int = 1,
+                  beam_args: list[str] | None = None, force: bool = False) -> dict:
+    """Vocabulary + BoVW (config: classic.BovwConfig) or VLAD (classic.VladConfig) encoder from SIFT features."""
+    from features.sift import prepare_descriptors
+    from features.vocabulary import BoVWEncoder, VLADEncoder, Vocabulary
+
+    source = _check_source(features, "local", method, cfg.to_dict(config.sift))
+    record_path, requested = _record(out, method, config, features)
+    if (reused := _reusable(out, requested, "encoder.npz", force)) is not None:
+        return reused
+    fs.makedirs(out)
+    voc = config.vocabulary
+    subset = config.idf_sample if method == "sift-bovw" else (config.pca_sample if config.pca_dim else 0)
+    started = time.perf_counter()
+    counts = sample_descriptors(features, fs.join(out, "sample"), voc.sample_size, subset, voc.seed, workers,
+                                beam_args)
+    stored, images = read_sample(fs.join(out, "sample"))
+    sample_seconds = time.perf_counter() - started
+    if len(stored) < voc.k:
+        raise CairnError(f"{method}: the database gave only {len(stored):,} descriptors, fewer than the "
+                         f"{voc.k:,} visual words asked for; lower it (--set "
+                         f"{'bovw' if method == 'sift-bovw' else 'vlad'}.vocabulary.k=...) or use more images")
+    desc = prepare_descriptors(stored, source)
+    started = time.perf_counter()
+    vocabulary = Vocabulary(k=voc.k, niter=voc.niter, sample_size=voc.sample_size, seed=voc.seed).fit(desc)
+    kmeans_seconds = time.perf_counter() - started
+    sets = [prepare_descriptors(f.descriptors, source) for f in images]
+    started = time.perf_counter()
+    if method == "sift-bovw":
+        encoder = BoVWEncoder(vocabulary, tfidf=True, burstiness=config.burstiness).fit(sets)
+    else:
+        if config.pca_dim and len(sets) < 2:
+            raise CairnError("sift-vlad: PCA-whitening needs at least 2 database images; set vlad.pca_dim=0")
+        encoder = VLADEncoder(vocabulary, intra_norm=True, power=config.power, pca_dim=config.pca_dim,
+                              whiten=config.whiten, pca_sample=config.pca_sample, seed=voc.seed).fit(sets)
+    encoder_seconds = time.perf_counter() - started
+    encoder.save(fs.join(out, "encoder.npz"))
+    fs.delete([fs.join(out, "sample")])  # the sample is scratch
+    record = {"config": requested, "method": method, "features_metadata": {"method": source.get("method"),
+                                                                          "config": source.get("config")},
+              "counts": counts, "dim": int(encoder.dim), "inertia": float(vocabulary.inertia_),
+              "seconds": {"sample": round(sample_seconds, 3), "kmeans": round(kmeans_seconds, 3),
+                          "encoder": round(encoder_seconds, 3)},
+              "train_seconds": round(sample_seconds + kmeans_seconds + encoder_seconds, 3)}
+    cfg.save_json(record_path, record)
+    log.info("train %s: %d words from %s descriptors of %d images (k-means %.1f s), encoder on %d images, dim %d",
+             method, voc.k, f"{len(desc):,}", counts["images"], kmeans_seconds, len(sets), encoder.dim)
+    return record
+
+
+def train_pca(features: str, out: str, config: classic.HogMethodConfig, force: bool = False) -> dict:
+    """PCA-whitening of global descriptors (hog) learned on the database; OUT/encoder.npz."""
+    from features.pca import PCAWhitening
+
+    source = _check_source(features, "global", "hog", cfg.to_dict(config.hog))
+    record_path, requested = _record(out, "hog", config, features)
+    if (reused := _reusable(out, requested, "encoder.npz", force)) is not None:
+        return reused
+    table, _ = read_shards(features_prefix(features, "global"), columns=["vector"])
+    started = time.perf_counter()
+    pca = PCAWhitening(dim=config.pca_dim, whiten=config.whiten).fit(vectors_of(table))
+    seconds = time.perf_counter() - started
+    fs.makedirs(out)
+    pca.save(fs.join(out, "encoder.npz"))
+    record = {"config": requested, "method": "hog", "features_metadata": {"method": source.get("method"),
+                                                                         "config": source.get("config")},
+              "dim": int(pca.dim_out), "train_seconds": round(seconds, 3)}
+    cfg.save_json(record_path, record)
+    log.info("train hog: PCA-whitening %d -> %d on %d images in %.2f s", table.num_rows and vectors_of(table).shape[1],
+             pca.dim_out, table.num_rows, seconds)
+    return record
+
+
+def make_classifier(config: classic.ClassifierConfig):
+    from models.classifiers import NearestClassMean, SoftmaxClassifier
+
+    if config.kind == "softmax":
+        return SoftmaxClassifier(epochs=config.epochs, batch_size=config.batch_size,
+                                 validation_fraction=config.validation_fraction, seed=config.seed)
+    if config.kind == "ncm":
+        return NearestClassMean(validation_fraction=config.validation_fraction, seed=config.seed)
+    raise CairnError(f"classifier.kind {config.kind!r} is unknown; use softmax or ncm")
+
+
+def train_classifier(method: str, features: str, out: str, config: classic.ClassifierConfig,
+                     force: bool = False) -> dict:
+    """A calibrated classifier on the global descriptors in FEATURES; OUT/classifier.npz."""
+    source = _check_source(features, "global", method)
+    record_path, requested = _record(out, method, config, features)
+    if (reused := _reusable(out, requested, "classifier.npz", force)) is not None:
+        return reused
+    table, _ = read_shards(features_prefix(features, "global"), columns=["id", "landmark_id", "vector"])
+    X, y = vectors_of(table), labels_of(table)
+    if len(np.unique(y)) < 2:
+        raise CairnError(f"{features} holds {len(np.unique(y))} class(es); a classifier needs at least 2")
+    started = time.perf_counter()
+    try:
+        model = make_classifier(config).fit(X, y)
+    except ValueError as e:
+        raise CairnError(f"{method}: {e}") from e
+    seconds = time.perf_counter() - started
+    fs.makedirs(out)
+    model.save(fs.join(out, "classifier.npz"))
+    record = {"config": requested, "method": method, "features_metadata": {"method": source.get("method"),
+                                                                          "config": source.get("config")},
+              "classes": int(len(model.classes_)), "images": int(len(y)), "temperature": float(model.temperature_),
+              "calibration": getattr(model, "calibration_", ""), "train_seconds": round(seconds, 3)}
+    cfg.save_json(record_path, record)
+    log.info("train %s: %s on %d images x %d classes in %.1f s (temperature %.3f)", method, config.kind, len(y),
+             len(model.classes_), seconds, model.temperature_)
+    return record
+
+
+def train(method: str, features: str, out: str, config: classic.ClassicConfig = classic.ClassicConfig(),
+          workers: int = 1, beam_args: list[str] | None = None, force: bool = False) -> dict:
+    """Dispatch on ``method``; returns the train.json record (or {"trained": False} when nothing is learned)."""
+    methods.check([method])
+    fs.check_output_folder(out)
+    if method == "sift-bovw":
+        return train_encoder(method, features, out, config.bovw, workers, beam_args, force)
+    if method == "sift-vlad":
+        return train_encoder(method, features, out, config.vlad, workers, beam_args, force)
+    if method == "hog":
+        if config.hog.pca_dim <= 0:
+            return {"method": method, "trained": False, "train_seconds": 0.0}
+        return train_pca(features, out, config.hog, force)
+    if method in ("hog-linear", "sift-vlad-linear"):
+        return train_classifier(method, features, out, config.classifier, force)
+    raise CairnError(f"{method} learns nothing with `cairn train`: it uses another method's models "
+                     f"({'sift-bovw' if method == 'sift-bovw+sv' else method}); trainable: {', '.join(TRAINABLE)}")
+
+
+def add_set_arg(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="NAME.FIELD=VALUE",
+                   help="change a method parameter, e.g. bovw.vocabulary.k=4096 (repeatable). Parameters and "
+                        "defaults:\n  " + "\n  ".join(classic.describe_fields()))
 
 
 def build_parser():
-    p = common.parser("cairn train", __doc__ + "\nMethods:\n" + methods.describe())
-    p.add_argument("--method", required=True, help="method to train")
-    p.add_argument("--features", help="features folder from `cairn extract` (database images)")
-    p.add_argument("--out", help="model folder to write")
+    p = common.parser("cairn train", __doc__ + "\nMethods:\n" + methods.describe(), beam=True)
+    p.add_argument("--method", required=True, help=f"method to train: {', '.join(TRAINABLE)}")
+    p.add_argument("--features", required=True, help="the database features folder (`cairn extract`/`encode`)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    add_set_arg(p)
+    common.add_beam_job_args(p, decode=False)
     return p
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    args, _ = common.parse(build_parser(), argv)
-    methods.check([args.method])
-    print(f"{args.method}: nothing to train; it uses a fixed descriptor and kNN recognition over `cairn index`.")
-    return {"method": args.method, "trained": False}
+    args, beam_args = common.parse_beam_job(build_parser(), argv)
+    record = train(args.method, args.features, args.out, classic.parse_overrides(args.set),
+                   workers=max(1, args.workers), beam_args=beam_args, force=args.force)
+    if record.get("trained") is False:
+        print(f"{args.method}: nothing to train with these parameters (hog.pca_dim=0: raw HoG + kNN).")
+    else:
+        print(f"{args.method}: trained in {record['train_seconds']:.1f} s -> {args.out}")
+    return record

@@ -14,6 +14,12 @@ Local features (``local-SSSSS-of-NNNNN.parquet``), one row per image:
     descriptors   list<fixed_size_list<float32|uint8>[dim]>
     width, height int32                               size of the decoded image the keypoints refer to
 
+Sparse features (``sparse-SSSSS-of-NNNNN.parquet``), one row per image, for bag-of-visual-words vectors whose
+dimension (the vocabulary size, up to 65,536) is too large to store densely:
+    id, landmark_id                      as above
+    indices       list<int32>            non-zero dimensions, increasing
+    values        list<float32>          their values (the row is L2-normalised)
+
 Images (``images-SSSSS-of-NNNNN.parquet``), one row per image, packed so that a million images are a few
 hundred files rather than a million:
     id, landmark_id                      as above
@@ -35,6 +41,7 @@ import pyarrow as pa
 METADATA_KEY = b"cairn"
 GLOBAL_FEATURES = "cairn.global_features/1"
 LOCAL_FEATURES = "cairn.local_features/1"
+SPARSE_FEATURES = "cairn.sparse_features/1"
 IMAGES = "cairn.images/1"
 
 _ID = pa.field("id", pa.string(), nullable=False)
@@ -67,6 +74,45 @@ def local_features_schema(dim: int, dtype: str = "float32", metadata: dict | Non
         pa.field("height", pa.int32(), nullable=False),
     ]
     return _with_metadata(fields, LOCAL_FEATURES, {"dim": dim, "dtype": dtype, **(metadata or {})})
+
+
+def sparse_features_schema(dim: int, metadata: dict | None = None) -> pa.Schema:
+    """Schema of sparse vectors: id, landmark_id, indices (int32), values (float32); ``dim`` in the metadata."""
+    fields = [
+        _ID,
+        _LABEL,
+        pa.field("indices", pa.list_(pa.int32()), nullable=False),
+        pa.field("values", pa.list_(pa.float32()), nullable=False),
+    ]
+    return _with_metadata(fields, SPARSE_FEATURES, {"dim": dim, **(metadata or {})})
+
+
+def sparse_features_table(ids: list[str], labels: list[int | None], matrix, schema: pa.Schema) -> pa.Table:
+    """Build a sparse-features table from a scipy.sparse CSR matrix [N, dim] (rows in ``ids`` order)."""
+    import scipy.sparse as sp
+
+    m = sp.csr_matrix(matrix, dtype=np.float32)
+    m.sort_indices()
+    offsets = pa.array(m.indptr.astype(np.int32), pa.int32())
+    return pa.Table.from_arrays([
+        pa.array(ids, pa.string()),
+        pa.array(labels, pa.int64()),
+        pa.ListArray.from_arrays(offsets, pa.array(m.indices.astype(np.int32), pa.int32())),
+        pa.ListArray.from_arrays(offsets, pa.array(m.data.astype(np.float32), pa.float32())),
+    ], schema=schema)
+
+
+def sparse_matrix_of(table: pa.Table, dim: int):
+    """The scipy.sparse CSR matrix [N, dim] float32 of a sparse-features table."""
+    import scipy.sparse as sp
+
+    idx = table.column("indices").combine_chunks()
+    val = table.column("values").combine_chunks()
+    offsets = idx.offsets.to_numpy().astype(np.int64)
+    start = offsets[0]
+    indices = idx.values.to_numpy()[start: offsets[-1]].astype(np.int32)
+    data = val.values.to_numpy(zero_copy_only=False)[start: offsets[-1]].astype(np.float32)
+    return sp.csr_matrix((data, indices, offsets - start), shape=(len(table), dim))
 
 
 def images_schema(metadata: dict | None = None) -> pa.Schema:

@@ -22,7 +22,12 @@ NAMESPACE = "cairn"
 
 
 class DecodeAndExtract(beam.DoFn):
-    """{id, path, landmark_id} -> {id, landmark_id, vector}; failures -> TaggedOutput(DEAD, DeadLetter)."""
+    """{id, path, landmark_id} -> features; failures -> TaggedOutput(DEAD, DeadLetter).
+
+    A global extractor gives a dict row {id, landmark_id, vector} (for WriteToParquet); a local one (``kind ==
+    "local"``) gives a one-row Arrow table in its local-features schema (for WriteToParquetBatched), built
+    from flat arrays rather than per-keypoint Python objects.
+    """
 
     def __init__(self, method: str, params: dict, decode: DecodeConfig, threads: int):
         self.method = method
@@ -37,6 +42,8 @@ class DecodeAndExtract(beam.DoFn):
 
         limit_threads(self.threads)
         self.extractor = make_extractor(self.method, self.params)
+        self.local = getattr(self.extractor, "kind", "global") == "local"
+        self.schema = self.extractor.schema() if self.local else None
 
     def _dead(self, row: dict, stage: str, reason: str):
         self.failed[stage].inc()
@@ -52,11 +59,21 @@ class DecodeAndExtract(beam.DoFn):
             yield self._dead(row, "decode", f"{type(e).__name__}: {e}")
             return
         try:
-            vector = self.extractor.extract(image)
+            output = self.extractor.extract(image)
+            if self.local:
+                from features.local import local_features_table
+
+                output.validate(self.extractor.dim)
+                table = local_features_table([row["id"]], [row["landmark_id"]], [output], self.schema)
         except Exception as e:  # noqa: BLE001 - any extractor failure is this record's, not the job's
             log.warning("extract failed for %s: %s", row["id"], e)
             yield self._dead(row, "extract", f"{type(e).__name__}: {e}")
             return
+        if self.local:
+            self.ok.inc()
+            yield table
+            return
+        vector = output
         if vector.shape != (self.extractor.dim,) or not np.all(np.isfinite(vector)):
             yield self._dead(row, "extract", f"bad descriptor (shape {vector.shape} or non-finite values)")
             return

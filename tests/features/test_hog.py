@@ -53,6 +53,6 @@ def test_registry_builds_and_validates():
     with pytest.raises(ValueError, match="unknown hog parameters"):
         make_extractor("hog", {"bins": 3})
     with pytest.raises(KeyError):
-        make_extractor("sift")
+        make_extractor("surf")
     with pytest.raises(ValueError, match="multiple"):
         make_extractor("hog", {"size": 100, "cell": 16})

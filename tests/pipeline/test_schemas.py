@@ -79,3 +79,24 @@ def test_local_features_and_images_shard_like_global_features(tmp_path):
     write_table_shards(pa.Table.from_pylist(images, schema=images_schema({"source": "x.csv"})), str(tmp_path / "im"))
     back, meta = read_shards(str(tmp_path / "im"))
     assert back.to_pylist() == images and meta == {"schema": "cairn.images/1", "source": "x.csv"}
+
+
+def test_sparse_features_round_trip_including_slices():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from pipeline.schemas import (
+        cairn_metadata,
+        sparse_features_schema,
+        sparse_features_table,
+        sparse_matrix_of,
+    )
+
+    m = sp.random(6, 50, density=0.2, format="csr", dtype=np.float32, random_state=3)
+    m = sp.vstack([m, sp.csr_matrix((1, 50), dtype=np.float32)]).tocsr()  # an empty row too
+    schema = sparse_features_schema(50, {"method": "sift-bovw"})
+    table = sparse_features_table([str(i) for i in range(7)], [1, 2, None, 3, 4, 5, None], m, schema)
+    assert cairn_metadata(table.schema)["dim"] == 50
+    assert abs(sparse_matrix_of(table, 50) - m).max() == 0
+    part = table.slice(2, 4)
+    assert abs(sparse_matrix_of(part, 50) - m[2:6]).max() == 0

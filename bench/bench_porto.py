@@ -1,0 +1,150 @@
+"""Benchmark "porto": the classic methods on real photos, leave-one-out (`make porto`).
+
+Data: ../shared/data/porto (484 photos of 5 Porto landmarks), read in place. Every photo is the query once
+and the other 483 are the database: mean average precision at 100 (relevant = same landmark, the photo
+itself excluded) and kNN accuracy (votes of the 10 nearest other photos, index/recognize.vote). Each method
+runs through the same jobs as `cairn compare` (extract, train, encode, index as Beam jobs on DirectRunner);
+vocabularies and PCA are learned on all 484 photos without labels, which a leave-one-out protocol over a
+single collection allows (as the Oxford/Paris benchmarks learn theirs on the test collection).
+The reference is chance: the expected figures of a random ranking.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from bench.common import entry, offline_beam_args, skipped
+
+log = logging.getLogger(__name__)
+
+NAME = "porto"
+TITLE = "Real photos (Porto, 484 images, 5 landmarks): leave-one-out retrieval and kNN accuracy"
+DESCRIPTION = (
+    "Every photo of ../shared/data/porto queries the other 483. mAP@100: Google Landmark Retrieval's "
+    "definition (reports/metrics.py) with the photo itself removed from its neighbours; kNN accuracy: the "
+    "vote of the 10 nearest other photos (index/recognize.vote). Methods run through the jobs of "
+    "`cairn compare` (jobs/classic.py) with their default parameters except where the row says; "
+    "sift-bovw+sv re-ranks the top 20 by RANSAC (features/verify.py). Ratios are against chance "
+    "(a random ranking: mAP@100 and accuracy of the class priors). Bytes per image: the representation "
+    "searched (dense float32, or the non-zeros of the sparse BoVW: 8 bytes each), plus the local features "
+    "kept for verification for +sv."
+)
+METHODS = ("hog", "hog+pca", "sift-bovw", "sift-vlad", "sift-bovw+sv")
+
+
+def _porto_manifest(workdir: str, quick: bool) -> str | None:
+    from bench.bench_extract import _porto_root, _porto_rows, _write_manifest
+
+    if not os.path.exists(os.path.join(_porto_root(), "labels.csv")):
+        return None
+    return _write_manifest(os.path.join(workdir, "porto.csv"), _porto_rows(quick))
+
+
+def _chance(labels: np.ndarray) -> tuple[float, float]:
+    """Expected mAP@100 and accuracy of a random ranking / random vote (class priors, leave-one-out)."""
+    n = len(labels)
+    _, counts = np.unique(labels, return_counts=True)
+    acc = float(np.sum((counts / n) * ((counts - 1) / (n - 1))))  # random other photo has the same class
+    ap = float(np.sum((counts / n) * ((counts - 1) / (n - 1))))  # a random ranking's AP ~ the share of relevant
+    return ap, acc
+
+
+def leave_one_out(index_dir: str, vectors_dir: str, rerank=None) -> dict:
+    """LOO figures of one method from its built index (the database queries itself)."""
+    from index.recognize import VoteConfig, vote
+    from index.sparse_index import load_any
+    from jobs.recognize import read_queries
+    from reports.metrics import mean_average_precision_at_k
+
+    index = load_any(index_dir)
+    ids, xq, _ = read_queries(vectors_dir)
+    row_of = {image_id: i for i, image_id in enumerate(index.image_ids)}
+    D, I = index.search(xq, min(101, index.ntotal))
+    self_rows = np.array([row_of[i] for i in ids])
+    keep = I != self_rows[:, None]
+    K = I.shape[1] - 1
+    D = np.stack([d[k][:K] for d, k in zip(D, keep, strict=True)])
+    I = np.stack([i[k][:K] for i, k in zip(I, keep, strict=True)])
+    seconds = 0.0
+    if rerank is not None:
+        import time
+
+        from index.rerank import spatial_rerank
+
+        prefix, prepare, config = rerank
+        start = time.perf_counter()
+        D, I, _ = spatial_rerank(ids, D, I, index.image_ids, prefix, prefix, config, prepare=prepare)
+        seconds = time.perf_counter() - start
+    labels = index.labels
+    q_labels = labels[self_rows]
+    retrieved = [[index.image_ids[j] for j in row if j >= 0] for row in I]
+    relevant = [{index.image_ids[j] for j in np.flatnonzero(labels == y) if j != s}
+                for y, s in zip(q_labels, self_rows, strict=True)]
+    pred, _ = vote(D, index.labels_of(I), VoteConfig(k=10))
+    return {"map_at_100": mean_average_precision_at_k(retrieved, relevant, 100),
+            "knn_accuracy": float(np.mean(pred == q_labels)), "verify_seconds": seconds, "labels": q_labels}
+
+
+def run(workdir: str, quick: bool) -> list[dict]:
+    from features.sift import prepare_descriptors
+    from index.recognize import VoteConfig
+    from jobs import classic
+    from jobs.encode import features_metadata
+    from jobs.extract import features_prefix
+    from pipeline import config as cfg
+    from pipeline import fs
+    from pipeline.images import DecodeConfig
+
+    os.makedirs(workdir, exist_ok=True)
+    manifest = _porto_manifest(workdir, quick)
+    group = "Porto leave-one-out"
+    if manifest is None:
+        reason = "../shared/data/porto/labels.csv not found (the shared Porto photos are not on this machine)"
+        log.warning("porto: skipped: %s", reason)
+        return [skipped(group, "every method", reason)]
+    ctx = classic.RunContext(manifest, manifest, os.path.join(workdir, "work"), DecodeConfig(), workers=2, threads=1,
+                             beam_args=tuple(offline_beam_args(workdir)), vote=VoteConfig(), splits=("train",))
+    entries: list[dict] = []
+    chance = None
+    group = f"Porto leave-one-out ({'quick subset' if quick else 'all photos'})"
+    for name in METHODS:
+        config = classic.ClassicConfig()
+        if name == "hog+pca":
+            config = classic.parse_overrides(["hog.pca_dim=128"])
+        base_name = {"hog+pca": "hog", "sift-bovw+sv": "sift-bovw"}.get(name, name)
+        log.info("porto: %s", name)
+        base = classic.build_base(base_name, config, ctx)
+        rerank = None
+        if name.endswith("+sv"):
+            local = fs.join(base["local"], "train")
+            meta = features_metadata(local, "local")
+            rerank = (features_prefix(local, "local"), lambda d, m=meta: prepare_descriptors(d, m), config.sv)
+        r = leave_one_out(base["index"], fs.join(base["vectors"], "train"), rerank)
+        if chance is None:
+            chance = _chance(r["labels"])
+            entries.append(entry(group, "chance: mAP@100", round(chance[0], 4), "mAP@100"))
+            entries.append(entry(group, "chance: kNN accuracy", round(chance[1], 4), "accuracy"))
+        index_record = cfg.load_json(fs.join(base["index"], "index.json"))
+        if index_record.get("kind") == "sparse-inverted-file":
+            rep = 8 * index_record["nnz"] / max(1, index_record["count"])
+        else:
+            rep = 4 * index_record["dim"]
+        if rerank is not None:
+            local_bytes = sum(fs.size(p) for p in fs.glob(features_prefix(fs.join(base["local"], "train"), "local")
+                                                           + "-*"))
+            rep += local_bytes / index_record["count"]
+        images = index_record["count"]
+        extract_s = sum(rec["seconds"] for rec in base["extract"].values())
+        entries.append(entry(group, f"{name}: mAP@100", round(r["map_at_100"], 4), "mAP@100",
+                             "chance: mAP@100", dim=index_record["dim"], images=images))
+        entries.append(entry(group, f"{name}: kNN accuracy", round(r["knn_accuracy"], 4), "accuracy",
+                             "chance: kNN accuracy"))
+        entries.append(entry(group, f"{name}: bytes per image", round(rep), "bytes", better="lower",
+                             note="representation searched" + (" + local features for RANSAC" if rerank else ""),
+                             extract_seconds=extract_s, train_seconds=base["train"].get("train_seconds", 0.0),
+                             verify_seconds=r["verify_seconds"]))
+        log.info("porto: %s mAP@100 %.3f, kNN accuracy %.3f", name, r["map_at_100"], r["knn_accuracy"])
+    return entries

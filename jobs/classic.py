@@ -1,0 +1,310 @@
+"""The classic methods' configurations, and how `cairn compare` runs each of them end to end.
+
+Every method is a chain of the individual jobs (extract -> train -> encode -> index -> recognize), so what
+`cairn compare` does can be done step by step with the individual commands, and every step reuses its outputs
+when its config is unchanged (SIFT features are extracted once and shared by all SIFT methods).
+
+    hog               HoG (features/hog.py), optional PCA-whitening, kNN votes over a FAISS index
+    sift-bovw         SIFT/RootSIFT -> k-means vocabulary (FAISS) -> tf-idf BoVW -> inverted file, kNN votes
+    sift-vlad         SIFT/RootSIFT -> small vocabulary -> VLAD (intra-norm, power, L2) -> PCA-whitening -> FAISS
+    sift-bovw+sv      sift-bovw, its top neighbours re-ranked by spatial verification (features/verify.py)
+    hog-linear        a linear softmax classifier (models/classifiers.py) on HoG, calibrated confidences
+    sift-vlad-linear  the same classifier on VLAD
+
+Parameters are typed frozen dataclasses; `cairn compare --set sift-bovw.vocabulary.k=4096` changes one, with
+the value checked against the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from features.hog import HogConfig
+from features.sift import SiftConfig
+from features.verify import RerankConfig
+from pipeline.errors import CairnError
+
+
+@dataclass(frozen=True)
+class VocabularyConfig:
+    """k-means visual vocabulary (features/vocabulary.py)."""
+
+    k: int = 1024  # visual words (up to 65,536; ~20k-65k for a million images)
+    niter: int = 20  # k-means iterations
+    sample_size: int = 1_000_000  # database descriptors k-means learns from (a seeded share of each image's)
+    seed: int = 0  # sampling and k-means initialisation
+
+
+@dataclass(frozen=True)
+class HogMethodConfig:
+    """hog: the descriptor and its optional PCA-whitening."""
+
+    hog: HogConfig = HogConfig()  # descriptor parameters (features/hog.py)
+    pca_dim: int = 0  # PCA-whitening to this many dimensions, learned on the database (0 = raw HoG)
+    whiten: bool = True  # divide by the square root of the eigenvalues (else plain PCA)
+
+
+@dataclass(frozen=True)
+class BovwConfig:
+    """sift-bovw: bag of visual words with tf-idf over an inverted file."""
+
+    sift: SiftConfig = SiftConfig()  # local features (features/sift.py)
+    vocabulary: VocabularyConfig = VocabularyConfig()  # k-means vocabulary
+    burstiness: str = "sqrt"  # term frequency transform: "sqrt" (tames repeated structures) or "none"
+    idf_sample: int = 100_000  # database images the document frequencies are counted on
+
+
+@dataclass(frozen=True)
+class VladConfig:
+    """sift-vlad: VLAD with intra-normalisation and PCA-whitening."""
+
+    sift: SiftConfig = SiftConfig()  # local features (features/sift.py)
+    vocabulary: VocabularyConfig = VocabularyConfig(k=64)  # VLAD uses a small vocabulary (dim = k x 128)
+    power: float = 0.5  # signed power normalisation exponent
+    pca_dim: int = 256  # PCA-whitening to this many dimensions (0 = raw k x 128 VLAD)
+    whiten: bool = True  # whiten the PCA projection (Jegou & Chum 2012)
+    pca_sample: int = 50_000  # database images the PCA is learned on
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """-linear: a classifier on the method's global descriptors (models/classifiers.py)."""
+
+    kind: str = "softmax"  # "softmax" (linear, SGD) or "ncm" (nearest class mean)
+    epochs: int = 5  # passes over the training set (softmax)
+    batch_size: int = 1024  # mini-batch size (softmax)
+    validation_fraction: float = 0.1  # share held out for temperature calibration
+    seed: int = 0  # data order and the held-out split
+
+
+@dataclass(frozen=True)
+class ClassicConfig:
+    """All classic methods' parameters; `--set NAME.FIELD=VALUE` overrides one."""
+
+    hog: HogMethodConfig = HogMethodConfig()  # hog (and hog-linear's descriptor)
+    bovw: BovwConfig = BovwConfig()  # sift-bovw (and sift-bovw+sv's)
+    vlad: VladConfig = VladConfig()  # sift-vlad (and sift-vlad-linear's)
+    sv: RerankConfig = RerankConfig()  # sift-bovw+sv's re-ranking (features/verify.py)
+    classifier: ClassifierConfig = ClassifierConfig()  # hog-linear, sift-vlad-linear
+
+
+def _coerce(text: str, current, where: str):
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise CairnError(f"{where}: {text!r} is not a boolean (true/false)")
+    for typ in (int, float):
+        if isinstance(current, typ):
+            try:
+                return typ(text)
+            except ValueError:
+                raise CairnError(f"{where}: {text!r} is not {'an integer' if typ is int else 'a number'}") \
+                    from None
+    if isinstance(current, str):
+        return text
+    raise CairnError(f"{where}: this field cannot be set from the command line")
+
+
+def override(config, path: str, text: str, where: str = ""):
+    """``config`` with the field at dotted ``path`` set to ``text`` converted to the field's type."""
+    where = where or f"--set {path}"
+    head, _, rest = path.partition(".")
+    names = [f.name for f in dataclasses.fields(config)]
+    if head not in names:
+        raise CairnError(f"{where}: {type(config).__name__} has no field {head!r}; fields: {', '.join(names)}")
+    current = getattr(config, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise CairnError(f"{where}: {head} is a value, not a group")
+        value = override(current, rest, text, where)
+    elif dataclasses.is_dataclass(current):
+        raise CairnError(f"{where}: {head} is a group; give one of its fields, e.g. {path}."
+                         f"{dataclasses.fields(current)[0].name}=...")
+    else:
+        value = _coerce(text, current, where)
+    try:
+        return dataclasses.replace(config, **{head: value})
+    except (ValueError, TypeError) as e:
+        raise CairnError(f"{where}: {e}") from e
+
+
+def parse_overrides(items: list[str] | None, config: ClassicConfig = ClassicConfig()) -> ClassicConfig:
+    """Apply ``NAME.FIELD=VALUE`` items in order."""
+    for item in items or []:
+        path, eq, text = item.partition("=")
+        if not eq or not path:
+            raise CairnError(f"--set {item!r}: expected NAME.FIELD=VALUE, e.g. bovw.vocabulary.k=4096")
+        config = override(config, path.strip(), text.strip())
+    return config
+
+
+def describe_fields(config=ClassicConfig(), prefix: str = "") -> list[str]:
+    """Every settable field as ``name=default`` lines (for --help)."""
+    lines = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe_fields(value, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name}={value}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running a method end to end (used by `cairn compare`)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every method run shares: the data, the decoding, the parallelism, recognition."""
+
+    train: str  # database manifest (absolute)
+    queries: str  # query manifest (absolute)
+    work: str  # OUT/work of the compare run
+    decode: object  # pipeline.images.DecodeConfig
+    workers: int = 0  # DirectRunner worker processes (0 = automatic)
+    threads: int = 0  # threads per worker (0 = automatic)
+    beam_args: tuple[str, ...] = ()  # Beam flags passed through
+    vote: object = None  # index.recognize.VoteConfig
+    neighbours: int = 100  # database images listed per query
+    force: bool = False  # recompute everything
+    splits: tuple[str, ...] = ("train", "queries")  # ("train",): database only (leave-one-out evaluations)
+
+
+def _folder_bytes(prefix: str) -> int:
+    from pipeline import fs
+    from pipeline.parquet_io import shard_pattern
+
+    return sum(fs.size(p) for p in fs.glob(shard_pattern(prefix)))
+
+
+def _extract_both(ctx: RunContext, extractor: str, params: dict, folder: str) -> dict:
+    """Extract database and query features into WORK/folder/{train,queries}; returns their records."""
+    from jobs.extract import extract
+    from pipeline import fs
+
+    kw = dict(method=extractor, params=params, decode=ctx.decode, workers=ctx.workers, threads=ctx.threads,
+              beam_args=list(ctx.beam_args), force=ctx.force)
+    manifests = {"train": ctx.train, "queries": ctx.queries}
+    return {split: extract(manifests[split], fs.join(ctx.work, folder, split), **kw) for split in ctx.splits}
+
+
+def _sift_folder(sift) -> str:
+    from pipeline import config as cfg
+
+    return f"local/sift-{cfg.fingerprint(sift)[:8]}"  # one folder per SIFT config, shared by every SIFT method
+
+
+def _encode_both(ctx: RunContext, source: str, encoder: str, folder: str) -> dict:
+    from jobs.encode import encode
+    from pipeline import fs
+
+    return {split: encode(fs.join(source, split), encoder, fs.join(folder, split), workers=ctx.workers,
+                          threads=ctx.threads, beam_args=list(ctx.beam_args), force=ctx.force)
+            for split in ctx.splits}
+
+
+def build_base(method: str, config: ClassicConfig, ctx: RunContext) -> dict:
+    """Features, models and index of a base method (hog, sift-bovw, sift-vlad); reused when already built.
+
+    Returns {"vectors": folder with train/ and queries/ vectors, "index", "extract", "encode", "train",
+    "local": folder with SIFT local features (or None)}.
+    """
+    from jobs.index import build_index
+    from jobs.train import train
+    from pipeline import fs
+
+    home = fs.join(ctx.work, method)
+    if method == "hog":
+        extracted = _extract_both(ctx, "hog", cfg_dict(config.hog.hog), "hog")
+        vectors, encoded, trained = fs.join(ctx.work, "hog"), None, {"train_seconds": 0.0}
+        if config.hog.pca_dim > 0:
+            trained = train("hog", fs.join(vectors, "train"), fs.join(home, "model"), config, force=ctx.force)
+            encoded = _encode_both(ctx, vectors, fs.join(home, "model", "encoder.npz"), fs.join(home, "pca"))
+            vectors = fs.join(home, "pca")
+        local = None
+    else:
+        sift = config.bovw.sift if method == "sift-bovw" else config.vlad.sift
+        local = fs.join(ctx.work, _sift_folder(sift))
+        extracted = _extract_both(ctx, "sift", cfg_dict(sift), _sift_folder(sift))
+        trained = train(method, fs.join(local, "train"), fs.join(home, "model"), config,
+                        workers=max(1, ctx.workers), beam_args=list(ctx.beam_args), force=ctx.force)
+        encoded = _encode_both(ctx, local, fs.join(home, "model", "encoder.npz"), fs.join(home, "vectors"))
+        vectors = fs.join(home, "vectors")
+    indexed = build_index(fs.join(vectors, "train"), fs.join(home, "index"))
+    return {"vectors": vectors, "index": fs.join(home, "index"), "indexed": indexed, "extract": extracted,
+            "encode": encoded, "train": trained, "local": local}
+
+
+def cfg_dict(config) -> dict:
+    from pipeline import config as cfg
+
+    return cfg.to_dict(config)
+
+
+BASE = {"hog": "hog", "sift-bovw": "sift-bovw", "sift-vlad": "sift-vlad", "sift-bovw+sv": "sift-bovw",
+        "hog-linear": "hog", "sift-vlad-linear": "sift-vlad"}
+
+
+def run_method(method: str, config: ClassicConfig, ctx: RunContext) -> dict:
+    """Run ``method`` end to end; returns {"costs", "recognize" (folder), "dead_letters" {split: csv path}}."""
+    from jobs.recognize import recognize
+    from jobs.train import train
+    from pipeline import fs
+
+    base = build_base(BASE[method], config, ctx)
+    home = fs.join(ctx.work, method)
+    classifier, verify, trained = None, None, base["train"]
+    if method.endswith("-linear"):
+        trained = train(method, fs.join(base["vectors"], "train"), fs.join(home, "classifier"), config,
+                        force=ctx.force)
+        classifier = fs.join(home, "classifier", "classifier.npz")
+    if method.endswith("+sv"):
+        verify = (fs.join(base["local"], "train"), fs.join(base["local"], "queries"), config.sv)
+    rec = recognize(base["index"], fs.join(base["vectors"], "queries"), fs.join(home, "recognize"), ctx.vote,
+                    ctx.neighbours, classifier=classifier, verify=verify)
+    return {"costs": _costs(method, base, trained, rec), "recognize": fs.join(home, "recognize"),
+            "dead_letters": {split: r["outputs"]["dead_letters"] for split, r in base["extract"].items()}}
+
+
+def _costs(method: str, base: dict, trained: dict, rec: dict) -> dict:
+    from jobs.extract import features_prefix
+    from pipeline import config as cfg
+    from pipeline import fs
+
+    ex = base["extract"]
+    images = sum(r["counts"]["outputs"] for r in ex.values())
+    seconds = sum(r["seconds"] for r in ex.values()) + sum(r["seconds"] for r in (base["encode"] or {}).values())
+    index_record = cfg.load_json(fs.join(base["index"], "index.json"))
+    dim = int(index_record["dim"])
+    if index_record.get("kind") == "sparse-inverted-file":  # bytes of the stored non-zeros (int32 + float32)
+        representation = round(8 * index_record["nnz"] / max(1, index_record["count"]))
+    else:
+        representation = dim * 4
+    vector_bytes = sum(_folder_bytes(features_prefix(fs.join(base["vectors"], s), k))
+                       for s in ("train", "queries") for k in ("global", "sparse"))
+    local_bytes = sum(_folder_bytes(features_prefix(fs.join(base["local"], s), "local"))
+                      for s in ("train", "queries")) if base["local"] else 0
+    costs = {
+        "images_per_second": round(images / seconds, 2) if seconds else None,
+        "extract_seconds": round(seconds, 3),
+        # a classifier method also pays for its descriptor's training (vocabulary, PCA)
+        "train_seconds": round(float(trained.get("train_seconds", 0.0)) +
+                               (float(base["train"].get("train_seconds", 0.0)) if trained is not base["train"]
+                                else 0.0), 3),
+        "index_seconds": round(base["indexed"]["seconds"], 4),
+        "search_seconds": rec["search_seconds"],
+        "verify_seconds": rec.get("verify_seconds", 0.0),
+        "dim": dim,
+        "bytes_per_image": representation,
+        "feature_bytes_per_image": round(vector_bytes / images) if images else None,
+        "index_bytes": base["indexed"]["index_bytes"],
+        "dead_letters": sum(r["counts"]["dead_letters"] for r in ex.values()),
+    }
+    if method.endswith("+sv"):  # the local features must be kept for verification
+        costs["local_feature_bytes_per_image"] = round(local_bytes / images) if images else None
+        costs["bytes_per_image"] += costs["local_feature_bytes_per_image"] or 0
+    return costs

@@ -1,0 +1,74 @@
+"""End to end: every classic method through `cairn compare` on the tiny synthetic set, and the jobs it chains."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.classic import parse_overrides
+from jobs.compare import compare
+from pipeline.submission import read_submission
+
+CLASSIC = ["hog", "sift-bovw", "sift-vlad", "sift-bovw+sv", "hog-linear", "sift-vlad-linear"]
+# the tiny set has 16 database images: small vocabularies and PCA
+SMALL = ["bovw.vocabulary.k=64", "vlad.vocabulary.k=8", "vlad.pca_dim=8", "hog.pca_dim=8", "sv.top_k=8"]
+
+
+@pytest.fixture(scope="module")
+def classic_run(tmp_path_factory, tiny_synth):
+    out = tmp_path_factory.mktemp("classic")
+    compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(out), CLASSIC, workers=1,
+            config=parse_overrides(SMALL))
+    return out
+
+
+def test_every_classic_method_has_predictions_and_metrics(classic_run, tiny_synth):
+    metrics = json.loads((classic_run / "metrics.json").read_text())
+    assert sorted(metrics["methods"]) == sorted(CLASSIC)
+    queries = [line.split(",")[0] for line in (tiny_synth / "queries.csv").read_text().splitlines()[1:]]
+    for name, m in metrics["methods"].items():
+        assert 0 <= m["gap"] <= 1 and 0 <= m["map_at_100"] <= 1, name
+        assert sorted(read_submission(str(classic_run / "predictions" / f"{name}.csv"))) == sorted(queries)
+        assert pq.read_table(classic_run / "neighbours" / f"{name}.parquet").num_rows > 0
+    m = metrics["methods"]
+    assert m["sift-vlad"]["dim"] == 8 and m["sift-vlad"]["bytes_per_image"] == 32
+    assert m["sift-bovw"]["dim"] == 64 and 0 < m["sift-bovw"]["bytes_per_image"] <= 64 * 8  # stored non-zeros
+    assert m["sift-bovw+sv"]["bytes_per_image"] > m["sift-bovw"]["bytes_per_image"]  # + local features
+    assert m["sift-bovw"]["train_seconds"] > 0 and m["sift-vlad-linear"]["train_seconds"] > m["sift-vlad"][
+        "train_seconds"]
+    assert m["hog"]["dim"] == 8  # hog.pca_dim=8: PCA-whitened HoG
+
+
+def test_sift_features_are_extracted_once_for_every_sift_method(classic_run):
+    folders = list((classic_run / "work" / "local").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("sift-")
+    local = folders[0]
+    shards = list((local / "train").glob("local-*.parquet"))
+    meta = json.loads(pq.read_schema(shards[0]).metadata[b"cairn"])
+    assert meta["schema"] == "cairn.local_features/1" and meta["postprocess"] == "rootsift"
+
+
+def test_reranking_reorders_neighbours_by_inliers(classic_run):
+    def by_query(name):
+        rows = pq.read_table(classic_run / "neighbours" / f"{name}.parquet").to_pylist()
+        out = {}
+        for r in sorted(rows, key=lambda r: (r["query_id"], r["rank"])):
+            out.setdefault(r["query_id"], []).append((r["id"], r["score"]))
+        return out
+
+    base, sv = by_query("sift-bovw"), by_query("sift-bovw+sv")
+    assert base.keys() == sv.keys()
+    for q, ranked in sv.items():
+        assert {i for i, _ in ranked} == {i for i, _ in base[q]}  # same neighbours, possibly re-ordered
+        assert np.all(np.diff([s for _, s in ranked]) <= 1e-7)  # scores follow the new order
+
+
+def test_rerun_reuses_everything_and_gives_the_same_metrics(classic_run, tiny_synth):
+    before = json.loads((classic_run / "metrics.json").read_text())
+    compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(classic_run), CLASSIC, workers=1,
+            config=parse_overrides(SMALL))
+    after = json.loads((classic_run / "metrics.json").read_text())
+    for name in CLASSIC:
+        for key in ("gap", "accuracy", "map_at_100", "extract_seconds", "train_seconds"):
+            assert after["methods"][name][key] == before["methods"][name][key], (name, key)

@@ -1,0 +1,87 @@
+"""The jobs between extraction and search: descriptor sampling, vocabulary/encoder training, encoding."""
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs import classic
+from jobs.encode import encode, read_sample, sample_descriptors
+from jobs.extract import extract, features_prefix
+from jobs.train import train
+from pipeline.errors import CairnError
+from pipeline.parquet_io import read_shards
+from pipeline.schemas import sparse_matrix_of, vectors_of
+from tests.conftest import write_manifest
+
+SMALL = classic.parse_overrides(["bovw.vocabulary.k=32", "vlad.vocabulary.k=4", "vlad.pca_dim=6",
+                                 "bovw.vocabulary.niter=5", "vlad.vocabulary.niter=5"])
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, tiny_synth):
+    """SIFT features of the tiny set's database plus one flat grey image (no keypoints at all)."""
+    root = tmp_path_factory.mktemp("local")
+    flat = root / "flat.png"
+    Image.new("RGB", (160, 120), (128, 128, 128)).save(flat)
+    rows = [(r["id"], tiny_synth / r["path"], r["landmark_id"]) for r in csv.DictReader(open(tiny_synth / "train.csv"))]
+    manifest = write_manifest(root / "train.csv", rows + [("flat", flat, rows[0][2])])
+    extract(str(manifest), str(root / "sift"), method="sift", workers=1)
+    return root
+
+
+def test_sampling_is_reproducible_and_capped(local, tmp_path):
+    a = sample_descriptors(str(local / "sift"), str(tmp_path / "a"), sample_size=340, subset_size=5, seed=3)
+    b = sample_descriptors(str(local / "sift"), str(tmp_path / "b"), sample_size=340, subset_size=5, seed=3)
+    (da, ia), (db, ib) = read_sample(str(tmp_path / "a")), read_sample(str(tmp_path / "b"))
+    assert a["images"] == 17 and a["per_image"] == 20  # ceil(340 / 17)
+    assert a == b and 0 < len(da) <= 340 and a["descriptors"] == len(da)
+    assert sorted(map(bytes, da)) == sorted(map(bytes, db))  # same descriptors, whatever the bundle order
+    assert sorted(f.width * 1000 + len(f) for f in ia) == sorted(f.width * 1000 + len(f) for f in ib)
+    sample_descriptors(str(local / "sift"), str(tmp_path / "c"), sample_size=340, subset_size=5, seed=4)
+    assert sorted(map(bytes, read_sample(str(tmp_path / "c"))[0])) != sorted(map(bytes, da))  # the seed matters
+
+
+@pytest.mark.parametrize("method", ["sift-bovw", "sift-vlad"])
+def test_train_then_encode_gives_one_vector_per_image(local, tmp_path, method):
+    record = train(method, str(local / "sift"), str(tmp_path / "model"), SMALL)
+    assert record["counts"]["images"] == 17 and record["train_seconds"] > 0
+    assert not list((tmp_path / "model").glob("sample*"))  # the sample is scratch
+    out = encode(str(local / "sift"), str(tmp_path / "model" / "encoder.npz"), str(tmp_path / "vectors"))
+    assert out["counts"] == {"inputs": 17, "outputs": 17}
+    if method == "sift-bovw":
+        table, meta = read_shards(features_prefix(str(tmp_path / "vectors"), "sparse"))
+        x = sparse_matrix_of(table, meta["dim"])
+        norms = np.sqrt(np.asarray(x.multiply(x).sum(1))).ravel()
+    else:
+        table, meta = read_shards(features_prefix(str(tmp_path / "vectors"), "global"))
+        x = vectors_of(table)
+        assert x.shape[1] == 6
+        norms = np.linalg.norm(x, axis=1)
+    ids = table.column("id").to_pylist()
+    flat = ids.index("flat")
+    assert norms[flat] == 0  # no keypoints: an empty / zero vector, not a dead letter and not NaN
+    assert np.allclose(np.delete(norms, flat), 1, atol=1e-4)
+    assert meta["method"] == method
+    # a rerun reuses both the model and the vectors
+    assert train(method, str(local / "sift"), str(tmp_path / "model"), SMALL)["train_seconds"] == \
+        record["train_seconds"]
+    assert encode(str(local / "sift"), str(tmp_path / "model" / "encoder.npz"),
+                  str(tmp_path / "vectors"))["seconds"] == out["seconds"]
+
+
+def test_mismatched_configs_are_refused(local, tmp_path):
+    other = classic.parse_overrides(["bovw.sift.max_features=50", "bovw.vocabulary.k=8"])
+    with pytest.raises(CairnError, match="extract with the same parameters"):
+        train("sift-bovw", str(local / "sift"), str(tmp_path / "m"), other)
+    with pytest.raises(CairnError, match="fewer than the"):
+        train("sift-bovw", str(local / "sift"), str(tmp_path / "m"),
+              classic.parse_overrides(["bovw.vocabulary.k=65536"]))
+    with pytest.raises(CairnError, match="trains on global features"):
+        train("hog-linear", str(local / "sift"), str(tmp_path / "m"), SMALL)
+    train("sift-vlad", str(local / "sift"), str(tmp_path / "vlad"), SMALL)
+    encoder = str(tmp_path / "vlad" / "encoder.npz")
+    encode(str(local / "sift"), encoder, str(tmp_path / "vectors"))
+    with pytest.raises(CairnError, match="reads local features"):
+        encode(str(tmp_path / "vectors"), encoder, str(tmp_path / "x"))
