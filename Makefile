@@ -8,13 +8,14 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: setup demo test test-fast bench lint clean help
+.PHONY: setup demo test test-fast bench porto lint clean help
 
 help:
 	@echo "make setup   create $(VENV) with the pinned dependencies (GPU=1 for the CUDA builds of TF and FAISS)"
 	@echo "make demo    synthetic landmarks + the baseline/deep comparison; outputs in ./demo"
 	@echo "make test    the test suite (CI runs this)"
 	@echo "make bench   benchmarks; figures in BENCHMARKS.md and bench/results.json"
+	@echo "make porto   the real-data check on ../shared/data/porto (leave-one-out), into BENCHMARKS.md"
 	@echo "make lint    ruff"
 	@echo "make clean   remove outputs and caches (keeps $(VENV)); 'make clean-all' removes it too"
 
@@ -48,6 +49,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# leave-one-out retrieval and kNN accuracy of every classic method on the shared Porto photos
+porto: setup
+	$(BIN)/python -m bench.run --only porto
 
 lint: setup
 	$(BIN)/ruff check .

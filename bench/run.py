@@ -25,6 +25,9 @@ log = logging.getLogger("bench")
 BENCHMARKS = {
     "extract": "bench.bench_extract",
     "faiss_flat": "bench.bench_faiss",
+    "vocabulary": "bench.bench_vocabulary",
+    "classifier": "bench.bench_classifier",
+    "porto": "bench.bench_porto",
 }
 COMMAND = "make bench"
 QUICK_COMMAND = ".venv/bin/python -m bench.run --quick"

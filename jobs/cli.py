@@ -9,7 +9,8 @@ import sys
 COMMANDS = {
     "synth": ("jobs.synth", "generate the synthetic landmark data set (train.csv, queries.csv, boxes.csv)"),
     "extract": ("jobs.extract", "Beam job: manifest -> descriptors in sharded Parquet, with dead letters"),
-    "train": ("jobs.train", "learn a method's models (vocabularies, classifiers, fine-tuned networks)"),
+    "train": ("jobs.train", "learn a method's models (vocabularies, encoders, PCA, classifiers)"),
+    "encode": ("jobs.encode", "Beam job: local features -> BoVW / VLAD vectors (or PCA-whitened ones)"),
     "index": ("jobs.index", "build a FAISS index over database descriptors"),
     "recognize": ("jobs.recognize", "predict landmarks and list the nearest database images of queries"),
     "report": ("jobs.report", "recompute metrics.json of a compare run from its outputs"),

@@ -101,10 +101,11 @@ def write_metrics(run_dir: str) -> dict:
 
 
 def summary_table(metrics: dict) -> str:
-    head = f"{'method':<14}{'GAP':>8}{'acc':>8}{'lm-acc':>8}{'mAP@100':>9}{'img/s':>9}{'bytes/img':>11}"
+    width = max([14] + [len(name) + 2 for name in metrics["methods"]])
+    head = f"{'method':<{width}}{'GAP':>8}{'acc':>8}{'lm-acc':>8}{'mAP@100':>9}{'img/s':>9}{'bytes/img':>11}"
     rows = [head, "-" * len(head)]
     for name, m in metrics["methods"].items():
-        rows.append(f"{name:<14}{m['gap']:>8.3f}{m['accuracy']:>8.3f}{m['landmark_accuracy']:>8.3f}"
+        rows.append(f"{name:<{width}}{m['gap']:>8.3f}{m['accuracy']:>8.3f}{m['landmark_accuracy']:>8.3f}"
                     f"{m['map_at_100']:>9.3f}{m.get('images_per_second', 0):>9.1f}{m.get('bytes_per_image', 0):>11,}")
     return "\n".join(rows)
 

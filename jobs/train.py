@@ -39,6 +39,20 @@ from pipeline.parquet_io import read_shards
 from pipeline.schemas import labels_of, vectors_of
 
 log = logging.getLogger(__name__)
+
+
+def whitening_dim(requested: int, samples: int, what: str) -> int:
+    """PCA-whitening learned on N samples can whiten at most N - 1 directions, and whitening nearly all of them
+    maps the training set onto a regular simplex (every pair equally far apart): the database's own
+    neighbourhoods are erased. Keep at most N / 2 dimensions, and say so."""
+    cap = max(1, samples // 2)
+    if requested > cap:
+        log.warning("train %s: PCA-whitening to %d dimensions needs more than the %d images it learns from; "
+                    "using %d (at most half the images)", what, requested, samples, cap)
+        return cap
+    return requested
+
+
 TRAINABLE = ("sift-bovw", "sift-vlad", "hog", "hog-linear", "sift-vlad-linear")
 
 
@@ -100,7 +114,8 @@ def train_encoder(method: str, features: str, out: str, config, workers: int = 1
     else:
         if config.pca_dim and len(sets) < 2:
             raise CairnError("sift-vlad: PCA-whitening needs at least 2 database images; set vlad.pca_dim=0")
-        encoder = VLADEncoder(vocabulary, intra_norm=True, power=config.power, pca_dim=config.pca_dim,
+        pca_dim = whitening_dim(config.pca_dim, min(len(sets), config.pca_sample), method) if config.pca_dim else 0
+        encoder = VLADEncoder(vocabulary, intra_norm=True, power=config.power, pca_dim=pca_dim,
                               whiten=config.whiten, pca_sample=config.pca_sample, seed=voc.seed).fit(sets)
     encoder_seconds = time.perf_counter() - started
     encoder.save(fs.join(out, "encoder.npz"))
@@ -127,7 +142,8 @@ def train_pca(features: str, out: str, config: classic.HogMethodConfig, force: b
         return reused
     table, _ = read_shards(features_prefix(features, "global"), columns=["vector"])
     started = time.perf_counter()
-    pca = PCAWhitening(dim=config.pca_dim, whiten=config.whiten).fit(vectors_of(table))
+    pca = PCAWhitening(dim=whitening_dim(config.pca_dim, table.num_rows, "hog"), whiten=config.whiten)
+    pca.fit(vectors_of(table))
     seconds = time.perf_counter() - started
     fs.makedirs(out)
     pca.save(fs.join(out, "encoder.npz"))
@@ -135,8 +151,8 @@ def train_pca(features: str, out: str, config: classic.HogMethodConfig, force: b
                                                                          "config": source.get("config")},
               "dim": int(pca.dim_out), "train_seconds": round(seconds, 3)}
     cfg.save_json(record_path, record)
-    log.info("train hog: PCA-whitening %d -> %d on %d images in %.2f s", table.num_rows and vectors_of(table).shape[1],
-             pca.dim_out, table.num_rows, seconds)
+    log.info("train hog: PCA-whitening %d -> %d on %d images in %.2f s", pca.n_features_in_, pca.dim_out,
+             table.num_rows, seconds)
     return record
 
 
