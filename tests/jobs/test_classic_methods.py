@@ -37,7 +37,7 @@ def test_every_classic_method_has_predictions_and_metrics(classic_run, tiny_synt
     assert m["sift-bovw+sv"]["bytes_per_image"] > m["sift-bovw"]["bytes_per_image"]  # + local features
     assert m["sift-bovw"]["train_seconds"] > 0 and m["sift-vlad-linear"]["train_seconds"] > m["sift-vlad"][
         "train_seconds"]
-    assert m["hog"]["dim"] == 8  # hog.pca_dim=8: PCA-whitened HoG
+    assert m["hog"]["dim"] == 8  # hog.pca_dim=8 (16 database images allow up to 8): PCA-whitened HoG
 
 
 def test_sift_features_are_extracted_once_for_every_sift_method(classic_run):
