@@ -233,3 +233,11 @@ def test_thirteen_thousand_classes_smoke():
         assert labels.shape == (3000, 5) and probs.shape == (3000, 5)
         assert (labels[:, 0] == np.arange(3000)).mean() > 0.95  # observed 1.0
         assert np.all(probs.sum(axis=1) <= 1 + 1e-5)
+
+
+def test_too_few_held_out_examples_leave_the_temperature_at_one():
+    from models.classifiers import MIN_FIT_ROWS, SoftmaxClassifier
+
+    X, y, _ = clusters(classes=6, per_class=8, dim=16, noise=0.5, seed=4)  # 48 rows: 10% is 5 held-out rows
+    model = SoftmaxClassifier(epochs=2).fit(X, y)
+    assert model.temperature_ == 1.0 and f"{MIN_FIT_ROWS} or more" in model.calibration_
