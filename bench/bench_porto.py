@@ -65,7 +65,7 @@ def _chance(labels: np.ndarray, k: int = 100) -> tuple[float, float]:
     N = len(labels)
     M = N - 1
     _, counts = np.unique(labels, return_counts=True)
-    ap = 0.0
+    ap, queries = 0.0, 0  # mAP averages over the queries that have a relevant photo (classes of 2+ photos)
     for n in counts:
         R = n - 1
         if R <= 0:
@@ -73,8 +73,9 @@ def _chance(labels: np.ndarray, k: int = 100) -> tuple[float, float]:
         p = R / M
         i = np.arange(1, min(k, M) + 1)
         ap += n * float(np.sum((p + (i - 1) * p * (R - 1) / max(1, M - 1)) / i)) / min(R, k)
+        queries += n
     acc = float(np.sum((counts / N) * ((counts - 1) / M)))  # a random other photo has the same landmark
-    return ap / N, acc
+    return ap / max(1, queries), acc
 
 
 def leave_one_out(index_dir: str, vectors_dir: str, rerank=None) -> dict:
@@ -88,6 +89,8 @@ def leave_one_out(index_dir: str, vectors_dir: str, rerank=None) -> dict:
     ids, xq, _ = read_queries(vectors_dir)
     row_of = {image_id: i for i, image_id in enumerate(index.image_ids)}
     D, I = index.search(xq, min(101, index.ntotal))
+    if index.config.metric == "l2":  # squared distances of unit vectors -> cosine similarities, as recognize does
+        D = 1.0 - D / 2.0
     self_rows = np.array([row_of[i] for i in ids])
     keep = I != self_rows[:, None]
     K = I.shape[1] - 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 
 import numpy as np
 
@@ -53,12 +54,12 @@ def load(path: str, kind: str) -> tuple[dict[str, np.ndarray], dict]:
     try:
         with np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
-    except (ValueError, OSError, EOFError) as e:  # not a zip, or an object array (pickle) inside
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not a zip, truncated, or a pickle inside
         raise CairnError(f"{path} is not a Cairn artefact (.npz without pickles): {e}") from e
     raw = arrays.pop(_META, None)
     if raw is None:
         raise CairnError(f"{path} has no {_META} header; it was not written by Cairn")
-    header = json.loads(raw.tobytes().decode())
+    header = _parse_header(path, raw)
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise CairnError(f"{path} is format {header.get('format')} v{header.get('version')}; this Cairn reads "
                          f"{FORMAT} v{VERSION}. Retrain it with this version")
@@ -69,11 +70,23 @@ def load(path: str, kind: str) -> tuple[dict[str, np.ndarray], dict]:
 
 def header(path: str) -> dict:
     """The JSON header of an artefact (its kind, config and meta) without checking the kind."""
+    if not fs.exists(path):
+        raise CairnError(f"{path} does not exist; train it first (see `cairn train --help`)")
     try:
         with np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False) as z:
             raw = z[_META] if _META in z.files else None
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise CairnError(f"{path} is not a Cairn artefact (.npz without pickles): {e}") from e
     if raw is None:
         raise CairnError(f"{path} has no {_META} header; it was not written by Cairn")
-    return json.loads(raw.tobytes().decode())
+    return _parse_header(path, raw)
+
+
+def _parse_header(path: str, raw: np.ndarray) -> dict:
+    try:
+        header = json.loads(raw.tobytes().decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CairnError(f"{path} has a damaged {_META} header ({e}); retrain it") from e
+    if not isinstance(header, dict):
+        raise CairnError(f"{path} has a damaged {_META} header; retrain it")
+    return header

@@ -133,6 +133,9 @@ class VectorIndex:
         from pipeline.fs import makedirs
 
         makedirs(folder)
+        stale = os.path.join(folder, "postings.npz")  # a sparse index built here before
+        if os.path.exists(stale):
+            os.remove(stale)
         tmp = os.path.join(folder, ".index.faiss.tmp")
         faiss.write_index(self.index, tmp)
         os.replace(tmp, os.path.join(folder, "index.faiss"))

@@ -1,9 +1,13 @@
 """Spatial re-ranking of search results: verify each query's top neighbours with local features + RANSAC.
 
 The pure re-ranking rule is features.verify.rerank; this module feeds it from local-features Parquet shards.
-Queries are processed in chunks: for each chunk, the query rows and the database rows among their top
-neighbours are read from the shards (only the rows needed are converted), verified pair by pair, and the
-neighbour lists re-ordered. Memory is bounded by the chunk: ``chunk x top_k`` database images' features.
+:class:`LocalStore` reads the id column of every row group once and then fetches rows by id, reading only the
+row groups that hold them. Queries are processed in chunks: for each chunk, the query rows and the database
+rows among their top neighbours are fetched, verified pair by pair, and the neighbour lists re-ordered.
+Memory is bounded by the chunk (``chunk x top_k`` database images' features) plus the id map (about 100 bytes
+per database image). Each chunk reads the row groups its candidates fall in, so a large query set costs about
+(queries / chunk) passes over the database's local features; spreading the pairs over workers (a Beam join on
+the database id) is the scale-out issue's work.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import logging
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.local import LocalFeatures, local_features_from_table
@@ -23,25 +26,44 @@ from pipeline.parquet_io import find_shards
 log = logging.getLogger(__name__)
 
 
+class LocalStore:
+    """Local features of a shard set, fetched by image id."""
+
+    def __init__(self, prefix: str):
+        self.paths = find_shards(prefix)
+        self.where: dict[str, tuple[int, int, int]] = {}  # image id -> (shard, row group, row)
+        for s, path in enumerate(self.paths):
+            with fs.FileSystems.open(path) as f:
+                pf = pq.ParquetFile(f)
+                for g in range(pf.num_row_groups):
+                    for r, image_id in enumerate(pf.read_row_group(g, columns=["id"]).column("id").to_pylist()):
+                        self.where[image_id] = (s, g, r)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.where
+
+    def get(self, wanted) -> dict[str, LocalFeatures]:
+        """image id -> LocalFeatures for the ids in ``wanted`` that the store holds."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for image_id in wanted:
+            if image_id in self.where:
+                s, g, r = self.where[image_id]
+                groups.setdefault((s, g), []).append(r)
+        found: dict[str, LocalFeatures] = {}
+        for s in sorted({s for s, _ in groups}):
+            with fs.FileSystems.open(self.paths[s]) as f:
+                pf = pq.ParquetFile(f)
+                for (s2, g), rows in sorted(groups.items()):
+                    if s2 != s:
+                        continue
+                    table = pf.read_row_group(g).take(pa.array(sorted(rows), pa.int64()))
+                    found.update(zip(table.column("id").to_pylist(), local_features_from_table(table), strict=True))
+        return found
+
+
 def load_local(prefix: str, wanted: set[str]) -> dict[str, LocalFeatures]:
     """image id -> LocalFeatures for the ids in ``wanted`` found in the shards at ``prefix``."""
-    found: dict[str, LocalFeatures] = {}
-    if not wanted:
-        return found
-    keys = pa.array(sorted(wanted), pa.string())
-    for path in find_shards(prefix):
-        with fs.FileSystems.open(path) as f:
-            pf = pq.ParquetFile(f)
-            for g in range(pf.num_row_groups):
-                ids = pf.read_row_group(g, columns=["id"]).column("id")
-                rows = np.flatnonzero(pc.is_in(ids, value_set=keys).to_numpy(zero_copy_only=False))
-                if not len(rows):
-                    continue
-                table = pf.read_row_group(g).take(pa.array(rows, pa.int64()))
-                for image_id, feats in zip(table.column("id").to_pylist(), local_features_from_table(table),
-                                           strict=True):
-                    found[image_id] = feats
-    return found
+    return LocalStore(prefix).get(wanted) if wanted else {}
 
 
 def spatial_rerank(query_ids: list[str], D: np.ndarray, I: np.ndarray, db_ids: list[str], query_prefix: str,
@@ -76,11 +98,18 @@ def _rerank_chunks(query_ids, D, I, db_ids, query_prefix, db_prefix, config, pre
     inliers_out = np.full(I.shape, -1, np.int64)
     top = min(config.top_k, I.shape[1])
     missing = 0
+    query_store = LocalStore(query_prefix)
+    db_store = query_store if db_prefix == query_prefix else LocalStore(db_prefix)
+    candidates = {db_ids[j] for j in np.unique(I[:, :top]) if j >= 0}
+    absent = sum(1 for image_id in candidates if image_id not in db_store)
+    if absent:
+        log.warning("verify: %d of the %d database images among the top %d neighbours have no local features in "
+                    "%s; they count as unverified", absent, len(candidates), top, db_prefix)
     for lo in tqdm(range(0, len(query_ids), chunk), desc="verify", unit="chunk", disable=not progress):
         hi = min(lo + chunk, len(query_ids))
-        queries = load_local(query_prefix, set(query_ids[lo:hi]))
+        queries = query_store.get(query_ids[lo:hi])
         needed = {db_ids[j] for j in I[lo:hi, :top].ravel() if j >= 0}
-        database = load_local(db_prefix, needed)
+        database = db_store.get(needed)
         for q in range(lo, hi):
             query = queries.get(query_ids[q])
             if query is None:

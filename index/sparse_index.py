@@ -65,8 +65,13 @@ class SparseIndex:
             raise ValueError(f"xb {xb.shape}, {len(image_ids)} ids and {len(labels)} labels must agree")
         return cls(sp.csc_matrix(xb, dtype=np.float32), list(image_ids), labels, features_metadata)
 
-    def search(self, xq, k: int, batch_size: int = 1024, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """k-NN by inner product: D [Q, k] float32, I [Q, k] int64 (-1 where fewer than k images share a word)."""
+    def search(self, xq, k: int, batch_size: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """k-NN by inner product: D [Q, k] float32, I [Q, k] int64 (-1 where fewer than k images share a word).
+
+        Neighbours are sorted by score, then by row id among the k kept (which of several images tied at the
+        k-th score is kept is not specified). ``batch_size`` 0 bounds a batch's score matrix (up to B x N
+        non-zeros: common words reach most images) to about 2**25 entries.
+        """
         xq = sp.csr_matrix(xq, dtype=np.float32)
         if xq.shape[1] != self.dim:
             raise CairnError(f"query vectors have dimension {xq.shape[1]} but the index holds dimension {self.dim}; "
@@ -76,7 +81,8 @@ class SparseIndex:
         k = min(k, max(1, self.ntotal))
         D = np.full((xq.shape[0], k), -np.inf, np.float32)
         I = np.full((xq.shape[0], k), -1, np.int64)
-        xbt = self.postings.T.tocsc()  # [dim, N]; xq @ xbt walks the postings of each query word
+        xbt = self.postings.T  # [dim, N] CSR view (no copy): row j is the posting list of word j
+        batch_size = batch_size or max(1, 2**25 // max(1, self.ntotal))
         for lo in tqdm(range(0, xq.shape[0], batch_size), desc="search", unit="batch", disable=not progress):
             scores = (xq[lo:lo + batch_size] @ xbt).tocsr()  # [B, N] sparse: only images sharing a word
             for r in range(scores.shape[0]):
@@ -104,6 +110,9 @@ class SparseIndex:
         from pipeline.fs import makedirs
 
         makedirs(folder)
+        stale = os.path.join(folder, "index.faiss")  # a dense index built here before
+        if os.path.exists(stale):
+            os.remove(stale)
         p = self.postings
         artifacts.save(os.path.join(folder, "postings.npz"), "sparse_index",
                        {"data": p.data, "indices": p.indices, "indptr": p.indptr, "shape": np.array(p.shape)},
@@ -135,6 +144,7 @@ def load_any(folder: str):
     """A VectorIndex or a SparseIndex, whichever ``folder`` holds."""
     from index.faiss_index import VectorIndex
 
-    if os.path.exists(os.path.join(folder, "postings.npz")):
+    record = os.path.join(folder, "index.json")
+    if os.path.exists(record) and cfg.load_json(record).get("kind") == "sparse-inverted-file":
         return SparseIndex.load(folder)
     return VectorIndex.load(folder)

@@ -35,6 +35,14 @@ class VocabularyConfig:
     sample_size: int = 1_000_000  # database descriptors k-means learns from (a seeded share of each image's)
     seed: int = 0  # sampling and k-means initialisation
 
+    def __post_init__(self):
+        if not 1 <= self.k <= 1 << 20:
+            raise ValueError(f"k must be between 1 and {1 << 20:,}, not {self.k}")
+        if self.niter < 1:
+            raise ValueError(f"niter must be >= 1, not {self.niter}")
+        if self.sample_size < self.k:
+            raise ValueError(f"sample_size ({self.sample_size:,}) must be at least k ({self.k:,})")
+
 
 @dataclass(frozen=True)
 class HogMethodConfig:
@@ -43,6 +51,10 @@ class HogMethodConfig:
     hog: HogConfig = HogConfig()  # descriptor parameters (features/hog.py)
     pca_dim: int = 0  # PCA-whitening to this many dimensions, learned on the database (0 = raw HoG)
     whiten: bool = True  # divide by the square root of the eigenvalues (else plain PCA)
+
+    def __post_init__(self):
+        if self.pca_dim < 0:
+            raise ValueError(f"pca_dim must be >= 0 (0 = no PCA), not {self.pca_dim}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,12 @@ class BovwConfig:
     vocabulary: VocabularyConfig = VocabularyConfig()  # k-means vocabulary
     burstiness: str = "sqrt"  # term frequency transform: "sqrt" (tames repeated structures) or "none"
     idf_sample: int = 100_000  # database images the document frequencies are counted on
+
+    def __post_init__(self):
+        if self.burstiness not in ("sqrt", "none"):
+            raise ValueError(f"burstiness must be 'sqrt' or 'none', not {self.burstiness!r}")
+        if self.idf_sample < 1:
+            raise ValueError(f"idf_sample must be >= 1, not {self.idf_sample}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,14 @@ class VladConfig:
     whiten: bool = True  # whiten the PCA projection (Jegou & Chum 2012)
     pca_sample: int = 50_000  # database images the PCA is learned on
 
+    def __post_init__(self):
+        if self.pca_dim < 0:
+            raise ValueError(f"pca_dim must be >= 0 (0 = no PCA), not {self.pca_dim}")
+        if self.pca_dim and self.pca_sample < 2:
+            raise ValueError(f"pca_sample must be >= 2 to learn a PCA, not {self.pca_sample}")
+        if not 0 < self.power <= 1:
+            raise ValueError(f"power must be in (0, 1], not {self.power}")
+
 
 @dataclass(frozen=True)
 class ClassifierConfig:
@@ -76,6 +102,14 @@ class ClassifierConfig:
     batch_size: int = 1024  # mini-batch size (softmax)
     validation_fraction: float = 0.1  # share held out for temperature calibration
     seed: int = 0  # data order and the held-out split
+
+    def __post_init__(self):
+        if self.kind not in ("softmax", "ncm"):
+            raise ValueError(f"kind must be 'softmax' or 'ncm', not {self.kind!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), not {self.validation_fraction}")
 
 
 @dataclass(frozen=True)

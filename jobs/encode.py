@@ -27,6 +27,7 @@ from pipeline.errors import CairnError
 from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
 from pipeline.parquet_io import SHARD_TEMPLATE, count_rows, find_shards, read_shards, shard_pattern
 from pipeline.schemas import cairn_metadata, global_features_schema, sparse_features_schema
+from pipeline.transforms import Rebatch
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,9 @@ def sample_descriptors(local_dir: str, out: str, sample_size: int, subset_size: 
     _ = parts.d | "WriteSample" >> beam.io.WriteToParquetBatched(
         fs.join(out, "sample"), sample_schema, num_shards=1, shard_name_template=SHARD_TEMPLATE,
         file_name_suffix=".parquet")
-    _ = parts[SUBSET] | "WriteSubset" >> beam.io.WriteToParquetBatched(
-        fs.join(out, "subset"), local_schema, num_shards=1, shard_name_template=SHARD_TEMPLATE,
-        file_name_suffix=".parquet")
+    _ = parts[SUBSET] | "RebatchSubset" >> Rebatch() | "WriteSubset" >> beam.io.WriteToParquetBatched(
+        fs.join(out, "subset"), local_schema, num_shards=max(1, math.ceil(min(images, subset_size) / 20_000)),
+        shard_name_template=SHARD_TEMPLATE, file_name_suffix=".parquet")
     p.run().wait_until_finish()
     return {"images": images, "per_image": per_image, "subset_fraction": fraction,
             "descriptors": count_rows(fs.join(out, "sample")) if fs.glob(shard_pattern(fs.join(out, "sample"))) else 0,
@@ -98,23 +99,36 @@ def sample_descriptors(local_dir: str, out: str, sample_size: int, subset_size: 
 
 
 def read_sample(out: str):
-    """([S, D] float32 stored descriptors, list of LocalFeatures of the image subset) written by the sampling job."""
+    """[S, D] float32: the stored descriptors sampled for k-means by the sampling job (they fit in memory:
+    k-means needs them there)."""
     import numpy as np
 
-    from features.local import local_features_from_table
     from pipeline.schemas import vectors_of
 
-    desc = vectors_of(read_shards(fs.join(out, "sample"))[0], "descriptor") \
-        if fs.glob(shard_pattern(fs.join(out, "sample"))) else np.zeros((0, 128), np.float32)
-    subset = local_features_from_table(read_shards(fs.join(out, "subset"))[0]) \
-        if fs.glob(shard_pattern(fs.join(out, "subset"))) else []
-    return desc, subset
+    if not fs.glob(shard_pattern(fs.join(out, "sample"))):
+        return np.zeros((0, 128), np.float32)
+    return vectors_of(read_shards(fs.join(out, "sample"))[0], "descriptor")
+
+
+def iter_subset(out: str):
+    """The sampled images' LocalFeatures, one row group at a time (the subset can be larger than memory)."""
+    import pyarrow.parquet as pq
+
+    from features.local import local_features_from_table
+
+    for path in fs.glob(shard_pattern(fs.join(out, "subset"))):
+        with fs.FileSystems.open(path) as f:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.num_row_groups):
+                yield from local_features_from_table(pf.read_row_group(g))
 
 
 def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads: int = 0,
            beam_args: list[str] | None = None, force: bool = False) -> dict:
     """Run the encoding job; returns the record written to OUT/encode.json."""
     fs.check_output_folder(out)
+    if fs.absolute(out).rstrip("/") == fs.absolute(features).rstrip("/"):
+        raise CairnError(f"--out {out} is the --features folder; write the encoded vectors to another folder")
     encoder, header = load_encoder(encoder_path)
     in_kind, out_kind = ENCODERS[header["kind"]]
     kind = features_kind(features)
@@ -140,14 +154,16 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     config = {"features": fs.absolute(features), "features_fingerprint": features_fingerprint(features),
               "encoder": fs.absolute(encoder_path), "metadata": metadata}
     out_prefix = features_prefix(out, out_kind)
-    if not force and cfg.check_reusable(record_path, config) and fs.glob(shard_pattern(out_prefix)):
+    if not force and cfg.check_reusable(record_path, config) and _complete(out_prefix, record_path):
         log.info("encode: reusing %s (same features and encoder; --force recomputes)", out)
         return cfg.load_json(record_path)
+    if fs.exists(record_path):
+        fs.delete([record_path])
     dim = int(encoder.dim_out if header["kind"] == "pca_whitening" else encoder.dim)
     schema = (sparse_features_schema(dim, metadata) if out_kind == "sparse"
               else global_features_schema(dim, metadata))
     fs.makedirs(out)
-    fs.delete([p for k in FEATURE_PREFIX for p in fs.glob(fs.escape(features_prefix(out, k)) + "-*")])
+    fs.delete(fs.glob(fs.escape(out_prefix) + "-*"))
     workers = common.resolve_workers(workers, images)
     threads = threads or default_threads_per_worker(workers)
     options = pipeline_options(beam_args or [], workers)
@@ -156,6 +172,7 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     _ = (p | "Read" >> beam.io.ReadFromParquetBatched(shard_pattern(in_prefix))
          | "Encode" >> beam.ParDo(EncodeBatches(encoder_path, in_kind, source.get("postprocess", "none"), schema,
                                                 threads))
+         | "Rebatch" >> Rebatch()
          | "Write" >> beam.io.WriteToParquetBatched(out_prefix, schema, num_shards=max(1, len(find_shards(in_prefix))),
                                                     shard_name_template=SHARD_TEMPLATE, file_name_suffix=".parquet",
                                                     codec="zstd"))
@@ -170,6 +187,15 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     cfg.save_json(record_path, record)
     log.info("encode: %d images -> %d %s vectors of dim %d in %.1f s", images, written, out_kind, dim, seconds)
     return record
+
+
+def _complete(prefix: str, record_path: str) -> bool:
+    """True when a complete shard set holds as many rows as the record says were written."""
+    try:
+        find_shards(prefix)
+    except CairnError:
+        return False
+    return count_rows(prefix) == cfg.load_json(record_path).get("counts", {}).get("outputs")
 
 
 def build_parser():

@@ -33,7 +33,7 @@ from pipeline.manifest import manifest_fingerprint, read_manifest
 from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
 from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
 from pipeline.schemas import global_features_schema
-from pipeline.transforms import DEAD, DecodeAndExtract, WriteDeadLetters
+from pipeline.transforms import DEAD, DecodeAndExtract, Rebatch, WriteDeadLetters
 
 log = logging.getLogger(__name__)
 ROWS_PER_SHARD = 20_000
@@ -129,8 +129,11 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         rows = p | "NoRows" >> beam.Create([])
     results = rows | "DecodeAndExtract" >> beam.ParDo(
         DecodeAndExtract(method, params or {}, decode, threads)).with_outputs(DEAD, main="features")
-    write = beam.io.WriteToParquetBatched if kind == "local" else beam.io.WriteToParquet
-    _ = results.features | "WriteFeatures" >> write(
+    features = results.features
+    write = beam.io.WriteToParquet  # dict rows, buffered into row groups by the sink
+    if kind == "local":  # one-row Arrow tables: batch them into row groups first
+        features, write = features | "Rebatch" >> Rebatch(), beam.io.WriteToParquetBatched
+    _ = features | "WriteFeatures" >> write(
         paths["features"], schema, num_shards=num_shards, shard_name_template=SHARD_TEMPLATE,
         file_name_suffix=".parquet", codec="zstd",
     )

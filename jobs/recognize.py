@@ -110,6 +110,11 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
 
         db_local, query_local, rerank_config = verify
         local_meta = features_metadata(db_local, "local")
+        query_meta = features_metadata(query_local, "local")
+        if (local_meta.get("method"), local_meta.get("config")) != (query_meta.get("method"), query_meta.get("config")):
+            raise CairnError(f"--verify-queries {query_local} holds {query_meta.get('method')} "
+                             f"{query_meta.get('config')} features but --verify-db {db_local} holds "
+                             f"{local_meta.get('method')} {local_meta.get('config')}; extract both alike")
         started = time.perf_counter()
         D, I, _ = spatial_rerank(query_ids, D, I, index.image_ids, features_prefix(query_local, "local"),
                                  features_prefix(db_local, "local"), rerank_config,

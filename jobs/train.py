@@ -28,6 +28,7 @@ from jobs.encode import (
     features_fingerprint,
     features_kind,
     features_metadata,
+    iter_subset,
     read_sample,
     sample_descriptors,
 )
@@ -57,17 +58,30 @@ TRAINABLE = ("sift-bovw", "sift-vlad", "hog", "hog-linear", "sift-vlad-linear")
 
 
 def _record(out: str, method: str, config, features: str) -> tuple[str, dict]:
+    """(record path, the requested config: method, its parameters, what features it trains on)."""
     requested = {"method": method, "method_config": cfg.to_dict(config) if not isinstance(config, dict) else config,
                  "features": fs.absolute(features), "features_fingerprint": features_fingerprint(features)}
     return fs.join(out, "train.json"), requested
 
 
 def _reusable(out: str, requested: dict, artefact: str, force: bool) -> dict | None:
-    path = fs.join(out, "train.json")
-    if not force and cfg.check_reusable(path, requested) and fs.exists(fs.join(out, artefact)):
-        log.info("train: reusing %s (same config and features; --force retrains)", out)
-        return cfg.load_json(path)
+    """The stored record when OUT holds the artefact trained with ``requested`` (checked by its checksum);
+    otherwise None, after removing the record so that a run killed before writing its own cannot leave an
+    old record beside a new artefact."""
+    path, target = fs.join(out, "train.json"), fs.join(out, artefact)
+    if not force and cfg.check_reusable(path, requested) and fs.exists(target):
+        record = cfg.load_json(path)
+        if record.get("artefact_sha256") == cfg.file_fingerprint(target):
+            log.info("train: reusing %s (same config and features; --force retrains)", out)
+            return record
+    if fs.exists(path):
+        fs.delete([path])
     return None
+
+
+def _save_record(out: str, artefact: str, record: dict) -> None:
+    record["artefact_sha256"] = cfg.file_fingerprint(fs.join(out, artefact))
+    cfg.save_json(fs.join(out, "train.json"), record)
 
 
 def _check_source(features: str, kind: str, method: str, expected: dict | None = None) -> dict:
@@ -88,7 +102,7 @@ def train_encoder(method: str, features: str, out: str, config, workers: int = 1
     from features.vocabulary import BoVWEncoder, VLADEncoder, Vocabulary
 
     source = _check_source(features, "local", method, cfg.to_dict(config.sift))
-    record_path, requested = _record(out, method, config, features)
+    _, requested = _record(out, method, config, features)
     if (reused := _reusable(out, requested, "encoder.npz", force)) is not None:
         return reused
     fs.makedirs(out)
@@ -97,7 +111,8 @@ def train_encoder(method: str, features: str, out: str, config, workers: int = 1
     started = time.perf_counter()
     counts = sample_descriptors(features, fs.join(out, "sample"), voc.sample_size, subset, voc.seed, workers,
                                 beam_args)
-    stored, images = read_sample(fs.join(out, "sample"))
+    stored = read_sample(fs.join(out, "sample"))
+    subset_images = counts["subset_images"]
     sample_seconds = time.perf_counter() - started
     if len(stored) < voc.k:
         raise CairnError(f"{method}: the database gave only {len(stored):,} descriptors, fewer than the "
@@ -107,14 +122,14 @@ def train_encoder(method: str, features: str, out: str, config, workers: int = 1
     started = time.perf_counter()
     vocabulary = Vocabulary(k=voc.k, niter=voc.niter, sample_size=voc.sample_size, seed=voc.seed).fit(desc)
     kmeans_seconds = time.perf_counter() - started
-    sets = [prepare_descriptors(f.descriptors, source) for f in images]
+    sets = (prepare_descriptors(f.descriptors, source) for f in iter_subset(fs.join(out, "sample")))  # streamed
     started = time.perf_counter()
     if method == "sift-bovw":
         encoder = BoVWEncoder(vocabulary, tfidf=True, burstiness=config.burstiness).fit(sets)
     else:
-        if config.pca_dim and len(sets) < 2:
+        if config.pca_dim and subset_images < 2:
             raise CairnError("sift-vlad: PCA-whitening needs at least 2 database images; set vlad.pca_dim=0")
-        pca_dim = whitening_dim(config.pca_dim, min(len(sets), config.pca_sample), method) if config.pca_dim else 0
+        pca_dim = whitening_dim(config.pca_dim, min(subset_images, config.pca_sample), method) if config.pca_dim else 0
         encoder = VLADEncoder(vocabulary, intra_norm=True, power=config.power, pca_dim=pca_dim,
                               whiten=config.whiten, pca_sample=config.pca_sample, seed=voc.seed).fit(sets)
     encoder_seconds = time.perf_counter() - started
@@ -126,9 +141,9 @@ def train_encoder(method: str, features: str, out: str, config, workers: int = 1
               "seconds": {"sample": round(sample_seconds, 3), "kmeans": round(kmeans_seconds, 3),
                           "encoder": round(encoder_seconds, 3)},
               "train_seconds": round(sample_seconds + kmeans_seconds + encoder_seconds, 3)}
-    cfg.save_json(record_path, record)
+    _save_record(out, "encoder.npz", record)
     log.info("train %s: %d words from %s descriptors of %d images (k-means %.1f s), encoder on %d images, dim %d",
-             method, voc.k, f"{len(desc):,}", counts["images"], kmeans_seconds, len(sets), encoder.dim)
+             method, voc.k, f"{len(desc):,}", counts["images"], kmeans_seconds, subset_images, encoder.dim)
     return record
 
 
@@ -137,7 +152,7 @@ def train_pca(features: str, out: str, config: classic.HogMethodConfig, force: b
     from features.pca import PCAWhitening
 
     source = _check_source(features, "global", "hog", cfg.to_dict(config.hog))
-    record_path, requested = _record(out, "hog", config, features)
+    _, requested = _record(out, "hog", config, features)
     if (reused := _reusable(out, requested, "encoder.npz", force)) is not None:
         return reused
     table, _ = read_shards(features_prefix(features, "global"), columns=["vector"])
@@ -150,7 +165,7 @@ def train_pca(features: str, out: str, config: classic.HogMethodConfig, force: b
     record = {"config": requested, "method": "hog", "features_metadata": {"method": source.get("method"),
                                                                          "config": source.get("config")},
               "dim": int(pca.dim_out), "train_seconds": round(seconds, 3)}
-    cfg.save_json(record_path, record)
+    _save_record(out, "encoder.npz", record)
     log.info("train hog: PCA-whitening %d -> %d on %d images in %.2f s", pca.n_features_in_, pca.dim_out,
              table.num_rows, seconds)
     return record
@@ -171,7 +186,7 @@ def train_classifier(method: str, features: str, out: str, config: classic.Class
                      force: bool = False) -> dict:
     """A calibrated classifier on the global descriptors in FEATURES; OUT/classifier.npz."""
     source = _check_source(features, "global", method)
-    record_path, requested = _record(out, method, config, features)
+    _, requested = _record(out, method, config, features)
     if (reused := _reusable(out, requested, "classifier.npz", force)) is not None:
         return reused
     table, _ = read_shards(features_prefix(features, "global"), columns=["id", "landmark_id", "vector"])
@@ -190,7 +205,7 @@ def train_classifier(method: str, features: str, out: str, config: classic.Class
                                                                           "config": source.get("config")},
               "classes": int(len(model.classes_)), "images": int(len(y)), "temperature": float(model.temperature_),
               "calibration": getattr(model, "calibration_", ""), "train_seconds": round(seconds, 3)}
-    cfg.save_json(record_path, record)
+    _save_record(out, "classifier.npz", record)
     log.info("train %s: %s on %d images x %d classes in %.1f s (temperature %.3f)", method, config.kind, len(y),
              len(model.classes_), seconds, model.temperature_)
     return record

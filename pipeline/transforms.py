@@ -81,6 +81,26 @@ class DecodeAndExtract(beam.DoFn):
         yield {"id": row["id"], "landmark_id": row["landmark_id"], "vector": vector.astype(np.float32)}
 
 
+class Rebatch(beam.PTransform):
+    """Small Arrow tables -> tables of ``min_rows``..``max_rows`` rows, so that a batched Parquet sink writes one
+    row group per batch rather than per image (a footer entry per image would make million-row shards slow
+    to open and every reader process one image at a time)."""
+
+    def __init__(self, min_rows: int = 128, max_rows: int = 1024):
+        super().__init__()
+        self.min_rows = min_rows
+        self.max_rows = max_rows
+
+    def expand(self, tables):
+        import pyarrow as pa
+
+        return (
+            tables
+            | "Batch" >> beam.BatchElements(min_batch_size=self.min_rows, max_batch_size=self.max_rows)
+            | "Concat" >> beam.Map(lambda batch: pa.concat_tables(batch).combine_chunks())
+        )
+
+
 class WriteDeadLetters(beam.PTransform):
     """DeadLetters -> one CSV file (``id,stage,reason,path``), sorted by id for stable output."""
 

@@ -49,3 +49,26 @@ def test_spatial_rerank_moves_the_geometrically_consistent_image_first(tmp_path)
     assert I2[0, 0] == 3 and inliers[0, 0] >= 250
     assert np.all(np.diff(D2[0]) <= 0) and D2[0, 0] > 0.9
     assert sorted(I2[0]) == [0, 1, 2, 3]
+
+
+def test_chunks_smaller_than_the_query_set_give_the_same_result(tmp_path):
+    rng = np.random.default_rng(2)
+    scenes = [_scene(rng) for _ in range(5)]
+    schema = local_features_schema(16)
+    db = [_feats(p + [5.0, 3.0], d + rng.normal(scale=0.01, size=d.shape)) for p, d in scenes]
+    write_table_shards(local_features_table([f"d{i}" for i in range(5)], list(range(5)), db, schema),
+                       str(tmp_path / "db"), num_shards=2)
+    queries = [_feats(p, d) for p, d in scenes]
+    write_table_shards(local_features_table([f"q{i}" for i in range(5)], [None] * 5, queries, schema),
+                       str(tmp_path / "q"), num_shards=2)
+    # every query's true match (d_i for q_i) sits at a different rank of the global list
+    I = np.array([np.roll(np.arange(5), -((i + 2) % 5)) for i in range(5)], np.int64)
+    D = np.tile(np.linspace(0.9, 0.5, 5, dtype=np.float32), (5, 1))
+    args = (["q0", "q1", "q2", "q3", "q4"], D, I, [f"d{i}" for i in range(5)], str(tmp_path / "q"),
+            str(tmp_path / "db"), RerankConfig(top_k=5))
+    whole = spatial_rerank(*args, chunk=500)
+    pieces = spatial_rerank(*args, chunk=2)
+    for a, b in zip(whole, pieces, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert list(whole[1][:, 0]) == [0, 1, 2, 3, 4]  # every query's own scene first
+    assert np.all(whole[2][:, 0] >= 250) and np.all(whole[2][:, 1:] < 10)  # inliers aligned with the new order

@@ -37,7 +37,8 @@ def test_save_load_round_trip_and_errors(tmp_path):
     assert back.features_metadata == {"method": "sift-bovw"}
     D1, I1 = index.search(xb[:5], 5)
     D2, I2 = back.search(xb[:5], 5)
-    np.testing.assert_array_equal(I1, I2) and np.testing.assert_array_equal(D1, D2)
+    np.testing.assert_array_equal(I1, I2)
+    np.testing.assert_array_equal(D1, D2)
     with pytest.raises(CairnError, match="dimension"):
         index.search(_data(3, dim=100), 5)
 

@@ -34,3 +34,27 @@ def test_every_field_is_listed_for_help():
     for line in lines:  # every listed default can be given back unchanged
         path, _, value = line.partition("=")
         assert parse_overrides([f"{path}={value}"]) == ClassicConfig()
+
+
+def test_chance_level_of_the_porto_benchmark_matches_enumeration():
+    import itertools
+
+    import numpy as np
+
+    from bench.bench_porto import _chance
+    from reports.metrics import mean_average_precision_at_k
+
+    labels = np.array([0, 0, 0, 1, 1, 2])  # a class with one photo has no relevant neighbour: not a query
+    aps, hits, queries = [], [], 0
+    for q in range(len(labels)):
+        others = [i for i in range(len(labels)) if i != q]
+        relevant = {i for i in others if labels[i] == labels[q]}
+        if not relevant:
+            continue
+        queries += 1
+        perms = list(itertools.permutations(others))
+        aps.append(np.mean([mean_average_precision_at_k([list(p)], [relevant], 100) for p in perms]))
+    for q in range(len(labels)):
+        hits.append(np.mean([labels[i] == labels[q] for i in range(len(labels)) if i != q]))
+    ap, acc = _chance(labels)
+    assert ap == pytest.approx(np.mean(aps)) and acc == pytest.approx(np.mean(hits))

@@ -72,3 +72,10 @@ def test_rerun_reuses_everything_and_gives_the_same_metrics(classic_run, tiny_sy
     for name in CLASSIC:
         for key in ("gap", "accuracy", "map_at_100", "extract_seconds", "train_seconds"):
             assert after["methods"][name][key] == before["methods"][name][key], (name, key)
+
+
+def test_local_features_and_vectors_are_written_in_row_groups_not_one_per_image(classic_run):
+    for pattern in ("local/sift-*/train/local-*.parquet", "sift-bovw/vectors/train/sparse-*.parquet"):
+        for path in (classic_run / "work").glob(pattern):
+            meta = pq.ParquetFile(path).metadata
+            assert meta.num_rows == 16 and meta.num_row_groups < meta.num_rows, (path, meta.num_row_groups)

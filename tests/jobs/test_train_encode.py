@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from jobs import classic
-from jobs.encode import encode, read_sample, sample_descriptors
+from jobs.encode import encode, iter_subset, read_sample, sample_descriptors
 from jobs.extract import extract, features_prefix
 from jobs.train import train
 from pipeline.errors import CairnError
@@ -34,13 +34,14 @@ def local(tmp_path_factory, tiny_synth):
 def test_sampling_is_reproducible_and_capped(local, tmp_path):
     a = sample_descriptors(str(local / "sift"), str(tmp_path / "a"), sample_size=340, subset_size=5, seed=3)
     b = sample_descriptors(str(local / "sift"), str(tmp_path / "b"), sample_size=340, subset_size=5, seed=3)
-    (da, ia), (db, ib) = read_sample(str(tmp_path / "a")), read_sample(str(tmp_path / "b"))
+    da, db = read_sample(str(tmp_path / "a")), read_sample(str(tmp_path / "b"))
+    ia, ib = list(iter_subset(str(tmp_path / "a"))), list(iter_subset(str(tmp_path / "b")))
     assert a["images"] == 17 and a["per_image"] == 20  # ceil(340 / 17)
     assert a == b and 0 < len(da) <= 340 and a["descriptors"] == len(da)
     assert sorted(map(bytes, da)) == sorted(map(bytes, db))  # same descriptors, whatever the bundle order
     assert sorted(f.width * 1000 + len(f) for f in ia) == sorted(f.width * 1000 + len(f) for f in ib)
     sample_descriptors(str(local / "sift"), str(tmp_path / "c"), sample_size=340, subset_size=5, seed=4)
-    assert sorted(map(bytes, read_sample(str(tmp_path / "c"))[0])) != sorted(map(bytes, da))  # the seed matters
+    assert sorted(map(bytes, read_sample(str(tmp_path / "c")))) != sorted(map(bytes, da))  # the seed matters
 
 
 @pytest.mark.parametrize("method", ["sift-bovw", "sift-vlad"])
@@ -85,3 +86,26 @@ def test_mismatched_configs_are_refused(local, tmp_path):
     encode(str(local / "sift"), encoder, str(tmp_path / "vectors"))
     with pytest.raises(CairnError, match="reads local features"):
         encode(str(tmp_path / "vectors"), encoder, str(tmp_path / "x"))
+
+
+def test_encode_never_writes_over_its_input_and_reuse_checks_the_artefact(local, tmp_path):
+    train("sift-bovw", str(local / "sift"), str(tmp_path / "m"), SMALL)
+    encoder = str(tmp_path / "m" / "encoder.npz")
+    with pytest.raises(CairnError, match="is the --features folder"):
+        encode(str(local / "sift"), encoder, str(local / "sift"))
+    assert list((local / "sift").glob("local-*.parquet"))  # untouched
+    # an artefact replaced behind the record's back is retrained, not reused
+    (tmp_path / "m" / "encoder.npz").write_bytes(b"not the trained file")
+    train("sift-bovw", str(local / "sift"), str(tmp_path / "m"), SMALL)
+    assert (tmp_path / "m" / "encoder.npz").read_bytes()[:2] == b"PK"  # a real .npz again
+
+
+def test_corrupt_artefacts_give_clear_errors(tmp_path):
+    from features.artifacts import header, load
+
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(CairnError, match="not a Cairn artefact"):
+        load(str(bad), "bovw")
+    with pytest.raises(CairnError, match="does not exist"):
+        header(str(tmp_path / "missing.npz"))
