@@ -38,12 +38,12 @@ DESCRIPTION = (
 # on the 484 photos themselves is what a small collection can afford, and worth seeing against none
 METHODS = (
     ("hog", "hog", []),
-    ("hog, PCA-whitened to 64", "hog", ["hog.pca_dim=64"]),
+    ("hog, PCA-whitened to 64", "hog", ["hog.pca_dim=64", "hog.pca_min_images=0"]),
     ("sift-bovw", "sift-bovw", []),
     ("sift-bovw+sv", "sift-bovw+sv", []),
-    ("sift-vlad (default: PCA-whitened, 242-d here)", "sift-vlad", []),
-    ("sift-vlad, PCA-whitened to 64", "sift-vlad", ["vlad.pca_dim=64"]),
-    ("sift-vlad, no PCA (8192-d)", "sift-vlad", ["vlad.pca_dim=0"]),
+    ("sift-vlad (default: too few photos to whiten, raw 8192-d)", "sift-vlad", []),
+    ("sift-vlad, PCA-whitened anyway (242-d, at most N/2)", "sift-vlad", ["vlad.pca_min_images=0"]),
+    ("sift-vlad, PCA-whitened to 64", "sift-vlad", ["vlad.pca_dim=64", "vlad.pca_min_images=0"]),
 )
 
 

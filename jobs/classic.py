@@ -34,6 +34,7 @@ class VocabularyConfig:
     niter: int = 20  # k-means iterations
     sample_size: int = 1_000_000  # database descriptors k-means learns from (a seeded share of each image's)
     seed: int = 0  # sampling and k-means initialisation
+    use_gpu: bool = False  # run k-means on the GPUs when faiss-gpu sees some (falls back to the CPU)
 
     def __post_init__(self):
         if not 1 <= self.k <= 1 << 20:
@@ -51,6 +52,7 @@ class HogMethodConfig:
     hog: HogConfig = HogConfig()  # descriptor parameters (features/hog.py)
     pca_dim: int = 0  # PCA-whitening to this many dimensions, learned on the database (0 = raw HoG)
     whiten: bool = True  # divide by the square root of the eigenvalues (else plain PCA)
+    pca_min_images: int = 10  # database images needed per PCA dimension; with fewer, no PCA (0 = always PCA)
 
     def __post_init__(self):
         if self.pca_dim < 0:
@@ -83,6 +85,7 @@ class VladConfig:
     pca_dim: int = 256  # PCA-whitening to this many dimensions (0 = raw k x 128 VLAD)
     whiten: bool = True  # whiten the PCA projection (Jegou & Chum 2012)
     pca_sample: int = 50_000  # database images the PCA is learned on
+    pca_min_images: int = 10  # database images needed per PCA dimension; with fewer, raw VLAD (0 = always PCA)
 
     def __post_init__(self):
         if self.pca_dim < 0:
@@ -257,8 +260,9 @@ def build_base(method: str, config: ClassicConfig, ctx: RunContext) -> dict:
         vectors, encoded, trained = fs.join(ctx.work, "hog"), None, {"train_seconds": 0.0}
         if config.hog.pca_dim > 0:
             trained = train("hog", fs.join(vectors, "train"), fs.join(home, "model"), config, force=ctx.force)
-            encoded = _encode_both(ctx, vectors, fs.join(home, "model", "encoder.npz"), fs.join(home, "pca"))
-            vectors = fs.join(home, "pca")
+            if trained.get("trained", True):  # False: too few images to learn the PCA (logged)
+                encoded = _encode_both(ctx, vectors, fs.join(home, "model", "encoder.npz"), fs.join(home, "pca"))
+                vectors = fs.join(home, "pca")
         local = None
     else:
         sift = config.bovw.sift if method == "sift-bovw" else config.vlad.sift

@@ -42,10 +42,21 @@ from pipeline.schemas import labels_of, vectors_of
 log = logging.getLogger(__name__)
 
 
-def whitening_dim(requested: int, samples: int, what: str) -> int:
-    """PCA-whitening learned on N samples can whiten at most N - 1 directions, and whitening nearly all of them
-    maps the training set onto a regular simplex (every pair equally far apart): the database's own
-    neighbourhoods are erased. Keep at most N / 2 dimensions, and say so."""
+def whitening_dim(requested: int, samples: int, what: str, min_per_dim: int = 0) -> int:
+    """The PCA dimension to learn from ``samples`` images (0 = no PCA).
+
+    A D-dimensional covariance is estimated well from about 10 D samples; whitened from fewer, the rare
+    directions are noise blown up to unit variance, and retrieval gets worse than with the raw descriptor
+    (measured on the 484 Porto photos: VLAD mAP@100 0.37 raw, 0.09 whitened to 242-d, 0.17 to 64-d). So with
+    fewer than ``min_per_dim`` images per dimension there is no PCA. In any case PCA-whitening learned on N
+    samples can whiten at most N - 1 directions, and whitening nearly all of them maps the training set onto a
+    regular simplex (every pair equally far apart), so at most N / 2 dimensions are kept.
+    """
+    if min_per_dim and samples < min_per_dim * requested:
+        log.warning("train %s: %d images are too few to learn PCA-whitening to %d dimensions (%d per dimension "
+                    "needed: pca_min_images); keeping the raw descriptor. Set pca_min_images=0 to whiten anyway",
+                    what, samples, requested, min_per_dim)
+        return 0
     cap = max(1, samples // 2)
     if requested > cap:
         log.warning("train %s: PCA-whitening to %d dimensions needs more than the %d images it learns from; "
@@ -120,7 +131,8 @@ def train_encoder(method: str, features: str, out: str, config, workers: int = 1
                          f"{'bovw' if method == 'sift-bovw' else 'vlad'}.vocabulary.k=...) or use more images")
     desc = prepare_descriptors(stored, source)
     started = time.perf_counter()
-    vocabulary = Vocabulary(k=voc.k, niter=voc.niter, sample_size=voc.sample_size, seed=voc.seed).fit(desc)
+    vocabulary = Vocabulary(k=voc.k, niter=voc.niter, sample_size=voc.sample_size, seed=voc.seed,
+                            use_gpu=voc.use_gpu).fit(desc)
     kmeans_seconds = time.perf_counter() - started
     sets = (prepare_descriptors(f.descriptors, source) for f in iter_subset(fs.join(out, "sample")))  # streamed
     started = time.perf_counter()
@@ -129,7 +141,8 @@ def train_encoder(method: str, features: str, out: str, config, workers: int = 1
     else:
         if config.pca_dim and subset_images < 2:
             raise CairnError("sift-vlad: PCA-whitening needs at least 2 database images; set vlad.pca_dim=0")
-        pca_dim = whitening_dim(config.pca_dim, min(subset_images, config.pca_sample), method) if config.pca_dim else 0
+        pca_dim = whitening_dim(config.pca_dim, min(subset_images, config.pca_sample), method,
+                                config.pca_min_images) if config.pca_dim else 0
         encoder = VLADEncoder(vocabulary, intra_norm=True, power=config.power, pca_dim=pca_dim,
                               whiten=config.whiten, pca_sample=config.pca_sample, seed=voc.seed).fit(sets)
     encoder_seconds = time.perf_counter() - started
@@ -157,7 +170,10 @@ def train_pca(features: str, out: str, config: classic.HogMethodConfig, force: b
         return reused
     table, _ = read_shards(features_prefix(features, "global"), columns=["vector"])
     started = time.perf_counter()
-    pca = PCAWhitening(dim=whitening_dim(config.pca_dim, table.num_rows, "hog"), whiten=config.whiten)
+    dim = whitening_dim(config.pca_dim, table.num_rows, "hog", config.pca_min_images)
+    if dim == 0:
+        return {"method": "hog", "trained": False, "train_seconds": 0.0, "pca": "too few images"}
+    pca = PCAWhitening(dim=dim, whiten=config.whiten)
     pca.fit(vectors_of(table))
     seconds = time.perf_counter() - started
     fs.makedirs(out)

@@ -12,7 +12,8 @@ from pipeline.submission import read_submission
 
 CLASSIC = ["hog", "sift-bovw", "sift-vlad", "sift-bovw+sv", "hog-linear", "sift-vlad-linear"]
 # the tiny set has 16 database images: small vocabularies and PCA
-SMALL = ["bovw.vocabulary.k=64", "vlad.vocabulary.k=8", "vlad.pca_dim=8", "hog.pca_dim=8", "sv.top_k=8"]
+SMALL = ["bovw.vocabulary.k=64", "vlad.vocabulary.k=8", "vlad.pca_dim=8", "hog.pca_dim=8", "sv.top_k=8",
+         "vlad.pca_min_images=0", "hog.pca_min_images=0"]
 
 
 @pytest.fixture(scope="module")

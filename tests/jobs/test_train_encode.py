@@ -15,7 +15,7 @@ from pipeline.parquet_io import read_shards
 from pipeline.schemas import sparse_matrix_of, vectors_of
 from tests.conftest import write_manifest
 
-SMALL = classic.parse_overrides(["bovw.vocabulary.k=32", "vlad.vocabulary.k=4", "vlad.pca_dim=6",
+SMALL = classic.parse_overrides(["bovw.vocabulary.k=32", "vlad.vocabulary.k=4", "vlad.pca_dim=6", "vlad.pca_min_images=0",
                                  "bovw.vocabulary.niter=5", "vlad.vocabulary.niter=5"])
 
 
@@ -109,3 +109,9 @@ def test_corrupt_artefacts_give_clear_errors(tmp_path):
         load(str(bad), "bovw")
     with pytest.raises(CairnError, match="does not exist"):
         header(str(tmp_path / "missing.npz"))
+
+
+def test_too_few_images_for_pca_whitening_keep_the_raw_vlad(local, tmp_path):
+    config = classic.parse_overrides(["vlad.vocabulary.k=4", "vlad.vocabulary.niter=5", "vlad.pca_dim=6"])
+    record = train("sift-vlad", str(local / "sift"), str(tmp_path / "m"), config)  # 17 images < 10 x 6
+    assert record["dim"] == 4 * 128
