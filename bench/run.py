@@ -160,7 +160,7 @@ def render(results: dict) -> str:
         "same run on the same machine (the raw library call or a bare loop). No test checks these numbers; "
         "they describe one machine and move with it.",
         "",
-        f"Reproduce with `{COMMAND}` (about a minute or two on 2 cores; figures also in `bench/results.json`). "
+        f"Reproduce with `{COMMAND}` (about 15 minutes on 2 cores; figures also in `bench/results.json`). "
         f"Smoke test: `{QUICK_COMMAND}` (smaller sizes; writes into `bench/out/`). One benchmark: "
         "`.venv/bin/python -m bench.run --only NAME`.",
         "",

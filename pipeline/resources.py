@@ -14,8 +14,34 @@ import sys
 log = logging.getLogger(__name__)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+LARGE_BUFFERS = 32 << 20  # bytes: allocations up to this size come from the heap, not a fresh mmap
+
+
+def keep_large_buffers() -> bool:
+    """Let glibc's malloc reuse freed buffers of up to 32 MB instead of returning them to the system.
+
+    By default glibc serves allocations above its mmap threshold (128 KB, raised adaptively) with a fresh
+    mmap and unmaps them on free, so an image pipeline that allocates and frees the same few-MB buffers per
+    image (OpenCV's SIFT pyramid, decoded images) pays page faults on every image: SIFT on 320x240 images ran
+    at 19.9 ms per image with the defaults and 10.4 ms with the heap kept (measured 2026-11-21, one thread).
+    The cost is up to LARGE_BUFFERS of freed memory kept per arena. No-op (False) without glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, LARGE_BUFFERS)) and bool(mallopt(M_TRIM_THRESHOLD, 4 * LARGE_BUFFERS))
+
+
 def limit_threads(threads: int) -> None:
-    """Cap the CPU threads of OpenCV, FAISS (OpenMP), BLAS and TensorFlow in this process."""
+    """Cap the CPU threads of OpenCV, FAISS (OpenMP), BLAS and TensorFlow in this process (and keep large
+    buffers in the heap: :func:`keep_large_buffers`)."""
+    keep_large_buffers()
     threads = max(1, int(threads))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)  # read by libraries loaded after this point

@@ -14,3 +14,14 @@ def test_limit_threads_caps_opencv_and_faiss():
     finally:
         cv2.setNumThreads(before[0])
         faiss.omp_set_num_threads(before[1])
+
+
+def test_large_buffers_stay_in_the_heap_on_glibc():
+    import platform
+
+    from pipeline.resources import keep_large_buffers
+
+    result = keep_large_buffers()
+    assert isinstance(result, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert result  # mallopt accepted both settings
