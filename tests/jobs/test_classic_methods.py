@@ -80,3 +80,17 @@ def test_local_features_and_vectors_are_written_in_row_groups_not_one_per_image(
         for path in (classic_run / "work").glob(pattern):
             meta = pq.ParquetFile(path).metadata
             assert meta.num_rows == 16 and meta.num_row_groups < meta.num_rows, (path, meta.num_row_groups)
+
+
+def test_verification_refuses_query_features_extracted_differently(classic_run, tiny_synth, tmp_path):
+    from jobs.extract import extract
+    from jobs.recognize import recognize
+    from pipeline.errors import CairnError
+
+    work = classic_run / "work"
+    local = next((work / "local").iterdir())
+    extract(str(tiny_synth / "queries.csv"), str(tmp_path / "q"), method="sift", params={"max_features": 50})
+    with pytest.raises(CairnError, match="extract both alike"):
+        recognize(str(work / "sift-bovw" / "index"), str(work / "sift-bovw" / "vectors" / "queries"),
+                  str(tmp_path / "out"), verify=(str(local / "train"), str(tmp_path / "q"),
+                                                 parse_overrides(SMALL).sv))
