@@ -256,6 +256,23 @@ def _unembed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return {name[len(head):]: a for name, a in arrays.items() if name.startswith(head)}
 
 
+def _save_with_vocabulary(path: str, kind: str, vocabulary: Vocabulary, arrays: dict, config: dict,
+                          meta: dict) -> None:
+    """An encoder artefact that embeds its vocabulary (arrays ``vocabulary.*``, config and meta ``vocabulary``),
+    so that one file is self-contained."""
+    v_arrays, v_config, v_meta = vocabulary.state()
+    artifacts.save(path, kind, {**_embed("vocabulary", v_arrays), **arrays}, {**config, "vocabulary": v_config},
+                   {"vocabulary": v_meta, **meta})
+
+
+def _load_with_vocabulary(cls, path: str, kind: str):
+    """(encoder built from the stored hyperparameters and vocabulary, its arrays, its meta)."""
+    arrays, header = artifacts.load(path, kind)
+    config, meta = dict(header["config"]), header["meta"]
+    vocabulary = Vocabulary.from_state(_unembed("vocabulary", arrays), config.pop("vocabulary"), meta["vocabulary"])
+    return cls(vocabulary, **config), arrays, meta
+
+
 # ----------------------------------------------------------------------------------------------------------
 # bag of visual words
 
@@ -386,22 +403,16 @@ class BoVWEncoder:
     def save(self, path: str) -> None:
         """One self-contained artefact (kind "bovw"): the vocabulary's centroids, df and idf."""
         self._check_params()
-        v_arrays, v_config, v_meta = self.vocabulary.state()
-        arrays = _embed("vocabulary", v_arrays)
-        meta = {"vocabulary": v_meta}
+        arrays, meta = {}, {}
         if getattr(self, "df_", None) is not None:
             arrays.update(df=self.df_, idf=self.idf_)
             meta["n_documents"] = self.n_documents_
-        config = {"tfidf": bool(self.tfidf), "burstiness": self.burstiness, "vocabulary": v_config}
-        artifacts.save(path, "bovw", arrays, config, meta)
+        config = {"tfidf": bool(self.tfidf), "burstiness": self.burstiness}
+        _save_with_vocabulary(path, "bovw", self.vocabulary, arrays, config, meta)
 
     @classmethod
     def load(cls, path: str) -> BoVWEncoder:
-        arrays, header = artifacts.load(path, "bovw")
-        config, meta = dict(header["config"]), header["meta"]
-        vocabulary = Vocabulary.from_state(_unembed("vocabulary", arrays), config.pop("vocabulary"),
-                                           meta["vocabulary"])
-        encoder = cls(vocabulary, **config)
+        encoder, arrays, meta = _load_with_vocabulary(cls, path, "bovw")
         if "df" in arrays:
             encoder._set_frequencies(arrays["df"], meta["n_documents"])
         return encoder
@@ -542,9 +553,7 @@ class VLADEncoder:
         """One self-contained artefact (kind "vlad"): the vocabulary's centroids and the PCA's arrays."""
         if self.pca_dim > 0:
             check_fitted(self, "pca_")
-        v_arrays, v_config, v_meta = self.vocabulary.state()
-        arrays = _embed("vocabulary", v_arrays)
-        meta = {"vocabulary": v_meta, "dim": self.dim}
+        arrays, meta = {}, {"dim": self.dim}
         pca = getattr(self, "pca_", None)
         if pca is not None:
             p_arrays, p_config, p_meta = pca.state()
@@ -552,17 +561,12 @@ class VLADEncoder:
             meta["pca"] = {"config": p_config, "meta": p_meta}
         params = self.get_params()
         params.pop("vocabulary")
-        config = {**params, "vocabulary": v_config}
-        artifacts.save(path, "vlad", arrays, config, meta)
+        _save_with_vocabulary(path, "vlad", self.vocabulary, arrays, params, meta)
 
     @classmethod
     def load(cls, path: str) -> VLADEncoder:
-        arrays, header = artifacts.load(path, "vlad")
-        config, meta = dict(header["config"]), header["meta"]
-        vocabulary = Vocabulary.from_state(_unembed("vocabulary", arrays), config.pop("vocabulary"),
-                                           meta["vocabulary"])
-        encoder = cls(vocabulary, **config)
-        encoder.n_features_in_ = vocabulary.dim
+        encoder, arrays, meta = _load_with_vocabulary(cls, path, "vlad")
+        encoder.n_features_in_ = encoder.vocabulary.dim
         encoder.pca_ = None
         if "pca" in meta:
             encoder.pca_ = PCAWhitening.from_state(_unembed("pca", arrays), meta["pca"]["config"],

@@ -45,6 +45,14 @@ class IndexConfig:
     use_gpu: bool = False  # move the index to the GPUs for search when some are present (falls back to CPU)
 
 
+def labels_of_ids(labels: np.ndarray, I: np.ndarray) -> np.ndarray:
+    """Landmark ids [Q, K] of the rows I [Q, K] of an id table's ``labels`` (-1 for missing neighbours)."""
+    out = np.full(I.shape, -1, np.int64)
+    valid = I >= 0
+    out[valid] = labels[I[valid]]
+    return out
+
+
 def gpu_count() -> int:
     """GPUs FAISS can use here (0 with faiss-cpu)."""
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
@@ -121,10 +129,7 @@ class VectorIndex:
 
     def labels_of(self, I: np.ndarray) -> np.ndarray:
         """Landmark ids of faiss ids (-1 for missing neighbours and unlabelled images)."""
-        out = np.full(I.shape, -1, np.int64)
-        valid = I >= 0
-        out[valid] = self.labels[I[valid]]
-        return out
+        return labels_of_ids(self.labels, I)
 
     def ids_of(self, I: np.ndarray) -> list[list[str]]:
         return [[self.image_ids[j] for j in row if j >= 0] for row in I]

@@ -17,6 +17,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from features.local import LocalFeatures, local_features_from_table
 from features.verify import RerankConfig, rerank_query
@@ -80,20 +81,17 @@ def spatial_rerank(query_ids: list[str], D: np.ndarray, I: np.ndarray, db_ids: l
         D2, I2 [Q, K] re-ranked (D2 = -inf where I2 = -1), inliers [Q, K] aligned with I2 (-1 = not verified).
     """
     import faiss
-    from tqdm import tqdm
-
     # one verification matches ~1000 x 1000 descriptors: FAISS's OpenMP threads cost more than they save there
     # (about 6 ms on one thread vs 30+ ms on two), so match single-threaded and restore the setting after
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        return _rerank_chunks(query_ids, D, I, db_ids, query_prefix, db_prefix, config, prepare, chunk, progress,
-                              tqdm)
+        return _rerank_chunks(query_ids, D, I, db_ids, query_prefix, db_prefix, config, prepare, chunk, progress)
     finally:
         faiss.omp_set_num_threads(threads)
 
 
-def _rerank_chunks(query_ids, D, I, db_ids, query_prefix, db_prefix, config, prepare, chunk, progress, tqdm):
+def _rerank_chunks(query_ids, D, I, db_ids, query_prefix, db_prefix, config, prepare, chunk, progress):
     D2, I2 = D.copy(), I.copy()
     inliers_out = np.full(I.shape, -1, np.int64)
     top = min(config.top_k, I.shape[1])

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from features import artifacts
-from index.faiss_index import ID_TABLE_SCHEMA
+from index.faiss_index import ID_TABLE_SCHEMA, labels_of_ids
 from pipeline import config as cfg
 from pipeline.errors import CairnError
 
@@ -97,10 +97,7 @@ class SparseIndex:
         return D, I
 
     def labels_of(self, I: np.ndarray) -> np.ndarray:
-        out = np.full(I.shape, -1, np.int64)
-        valid = I >= 0
-        out[valid] = self.labels[I[valid]]
-        return out
+        return labels_of_ids(self.labels, I)
 
     def index_bytes(self) -> int:
         p = self.postings

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from features.hog import HogConfig
 from features.sift import SiftConfig
 from features.verify import RerankConfig
+from pipeline import config as cfg
+from pipeline import fs
 from pipeline.errors import CairnError
 
 
@@ -212,7 +214,6 @@ class RunContext:
 
 
 def _folder_bytes(prefix: str) -> int:
-    from pipeline import fs
     from pipeline.parquet_io import shard_pattern
 
     return sum(fs.size(p) for p in fs.glob(shard_pattern(prefix)))
@@ -221,7 +222,6 @@ def _folder_bytes(prefix: str) -> int:
 def _extract_both(ctx: RunContext, extractor: str, params: dict, folder: str) -> dict:
     """Extract database and query features into WORK/folder/{train,queries}; returns their records."""
     from jobs.extract import extract
-    from pipeline import fs
 
     kw = dict(method=extractor, params=params, decode=ctx.decode, workers=ctx.workers, threads=ctx.threads,
               beam_args=list(ctx.beam_args), force=ctx.force)
@@ -230,14 +230,12 @@ def _extract_both(ctx: RunContext, extractor: str, params: dict, folder: str) ->
 
 
 def _sift_folder(sift) -> str:
-    from pipeline import config as cfg
 
     return f"local/sift-{cfg.fingerprint(sift)[:8]}"  # one folder per SIFT config, shared by every SIFT method
 
 
 def _encode_both(ctx: RunContext, source: str, encoder: str, folder: str) -> dict:
     from jobs.encode import encode
-    from pipeline import fs
 
     return {split: encode(fs.join(source, split), encoder, fs.join(folder, split), workers=ctx.workers,
                           threads=ctx.threads, beam_args=list(ctx.beam_args), force=ctx.force)
@@ -252,11 +250,10 @@ def build_base(method: str, config: ClassicConfig, ctx: RunContext) -> dict:
     """
     from jobs.index import build_index
     from jobs.train import train
-    from pipeline import fs
 
     home = fs.join(ctx.work, method)
     if method == "hog":
-        extracted = _extract_both(ctx, "hog", cfg_dict(config.hog.hog), "hog")
+        extracted = _extract_both(ctx, "hog", cfg.to_dict(config.hog.hog), "hog")
         vectors, encoded, trained = fs.join(ctx.work, "hog"), None, {"train_seconds": 0.0}
         if config.hog.pca_dim > 0:
             trained = train("hog", fs.join(vectors, "train"), fs.join(home, "model"), config, force=ctx.force)
@@ -267,7 +264,7 @@ def build_base(method: str, config: ClassicConfig, ctx: RunContext) -> dict:
     else:
         sift = config.bovw.sift if method == "sift-bovw" else config.vlad.sift
         local = fs.join(ctx.work, _sift_folder(sift))
-        extracted = _extract_both(ctx, "sift", cfg_dict(sift), _sift_folder(sift))
+        extracted = _extract_both(ctx, "sift", cfg.to_dict(sift), _sift_folder(sift))
         trained = train(method, fs.join(local, "train"), fs.join(home, "model"), config,
                         workers=max(1, ctx.workers), beam_args=list(ctx.beam_args), force=ctx.force)
         encoded = _encode_both(ctx, local, fs.join(home, "model", "encoder.npz"), fs.join(home, "vectors"))
@@ -275,12 +272,6 @@ def build_base(method: str, config: ClassicConfig, ctx: RunContext) -> dict:
     indexed = build_index(fs.join(vectors, "train"), fs.join(home, "index"))
     return {"vectors": vectors, "index": fs.join(home, "index"), "indexed": indexed, "extract": extracted,
             "encode": encoded, "train": trained, "local": local}
-
-
-def cfg_dict(config) -> dict:
-    from pipeline import config as cfg
-
-    return cfg.to_dict(config)
 
 
 BASE = {"hog": "hog", "sift-bovw": "sift-bovw", "sift-vlad": "sift-vlad", "sift-bovw+sv": "sift-bovw",
@@ -291,7 +282,6 @@ def run_method(method: str, config: ClassicConfig, ctx: RunContext) -> dict:
     """Run ``method`` end to end; returns {"costs", "recognize" (folder), "dead_letters" {split: csv path}}."""
     from jobs.recognize import recognize
     from jobs.train import train
-    from pipeline import fs
 
     base = build_base(BASE[method], config, ctx)
     home = fs.join(ctx.work, method)
@@ -310,8 +300,6 @@ def run_method(method: str, config: ClassicConfig, ctx: RunContext) -> dict:
 
 def _costs(method: str, base: dict, trained: dict, rec: dict) -> dict:
     from jobs.extract import features_prefix
-    from pipeline import config as cfg
-    from pipeline import fs
 
     ex = base["extract"]
     images = sum(r["counts"]["outputs"] for r in ex.values())

@@ -135,8 +135,9 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     if kind != in_kind:
         raise CairnError(f"a {header['kind']} encoder reads {in_kind} features, but {features} holds {kind} ones")
     source = features_metadata(features, kind)
-    train_record = fs.join(fs.dirname(encoder_path), "train.json")
-    trained_on = cfg.load_json(train_record).get("features_metadata", {}) if fs.exists(train_record) else {}
+    train_path = fs.join(fs.dirname(encoder_path), "train.json")  # written by `cairn train` beside the encoder
+    train_record = cfg.load_json(train_path) if fs.exists(train_path) else {}
+    trained_on = train_record.get("features_metadata", {})
     if trained_on and (trained_on.get("method"), trained_on.get("config")) != (source.get("method"),
                                                                                source.get("config")):
         raise CairnError(f"{encoder_path} was trained on {trained_on.get('method')} {trained_on.get('config')} "
@@ -145,8 +146,7 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     in_prefix = features_prefix(features, kind)
     images = count_rows(in_prefix)
     record_path = fs.join(out, "encode.json")
-    method = cfg.load_json(train_record).get("method") if fs.exists(train_record) else None
-    metadata = {"method": method or header["kind"],
+    metadata = {"method": train_record.get("method") or header["kind"],
                 "config": {"features": source.get("config"), "encoder": header["config"],
                            "encoder_sha256": cfg.file_fingerprint(encoder_path)},
                 "source": {"method": source.get("method"), "dim": source.get("dim")},

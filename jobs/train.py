@@ -68,11 +68,10 @@ def whitening_dim(requested: int, samples: int, what: str, min_per_dim: int = 0)
 TRAINABLE = ("sift-bovw", "sift-vlad", "hog", "hog-linear", "sift-vlad-linear")
 
 
-def _record(out: str, method: str, config, features: str) -> tuple[str, dict]:
-    """(record path, the requested config: method, its parameters, what features it trains on)."""
-    requested = {"method": method, "method_config": cfg.to_dict(config) if not isinstance(config, dict) else config,
-                 "features": fs.absolute(features), "features_fingerprint": features_fingerprint(features)}
-    return fs.join(out, "train.json"), requested
+def _requested(method: str, config, features: str) -> dict:
+    """What a training run is keyed by: the method, its parameters, and the features it trains on."""
+    return {"method": method, "method_config": cfg.to_dict(config), "features": fs.absolute(features),
+            "features_fingerprint": features_fingerprint(features)}
 
 
 def _reusable(out: str, requested: dict, artefact: str, force: bool) -> dict | None:
@@ -113,7 +112,7 @@ def train_encoder(method: str, features: str, out: str, config, workers: int = 1
     from features.vocabulary import BoVWEncoder, VLADEncoder, Vocabulary
 
     source = _check_source(features, "local", method, cfg.to_dict(config.sift))
-    _, requested = _record(out, method, config, features)
+    requested = _requested(method, config, features)
     if (reused := _reusable(out, requested, "encoder.npz", force)) is not None:
         return reused
     fs.makedirs(out)
@@ -165,7 +164,7 @@ def train_pca(features: str, out: str, config: classic.HogMethodConfig, force: b
     from features.pca import PCAWhitening
 
     source = _check_source(features, "global", "hog", cfg.to_dict(config.hog))
-    _, requested = _record(out, "hog", config, features)
+    requested = _requested("hog", config, features)
     if (reused := _reusable(out, requested, "encoder.npz", force)) is not None:
         return reused
     table, _ = read_shards(features_prefix(features, "global"), columns=["vector"])
@@ -202,7 +201,7 @@ def train_classifier(method: str, features: str, out: str, config: classic.Class
                      force: bool = False) -> dict:
     """A calibrated classifier on the global descriptors in FEATURES; OUT/classifier.npz."""
     source = _check_source(features, "global", method)
-    _, requested = _record(out, method, config, features)
+    requested = _requested(method, config, features)
     if (reused := _reusable(out, requested, "classifier.npz", force)) is not None:
         return reused
     table, _ = read_shards(features_prefix(features, "global"), columns=["id", "landmark_id", "vector"])

@@ -52,6 +52,7 @@ config names the estimator class; :func:`load_classifier` loads either class.
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 
@@ -205,13 +206,14 @@ def _softmax_rows(s: np.ndarray) -> np.ndarray:
     return s
 
 
-class _CalibratedLinear(ClassifierMixin, BaseEstimator):
+class _CalibratedLinear(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
     """Shared prediction, calibration and persistence; subclasses define ``_scores`` and the fit."""
 
     _ARRAYS: tuple[str, ...] = ()  # learned array attributes saved besides classes_ and temperature_
 
-    def _scores(self, X: np.ndarray) -> np.ndarray:  # [n, C] float32 scores (new array, may be modified)
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        """[n, C] float32 scores of X [n, D] (a new array, which the caller may modify)."""
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "classes_"):
@@ -337,13 +339,8 @@ class _CalibratedLinear(ClassifierMixin, BaseEstimator):
         for a in cls._ARRAYS:
             setattr(model, a + "_", arrays[a])
         model.n_features_in_ = int(arrays[cls._ARRAYS[0]].shape[1])
-        meta = header.get("meta", {})
-        model.calibration_ = meta.get("calibration", "")
-        model._restore(meta)
+        model.calibration_ = header.get("meta", {}).get("calibration", "")
         return model
-
-    def _restore(self, meta: dict) -> None:  # subclasses restore extra scalar attributes
-        pass
 
 
 # ---------------------------------------------------------------------------------------------- NCM
@@ -558,7 +555,6 @@ class SoftmaxClassifier(_CalibratedLinear):
         bar.close()
         self.coef_, self.intercept_ = W, b
         self.loss_curve_ = np.asarray(losses, np.float32)
-        self.n_iter_ = int(self.epochs)
         self._calibrate(X, y_index, held, counts)
         return self
 
@@ -567,11 +563,10 @@ class SoftmaxClassifier(_CalibratedLinear):
         s += self.intercept_
         return s
 
-    def _restore(self, meta: dict) -> None:
-        self.n_iter_ = int(meta.get("n_iter", len(self.loss_curve_)))
-
-    def _meta(self) -> dict:
-        return {**super()._meta(), "n_iter": int(self.n_iter_)}
+    @property
+    def n_iter_(self) -> int:
+        """Epochs run (one mean loss per epoch in loss_curve_)."""
+        return len(self.loss_curve_)
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -30,7 +30,8 @@ ENCODERS = {"bovw": ("local", "sparse"), "vlad": ("local", "global"), "pca_white
 
 def load_encoder(path: str):
     """(encoder, header) of an encoder artefact: BoVWEncoder, VLADEncoder or PCAWhitening."""
-    kind = artifacts.header(path).get("kind")
+    header = artifacts.header(path)
+    kind = header.get("kind")
     if kind == "bovw":
         from features.vocabulary import BoVWEncoder as cls
     elif kind == "vlad":
@@ -41,7 +42,7 @@ def load_encoder(path: str):
         from pipeline.errors import CairnError
 
         raise CairnError(f"{path} holds a {kind!r}, not an encoder (bovw, vlad or pca_whitening)")
-    return cls.load(path), artifacts.header(path)
+    return cls.load(path), header
 
 
 def image_uniform(image_id: str, seed: int) -> float:
