@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from features.base import GlobalExtractor
+from features.cnn import CnnConfig, CnnExtractor
 from features.hog import HogConfig, HogExtractor
 from features.sift import SiftConfig, SiftExtractor
 
@@ -16,6 +17,7 @@ from features.sift import SiftConfig, SiftExtractor
 EXTRACTORS = {
     "hog": (HogExtractor, HogConfig),
     "sift": (SiftExtractor, SiftConfig),
+    "cnn": (CnnExtractor, CnnConfig),  # batched: runs through Beam RunInference
 }
 
 

@@ -1,4 +1,4 @@
-"""The classic methods' configurations, and how `cairn compare` runs each of them end to end.
+"""The methods' configurations, and how `cairn compare` runs each of them end to end.
 
 Every method is a chain of the individual jobs (extract -> train -> encode -> index -> recognize), so what
 `cairn compare` does can be done step by step with the individual commands, and every step reuses its outputs
@@ -10,6 +10,9 @@ when its config is unchanged (SIFT features are extracted once and shared by all
     sift-bovw+sv      sift-bovw, its top neighbours re-ranked by spatial verification (features/verify.py)
     hog-linear        a linear softmax classifier (models/classifiers.py) on HoG, calibrated confidences
     sift-vlad-linear  the same classifier on VLAD
+    cnn               a Keras backbone fine-tuned with GeM + ArcFace (models/finetune.py), kNN over embeddings
+    cnn-untrained     the same network before fine-tuning (what the fine-tuning must beat)
+    cnn-pretrained    a frozen pretrained extractor (TFLite, SavedModel, .keras), kNN over its embeddings
 
 Parameters are typed frozen dataclasses; `cairn compare --set sift-bovw.vocabulary.k=4096` changes one, with
 the value checked against the field's type.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from features.hog import HogConfig
 from features.sift import SiftConfig
 from features.verify import RerankConfig
+from models.finetune import FinetuneConfig
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
@@ -118,14 +122,48 @@ class ClassifierConfig:
 
 
 @dataclass(frozen=True)
-class ClassicConfig:
-    """All classic methods' parameters; `--set NAME.FIELD=VALUE` overrides one."""
+class CnnMethodConfig:
+    """cnn (and cnn-untrained): a Keras backbone fine-tuned on the database, kNN over its embeddings."""
+
+    finetune: FinetuneConfig = FinetuneConfig()  # backbone, head, loss, schedule (models/finetune.py)
+    scales: tuple[float, ...] = (1.0,)  # test-time scales, e.g. 0.707,1,1.414 (embeddings averaged)
+    batch_size: int = 32  # images per inference call
+    pca_dim: int = 0  # PCA-whitening learned on the database embeddings (0 = none)
+    whiten: bool = True  # divide by the square root of the eigenvalues
+    pca_min_images: int = 10  # database images needed per PCA dimension; with fewer, no PCA (0 = always)
+
+    def __post_init__(self):
+        if self.pca_dim < 0 or self.batch_size < 1:
+            raise ValueError("pca_dim must be >= 0 and batch_size >= 1")
+
+
+@dataclass(frozen=True)
+class PretrainedConfig:
+    """cnn-pretrained: a frozen pretrained extractor, kNN over its embeddings, no training."""
+
+    model: str = ""  # a .tflite file, a SavedModel folder, a .keras export, or keras:<backbone> (downloads)
+    scales: tuple[float, ...] = (1.0,)  # test-time scales (models with a fixed input size take only 1.0)
+    batch_size: int = 32  # images per inference call
+    pca_dim: int = 0  # PCA-whitening learned on the database embeddings (0 = none: it needs many images)
+    whiten: bool = True  # divide by the square root of the eigenvalues
+    pca_min_images: int = 10  # database images needed per PCA dimension; with fewer, no PCA (0 = always)
+
+    def __post_init__(self):
+        if self.pca_dim < 0 or self.batch_size < 1:
+            raise ValueError("pca_dim must be >= 0 and batch_size >= 1")
+
+
+@dataclass(frozen=True)
+class MethodsConfig:
+    """Every method's parameters; `--set NAME.FIELD=VALUE` overrides one."""
 
     hog: HogMethodConfig = HogMethodConfig()  # hog (and hog-linear's descriptor)
     bovw: BovwConfig = BovwConfig()  # sift-bovw (and sift-bovw+sv's)
     vlad: VladConfig = VladConfig()  # sift-vlad (and sift-vlad-linear's)
     sv: RerankConfig = RerankConfig()  # sift-bovw+sv's re-ranking (features/verify.py)
     classifier: ClassifierConfig = ClassifierConfig()  # hog-linear, sift-vlad-linear
+    cnn: CnnMethodConfig = CnnMethodConfig()  # cnn, cnn-untrained
+    cnn_pretrained: PretrainedConfig = PretrainedConfig()  # cnn-pretrained
 
 
 def _coerce(text: str, current, where: str):
@@ -144,6 +182,11 @@ def _coerce(text: str, current, where: str):
                     from None
     if isinstance(current, str):
         return text
+    if isinstance(current, tuple):  # comma-separated numbers, e.g. scales=0.707,1,1.414
+        try:
+            return tuple(float(t) for t in text.split(",") if t.strip())
+        except ValueError:
+            raise CairnError(f"{where}: {text!r} is not a comma-separated list of numbers") from None
     raise CairnError(f"{where}: this field cannot be set from the command line")
 
 
@@ -170,7 +213,7 @@ def override(config, path: str, text: str, where: str = ""):
         raise CairnError(f"{where}: {e}") from e
 
 
-def parse_overrides(items: list[str] | None, config: ClassicConfig = ClassicConfig()) -> ClassicConfig:
+def parse_overrides(items: list[str] | None, config: MethodsConfig = MethodsConfig()) -> MethodsConfig:
     """Apply ``NAME.FIELD=VALUE`` items in order."""
     for item in items or []:
         path, eq, text = item.partition("=")
@@ -180,13 +223,15 @@ def parse_overrides(items: list[str] | None, config: ClassicConfig = ClassicConf
     return config
 
 
-def describe_fields(config=ClassicConfig(), prefix: str = "") -> list[str]:
+def describe_fields(config=MethodsConfig(), prefix: str = "") -> list[str]:
     """Every settable field as ``name=default`` lines (for --help)."""
     lines = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             lines += describe_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, tuple):
+            lines.append(f"{prefix}{f.name}={','.join(str(v) for v in value)}")
         else:
             lines.append(f"{prefix}{f.name}={value}")
     return lines
@@ -242,7 +287,7 @@ def _encode_both(ctx: RunContext, source: str, encoder: str, folder: str) -> dic
             for split in ctx.splits}
 
 
-def build_base(method: str, config: ClassicConfig, ctx: RunContext) -> dict:
+def build_base(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     """Features, models and index of a base method (hog, sift-bovw, sift-vlad); reused when already built.
 
     Returns {"vectors": folder with train/ and queries/ vectors, "index", "extract", "encode", "train",
@@ -274,16 +319,55 @@ def build_base(method: str, config: ClassicConfig, ctx: RunContext) -> dict:
             "encode": encoded, "train": trained, "local": local}
 
 
+DEEP = ("cnn", "cnn-untrained", "cnn-pretrained")
+
+
+def build_deep(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
+    """Embeddings and index of cnn (fine-tuned), cnn-untrained (the same network before fine-tuning) or
+    cnn-pretrained (a frozen model); the same record as :func:`build_base`."""
+    from jobs.index import build_index
+    from jobs.train import train, train_pca
+
+    home = fs.join(ctx.work, method)
+    trained = {"train_seconds": 0.0}
+    if method == "cnn-pretrained":
+        mc = config.cnn_pretrained
+        if not mc.model:
+            raise CairnError("cnn-pretrained needs a frozen model: --set cnn_pretrained.model=PATH, a .tflite file "
+                             "(e.g. ../shared/weights/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite), a "
+                             "SavedModel folder, a .keras export, or keras:resnet50 (downloads ImageNet weights)")
+        model = mc.model if mc.model.startswith("keras:") else fs.absolute(mc.model)
+    else:
+        mc = config.cnn
+        folder = fs.join(ctx.work, "cnn", "model")
+        fine_tuned = train("cnn", ctx.train, folder, config, force=ctx.force, decode=ctx.decode)
+        model = fs.join(folder, "model.keras" if method == "cnn" else "untrained.keras")
+        if method == "cnn":
+            trained = fine_tuned
+    params = {"model": model, "scales": list(mc.scales), "batch_size": mc.batch_size}
+    extracted = _extract_both(ctx, "cnn", params, fs.join(method, "embeddings"))
+    vectors, encoded = fs.join(ctx.work, method, "embeddings"), None
+    if mc.pca_dim > 0:
+        pca = train_pca(method, fs.join(vectors, "train"), fs.join(home, "pca-model"), mc, force=ctx.force)
+        if pca.get("trained", True):  # False: too few images to learn the PCA (logged)
+            encoded = _encode_both(ctx, vectors, fs.join(home, "pca-model", "encoder.npz"), fs.join(home, "pca"))
+            vectors = fs.join(home, "pca")
+        trained = {**trained, "train_seconds": float(trained.get("train_seconds", 0.0)) + pca["train_seconds"]}
+    indexed = build_index(fs.join(vectors, "train"), fs.join(home, "index"))
+    return {"vectors": vectors, "index": fs.join(home, "index"), "indexed": indexed, "extract": extracted,
+            "encode": encoded, "train": trained, "local": None}
+
+
 BASE = {"hog": "hog", "sift-bovw": "sift-bovw", "sift-vlad": "sift-vlad", "sift-bovw+sv": "sift-bovw",
-        "hog-linear": "hog", "sift-vlad-linear": "sift-vlad"}
+        "hog-linear": "hog", "sift-vlad-linear": "sift-vlad", **{m: m for m in DEEP}}
 
 
-def run_method(method: str, config: ClassicConfig, ctx: RunContext) -> dict:
+def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     """Run ``method`` end to end; returns {"costs", "recognize" (folder), "dead_letters" {split: csv path}}."""
     from jobs.recognize import recognize
     from jobs.train import train
 
-    base = build_base(BASE[method], config, ctx)
+    base = build_deep(method, config, ctx) if method in DEEP else build_base(BASE[method], config, ctx)
     home = fs.join(ctx.work, method)
     classifier, verify, trained = None, None, base["train"]
     if method.endswith("-linear"):

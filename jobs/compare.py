@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from index.recognize import VoteConfig
 from jobs import common, methods
-from jobs.classic import ClassicConfig, RunContext, parse_overrides, run_method
+from jobs.classic import MethodsConfig, RunContext, parse_overrides, run_method
 from jobs.report import summary_table, write_metrics
 from jobs.train import add_set_arg
 from pipeline import config as cfg
@@ -45,12 +45,12 @@ class CompareConfig:
     neighbours: int = 100  # database images listed per query (mAP@100 needs 100)
     workers: int = 0  # DirectRunner worker processes (0 = automatic)
     beam_args: tuple[str, ...] = ()  # Beam flags passed through
-    methods_config: ClassicConfig = ClassicConfig()  # every method's parameters (jobs/classic.py)
+    methods_config: MethodsConfig = MethodsConfig()  # every method's parameters (jobs/classic.py)
 
 
 def compare(train: str, queries: str, out: str, method_names: list[str], *, decode: DecodeConfig = DecodeConfig(),
             workers: int = 0, threads: int = 0, beam_args: list[str] | None = None, vote: VoteConfig = VoteConfig(),
-            neighbours: int = 100, force: bool = False, config: ClassicConfig = ClassicConfig()) -> dict:
+            neighbours: int = 100, force: bool = False, config: MethodsConfig = MethodsConfig()) -> dict:
     names = methods.check(method_names)
     fs.check_output_folder(out)
     train, queries = fs.absolute(train), fs.absolute(queries)
@@ -89,8 +89,9 @@ def build_parser():
     p.add_argument("--train", required=True, help="database manifest (CSV id,path,landmark_id; Parquet; or folder)")
     p.add_argument("--queries", required=True, help="query manifest (empty landmark_id = no landmark)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--methods", nargs="+", default=methods.available(),
-                   help=f"methods to compare (default: every method built: {' '.join(methods.available())})")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"methods to compare (default: every method built: {' '.join(methods.available())}; "
+                        "cnn-pretrained only with --set cnn_pretrained.model=PATH)")
     p.add_argument("--k", type=int, default=VoteConfig.k, help=f"neighbours that vote (default {VoteConfig.k})")
     p.add_argument("--min-confidence", type=float, default=VoteConfig.min_confidence,
                    help="predict no landmark below this confidence (default 0)")
@@ -101,9 +102,11 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    metrics = compare(args.train, args.queries, args.out, args.methods, decode=common.decode_config(args),
+    config = parse_overrides(args.set)
+    names = args.methods or methods.defaults(bool(config.cnn_pretrained.model))
+    metrics = compare(args.train, args.queries, args.out, names, decode=common.decode_config(args),
                       workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args,
-                      vote=common.vote_config(args), force=args.force, config=parse_overrides(args.set))
+                      vote=common.vote_config(args), force=args.force, config=config)
     print(summary_table(metrics))
     print(f"metrics:      {fs.join(args.out, 'metrics.json')}")
     print(f"predictions:  {fs.join(args.out, 'predictions')}/")

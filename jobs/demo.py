@@ -2,16 +2,26 @@
 
 Writes OUT/data (the synthetic set) and OUT/run (the comparison: metrics.json, predictions/, ...).
 Reruns reuse what is already there when the config is the same.
+
+The deep methods use a MobileNet v1: with --pretrained FILE.tflite (an ImageNet MobileNet v1 extractor, such
+as ../shared/weights/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite, which `make demo` passes when it is
+there) cnn-pretrained embeds with that file and cnn starts its fine-tuning from its weights; without it,
+cnn-pretrained is left out and cnn starts from random weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+from features.backbones import BackboneConfig
 from jobs import common, methods
+from jobs.classic import MethodsConfig, parse_overrides
 from jobs.compare import compare
 from jobs.report import summary_table
 from jobs.synth import synth
+from jobs.train import add_set_arg
+from pipeline.errors import CairnError
 from pipeline.synthetic import SynthConfig
 
 
@@ -21,9 +31,26 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
     p.add_argument("--classes", type=int, default=SynthConfig.classes, help="landmark classes")
     p.add_argument("--views", type=int, default=SynthConfig.views, help="database images of the largest class")
-    p.add_argument("--methods", nargs="+", default=methods.available(), help="methods to compare")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods to compare (default: every built method; cnn-pretrained needs --pretrained)")
+    p.add_argument("--pretrained", default="",
+                   help="a TFLite MobileNet v1 ImageNet extractor: cnn-pretrained's model and cnn's initial weights")
+    add_set_arg(p)
     common.add_beam_job_args(p, decode=False)
     return p
+
+
+def demo_config(pretrained: str, overrides: list[str]) -> MethodsConfig:
+    """The demo's method parameters: a MobileNet v1 for the deep methods (from ``pretrained`` when given)."""
+    if pretrained and not os.path.isfile(pretrained):
+        raise CairnError(f"--pretrained {pretrained}: no such file")
+    weights = os.path.abspath(pretrained) if pretrained else "none"
+    config = MethodsConfig()
+    backbone = BackboneConfig("mobilenet", weights=weights)
+    config = dataclasses.replace(
+        config, cnn=dataclasses.replace(config.cnn, finetune=dataclasses.replace(config.cnn.finetune, backbone=backbone)),
+        cnn_pretrained=dataclasses.replace(config.cnn_pretrained, model=os.path.abspath(pretrained) if pretrained else ""))
+    return parse_overrides(overrides, config)
 
 
 def run(argv=None, test_pipeline=None) -> dict:
@@ -31,8 +58,10 @@ def run(argv=None, test_pipeline=None) -> dict:
     data = os.path.join(args.out, "data")
     synth(data, SynthConfig(seed=args.seed, classes=args.classes, views=args.views), force=args.force)
     run_dir = os.path.join(args.out, "run")
-    metrics = compare(os.path.join(data, "train.csv"), os.path.join(data, "queries.csv"), run_dir, args.methods,
-                      workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args, force=args.force)
+    metrics = compare(os.path.join(data, "train.csv"), os.path.join(data, "queries.csv"), run_dir,
+                      args.methods or methods.defaults(bool(args.pretrained)), workers=args.workers,
+                      threads=args.threads_per_worker, beam_args=beam_args, force=args.force,
+                      config=demo_config(args.pretrained, args.set))
     print()
     print(summary_table(metrics))
     print()

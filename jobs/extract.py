@@ -29,6 +29,7 @@ from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError, read_dead_letters
 from pipeline.images import DecodeConfig
+from pipeline.inference import EmbeddingModelHandler, EmbedImages
 from pipeline.manifest import manifest_fingerprint, read_manifest
 from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
 from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
@@ -127,9 +128,13 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         )
     else:
         rows = p | "NoRows" >> beam.Create([])
-    results = rows | "DecodeAndExtract" >> beam.ParDo(
-        DecodeAndExtract(method, params or {}, decode, threads)).with_outputs(DEAD, main="features")
-    features = results.features
+    if getattr(extractor, "batched", False):  # CNN: decode + resize, then batched inference with RunInference
+        handler = EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size)
+        features, dead = rows | "Embed" >> EmbedImages(handler, extractor.size, extractor.dim, decode)
+    else:
+        results = rows | "DecodeAndExtract" >> beam.ParDo(
+            DecodeAndExtract(method, params or {}, decode, threads)).with_outputs(DEAD, main="features")
+        features, dead = results.features, results[DEAD]
     write = beam.io.WriteToParquet  # dict rows, buffered into row groups by the sink
     if kind == "local":  # one-row Arrow tables: batch them into row groups first
         features, write = features | "Rebatch" >> Rebatch(), beam.io.WriteToParquetBatched
@@ -138,7 +143,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         file_name_suffix=".parquet", codec="zstd",
     )
     manifest_dead = p | "ManifestDeadLetters" >> beam.Create(manifest.dead_letters)
-    _ = (results[DEAD], manifest_dead) | "AllDead" >> beam.Flatten() | "WriteDead" >> WriteDeadLetters(
+    _ = (dead, manifest_dead) | "AllDead" >> beam.Flatten() | "WriteDead" >> WriteDeadLetters(
         paths["dead_letters"])
     result = p.run()
     result.wait_until_finish()

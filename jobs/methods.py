@@ -23,16 +23,25 @@ METHODS = {
     "hog-linear": MethodInfo("HoG + calibrated linear softmax classifier (scikit-learn style, 13k classes)",
                              "baseline"),
     "sift-vlad-linear": MethodInfo("VLAD + calibrated linear softmax classifier", "baseline"),
-    "cnn": MethodInfo("CNN fine-tuned with GeM + ArcFace, kNN over embeddings", "deep", 4, "Deep global embeddings"),
-    "cnn-pretrained": MethodInfo("frozen ImageNet CNN extractor, kNN over embeddings", "deep", 4,
-                                 "Deep global embeddings"),
+    "cnn": MethodInfo("CNN fine-tuned with GeM + ArcFace on the database, kNN over embeddings", "deep"),
+    "cnn-untrained": MethodInfo("the cnn network before fine-tuning (GeM over its initial weights), kNN", "deep"),
+    "cnn-pretrained": MethodInfo("frozen pretrained extractor (TFLite/SavedModel/.keras), kNN over embeddings",
+                                 "deep"),
     "cnn+delf": MethodInfo("cnn re-ranked with DELF local features + RANSAC", "deep", 7, "DELF"),
     "delf+sv": MethodInfo("DELF local features with spatial verification", "deep", 7, "DELF"),
 }
 
 
+NEEDS_MODEL = ("cnn-pretrained",)  # run only when given a model file (--set cnn_pretrained.model=...)
+
+
 def available() -> list[str]:
     return [name for name, info in METHODS.items() if info.issue is None]
+
+
+def defaults(has_pretrained_model: bool) -> list[str]:
+    """The methods a run compares when none are named: every built one (cnn-pretrained only with a model)."""
+    return [m for m in available() if has_pretrained_model or m not in NEEDS_MODEL]
 
 
 def check(names: list[str]) -> list[str]:

@@ -8,6 +8,10 @@
                          the image subset. Writes OUT/encoder.npz (kind "vlad").
     --method hog         FEATURES = HoG features; PCA-whitening when hog.pca_dim > 0 (OUT/encoder.npz, kind
                          "pca_whitening"); with pca_dim 0 there is nothing to learn.
+    --method cnn         MANIFEST = the database manifest (--manifest): fine-tunes a Keras backbone with GeM,
+                         a projection and ArcFace (models/finetune.py); writes OUT/model.keras and
+                         OUT/untrained.keras (embedding models with their metadata), checkpoints/ (resume),
+                         logs/ (TensorBoard) and history-stage*.csv.
     --method hog-linear, sift-vlad-linear
                          FEATURES = the method's global descriptors (HoG, or VLAD from `cairn encode`); a
                          calibrated linear softmax (or nearest-class-mean) classifier, OUT/classifier.npz.
@@ -36,6 +40,7 @@ from jobs.extract import features_prefix
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
+from pipeline.images import DecodeConfig
 from pipeline.parquet_io import read_shards
 from pipeline.schemas import labels_of, vectors_of
 
@@ -65,7 +70,7 @@ def whitening_dim(requested: int, samples: int, what: str, min_per_dim: int = 0)
     return requested
 
 
-TRAINABLE = ("sift-bovw", "sift-vlad", "hog", "hog-linear", "sift-vlad-linear")
+TRAINABLE = ("sift-bovw", "sift-vlad", "hog", "hog-linear", "sift-vlad-linear", "cnn")
 
 
 def _requested(method: str, config, features: str) -> dict:
@@ -159,30 +164,73 @@ def train_encoder(method: str, features: str, out: str, config, workers: int = 1
     return record
 
 
-def train_pca(features: str, out: str, config: classic.HogMethodConfig, force: bool = False) -> dict:
-    """PCA-whitening of global descriptors (hog) learned on the database; OUT/encoder.npz."""
+def train_pca(method: str, features: str, out: str, config, expected: dict | None = None,
+              force: bool = False) -> dict:
+    """PCA-whitening of global descriptors (hog, cnn embeddings) learned on the database; OUT/encoder.npz.
+
+    ``config`` has pca_dim, whiten and pca_min_images; ``expected`` is the extractor config the features must
+    have been extracted with (None: not checked).
+    """
     from features.pca import PCAWhitening
 
-    source = _check_source(features, "global", "hog", cfg.to_dict(config.hog))
-    requested = _requested("hog", config, features)
+    source = _check_source(features, "global", method, expected)
+    requested = _requested(method, config, features)
     if (reused := _reusable(out, requested, "encoder.npz", force)) is not None:
         return reused
     table, _ = read_shards(features_prefix(features, "global"), columns=["vector"])
     started = time.perf_counter()
-    dim = whitening_dim(config.pca_dim, table.num_rows, "hog", config.pca_min_images)
+    dim = whitening_dim(config.pca_dim, table.num_rows, method, config.pca_min_images)
     if dim == 0:
-        return {"method": "hog", "trained": False, "train_seconds": 0.0, "pca": "too few images"}
+        return {"method": method, "trained": False, "train_seconds": 0.0, "pca": "too few images"}
     pca = PCAWhitening(dim=dim, whiten=config.whiten)
     pca.fit(vectors_of(table))
     seconds = time.perf_counter() - started
     fs.makedirs(out)
     pca.save(fs.join(out, "encoder.npz"))
-    record = {"config": requested, "method": "hog", "features_metadata": {"method": source.get("method"),
-                                                                         "config": source.get("config")},
+    record = {"config": requested, "method": method, "features_metadata": {"method": source.get("method"),
+                                                                          "config": source.get("config")},
               "dim": int(pca.dim_out), "train_seconds": round(seconds, 3)}
     _save_record(out, "encoder.npz", record)
-    log.info("train hog: PCA-whitening %d -> %d on %d images in %.2f s", pca.n_features_in_, pca.dim_out,
+    log.info("train %s: PCA-whitening %d -> %d on %d images in %.2f s", method, pca.n_features_in_, pca.dim_out,
              table.num_rows, seconds)
+    return record
+
+
+def train_cnn(manifest: str, out: str, config, decode: DecodeConfig = DecodeConfig(), force: bool = False) -> dict:
+    """Fine-tune a CNN (config: models.finetune.FinetuneConfig) on the images of MANIFEST.
+
+    Writes OUT/model.keras (fine-tuned), OUT/untrained.keras (the same network before training), checkpoints/,
+    logs/ (TensorBoard), history-stage*.csv, dead_letters.csv (training images that could not be decoded) and
+    train.json. A killed run resumes from its checkpoints when rerun with the same config and manifest.
+    """
+    from models.finetune import finetune
+    from pipeline.errors import dead_letters_csv
+    from pipeline.manifest import manifest_fingerprint, read_manifest
+
+    manifest = fs.absolute(manifest)
+    rows = read_manifest(manifest)
+    requested = {"method": "cnn", "method_config": cfg.to_dict(config), "manifest": manifest,
+                 "manifest_sha256": manifest_fingerprint(manifest, rows), "decode": cfg.to_dict(decode)}
+    if (reused := _reusable(out, requested, "model.keras", force)) is not None:
+        return reused
+    checkpoints = fs.join(out, "checkpoints")
+    marker = fs.join(checkpoints, "config.json")
+    if fs.exists(checkpoints) and (force or not cfg.check_reusable(marker, requested)):
+        import shutil
+
+        log.info("train cnn: discarding checkpoints of another config in %s", checkpoints)
+        shutil.rmtree(checkpoints)
+    fs.makedirs(checkpoints)
+    cfg.save_json(marker, {"config": requested})
+    record = finetune(list(rows.records()), out, config, decode)
+    dead = record.pop("dead_letters")
+    fs.write_text(fs.join(out, "dead_letters.csv"), dead_letters_csv(dead))
+    record["counts"]["manifest_rejected"] = len(rows.dead_letters)
+    record.update({"config": requested, "method": "cnn"})
+    _save_record(out, "model.keras", record)
+    log.info("train cnn: %d images of %d landmarks, %d epochs in %.1f s (%.1f images/s per step); %s",
+             record["counts"]["used"], record["classes"], record["epochs_run"], record["train_seconds"],
+             record["train_images_per_second"] or 0, fs.join(out, "model.keras"))
     return record
 
 
@@ -226,11 +274,17 @@ def train_classifier(method: str, features: str, out: str, config: classic.Class
     return record
 
 
-def train(method: str, features: str, out: str, config: classic.ClassicConfig = classic.ClassicConfig(),
-          workers: int = 1, beam_args: list[str] | None = None, force: bool = False) -> dict:
-    """Dispatch on ``method``; returns the train.json record (or {"trained": False} when nothing is learned)."""
+def train(method: str, features: str, out: str, config: classic.MethodsConfig = classic.MethodsConfig(),
+          workers: int = 1, beam_args: list[str] | None = None, force: bool = False,
+          decode: DecodeConfig = DecodeConfig()) -> dict:
+    """Dispatch on ``method``; returns the train.json record (or {"trained": False} when nothing is learned).
+
+    ``features`` is the database features folder, or for ``cnn`` the database manifest (it trains on images).
+    """
     methods.check([method])
     fs.check_output_folder(out)
+    if method == "cnn":
+        return train_cnn(features, out, config.cnn.finetune, decode, force)
     if method == "sift-bovw":
         return train_encoder(method, features, out, config.bovw, workers, beam_args, force)
     if method == "sift-vlad":
@@ -238,9 +292,13 @@ def train(method: str, features: str, out: str, config: classic.ClassicConfig = 
     if method == "hog":
         if config.hog.pca_dim <= 0:
             return {"method": method, "trained": False, "train_seconds": 0.0}
-        return train_pca(features, out, config.hog, force)
+        return train_pca("hog", features, out, config.hog, cfg.to_dict(config.hog.hog), force)
     if method in ("hog-linear", "sift-vlad-linear"):
         return train_classifier(method, features, out, config.classifier, force)
+    if method in ("cnn-untrained", "cnn-pretrained"):
+        what = "the untrained.keras that `cairn train --method cnn` writes" if method == "cnn-untrained" \
+            else "a frozen pretrained model (cnn_pretrained.model)"
+        raise CairnError(f"{method} learns nothing: it embeds with {what}; trainable: {', '.join(TRAINABLE)}")
     raise CairnError(f"{method} learns nothing with `cairn train`: it uses another method's models "
                      f"({'sift-bovw' if method == 'sift-bovw+sv' else method}); trainable: {', '.join(TRAINABLE)}")
 
@@ -254,17 +312,23 @@ def add_set_arg(p) -> None:
 def build_parser():
     p = common.parser("cairn train", __doc__ + "\nMethods:\n" + methods.describe(), beam=True)
     p.add_argument("--method", required=True, help=f"method to train: {', '.join(TRAINABLE)}")
-    p.add_argument("--features", required=True, help="the database features folder (`cairn extract`/`encode`)")
+    p.add_argument("--features", help="the database features folder (`cairn extract`/`encode`)")
+    p.add_argument("--manifest", help="cnn: the database manifest (fine-tuning reads the images)")
     p.add_argument("--out", required=True, help="model folder to write")
     add_set_arg(p)
-    common.add_beam_job_args(p, decode=False)
+    common.add_beam_job_args(p)
     return p
 
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    record = train(args.method, args.features, args.out, classic.parse_overrides(args.set),
-                   workers=max(1, args.workers), beam_args=beam_args, force=args.force)
+    source = args.manifest if args.method == "cnn" else args.features
+    if not source:
+        raise CairnError(f"--method {args.method} needs " + ("--manifest (the database images)" if args.method == "cnn"
+                                                             else "--features (a features folder)"))
+    record = train(args.method, source, args.out, classic.parse_overrides(args.set),
+                   workers=max(1, args.workers), beam_args=beam_args, force=args.force,
+                   decode=common.decode_config(args))
     if record.get("trained") is False:
         print(f"{args.method}: nothing to train with these parameters (hog.pca_dim=0: raw HoG + kNN).")
     else:

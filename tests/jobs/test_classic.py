@@ -1,6 +1,6 @@
 import pytest
 
-from jobs.classic import ClassicConfig, describe_fields, parse_overrides
+from jobs.classic import MethodsConfig, describe_fields, parse_overrides
 from pipeline.errors import CairnError
 
 
@@ -9,8 +9,8 @@ def test_overrides_convert_to_the_field_types():
                          "hog.hog.size=64"])
     assert c.bovw.vocabulary.k == 4096 and c.vlad.whiten is False and c.vlad.power == 0.25
     assert c.sv.verify.model == "affine" and c.hog.hog.size == 64
-    assert c.vlad.vocabulary.k == ClassicConfig().vlad.vocabulary.k  # untouched fields keep their defaults
-    assert parse_overrides([]) == ClassicConfig()
+    assert c.vlad.vocabulary.k == MethodsConfig().vlad.vocabulary.k  # untouched fields keep their defaults
+    assert parse_overrides([]) == MethodsConfig()
 
 
 @pytest.mark.parametrize("item, message", [
@@ -33,7 +33,7 @@ def test_every_field_is_listed_for_help():
     assert "bovw.vocabulary.k=1024" in lines and "vlad.pca_dim=256" in lines and "sv.top_k=20" in lines
     for line in lines:  # every listed default can be given back unchanged
         path, _, value = line.partition("=")
-        assert parse_overrides([f"{path}={value}"]) == ClassicConfig()
+        assert parse_overrides([f"{path}={value}"]) == MethodsConfig()
 
 
 def test_chance_level_of_the_porto_benchmark_matches_enumeration():

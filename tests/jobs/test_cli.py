@@ -15,7 +15,7 @@ def test_help_lists_every_command_and_method(capsys):
     out = capsys.readouterr().out
     for name in ("synth", "extract", "train", "index", "recognize", "report", "compare", "demo"):
         assert f"  {name}" in out
-    assert "hog" in out and "not built yet (issue #4)" in out
+    assert "hog" in out and "not built yet (issue #7)" in out and "cnn-pretrained" in out
 
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
@@ -29,7 +29,13 @@ def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, tiny_synth):
         (["compare", "--train", str(tmp_path / "no.csv"), "--queries", "q.csv", "--out", str(tmp_path / "o")],
          "does not exist"),
         (["compare", "--train", str(tiny_synth / "train.csv"), "--queries", str(tiny_synth / "queries.csv"),
-          "--out", str(tmp_path / "o"), "--methods", "cnn"], "not built yet: it is planned in issue #4"),
+          "--out", str(tmp_path / "o"), "--methods", "delf+sv"], "not built yet: it is planned in issue #7"),
+        (["compare", "--train", str(tiny_synth / "train.csv"), "--queries", str(tiny_synth / "queries.csv"),
+          "--out", str(tmp_path / "o"), "--methods", "cnn-pretrained"], "needs a frozen model"),
+        (["train", "--method", "cnn", "--features", str(tmp_path), "--out", str(tmp_path / "m")],
+         "needs --manifest"),
+        (["compare", "--train", str(tiny_synth / "train.csv"), "--queries", str(tiny_synth / "queries.csv"),
+          "--out", str(tmp_path / "o"), "--set", "cnn.finetune.backbone.name=vgg"], "unknown backbone"),
         (["compare", "--train", str(tiny_synth / "train.csv"), "--queries", str(tiny_synth / "queries.csv"),
           "--out", str(tmp_path / "o"), "--methods", "magic"], "unknown method 'magic'"),
         (["train", "--method", "sift-bovw+sv", "--features", str(tmp_path), "--out", str(tmp_path / "m")],
@@ -55,7 +61,7 @@ def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, tiny_synth):
         (["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"),
           "--method", "sift-bovw"], "is not an extractor"),
         (["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"),
-          "--method", "cnn"], "issue #4"),
+          "--method", "cnn"], "cnn needs a model"),
         (["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"),
           "--num-shards", "-1"], "--num-shards"),
         (["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"),
@@ -89,9 +95,11 @@ def test_index_factory_that_cannot_fit_the_data_is_a_user_error(tiny_synth, tmp_
 @pytest.mark.slow
 def test_synth_then_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    result = _cairn("demo", "--out", str(out), "--classes", "4", "--views", "4", "--workers", "2")
+    small = ["--classes", "4", "--views", "4", "--workers", "2", "--set", "cnn.finetune.input_size=64",
+             "--set", "cnn.finetune.epochs=1", "--set", "cnn.finetune.head_epochs=1"]
+    result = _cairn("demo", "--out", str(out), *small)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "metrics:" in result.stdout and "hog" in result.stdout
-    assert (out / "run" / "metrics.json").is_file() and (out / "run" / "predictions" / "hog.csv").is_file()
-    again = _cairn("demo", "--out", str(out), "--classes", "4", "--views", "4", "--workers", "2")
+    assert "metrics:" in result.stdout and "hog" in result.stdout and "cnn-untrained" in result.stdout
+    assert (out / "run" / "metrics.json").is_file() and (out / "run" / "predictions" / "cnn.csv").is_file()
+    again = _cairn("demo", "--out", str(out), *small)
     assert again.returncode == 0 and "reusing" in again.stderr

@@ -1,0 +1,163 @@
+"""CNN global embeddings: one extractor for every kind of model file, batched, with multi-scale TTA.
+
+    extractor = CnnExtractor(CnnConfig(model="runs/x/work/cnn/model/model.keras"))
+    xb = np.stack([extractor.prepare(image) for image in images])   # [B, S, S, 3] uint8
+    extractor.embed(xb)                                               # [B, dim] float32, L2-normalised
+
+``model`` is one of:
+  - a ``.keras`` file exported by `cairn train --method cnn` (features/embedding.py; loaded in safe mode);
+  - a ``.tflite`` file (features/frozen.py), e.g. ../shared/weights/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite;
+  - a TensorFlow SavedModel folder with a serving signature from images to vectors;
+  - ``keras:<backbone>``: a keras.applications backbone with ImageNet weights (Keras downloads and caches them:
+    needs the network once) and GeM pooling, no training.
+
+Every image is resized whole to S x S (S = the model's input size unless ``input_size`` is given): no crop,
+so nothing of the landmark is cut off. With ``scales`` such as (0.707, 1, 1.414) each image is also embedded at
+S x scale and the L2-normalised embeddings are averaged (multi-scale test-time augmentation; needs a model that
+takes any input size, i.e. not TFLite).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from features.base import l2_normalize
+
+
+@dataclass(frozen=True)
+class CnnConfig:
+    """A CNN embedding extractor."""
+
+    model: str = ""  # a .keras export, a .tflite file, a SavedModel folder, or keras:<backbone> (ImageNet, downloads)
+    input_size: int = 0  # square input side in pixels (0 = the model's own)
+    scales: tuple[float, ...] = (1.0,)  # test-time scales; embeddings are averaged over them
+    batch_size: int = 32  # images per inference call
+    preprocessing: str = "tf"  # for float TFLite/SavedModel inputs: tf, caffe, torch or none
+
+    def __post_init__(self):
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if not self.scales or any(not 0.1 <= s <= 4 for s in self.scales):
+            raise ValueError(f"scales must be between 0.1 and 4, not {self.scales}")
+        if self.input_size < 0 or self.batch_size < 1:
+            raise ValueError("input_size must be >= 0 and batch_size >= 1")
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a model file, or of every file of a SavedModel folder (names and bytes, in sorted order)."""
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                h.update(os.path.relpath(full, path).encode() + b"\0")
+                with open(full, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+    else:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class KerasEmbedder:
+    """An exported Cairn embedding model (.keras) or a keras:<backbone> ImageNet model; any input size."""
+
+    def __init__(self, path: str):
+        import tensorflow as tf
+
+        if path.startswith("keras:"):
+            from features.backbones import BackboneConfig
+            from features.embedding import HeadConfig, build_embedding_model, model_metadata
+
+            backbone, head = BackboneConfig(path.split(":", 1)[1], weights="imagenet"), HeadConfig(dim=0)
+            self.model = build_embedding_model(backbone, head)
+            self.info = model_metadata(backbone, head, 224)
+        else:
+            from features.embedding import load_embedding_model
+
+            self.model, self.info = load_embedding_model(path)
+        self.input_size = int(self.info["input_size"])
+        self.dim = int(self.info["dim"])
+        self._call = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+
+    def embed(self, xb: np.ndarray) -> np.ndarray:
+        return np.asarray(self._call(xb.astype(np.float32)), dtype=np.float32)
+
+    def metadata(self) -> dict:
+        return {"format": "keras", **{k: v for k, v in self.info.items() if k not in ("format", "version")}}
+
+
+def load_embedder(config: CnnConfig, threads: int | None = None):
+    """The embedder for ``config.model`` (by file type)."""
+    model = config.model
+    if model.startswith("keras:"):
+        return KerasEmbedder(model)
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"CNN model not found: {model}")
+    if model.endswith(".keras"):
+        return KerasEmbedder(model)
+    from features.frozen import SavedModelEmbedder, TFLiteEmbedder
+
+    if model.endswith(".tflite"):
+        return TFLiteEmbedder(model, config.preprocessing, threads)
+    if os.path.isdir(model) and os.path.exists(os.path.join(model, "saved_model.pb")):
+        return SavedModelEmbedder(model, config.input_size or 224, config.preprocessing)
+    raise ValueError(f"{model}: not a .keras, .tflite or SavedModel folder")
+
+
+class CnnExtractor:
+    """Images -> CNN embeddings (global descriptors). ``batched``: the Beam job batches prepared images for
+    ``embed`` through RunInference instead of calling ``extract`` per image."""
+
+    name = "cnn"
+    kind = "global"
+    batched = True
+
+    def __init__(self, config: CnnConfig, threads: int | None = None):
+        if not config.model:
+            raise ValueError("cnn needs a model (--param model=...): a .keras file from `cairn train --method cnn`, "
+                             "a .tflite file, a SavedModel folder or keras:<backbone>")
+        self.config = config
+        self.embedder = load_embedder(config, threads)
+        self.size = config.input_size or self.embedder.input_size
+        fixed = not isinstance(self.embedder, KerasEmbedder)
+        if fixed and (self.size != self.embedder.input_size or self.config.scales != (1.0,)):
+            raise ValueError(f"{config.model} takes only {self.embedder.input_size}x{self.embedder.input_size} "
+                             "images: leave input_size at 0 and scales at (1.0,)")
+        self.dim = self.embedder.dim
+        self.model_sha256 = None if config.model.startswith("keras:") else file_sha256(config.model)
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """[H, W, 3] uint8 RGB -> [S, S, 3] uint8, the whole image resized (area filter when shrinking)."""
+        h, w = image.shape[:2]
+        interp = cv2.INTER_AREA if h * w > self.size * self.size else cv2.INTER_LINEAR
+        return cv2.resize(image, (self.size, self.size), interpolation=interp)
+
+    def embed(self, xb: np.ndarray) -> np.ndarray:
+        """[B, S, S, 3] uint8 prepared images -> [B, dim] float32, L2-normalised (averaged over the scales)."""
+        total = None
+        for scale in self.config.scales:
+            x = xb
+            if scale != 1.0:
+                side = max(32, round(self.size * scale))
+                x = np.stack([cv2.resize(img, (side, side), interpolation=cv2.INTER_LINEAR) for img in xb])
+            e = l2_normalize(self.embedder.embed(x))
+            total = e if total is None else total + e
+        return l2_normalize(total)
+
+    def extract(self, image: np.ndarray) -> np.ndarray:
+        """One image -> [dim] float32 (the GlobalExtractor contract; the Beam job batches instead)."""
+        return self.embed(self.prepare(image)[None])[0]
+
+    def metadata(self) -> dict:
+        from pipeline import config as cfg
+
+        return {"method": self.name, "dim": self.dim, "config": cfg.to_dict(self.config), "input_size": self.size,
+                "model": self.embedder.metadata(), "model_sha256": self.model_sha256}

@@ -1,0 +1,109 @@
+"""The embedding head (GeM pooling, projection, batch norm, L2) and the exported embedding model.
+
+    model = build_embedding_model(BackboneConfig("resnet50"), HeadConfig(dim=512))
+    model: [B, H, W, 3] float32 RGB 0..255 -> [B, dim] float32, L2-normalised
+
+GeM (generalised mean) pooling, Radenovic et al. 2018: ``(mean(x ** p)) ** (1 / p)`` over the spatial
+positions, with a learnable ``p``; p = 1 is average pooling and p -> inf approaches max pooling. ``p = 3`` is
+the usual start for landmarks.
+
+An exported model is one ``.keras`` file (Keras' own zip format, loaded with ``safe_mode=True``: no Python code
+is deserialised, only the registered Cairn layers below) with Cairn's metadata added to the archive as
+``cairn.json``: backbone, weights, input size, preprocessing, dimension, classes, training config.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+
+from features.backbones import BackboneConfig, build_backbone, channels, preprocessing
+
+METADATA_MEMBER = "cairn.json"
+FORMAT = "cairn-embedding-model"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The embedding head on top of a backbone."""
+
+    dim: int = 512  # projection dimension (0 = no projection: the GeM-pooled backbone channels)
+    gem_p: float = 3.0  # initial GeM exponent
+    learn_p: bool = True  # learn p while fine-tuning
+    batchnorm: bool = True  # batch norm after the projection (whitens the embedding while it trains)
+
+    def __post_init__(self):
+        if self.dim < 0:
+            raise ValueError(f"dim must be >= 0 (0 = no projection), not {self.dim}")
+        if self.gem_p < 1:
+            raise ValueError(f"gem_p must be >= 1, not {self.gem_p}")
+
+
+def embedding_dim(backbone: BackboneConfig, head: HeadConfig) -> int:
+    return head.dim or channels(backbone.name)
+
+
+def build_embedding_model(backbone: BackboneConfig, head: HeadConfig, seed: int = 0):
+    """Image -> L2-normalised embedding (keras.Model): preprocessing, backbone, GeM, [projection, BN], L2."""
+    import keras
+
+    from features.layers import GeM, L2Normalize
+
+    keras.utils.set_random_seed(seed)
+    net = build_backbone(backbone)
+    inputs = keras.Input((None, None, 3), name="image")
+    x = GeM(head.gem_p, head.learn_p, name="gem")(net(inputs))
+    if head.dim:
+        x = keras.layers.Dense(head.dim, use_bias=not head.batchnorm, name="projection")(x)
+        if head.batchnorm:
+            x = keras.layers.BatchNormalization(name="projection_bn")(x)
+    outputs = L2Normalize(name="l2", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="embedding")
+
+
+def model_metadata(backbone: BackboneConfig, head: HeadConfig, input_size: int, **extra) -> dict:
+    """What an exported embedding model says about itself (stored as cairn.json in the .keras file)."""
+    from pipeline import config as cfg
+
+    return {"format": FORMAT, "version": VERSION, "backbone": cfg.to_dict(backbone), "head": cfg.to_dict(head),
+            "input_size": int(input_size), "preprocessing": preprocessing(backbone.name), "input": "RGB 0..255",
+            "dim": embedding_dim(backbone, head), **extra}
+
+
+def save_embedding_model(model, path: str, metadata: dict) -> None:
+    """Write ``model`` to ``path`` (.keras) with ``metadata`` inside the archive; atomically (temp + rename)."""
+    import os
+
+    if not path.endswith(".keras"):
+        raise ValueError(f"an embedding model is saved as a .keras file, not {path!r}")
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    with zipfile.ZipFile(tmp, "a") as z:
+        z.writestr(METADATA_MEMBER, json.dumps(metadata, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_model_metadata(path: str) -> dict:
+    """The cairn.json of an exported model; raises ValueError if the file is not one."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            metadata = json.loads(z.read(METADATA_MEMBER))
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{path} is not a Cairn embedding model ({type(e).__name__}: {e}); "
+                         "export one with `cairn train --method cnn`") from None
+    if metadata.get("format") != FORMAT or int(metadata.get("version", 0)) > VERSION:
+        raise ValueError(f"{path}: unsupported model format {metadata.get('format')!r} "
+                         f"version {metadata.get('version')} (this Cairn reads {FORMAT} <= {VERSION})")
+    return metadata
+
+
+def load_embedding_model(path: str):
+    """(keras.Model, metadata) of an exported model, loaded in Keras' safe mode (no arbitrary code)."""
+    import keras
+
+    import features.layers  # noqa: F401 - registers Cairn's layers for deserialisation
+    metadata = read_model_metadata(path)
+    model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    return model, metadata

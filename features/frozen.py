@@ -1,0 +1,128 @@
+"""Frozen pretrained extractors: a TFLite file or a TensorFlow SavedModel that maps images to a vector.
+
+    embedder = TFLiteEmbedder("../shared/weights/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite")
+    embedder.embed(xb)   # [B, S, S, 3] uint8 RGB -> [B, D] float32, L2-normalised
+
+A quantised TFLite model with a uint8 input takes the pixels as they are (its input quantisation is the
+model's preprocessing: for MobileNet, scale 1/128 and zero point 128 map 0..255 to [-1, 1)); a float model
+gets the ``preprocessing`` given (keras.applications' modes). Outputs are dequantised, flattened and
+L2-normalised. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import numpy as np
+
+from features.base import l2_normalize
+
+log = logging.getLogger(__name__)
+
+
+def tflite_interpreter(path: str, threads: int | None = None):
+    """A TFLite interpreter for ``path``: LiteRT's (ai_edge_litert) when installed, else TensorFlow's."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"TFLite model not found: {path}")
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():  # tf.lite.Interpreter's deprecation notice, once per worker
+        warnings.simplefilter("ignore")
+        interpreter = Interpreter(model_path=path, num_threads=threads)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _preprocess(x: np.ndarray, mode: str) -> np.ndarray:
+    x = x.astype(np.float32)
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "caffe":
+        return x[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)
+    if mode == "torch":
+        return (x / 255.0 - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225],
+                                                                                      np.float32)
+    return x
+
+
+class TFLiteEmbedder:
+    """A TFLite model with one image input [1, S, S, 3] and one output (any shape, flattened per image)."""
+
+    def __init__(self, path: str, preprocessing: str = "tf", threads: int | None = None):
+        self.path = path
+        self.interpreter = tflite_interpreter(path, threads)
+        inp = self.interpreter.get_input_details()
+        out = self.interpreter.get_output_details()
+        if len(inp) != 1 or len(inp[0]["shape"]) != 4 or inp[0]["shape"][-1] != 3:
+            raise ValueError(f"{path}: expected one image input [1, S, S, 3], got "
+                             f"{[list(d['shape']) for d in inp]}")
+        self.input = inp[0]
+        self.output = out[0]
+        self.input_size = int(self.input["shape"][1])
+        self.dim = int(np.prod(self.output["shape"][1:]))
+        self.quantized_input = self.input["dtype"] == np.uint8
+        self.preprocessing = "quantized-input" if self.quantized_input else preprocessing
+        self._batch = 1
+
+    def _resize(self, batch: int) -> None:
+        if batch != self._batch:
+            shape = [batch, self.input_size, self.input_size, 3]
+            self.interpreter.resize_tensor_input(self.input["index"], shape)
+            self.interpreter.allocate_tensors()
+            self._batch = batch
+
+    def embed(self, xb: np.ndarray) -> np.ndarray:
+        """[B, S, S, 3] uint8 RGB -> [B, D] float32, L2-normalised (S is the model's input size)."""
+        if xb.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(f"{os.path.basename(self.path)} takes {self.input_size}x{self.input_size} images, "
+                             f"not {xb.shape[1]}x{xb.shape[2]}")
+        self._resize(len(xb))
+        x = xb.astype(np.uint8) if self.quantized_input else _preprocess(xb, self.preprocessing)
+        self.interpreter.set_tensor(self.input["index"], x)
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self.output["index"]).reshape(len(xb), -1).astype(np.float32)
+        scale, zero = self.output["quantization"]
+        if scale:
+            y = (y - zero) * scale
+        return l2_normalize(y)
+
+    def metadata(self) -> dict:
+        return {"format": "tflite", "input_size": self.input_size, "dim": self.dim,
+                "preprocessing": self.preprocessing, "input_dtype": np.dtype(self.input["dtype"]).name}
+
+
+class SavedModelEmbedder:
+    """A TensorFlow SavedModel whose serving signature maps float images [B, S, S, 3] to [B, ...]."""
+
+    def __init__(self, path: str, input_size: int = 224, preprocessing: str = "tf", signature: str = "serving_default"):
+        import tensorflow as tf
+
+        self.path = path
+        self.model = tf.saved_model.load(path)
+        if signature not in self.model.signatures:
+            raise ValueError(f"{path} has no signature {signature!r}; it has {sorted(self.model.signatures)}")
+        self.fn = self.model.signatures[signature]
+        (self.input_name, spec), = self.fn.structured_input_signature[1].items()
+        shape = spec.shape.as_list()
+        self.input_size = int(shape[1]) if shape[1] else int(input_size)
+        self.input_dtype = spec.dtype
+        self.preprocessing = preprocessing
+        self.output_name = sorted(self.fn.structured_outputs)[0]
+        self.dim = int(self.embed(np.zeros((1, self.input_size, self.input_size, 3), np.uint8)).shape[1])
+
+    def embed(self, xb: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        x = tf.cast(_preprocess(xb, self.preprocessing), self.input_dtype)
+        y = self.fn(**{self.input_name: x})[self.output_name].numpy()
+        return l2_normalize(y.reshape(len(xb), -1))
+
+    def metadata(self) -> dict:
+        return {"format": "saved_model", "input_size": self.input_size, "dim": self.dim,
+                "preprocessing": self.preprocessing, "output": self.output_name}

@@ -1,0 +1,311 @@
+"""Fine-tuning a CNN backbone for landmark retrieval: GeM + projection + ArcFace (or softmax), class-balanced.
+
+    record = finetune(records, "out/model", FinetuneConfig(backbone=BackboneConfig("resnet50", "imagenet")))
+    # out/model/model.keras      the embedding model (image -> L2-normalised embedding) with its metadata
+    # out/model/untrained.keras  the same network before fine-tuning (the baseline the fine-tuning must beat)
+
+Training runs in two stages, as transfer learning usually does: ``head_epochs`` with the backbone frozen (the
+new projection and class weights settle without wrecking the pretrained features), then ``epochs`` with
+everything but the backbone's batch-norm statistics trainable, at ``learning_rate x finetune_lr_scale`` with a
+cosine decay. AdamW with weight decay.
+
+For users:
+  - checkpoints and resume: a run that is killed resumes from its last finished epoch when rerun with the same
+    config (Keras BackupAndRestore per stage; stage 1's result is kept as checkpoints/stage1.weights.h5);
+  - early stopping on the validation loss (a held-out share of the classes with 2+ images), restoring the
+    best weights; without enough held-out images, on the training loss;
+  - TensorBoard logs in logs/ (``tensorboard --logdir OUT/logs``) and history-stage*.csv;
+  - mixed precision (float16 compute, float32 variables, loss scaling) and tf.distribute.MirroredStrategy
+    over all GPUs when GPUs are present (``mixed_precision``/``distribute`` "auto"); the CPU path otherwise;
+  - a progress bar per epoch on a terminal, one line per epoch in logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from features.backbones import BackboneConfig
+from features.embedding import HeadConfig
+from models.data import AugmentConfig
+from pipeline.images import DecodeConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning a backbone with an embedding head and a metric-learning loss."""
+
+    backbone: BackboneConfig = BackboneConfig()  # the CNN and its initial weights (features/backbones.py)
+    head: HeadConfig = HeadConfig()  # GeM, projection, batch norm, L2 (features/embedding.py)
+    loss: str = "arcface"  # "arcface" (additive angular margin) or "softmax"
+    margin: float = 0.3  # ArcFace angular margin, radians
+    scale: float = 30.0  # ArcFace logit scale
+    input_size: int = 224  # training crop side, pixels (extraction resizes whole images to this)
+    epochs: int = 10  # epochs of full fine-tuning (stage 2)
+    head_epochs: int = 2  # epochs with the backbone frozen first (stage 1; 0 = none)
+    steps_per_epoch: int = 0  # batches per epoch (0 = one pass: training images / batch_size)
+    batch_size: int = 32  # images per step (global, across GPUs)
+    learning_rate: float = 1e-3  # AdamW learning rate of stage 1
+    finetune_lr_scale: float = 0.1  # stage 2 learning rate = learning_rate x this (cosine decay)
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    balance: float = 0.5  # class-balanced sampling exponent: 0 = by image, 0.5 = square root, 1 = by class
+    validation_fraction: float = 0.1  # share of images of classes with 2+ images held out for early stopping
+    patience: int = 3  # epochs without improvement before stopping (0 = no early stopping)
+    augment: AugmentConfig = AugmentConfig()  # random resized crop, flip, colour jitter
+    cache: str = "memory"  # decoded training images kept in "memory" or a "disk" memmap
+    mixed_precision: str = "auto"  # "auto" (on GPUs), "on" or "off"
+    distribute: str = "auto"  # "auto" (MirroredStrategy over 2+ GPUs) or "off"
+    seed: int = 0  # initialisation, split, sampling and augmentation
+
+    def __post_init__(self):
+        if self.loss not in ("arcface", "softmax"):
+            raise ValueError(f"loss must be 'arcface' or 'softmax', not {self.loss!r}")
+        if self.input_size < 32:
+            raise ValueError(f"input_size must be >= 32, not {self.input_size}")
+        if self.epochs < 0 or self.head_epochs < 0 or self.epochs + self.head_epochs < 1:
+            raise ValueError("epochs and head_epochs must be >= 0 and not both 0")
+        if self.batch_size < 2 or self.steps_per_epoch < 0 or self.patience < 0:
+            raise ValueError("batch_size must be >= 2, steps_per_epoch and patience >= 0")
+        if not 0 <= self.balance <= 1 or not 0 <= self.validation_fraction < 1:
+            raise ValueError("balance must be in [0, 1] and validation_fraction in [0, 1)")
+        if self.learning_rate <= 0 or self.finetune_lr_scale <= 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate and finetune_lr_scale must be > 0, weight_decay >= 0")
+        for name in ("mixed_precision", "distribute"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ValueError(f"{name} must be auto, on or off")
+        if self.cache not in ("memory", "disk"):
+            raise ValueError(f"cache must be 'memory' or 'disk', not {self.cache!r}")
+
+
+MIN_VALIDATION = 8  # fewer held-out images than this: early stopping watches the training loss
+
+
+def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows): ``fraction`` of the images of each class with 2+ images, at least one
+    image of every class staying in training."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        if len(rows) < 2 or fraction <= 0:
+            continue
+        take = min(len(rows) - 1, int(round(fraction * len(rows))))
+        val.extend(rng.choice(rows, size=take, replace=False).tolist())
+    val = np.array(sorted(val), np.int64)
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str):
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def step_timer():
+    """A Keras callback recording the wall time of each training step in ``.times``; the first step of every
+    fit (which traces the graph) is left out."""
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        """Wall time of each training step; the first step of every fit (which traces the graph) is left out."""
+
+        def __init__(self):
+            super().__init__()
+            self.times: list[float] = []
+            self._t = 0.0
+            self._first = True
+
+        def on_train_begin(self, logs=None):
+            self._first = True
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self._first:
+                self._first = False
+            else:
+                self.times.append(time.perf_counter() - self._t)
+
+    return StepTimer()
+
+
+def _devices(config: FinetuneConfig) -> tuple[object, bool, int]:
+    """(tf.distribute strategy, mixed precision on, GPUs)."""
+    import tensorflow as tf
+
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    if config.distribute != "off" and gpus > 1:
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
+    mixed = config.mixed_precision == "on" or (config.mixed_precision == "auto" and gpus > 0)
+    return strategy, mixed, gpus
+
+
+def build_training_model(config: FinetuneConfig, classes: int):
+    """(embedding model, training model {"image", "label"} -> [B, classes] logits)."""
+    import keras
+
+    from features.embedding import build_embedding_model
+    from models.heads import make_head
+
+    embedding = build_embedding_model(config.backbone, config.head, seed=config.seed)
+    image = keras.Input((config.input_size, config.input_size, 3), name="image")
+    label = keras.Input((), dtype="int64", name="label")
+    head = make_head(config.loss, classes, config.margin, config.scale)
+    emb = embedding(image)
+    if config.loss == "arcface":
+        model = keras.Model({"image": image, "label": label}, head([emb, label]), name="training")
+    else:
+        model = keras.Model({"image": image}, head(emb), name="training")
+    return embedding, model
+
+
+def _set_backbone_trainable(embedding, trainable: bool, freeze_batchnorm: bool) -> None:
+    import keras
+
+    backbone = next(layer for layer in embedding.layers if layer.name.startswith("backbone_"))
+    backbone.trainable = trainable
+    if trainable and freeze_batchnorm:  # unfreezing is recursive: fix the batch-norm statistics again
+        for layer in backbone._flatten_layers(include_self=False, recursive=True):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+
+
+def export(embedding, path: str, config: FinetuneConfig, metadata: dict) -> None:
+    """Save ``embedding`` as a float32 model (a mixed-precision model is rebuilt in float32 first)."""
+    from features.embedding import build_embedding_model, model_metadata, save_embedding_model
+
+    with _dtype_policy("float32"):
+        plain = build_embedding_model(config.backbone, config.head, seed=config.seed)
+    plain.set_weights(embedding.get_weights())
+    save_embedding_model(plain, path, model_metadata(config.backbone, config.head, config.input_size, **metadata))
+
+
+def finetune(records: list[tuple[str, str, int | None]], out: str, config: FinetuneConfig = FinetuneConfig(),
+             decode: DecodeConfig = DecodeConfig(), threads: int = 0) -> dict:
+    """Fine-tune on ``records`` (id, path, landmark_id); writes OUT/model.keras and OUT/untrained.keras.
+
+    Records without a landmark id are not used (counted as ``unlabelled``); images that fail to decode are
+    dead letters (returned in the record, with their reasons). Returns a JSON-ready record.
+    """
+    import keras
+    import tensorflow as tf
+
+    from models.data import build_cache, evaluation_dataset, training_dataset
+    from pipeline.errors import CairnError
+
+    started = time.perf_counter()
+    labelled = [(i, p, y) for i, p, y in records if y is not None]
+    classes = sorted({y for _, _, y in labelled})
+    if len(classes) < 2:
+        raise CairnError(f"fine-tuning needs images of at least 2 landmarks; the manifest has {len(classes)}")
+    index_of = {c: k for k, c in enumerate(classes)}
+    os.makedirs(out, exist_ok=True)
+    cache_size = int(round(config.input_size * 1.15))
+    progress = sys.stderr.isatty()
+    cache = build_cache([(i, p, index_of[y]) for i, p, y in labelled], cache_size, decode, config.cache,
+                        os.path.join(out, "cache"), threads, progress)
+    if len(np.unique(cache.labels)) < 2:
+        raise CairnError("fine-tuning: fewer than 2 landmarks left after decoding; see the dead letters")
+    train_rows, val_rows = split_validation(cache.labels, config.validation_fraction, config.seed)
+    if len(val_rows) < MIN_VALIDATION:
+        train_rows, val_rows = np.arange(len(cache.labels)), np.array([], np.int64)
+    monitor = "val_loss" if len(val_rows) else "loss"
+    steps = config.steps_per_epoch or max(1, math.ceil(len(train_rows) / config.batch_size))
+    log.info("fine-tuning %s (%s) on %d images of %d landmarks (%d held out for validation; %d unlabelled, "
+             "%d dead letters): %d + %d epochs of %d steps, batch %d, %s loss", config.backbone.name,
+             config.backbone.weights, len(train_rows), len(classes), len(val_rows), len(records) - len(labelled),
+             len(cache.dead_letters), config.head_epochs, config.epochs, steps, config.batch_size, config.loss)
+
+    strategy, mixed, gpus = _devices(config)
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope(), _dtype_policy("mixed_float16" if mixed else "float32"):
+        embedding, model = build_training_model(config, len(classes))
+    meta = {"classes": [int(c) for c in classes], "training": {"loss": config.loss, "images": len(train_rows)}}
+    export(embedding, os.path.join(out, "untrained.keras"), config, {**meta, "fine_tuned": False})
+
+    train_ds = training_dataset(cache, train_rows, config.input_size, config.batch_size, config.augment,
+                                config.balance, config.seed)
+    val_ds = evaluation_dataset(cache, val_rows, config.input_size, config.batch_size) if len(val_rows) else None
+    if config.loss == "softmax":
+        train_ds = train_ds.map(lambda x, y: ({"image": x["image"]}, y))
+        val_ds = val_ds.map(lambda x, y: ({"image": x["image"]}, y)) if val_ds is not None else None
+    timer = step_timer()
+    history: dict[str, list[float]] = {}
+    checkpoints = os.path.join(out, "checkpoints")
+    stage1 = os.path.join(checkpoints, "stage1.weights.h5")
+    stages = [(1, config.head_epochs, False, config.learning_rate),
+              (2, config.epochs, True, config.learning_rate * config.finetune_lr_scale)]
+    for stage, epochs, train_backbone, lr in stages:
+        if not epochs:
+            continue
+        if stage == 1 and os.path.exists(stage1):
+            model.load_weights(stage1)
+            log.info("fine-tuning: stage 1 already done (%s); resuming with stage 2", stage1)
+            continue
+        with strategy.scope():
+            _set_backbone_trainable(embedding, train_backbone, config.backbone.frozen_batchnorm)
+            schedule = (keras.optimizers.schedules.CosineDecay(lr, epochs * steps, alpha=0.05)
+                        if train_backbone else lr)
+            model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        callbacks = [
+            keras.callbacks.BackupAndRestore(os.path.join(checkpoints, f"stage{stage}")),
+            keras.callbacks.TensorBoard(os.path.join(out, "logs", f"stage{stage}"), update_freq="epoch"),
+            keras.callbacks.CSVLogger(os.path.join(out, f"history-stage{stage}.csv"), append=True),
+            keras.callbacks.TerminateOnNaN(),
+            timer,
+        ]
+        if config.patience:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor, patience=config.patience,
+                                                           restore_best_weights=True, verbose=1))
+        h = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds, callbacks=callbacks,
+                      verbose=1 if progress else 2)
+        for k, v in h.history.items():
+            history.setdefault(k, []).extend(float(x) for x in v)
+        if stage == 1:
+            model.save_weights(stage1)
+    if any(not math.isfinite(v) for v in history.get("loss", [])):
+        raise CairnError("fine-tuning diverged (the loss became NaN); lower learning_rate or use loss=softmax")
+    seconds = time.perf_counter() - started
+    meta["training"].update({k: round(v[-1], 5) for k, v in history.items()})
+    meta["gem_p"] = float(embedding.get_layer("gem").p.numpy())
+    export(embedding, os.path.join(out, "model.keras"), config, {**meta, "fine_tuned": True})
+    step = float(np.median(timer.times)) if timer.times else None
+    return {
+        "classes": len(classes),
+        "counts": {"inputs": len(records), "used": len(cache.ids), "unlabelled": len(records) - len(labelled),
+                   "dead_letters": len(cache.dead_letters)},
+        "dead_letters": cache.dead_letters,
+        "train_images": int(len(train_rows)),
+        "validation_images": int(len(val_rows)),
+        "epochs_run": len(history.get("loss", [])),
+        "history": {k: [round(x, 5) for x in v] for k, v in history.items()},
+        "step_seconds": round(step, 4) if step else None,
+        "train_images_per_second": round(config.batch_size / step, 2) if step else None,
+        "gem_p": round(meta["gem_p"], 4),
+        "mixed_precision": mixed,
+        "gpus": gpus,
+        "replicas": int(strategy.num_replicas_in_sync),
+        "train_seconds": round(seconds, 3),
+        "tf_version": tf.__version__,
+    }

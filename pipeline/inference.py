@@ -1,0 +1,143 @@
+"""Batched CNN inference in Beam: a RunInference model handler for Cairn's embedding models.
+
+    rows -> PrepareImages (decode + resize; dead letters) -> ((id, landmark_id, path), [S, S, 3] uint8)
+         -> RunInference(KeyedModelHandler(EmbeddingModelHandler)) -> ((id, landmark_id, path), PredictionResult)
+         -> {"id", "landmark_id", "vector"} rows for the global-features Parquet schema
+
+The handler follows Beam's split: ``load_model`` builds the extractor (features/cnn.py) once per worker, with
+its thread limits, and ``run_inference(batch, model)`` is side-effect free: a list of prepared images in, one
+PredictionResult per image out. Beam batches the elements (``batch_size`` per call). Beam's own TensorFlow
+handlers need extra packages (tfx-bsl) and know nothing of TFLite or of Cairn's metadata, hence this one.
+A batch whose inference raises becomes one dead letter per image (``with_exception_handling``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+
+from pipeline.errors import DeadLetter
+from pipeline.images import DecodeConfig, ImageError, load_image
+from pipeline.resources import limit_threads
+
+DEAD = "dead"
+NAMESPACE = "cairn"
+
+
+class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, object]):
+    """[S, S, 3] uint8 prepared images -> PredictionResult(example=None, inference=[dim] float32).
+
+    ``factory(params, threads)`` builds the model object (default: features.cnn.CnnExtractor); it must have
+    ``embed([B, S, S, 3] uint8) -> [B, dim]``. The example is not kept in the result (it would carry every
+    image through the rest of the pipeline).
+    """
+
+    def __init__(self, params: dict, threads: int = 1, batch_size: int = 32, factory=None):
+        super().__init__()
+        self.params = dict(params)
+        self.threads = threads
+        self.batch_size = batch_size
+        self.factory = factory
+
+    def load_model(self):
+        limit_threads(self.threads)
+        if self.factory is not None:
+            return self.factory(self.params, self.threads)
+        import tensorflow  # noqa: F401 - imported first so that limit_threads can size its pools
+
+        from features.cnn import CnnConfig, CnnExtractor
+
+        limit_threads(self.threads)
+        return CnnExtractor(CnnConfig(**self.params), threads=self.threads)
+
+    def run_inference(self, batch: Sequence[np.ndarray], model, inference_args=None) -> Iterable[PredictionResult]:
+        vectors = model.embed(np.stack(batch))
+        return [PredictionResult(None, v) for v in vectors]
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(x.nbytes for x in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "cairn_cnn"
+
+
+class PrepareImages(beam.DoFn):
+    """{id, path, landmark_id} -> ((id, landmark_id, path), [size, size, 3] uint8); failures -> dead letters."""
+
+    def __init__(self, size: int, decode: DecodeConfig):
+        self.size = size
+        self.decode = decode
+        self.failed = {stage: Metrics.counter(NAMESPACE, f"dead_{stage}") for stage in ("read", "decode")}
+
+    def process(self, row: dict):
+        import cv2
+
+        try:
+            image = load_image(row["path"], self.decode)
+        except ImageError as e:
+            self.failed[e.stage].inc()
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(row["id"], e.stage, e.reason, row.get("path") or ""))
+            return
+        except Exception as e:  # noqa: BLE001 - never let one file stop the job
+            self.failed["decode"].inc()
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(row["id"], "decode", f"{type(e).__name__}: {e}",
+                                                            row.get("path") or ""))
+            return
+        interp = cv2.INTER_AREA if image.shape[0] * image.shape[1] > self.size ** 2 else cv2.INTER_LINEAR
+        prepared = cv2.resize(image, (self.size, self.size), interpolation=interp)
+        yield (row["id"], row["landmark_id"], row.get("path") or ""), prepared
+
+
+class _ToRows(beam.DoFn):
+    """((id, landmark_id, path), PredictionResult) -> feature row, or a dead letter for a bad vector."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.ok = Metrics.counter(NAMESPACE, "images_ok")
+
+    def process(self, item):
+        (image_id, label, path), result = item
+        v = np.asarray(result.inference, dtype=np.float32)
+        if v.shape != (self.dim,) or not np.all(np.isfinite(v)):
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(image_id, "extract",
+                                                            f"bad embedding (shape {v.shape} or non-finite)", path))
+            return
+        self.ok.inc()
+        yield {"id": image_id, "landmark_id": label, "vector": v}
+
+
+def _failed_batch(item) -> list[DeadLetter]:
+    """A batch RunInference could not process -> one dead letter per image in it."""
+    batch, error = item
+    if isinstance(error, (tuple, list)) and len(error) > 1:
+        error = error[1]
+    reason = f"inference failed: {error}"[:500]
+    return [DeadLetter(key[0], "extract", reason, key[2]) for key, _ in batch]
+
+
+class EmbedImages(beam.PTransform):
+    """Manifest rows -> (feature rows, dead letters): decode, resize, batched CNN inference."""
+
+    def __init__(self, handler: EmbeddingModelHandler, size: int, dim: int, decode: DecodeConfig):
+        super().__init__()
+        self.handler = handler
+        self.size = size
+        self.dim = dim
+        self.decode = decode
+
+    def expand(self, rows):
+        prepared = rows | "Prepare" >> beam.ParDo(PrepareImages(self.size, self.decode)).with_outputs(
+            DEAD, main="images")
+        main, other = prepared.images | "Embed" >> RunInference(
+            KeyedModelHandler(self.handler)).with_exception_handling()
+        results = main | "ToRows" >> beam.ParDo(_ToRows(self.dim)).with_outputs(DEAD, main="rows")
+        failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch)
+        dead = (prepared[DEAD], results[DEAD], failed) | "Dead" >> beam.Flatten()
+        return results.rows, dead

@@ -1,0 +1,120 @@
+"""The CNN extractor over every model kind, and the frozen TFLite extractor on real weights (features/cnn.py,
+features/frozen.py, features/backbones.py's TFLite conversion)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from features.backbones import BackboneConfig
+from features.cnn import CnnConfig, CnnExtractor
+from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
+from tests.conftest import shared_path
+
+TFLITE = ("weights", "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    backbone, head = BackboneConfig("mobilenet_v2"), HeadConfig(dim=16)
+    path = str(tmp_path_factory.mktemp("model") / "model.keras")
+    save_embedding_model(build_embedding_model(backbone, head, seed=1), path, model_metadata(backbone, head, 64))
+    return path
+
+
+def _images(n, seed=0):
+    """Blocky images (6 x 6 random colour cells): structure at a scale, unlike i.i.d. noise."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    return [cv2.resize(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8),
+                       (int(rng.integers(50, 90)), int(rng.integers(50, 90))), interpolation=cv2.INTER_NEAREST)
+            for _ in range(n)]
+
+
+def test_keras_extractor_batched_equals_one_at_a_time(tiny_model):
+    ex = CnnExtractor(CnnConfig(model=tiny_model))
+    assert ex.size == 64 and ex.dim == 16 and ex.batched
+    images = _images(5)
+    xb = np.stack([ex.prepare(im) for im in images])
+    assert xb.shape == (5, 64, 64, 3) and xb.dtype == np.uint8
+    batched = ex.embed(xb)
+    single = np.stack([ex.extract(im) for im in images])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1, rtol=1e-5)
+    meta = ex.metadata()
+    assert meta["model"]["format"] == "keras" and len(meta["model_sha256"]) == 64
+
+
+class SizeAwareEmbedder:
+    """A fake embedder whose output depends on the input size, recording the sizes it was given."""
+
+    input_size, dim = 64, 3
+
+    def __init__(self):
+        self.sides = []
+
+    def embed(self, xb):
+        self.sides.append(xb.shape[1])
+        mean = xb.reshape(len(xb), -1).mean(axis=1, keepdims=True)
+        return np.hstack([mean / 255.0, np.full_like(mean, xb.shape[1] / 64.0), np.ones_like(mean)]).astype(np.float32)
+
+
+def test_multi_scale_tta_averages_the_scales(tiny_model):
+    tta = CnnExtractor(CnnConfig(model=tiny_model, scales=(0.75, 1.0, 1.5)))
+    tta.embedder = fake = SizeAwareEmbedder()
+    xb = np.stack([tta.prepare(im) for im in _images(3, seed=1)])
+    got = tta.embed(xb)
+    assert fake.sides == [48, 64, 96]  # 64 x each scale
+    total = 0
+    for side in (48, 64, 96):
+        fake.sides = []
+        import cv2
+
+        e = fake.embed(np.stack([cv2.resize(im, (side, side), interpolation=cv2.INTER_LINEAR) for im in xb])
+                       if side != 64 else xb)
+        total = total + e / np.linalg.norm(e, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, total / np.linalg.norm(total, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_extractor_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="needs a model"):
+        CnnExtractor(CnnConfig())
+    with pytest.raises(FileNotFoundError):
+        CnnExtractor(CnnConfig(model=str(tmp_path / "missing.keras")))
+    with pytest.raises(ValueError, match="scales"):
+        CnnConfig(model="x.keras", scales=(0.0,))
+    (tmp_path / "x.onnx").write_bytes(b"1")
+    with pytest.raises(ValueError, match="not a .keras"):
+        CnnExtractor(CnnConfig(model=str(tmp_path / "x.onnx")))
+
+
+@pytest.mark.shared
+def test_tflite_extractor_on_the_shared_weights():
+    path = str(shared_path(*TFLITE))
+    ex = CnnExtractor(CnnConfig(model=path))
+    assert ex.size == 224 and ex.dim == 1024
+    images = _images(3, seed=2)
+    xb = np.stack([ex.prepare(im) for im in images])
+    batched = ex.embed(xb)
+    np.testing.assert_allclose(batched, np.stack([ex.extract(im) for im in images]), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1, rtol=1e-5)
+    assert ex.metadata()["model"]["preprocessing"] == "quantized-input"
+    with pytest.raises(ValueError, match="takes only 224x224"):
+        CnnExtractor(CnnConfig(model=path, scales=(1.0, 1.4)))
+
+
+@pytest.mark.shared
+def test_mobilenet_from_tflite_weights_matches_the_tflite_model():
+    """The dequantised TFLite weights in Keras' MobileNet give the TFLite model's embeddings."""
+    from features.backbones import build_backbone
+
+    path = str(shared_path(*TFLITE))
+    ex = CnnExtractor(CnnConfig(model=path))
+    xb = np.stack([ex.prepare(im) for im in _images(4, seed=3)])
+    reference = ex.embed(xb)
+    net = build_backbone(BackboneConfig("mobilenet", weights=path))
+    ours = np.asarray(net(xb.astype(np.float32), training=False)).mean(axis=(1, 2))
+    ours /= np.linalg.norm(ours, axis=1, keepdims=True)
+    cos = (reference * ours).sum(axis=1)
+    assert np.all(cos > 0.99), cos  # observed 0.998-0.9996 on Porto photos (quantisation error)

@@ -1,0 +1,117 @@
+"""Fine-tuning: the input pipeline's pieces, and a tiny end-to-end run with export and resume (models/data.py,
+models/finetune.py, jobs/train.py --method cnn)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from features.backbones import BackboneConfig
+from features.embedding import HeadConfig, load_embedding_model
+from models.data import AugmentConfig, ImageCache, augment, balanced_sampler, build_cache, class_sampling_weights
+from models.finetune import FinetuneConfig, split_validation
+
+
+def test_class_sampling_weights_hand_computed():
+    labels = np.array([0, 0, 0, 0, 1])  # class 0: 4 images, class 1: 1 image
+    p = class_sampling_weights(labels, 0.5)
+    # image weight n_c ** -0.5: 0.5 for class 0's images, 1 for class 1's; class shares 2 : 1
+    np.testing.assert_allclose(p, np.array([0.5, 0.5, 0.5, 0.5, 1.0]) / 3.0)
+    np.testing.assert_allclose(class_sampling_weights(labels, 0.0), np.full(5, 0.2))  # by image
+    np.testing.assert_allclose(class_sampling_weights(labels, 1.0)[labels == 1].sum(), 0.5)  # by class
+
+
+def test_balanced_sampler_draws_the_tail_more_often():
+    labels = np.array([0] * 90 + [1] * 10)
+    draws = [label for _, (_, label) in zip(range(20_000), balanced_sampler(labels, 1.0, seed=0)(), strict=False)]
+    share = np.mean(np.array(draws) == 1)
+    assert 0.47 < share < 0.53  # observed 0.50; sampled by image it would be 0.10
+
+
+def test_split_validation_keeps_a_training_image_of_every_class():
+    labels = np.array([0] * 10 + [1] * 3 + [2])
+    train, val = split_validation(labels, 0.3, seed=0)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(14))
+    assert set(labels[train]) == {0, 1, 2}  # class 2 (one image) never held out
+    assert np.sum(labels[val] == 0) == 3 and np.sum(labels[val] == 1) == 1
+
+
+def test_augment_gives_the_input_size_in_range():
+    import tensorflow as tf
+
+    image = tf.constant(np.random.default_rng(0).integers(0, 256, (80, 80, 3), dtype=np.uint8))
+    out = augment(image, 48, AugmentConfig(flip=True)).numpy()
+    assert out.shape == (48, 48, 3) and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 255
+
+
+def test_cache_turns_unreadable_images_into_dead_letters(tmp_path, tiny_synth):
+    rows = [(r["id"], str(tiny_synth / r["path"]), 0) for r in csv.DictReader(open(tiny_synth / "train.csv"))][:3]
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    rows += [("bad", str(tmp_path / "bad.jpg"), 1), ("gone", str(tmp_path / "gone.jpg"), 1)]
+    for mode in ("memory", "disk"):
+        cache = build_cache(rows, 40, mode=mode, folder=str(tmp_path / "c"), threads=2, progress=False)
+        assert isinstance(cache, ImageCache) and cache.ids == [r[0] for r in rows[:3]]
+        assert {(d.id, d.stage) for d in cache.dead_letters} == {("bad", "decode"), ("gone", "read")}
+        assert cache.images.shape == (3, 40, 40, 3) and np.asarray(cache.images[2]).std() > 0
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="loss"):
+        FinetuneConfig(loss="triplet")
+    with pytest.raises(ValueError, match="balance"):
+        FinetuneConfig(balance=2)
+    with pytest.raises(ValueError, match="epochs"):
+        FinetuneConfig(epochs=0, head_epochs=0)
+
+
+TINY_FT = FinetuneConfig(backbone=BackboneConfig("mobilenet_v2"), head=HeadConfig(dim=16), input_size=48, epochs=1,
+                         head_epochs=1, batch_size=8, validation_fraction=0.0, patience=0)
+
+
+@pytest.mark.slow
+def test_train_cnn_exports_models_and_resumes(tmp_path, tiny_synth, caplog):
+    import dataclasses
+    import logging
+
+    from jobs.classic import MethodsConfig
+    from jobs.extract import extract
+    from jobs.train import train
+    from pipeline.parquet_io import read_shards
+    from pipeline.schemas import vectors_of
+
+    config = dataclasses.replace(MethodsConfig(), cnn=dataclasses.replace(MethodsConfig().cnn, finetune=TINY_FT))
+    out = tmp_path / "model"
+    record = train("cnn", str(tiny_synth / "train.csv"), str(out), config)
+    assert record["classes"] == 4 and record["counts"] == {"inputs": 16, "used": 16, "unlabelled": 0,
+                                                           "dead_letters": 0, "manifest_rejected": 0}
+    assert record["epochs_run"] == 2 and record["mixed_precision"] is False and record["step_seconds"] > 0
+    for name in ("model.keras", "untrained.keras", "train.json", "history-stage1.csv", "history-stage2.csv",
+                 "dead_letters.csv", "checkpoints/stage1.weights.h5"):
+        assert (out / name).exists(), name
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+    model, meta = load_embedding_model(str(out / "model.keras"))
+    assert meta["fine_tuned"] is True and meta["dim"] == 16 and meta["input_size"] == 48
+    assert meta["classes"] == sorted({int(r["landmark_id"]) for r in csv.DictReader(open(tiny_synth / "train.csv"))})
+    _, untrained = load_embedding_model(str(out / "untrained.keras"))
+    assert untrained["fine_tuned"] is False
+
+    # same config: reused; a run killed after stage 1 resumes from its checkpoint
+    assert train("cnn", str(tiny_synth / "train.csv"), str(out), config)["artefact_sha256"] == \
+        record["artefact_sha256"]
+    (out / "train.json").unlink()
+    with caplog.at_level(logging.INFO):
+        train("cnn", str(tiny_synth / "train.csv"), str(out), config)
+    assert "stage 1 already done" in caplog.text
+
+    # the exported model through the Beam extraction job (RunInference)
+    ex = extract(str(tiny_synth / "queries.csv"), str(tmp_path / "emb"), "cnn",
+                 {"model": str(out / "model.keras"), "batch_size": 4})
+    table, fmeta = read_shards(str(tmp_path / "emb" / "features"))
+    assert ex["counts"]["outputs"] == table.num_rows == ex["counts"]["inputs"]
+    xq = vectors_of(table)
+    assert xq.shape == (table.num_rows, 16)
+    np.testing.assert_allclose(np.linalg.norm(xq, axis=1), 1, rtol=1e-5)
+    assert fmeta["method"] == "cnn" and fmeta["model"]["backbone"]["name"] == "mobilenet_v2"
