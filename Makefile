@@ -38,8 +38,11 @@ endif
 	@touch $@
 	@echo "setup: $(VENV) is ready ($$($(BIN)/python --version), GPU=$(GPU))"
 
+# the ImageNet MobileNet the project is lent: cnn-pretrained's model and cnn's initial weights, when it is there
+PRETRAINED ?= ../shared/weights/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite
+
 demo: setup
-	$(BIN)/cairn demo --out demo
+	$(BIN)/cairn demo --out demo $(if $(wildcard $(PRETRAINED)),--pretrained $(PRETRAINED))
 
 test: setup
 	$(BIN)/python -m pytest -q

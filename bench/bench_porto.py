@@ -114,7 +114,8 @@ def leave_one_out(index_dir: str, vectors_dir: str, rerank=None) -> dict:
                 for y, s in zip(q_labels, self_rows, strict=True)]
     pred, _ = vote(D, index.labels_of(I), VoteConfig(k=10))
     return {"map_at_100": mean_average_precision_at_k(retrieved, relevant, 100),
-            "knn_accuracy": float(np.mean(pred == q_labels)), "verify_seconds": seconds, "labels": q_labels}
+            "knn_accuracy": float(np.mean(pred == q_labels)), "p_at_1": float(np.mean(labels[I[:, 0]] == q_labels)),
+            "verify_seconds": seconds, "labels": q_labels}
 
 
 def run(workdir: str, quick: bool) -> list[dict]:
@@ -177,6 +178,7 @@ def run(workdir: str, quick: bool) -> list[dict]:
                              extract_seconds=extract_s, train_seconds=base["train"].get("train_seconds", 0.0),
                              verify_seconds=r["verify_seconds"]))
         log.info("porto: %s mAP@100 %.3f, kNN accuracy %.3f", name, r["map_at_100"], r["knn_accuracy"])
+    entries += _deep(ctx, group)
     for method in ("hog-linear", "sift-vlad-linear"):
         accuracy, seconds = cross_validated_accuracy(vectors[classic.BASE[method]])
         entries.append(entry(group, f"{method}: 5-fold accuracy", round(accuracy, 4), "accuracy",
@@ -208,3 +210,128 @@ def cross_validated_accuracy(vectors_dir: str, folds: int = 5) -> tuple[float, f
         seconds += time.perf_counter() - start
         right += int((model.predict_top(X[test], 1)[0][:, 0] == y[test]).sum())
     return right / len(y), seconds / folds
+
+
+TFLITE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "weights",
+                      "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite")
+
+
+def _ranked_metrics(xq, yq, xb, yb, exclude_self: bool) -> tuple[float, float, float]:
+    """(mAP@100, P@1, mAP over the full ranking) of plain cosine kNN in numpy, every query against the
+    database, brute force. mAP@100 is Google Landmark Retrieval's (AP normalised by min(relevant, 100)); the
+    full-ranking mAP is the textbook one (AP over every database image)."""
+    from reports.metrics import mean_average_precision_at_k
+
+    S = xq @ xb.T
+    if exclude_self:
+        np.fill_diagonal(S, -np.inf)
+    order = np.argsort(-S, axis=1, kind="stable")
+    if exclude_self:
+        order = order[:, :-1]  # self is last (-inf)
+    retrieved = [list(row[:100]) for row in order]
+    relevant = [set(np.flatnonzero(yb == y)) - ({i} if exclude_self else set()) for i, y in enumerate(yq)]
+    rel = yb[order] == yq[:, None]
+    precision = np.cumsum(rel, axis=1) / np.arange(1, rel.shape[1] + 1)
+    full = float(np.mean((precision * rel).sum(axis=1) / np.maximum(rel.sum(axis=1), 1)))
+    return mean_average_precision_at_k(retrieved, relevant, 100), float(np.mean(rel[:, 0])), full
+
+
+def _plain_tflite_embeddings(manifest: str) -> tuple[np.ndarray, np.ndarray]:
+    """The reference embeddings, made without Cairn's pipeline: PIL opens each photo, converts it to RGB and
+    resizes it whole to 224 x 224 (bilinear); the TFLite interpreter runs one image at a time."""
+    import csv
+
+    from PIL import Image
+
+    from features.frozen import TFLiteEmbedder
+
+    embedder = TFLiteEmbedder(TFLITE)
+    rows = list(csv.DictReader(open(manifest)))
+    base = os.path.dirname(manifest)
+    xs = []
+    for r in rows:
+        with Image.open(os.path.join(base, r["path"])) as im:
+            xs.append(embedder.embed(np.asarray(im.convert("RGB").resize((224, 224), Image.BILINEAR))[None])[0])
+    return np.stack(xs), np.array([int(r["landmark_id"]) for r in rows])
+
+
+def _index_full_map(index_dir: str, xq: np.ndarray, ids: list[str], labels: np.ndarray) -> float:
+    """Full-ranking leave-one-out mAP of every database image searched in the method's own FAISS index."""
+    from index.sparse_index import load_any
+
+    index = load_any(index_dir)
+    row_of = {image_id: i for i, image_id in enumerate(index.image_ids)}
+    _, I = index.search(xq, index.ntotal)
+    aps = []
+    for q, row in enumerate(I):
+        row = row[(row >= 0) & (row != row_of[ids[q]])]
+        rel = index.labels[row] == labels[q]
+        if rel.any():
+            aps.append(float((np.cumsum(rel) / np.arange(1, len(rel) + 1))[rel].mean()))
+        else:
+            aps.append(0.0)
+    return float(np.mean(aps))
+
+
+def _deep(ctx, group: str) -> list[dict]:
+    """cnn-pretrained (the TFLite MobileNet) against plain cosine kNN over the same embeddings, and a head
+    fine-tuned on 4/5 of the photos measured on the other fifth (5 folds)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from jobs import classic
+    from jobs.extract import features_prefix
+    from models.finetune import train_head_on_vectors
+    from pipeline import fs
+    from pipeline.parquet_io import read_shards
+    from pipeline.schemas import labels_of, vectors_of
+
+    if not os.path.exists(TFLITE):
+        return [skipped(group, "cnn-pretrained", f"{TFLITE} not found")]
+    config = classic.parse_overrides([f"cnn_pretrained.model={os.path.abspath(TFLITE)}"])
+    base = classic.build_deep("cnn-pretrained", config, ctx)
+    r = leave_one_out(base["index"], fs.join(base["vectors"], "train"))
+    table, _ = read_shards(features_prefix(fs.join(base["vectors"], "train"), "global"))
+    X, y = vectors_of(table), labels_of(table)
+    ours_full = _index_full_map(base["index"], X, table.column("id").to_pylist(), y)
+    plain_map, plain_p1, plain_full = _ranked_metrics(*(2 * _plain_tflite_embeddings(ctx.train)), exclude_self=True)
+    extract_s = sum(rec["seconds"] for rec in base["extract"].values())
+    name = "cnn-pretrained (TFLite MobileNet v1, whole image at 224)"
+    plain = "plain: PIL resize + TFLite, cosine kNN in numpy"
+    entries = [
+        entry(group, f"{plain}: mAP (full ranking)", round(plain_full, 4), "mAP",
+              note="reference made without Cairn: PIL bilinear resize to 224, raw TFLite interpreter one image at "
+              "a time, brute-force cosine ranking, self excluded"),
+        entry(group, f"{plain}: mAP@100", round(plain_map, 4), "mAP@100"),
+        entry(group, f"{plain}: P@1", round(plain_p1, 4), "accuracy"),
+        entry(group, f"{name}: mAP (full ranking)", round(ours_full, 4), "mAP", f"{plain}: mAP (full ranking)",
+              note="Cairn's Beam job (decode, area resize, RunInference) and FAISS index"),
+        entry(group, f"{name}: mAP@100", round(r["map_at_100"], 4), "mAP@100", f"{plain}: mAP@100",
+              dim=int(X.shape[1]), extract_seconds=extract_s,
+              images_per_second=round(len(y) / extract_s, 2) if extract_s else None),
+        entry(group, f"{name}: P@1", round(r["p_at_1"], 4), "accuracy", f"{plain}: P@1"),
+        entry(group, f"{name}: kNN accuracy", round(r["knn_accuracy"], 4), "accuracy", "chance: kNN accuracy"),
+        entry(group, f"{name}: bytes per image", 4 * int(X.shape[1]), "bytes", better="lower"),
+    ]
+    log.info("porto: cnn-pretrained mAP@100 %.3f, full mAP %.3f, P@1 %.3f (plain: %.3f, %.3f, %.3f)",
+             r["map_at_100"], ours_full, r["p_at_1"], plain_map, plain_full, plain_p1)
+    raw, tuned = [], []  # (mAP@100, P@1, full mAP) per fold
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(X, y):
+        raw.append(_ranked_metrics(X[test], y[test], X[train], y[train], exclude_self=False))
+        head = train_head_on_vectors(X[train], y[train], dim=256, seed=0)
+        hb, hq = np.asarray(head(X[train])), np.asarray(head(X[test]))
+        tuned.append(_ranked_metrics(hq, y[test], hb, y[train], exclude_self=False))
+    raw_map, raw_p1, _ = np.mean(raw, axis=0)
+    tuned_map, tuned_p1, _ = np.mean(tuned, axis=0)
+    ref = "cnn-pretrained embeddings, held-out fold vs the other 4 folds: mAP@100"
+    entries += [
+        entry(group, ref, round(float(raw_map), 4), "mAP@100", note="5 stratified folds; queries = one fold, "
+              "database = the other four"),
+        entry(group, "cnn-pretrained embeddings, held-out fold vs the other 4 folds: P@1", round(float(raw_p1), 4),
+              "accuracy"),
+        entry(group, "+ head fine-tuned on the 4 folds (256-d, ArcFace): mAP@100", round(float(tuned_map), 4),
+              "mAP@100", ref, note="models/finetune.train_head_on_vectors, trained on the database folds only"),
+        entry(group, "+ head fine-tuned on the 4 folds (256-d, ArcFace): P@1", round(float(tuned_p1), 4),
+              "accuracy", "cnn-pretrained embeddings, held-out fold vs the other 4 folds: P@1"),
+    ]
+    log.info("porto: 5-fold held-out mAP@100 raw %.3f, fine-tuned head %.3f", raw_map, tuned_map)
+    return entries

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "faiss_flat": "bench.bench_faiss",
     "vocabulary": "bench.bench_vocabulary",
     "classifier": "bench.bench_classifier",
+    "embed": "bench.bench_embed",
     "porto": "bench.bench_porto",
 }
 COMMAND = "make bench"

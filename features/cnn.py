@@ -12,9 +12,10 @@
     needs the network once) and GeM pooling, no training.
 
 Every image is resized whole to S x S (S = the model's input size unless ``input_size`` is given): no crop,
-so nothing of the landmark is cut off. With ``scales`` such as (0.707, 1, 1.414) each image is also embedded at
-S x scale and the L2-normalised embeddings are averaged (multi-scale test-time augmentation; needs a model that
-takes any input size, i.e. not TFLite).
+so nothing of the landmark is cut off. With ``scales`` such as (0.707, 1, 1.414) each image is embedded at
+S x scale for every scale (all resized from one preparation at the largest scale) and the L2-normalised
+embeddings are averaged (multi-scale test-time augmentation; needs a model that takes any input size, i.e. not
+TFLite).
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ def file_sha256(path: str) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def resize_square(image: np.ndarray, side: int) -> np.ndarray:
+    """[H, W, 3] uint8 -> [side, side, 3] uint8, the whole image (aspect not kept); area filter when shrinking."""
+    h, w = image.shape[:2]
+    if (h, w) == (side, side):
+        return image
+    interp = cv2.INTER_AREA if h * w > side * side else cv2.INTER_LINEAR
+    return cv2.resize(image, (side, side), interpolation=interp)
 
 
 class KerasEmbedder:
@@ -133,21 +143,21 @@ class CnnExtractor:
                              "images: leave input_size at 0 and scales at (1.0,)")
         self.dim = self.embedder.dim
         self.model_sha256 = None if config.model.startswith("keras:") else file_sha256(config.model)
+        # images are prepared at the largest scale, so that every scale is a reduction of the original image
+        # (an upscaled S x S image would add pixels, not detail)
+        self.sides = [max(32, round(self.size * s)) for s in self.config.scales]
+        self.prepare_size = max(self.sides)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """[H, W, 3] uint8 RGB -> [S, S, 3] uint8, the whole image resized (area filter when shrinking)."""
-        h, w = image.shape[:2]
-        interp = cv2.INTER_AREA if h * w > self.size * self.size else cv2.INTER_LINEAR
-        return cv2.resize(image, (self.size, self.size), interpolation=interp)
+        """[H, W, 3] uint8 RGB -> [P, P, 3] uint8, the whole image resized (area filter when shrinking), where P
+        is the input size times the largest scale (``prepare_size``)."""
+        return resize_square(image, self.prepare_size)
 
     def embed(self, xb: np.ndarray) -> np.ndarray:
-        """[B, S, S, 3] uint8 prepared images -> [B, dim] float32, L2-normalised (averaged over the scales)."""
+        """[B, P, P, 3] uint8 prepared images -> [B, dim] float32, L2-normalised (averaged over the scales)."""
         total = None
-        for scale in self.config.scales:
-            x = xb
-            if scale != 1.0:
-                side = max(32, round(self.size * scale))
-                x = np.stack([cv2.resize(img, (side, side), interpolation=cv2.INTER_LINEAR) for img in xb])
+        for side in self.sides:
+            x = xb if side == xb.shape[1] else np.stack([resize_square(img, side) for img in xb])
             e = l2_normalize(self.embedder.embed(x))
             total = e if total is None else total + e
         return l2_normalize(total)

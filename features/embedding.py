@@ -45,13 +45,13 @@ def embedding_dim(backbone: BackboneConfig, head: HeadConfig) -> int:
     return head.dim or channels(backbone.name)
 
 
-def build_embedding_model(backbone: BackboneConfig, head: HeadConfig, seed: int = 0):
-    """Image -> L2-normalised embedding (keras.Model): preprocessing, backbone, GeM, [projection, BN], L2."""
+def build_embedding_model(backbone: BackboneConfig, head: HeadConfig):
+    """Image -> L2-normalised embedding (keras.Model): preprocessing, backbone, GeM, [projection, BN], L2.
+    Random initialisations follow Keras' global seed (``keras.utils.set_random_seed``, the caller's choice)."""
     import keras
 
     from features.layers import GeM, L2Normalize
 
-    keras.utils.set_random_seed(seed)
     net = build_backbone(backbone)
     inputs = keras.Input((None, None, 3), name="image")
     x = GeM(head.gem_p, head.learn_p, name="gem")(net(inputs))

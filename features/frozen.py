@@ -4,8 +4,9 @@
     embedder.embed(xb)   # [B, S, S, 3] uint8 RGB -> [B, D] float32, L2-normalised
 
 A quantised TFLite model with a uint8 input takes the pixels as they are (its input quantisation is the
-model's preprocessing: for MobileNet, scale 1/128 and zero point 128 map 0..255 to [-1, 1)); a float model
-gets the ``preprocessing`` given (keras.applications' modes). Outputs are dequantised, flattened and
+model's preprocessing: for MobileNet, scale 1/128 and zero point 128 map 0..255 to [-1, 1)); an int8 model gets
+the ``preprocessing`` given, quantised with its input scale and zero point; a float model gets the
+``preprocessing`` given (keras.applications' modes). A SavedModel with a uint8 input gets the pixels. Outputs are dequantised, flattened and
 L2-normalised. Nothing here downloads anything.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -69,6 +71,7 @@ class TFLiteEmbedder:
         self.quantized_input = self.input["dtype"] == np.uint8
         self.preprocessing = "quantized-input" if self.quantized_input else preprocessing
         self._batch = 1
+        self._lock = threading.Lock()
 
     def _resize(self, batch: int) -> None:
         if batch != self._batch:
@@ -77,16 +80,27 @@ class TFLiteEmbedder:
             self.interpreter.allocate_tensors()
             self._batch = batch
 
+    def _input(self, xb: np.ndarray) -> np.ndarray:
+        dtype = np.dtype(self.input["dtype"])
+        if self.quantized_input:  # uint8 image models take the pixels (their input quantisation normalises)
+            return xb.astype(np.uint8)
+        x = _preprocess(xb, self.preprocessing)
+        scale, zero = self.input["quantization"]
+        if np.issubdtype(dtype, np.integer) and scale:  # int8 models: quantise the normalised input
+            info = np.iinfo(dtype)
+            return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+        return x.astype(dtype)
+
     def embed(self, xb: np.ndarray) -> np.ndarray:
         """[B, S, S, 3] uint8 RGB -> [B, D] float32, L2-normalised (S is the model's input size)."""
         if xb.shape[1:] != (self.input_size, self.input_size, 3):
             raise ValueError(f"{os.path.basename(self.path)} takes {self.input_size}x{self.input_size} images, "
                              f"not {xb.shape[1]}x{xb.shape[2]}")
-        self._resize(len(xb))
-        x = xb.astype(np.uint8) if self.quantized_input else _preprocess(xb, self.preprocessing)
-        self.interpreter.set_tensor(self.input["index"], x)
-        self.interpreter.invoke()
-        y = self.interpreter.get_tensor(self.output["index"]).reshape(len(xb), -1).astype(np.float32)
+        with self._lock:  # one interpreter per model; Beam may call it from several threads of a worker
+            self._resize(len(xb))
+            self.interpreter.set_tensor(self.input["index"], self._input(xb))
+            self.interpreter.invoke()
+            y = self.interpreter.get_tensor(self.output["index"]).reshape(len(xb), -1).astype(np.float32)
         scale, zero = self.output["quantization"]
         if scale:
             y = (y - zero) * scale
@@ -112,15 +126,25 @@ class SavedModelEmbedder:
         shape = spec.shape.as_list()
         self.input_size = int(shape[1]) if shape[1] else int(input_size)
         self.input_dtype = spec.dtype
-        self.preprocessing = preprocessing
-        self.output_name = sorted(self.fn.structured_outputs)[0]
+        self.preprocessing = "pixels" if spec.dtype == tf.uint8 else preprocessing
+        outputs = sorted(self.fn.structured_outputs)
+        if len(outputs) == 1:
+            self.output_name = outputs[0]
+        else:
+            named = [o for o in outputs if o in self.OUTPUT_NAMES]
+            if not named:
+                raise ValueError(f"{path}: the signature has several outputs {outputs}; none is one of "
+                                 f"{self.OUTPUT_NAMES}, so which is the embedding is unclear")
+            self.output_name = named[0]
         self.dim = int(self.embed(np.zeros((1, self.input_size, self.input_size, 3), np.uint8)).shape[1])
+
+    OUTPUT_NAMES = ("embedding", "global_descriptor", "embeddings", "features", "output_0")
 
     def embed(self, xb: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
-        x = tf.cast(_preprocess(xb, self.preprocessing), self.input_dtype)
-        y = self.fn(**{self.input_name: x})[self.output_name].numpy()
+        x = xb if self.preprocessing == "pixels" else _preprocess(xb, self.preprocessing)
+        y = self.fn(**{self.input_name: tf.cast(x, self.input_dtype)})[self.output_name].numpy()
         return l2_normalize(y.reshape(len(xb), -1))
 
     def metadata(self) -> dict:

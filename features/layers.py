@@ -22,6 +22,7 @@ class Preprocess(keras.layers.Layer):
     ``tf``: [-1, 1]; ``caffe``: BGR minus the ImageNet mean; ``torch``: [0, 1] standardised; ``none``: as is."""
 
     MEAN = (123.68, 116.779, 103.939)  # ImageNet RGB mean, 0..255
+    TORCH_MEAN = (0.485, 0.456, 0.406)  # keras.applications' "torch" mode, on 0..1
     STD = (0.229, 0.224, 0.225)
 
     def __init__(self, mode: str = "tf", **kwargs):
@@ -37,7 +38,7 @@ class Preprocess(keras.layers.Layer):
         if self.mode == "caffe":
             return ops.flip(x, axis=-1) - ops.convert_to_tensor(self.MEAN[::-1], dtype=self.compute_dtype)
         if self.mode == "torch":
-            mean = ops.convert_to_tensor([m / 255.0 for m in self.MEAN], dtype=self.compute_dtype)
+            mean = ops.convert_to_tensor(self.TORCH_MEAN, dtype=self.compute_dtype)
             return (x / 255.0 - mean) / ops.convert_to_tensor(self.STD, dtype=self.compute_dtype)
         return x
 

@@ -142,6 +142,8 @@ class PretrainedConfig:
     """cnn-pretrained: a frozen pretrained extractor, kNN over its embeddings, no training."""
 
     model: str = ""  # a .tflite file, a SavedModel folder, a .keras export, or keras:<backbone> (downloads)
+    input_size: int = 0  # square input side (0 = the model's own; a SavedModel without one gets 224)
+    preprocessing: str = "tf"  # float TFLite/SavedModel inputs: tf ([-1, 1]), caffe, torch or none (0..255)
     scales: tuple[float, ...] = (1.0,)  # test-time scales (models with a fixed input size take only 1.0)
     batch_size: int = 32  # images per inference call
     pca_dim: int = 0  # PCA-whitening learned on the database embeddings (0 = none: it needs many images)
@@ -149,8 +151,10 @@ class PretrainedConfig:
     pca_min_images: int = 10  # database images needed per PCA dimension; with fewer, no PCA (0 = always)
 
     def __post_init__(self):
-        if self.pca_dim < 0 or self.batch_size < 1:
-            raise ValueError("pca_dim must be >= 0 and batch_size >= 1")
+        if self.pca_dim < 0 or self.batch_size < 1 or self.input_size < 0:
+            raise ValueError("pca_dim and input_size must be >= 0 and batch_size >= 1")
+        if self.preprocessing not in ("tf", "caffe", "torch", "none"):
+            raise ValueError(f"preprocessing must be tf, caffe, torch or none, not {self.preprocessing!r}")
 
 
 @dataclass(frozen=True)
@@ -345,6 +349,8 @@ def build_deep(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
         if method == "cnn":
             trained = fine_tuned
     params = {"model": model, "scales": list(mc.scales), "batch_size": mc.batch_size}
+    if method == "cnn-pretrained":
+        params.update(input_size=mc.input_size, preprocessing=mc.preprocessing)
     extracted = _extract_both(ctx, "cnn", params, fs.join(method, "embeddings"))
     vectors, encoded = fs.join(ctx.work, method, "embeddings"), None
     if mc.pca_dim > 0:

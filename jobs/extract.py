@@ -130,7 +130,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         rows = p | "NoRows" >> beam.Create([])
     if getattr(extractor, "batched", False):  # CNN: decode + resize, then batched inference with RunInference
         handler = EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size)
-        features, dead = rows | "Embed" >> EmbedImages(handler, extractor.size, extractor.dim, decode)
+        features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_size, extractor.dim, decode)
     else:
         results = rows | "DecodeAndExtract" >> beam.ParDo(
             DecodeAndExtract(method, params or {}, decode, threads)).with_outputs(DEAD, main="features")

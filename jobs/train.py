@@ -209,19 +209,20 @@ def train_cnn(manifest: str, out: str, config, decode: DecodeConfig = DecodeConf
 
     manifest = fs.absolute(manifest)
     rows = read_manifest(manifest)
+    weights = config.backbone.weights
+    if weights not in ("none", "imagenet") and not fs.exists(weights):
+        raise CairnError(f"cnn.finetune.backbone.weights: {weights} does not exist; give a .weights.h5 or .tflite "
+                         "file, 'imagenet' (downloads) or 'none'")
     requested = {"method": "cnn", "method_config": cfg.to_dict(config), "manifest": manifest,
-                 "manifest_sha256": manifest_fingerprint(manifest, rows), "decode": cfg.to_dict(decode)}
+                 "manifest_sha256": manifest_fingerprint(manifest, rows), "decode": cfg.to_dict(decode),
+                 # the initial weights by content, so that a replaced weights file retrains
+                 "weights_sha256": cfg.file_fingerprint(weights) if weights not in ("none", "imagenet") else None}
     if (reused := _reusable(out, requested, "model.keras", force)) is not None:
         return reused
-    checkpoints = fs.join(out, "checkpoints")
-    marker = fs.join(checkpoints, "config.json")
-    if fs.exists(checkpoints) and (force or not cfg.check_reusable(marker, requested)):
+    if force and fs.exists(fs.join(out, "checkpoints")):
         import shutil
 
-        log.info("train cnn: discarding checkpoints of another config in %s", checkpoints)
-        shutil.rmtree(checkpoints)
-    fs.makedirs(checkpoints)
-    cfg.save_json(marker, {"config": requested})
+        shutil.rmtree(fs.join(out, "checkpoints"))  # --force: no resume either
     record = finetune(list(rows.records()), out, config, decode)
     dead = record.pop("dead_letters")
     fs.write_text(fs.join(out, "dead_letters.csv"), dead_letters_csv(dead))

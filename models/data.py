@@ -1,8 +1,8 @@
 """The tf.data input pipeline for fine-tuning: decode once, sample class-balanced, augment, batch, prefetch.
 
-1. **Decode and cache** (:func:`build_cache`): every training image is decoded once with Cairn's own decoder
-   (pipeline/images.py: EXIF, colour modes, bomb guard) on a thread pool, resized whole to ``cache_size``
-   squared, and kept as uint8 in memory or in a memory-mapped file (``cache="disk"``: 1M images at 256 px
+1. **Decode and cache** (:func:`build_cache`): every training image is decoded once by Cairn's own decoder
+   (pipeline/images.py: EXIF, colour modes, bomb guard) on a Python thread pool ahead of tf.data, resized whole
+   to ``cache_size`` squared, and kept as uint8 in memory or in a memory-mapped file (``cache="disk"``: 1M images at 256 px
    are 197 GB, far beyond RAM; the OS page cache keeps the hot part). Images that cannot be decoded become
    dead letters with their id and reason and are left out of training.
 2. **Class-balanced sampling** (:func:`balanced_sampler`): image i of class c is drawn with probability
@@ -73,18 +73,30 @@ def build_cache(records: list[tuple[str, str, int]], size: int, decode: DecodeCo
                 mode: str = "memory", folder: str = "", threads: int = 0, progress: bool = True) -> ImageCache:
     """Decode ``records`` (id, path, class index) once into an :class:`ImageCache` of ``size`` x ``size``.
 
-    ``mode`` "memory" keeps the array in RAM; "disk" writes it to ``folder``/images-<size>.u8 (a memmap).
+    ``mode`` "memory" keeps the array in RAM; "disk" writes it to ``folder``/images-<size>.npy (a memmap),
+    with images-<size>.json recording which images it holds: a rerun (a resume) with the same records, size and
+    decoding reuses it instead of decoding everything again.
     """
     from tqdm import tqdm
+
+    from pipeline import config as cfg
 
     if mode not in ("memory", "disk"):
         raise ValueError(f"cache must be 'memory' or 'disk', not {mode!r}")
     n = len(records)
     shape = (n, size, size, 3)
+    key = {"records": cfg.fingerprint([list(r) for r in records]), "size": size, "decode": cfg.to_dict(decode)}
     if mode == "disk":
         os.makedirs(folder, exist_ok=True)
-        images = np.lib.format.open_memmap(os.path.join(folder, f"images-{size}.npy"), mode="w+", dtype=np.uint8,
-                                           shape=shape)
+        array, record = os.path.join(folder, f"images-{size}.npy"), os.path.join(folder, f"images-{size}.json")
+        if cfg.check_reusable(record, key) and os.path.exists(array):  # a finished cache of the same images
+            stored = cfg.load_json(record)
+            log.info("fine-tuning: reusing the decoded images in %s", array)
+            return _finish(np.load(array, mmap_mode="r"), records, np.array(stored["ok"], bool),
+                           [DeadLetter(*d) for d in stored["dead_letters"]], mode)
+        if os.path.exists(record):
+            os.remove(record)
+        images = np.lib.format.open_memmap(array, mode="w+", dtype=np.uint8, shape=shape)
     else:
         images = np.empty(shape, np.uint8)
     ok = np.zeros(n, bool)
@@ -107,9 +119,17 @@ def build_cache(records: list[tuple[str, str, int]], size: int, decode: DecodeCo
                 ok[i] = True
             else:
                 dead.append(letter)
+    if mode == "disk":
+        images.flush()
+        cfg.save_json(record, {"config": key, "ok": ok.tolist(), "dead_letters": [list(d) for d in dead]})
+    return _finish(images, records, ok, dead, mode)
+
+
+def _finish(images, records, ok: np.ndarray, dead: list[DeadLetter], mode: str) -> ImageCache:
     keep = np.flatnonzero(ok)
-    if len(keep) < n:
-        log.warning("fine-tuning: %d of %d training images could not be decoded (dead letters)", n - len(keep), n)
+    if len(keep) < len(records):
+        log.warning("fine-tuning: %d of %d training images could not be decoded (dead letters)",
+                    len(records) - len(keep), len(records))
         images = images[keep] if mode == "memory" else _Rows(images, keep)
     labels = np.array([records[i][2] for i in keep], np.int64)
     ids = [records[i][0] for i in keep]

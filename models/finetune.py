@@ -6,12 +6,13 @@
 
 Training runs in two stages, as transfer learning usually does: ``head_epochs`` with the backbone frozen (the
 new projection and class weights settle without wrecking the pretrained features), then ``epochs`` with
-everything but the backbone's batch-norm statistics trainable, at ``learning_rate x finetune_lr_scale`` with a
+the whole network trainable except its batch-norm layers when they are frozen (pretrained weights), at ``learning_rate x finetune_lr_scale`` with a
 cosine decay. AdamW with weight decay.
 
 For users:
   - checkpoints and resume: a run that is killed resumes from its last finished epoch when rerun with the same
-    config (Keras BackupAndRestore per stage; stage 1's result is kept as checkpoints/stage1.weights.h5);
+    config, classes and training images (Keras BackupAndRestore per stage; stage 1's result is kept as
+    checkpoints/stage1.weights.h5); checkpoints of any other run are discarded first;
   - early stopping on the validation loss (a held-out share of the classes with 2+ images), restoring the
     best weights; without enough held-out images, on the training loss;
   - TensorBoard logs in logs/ (``tensorboard --logdir OUT/logs``) and history-stage*.csv;
@@ -35,6 +36,7 @@ import numpy as np
 from features.backbones import BackboneConfig
 from features.embedding import HeadConfig
 from models.data import AugmentConfig
+from pipeline import config as cfg
 from pipeline.images import DecodeConfig
 
 log = logging.getLogger(__name__)
@@ -166,7 +168,7 @@ def build_training_model(config: FinetuneConfig, classes: int):
     from features.embedding import build_embedding_model
     from models.heads import make_head
 
-    embedding = build_embedding_model(config.backbone, config.head, seed=config.seed)
+    embedding = build_embedding_model(config.backbone, config.head)
     image = keras.Input((config.input_size, config.input_size, 3), name="image")
     label = keras.Input((), dtype="int64", name="label")
     head = make_head(config.loss, classes, config.margin, config.scale)
@@ -189,12 +191,50 @@ def _set_backbone_trainable(embedding, trainable: bool, freeze_batchnorm: bool) 
                 layer.trainable = False
 
 
+def _checkpoints_for(out: str, requested: dict) -> None:
+    """Keep OUT's checkpoints, logs and history only if they were made for ``requested`` (the config, the
+    classes and the training images); otherwise remove them, so that a resume never mixes two runs."""
+    import shutil
+
+    marker = os.path.join(out, "checkpoints", "config.json")
+    if cfg.check_reusable(marker, requested):
+        return
+    old = [os.path.join(out, "checkpoints"), os.path.join(out, "logs")]
+    old += [os.path.join(out, f) for f in os.listdir(out) if f.startswith("history-stage")]
+    if any(os.path.exists(p) for p in old):
+        log.info("fine-tuning: discarding checkpoints and logs of another config in %s", out)
+    for path in old:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    cfg.save_json(marker, {"config": requested})
+
+
+def _read_history(out: str) -> dict[str, list[float]]:
+    """Per-epoch figures of both stages from history-stage*.csv (Keras' CSVLogger, appended across resumes)."""
+    import csv
+
+    history: dict[str, list[float]] = {}
+    for stage in (1, 2):
+        path = os.path.join(out, f"history-stage{stage}.csv")
+        if not os.path.exists(path):
+            continue
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                for k, v in row.items():
+                    if k != "epoch" and v not in ("", "NA", None):  # CSVLogger writes NA for a missing figure
+                        history.setdefault(k, []).append(float(v))
+    return history
+
+
 def export(embedding, path: str, config: FinetuneConfig, metadata: dict) -> None:
     """Save ``embedding`` as a float32 model (a mixed-precision model is rebuilt in float32 first)."""
     from features.embedding import build_embedding_model, model_metadata, save_embedding_model
 
     with _dtype_policy("float32"):
-        plain = build_embedding_model(config.backbone, config.head, seed=config.seed)
+        plain = build_embedding_model(config.backbone, config.head)
     plain.set_weights(embedding.get_weights())
     save_embedding_model(plain, path, model_metadata(config.backbone, config.head, config.input_size, **metadata))
 
@@ -235,8 +275,11 @@ def finetune(records: list[tuple[str, str, int | None]], out: str, config: Finet
              config.backbone.weights, len(train_rows), len(classes), len(val_rows), len(records) - len(labelled),
              len(cache.dead_letters), config.head_epochs, config.epochs, steps, config.batch_size, config.loss)
 
+    checkpoints = os.path.join(out, "checkpoints")
+    _checkpoints_for(out, {"config": cfg.to_dict(config), "classes": [int(c) for c in classes],
+                           "train_ids": [cache.ids[i] for i in train_rows]})
     strategy, mixed, gpus = _devices(config)
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.seed)  # training owns the seeds: initialisation, dropout, augmentation
     with strategy.scope(), _dtype_policy("mixed_float16" if mixed else "float32"):
         embedding, model = build_training_model(config, len(classes))
     meta = {"classes": [int(c) for c in classes], "training": {"loss": config.loss, "images": len(train_rows)}}
@@ -249,8 +292,6 @@ def finetune(records: list[tuple[str, str, int | None]], out: str, config: Finet
         train_ds = train_ds.map(lambda x, y: ({"image": x["image"]}, y))
         val_ds = val_ds.map(lambda x, y: ({"image": x["image"]}, y)) if val_ds is not None else None
     timer = step_timer()
-    history: dict[str, list[float]] = {}
-    checkpoints = os.path.join(out, "checkpoints")
     stage1 = os.path.join(checkpoints, "stage1.weights.h5")
     stages = [(1, config.head_epochs, False, config.learning_rate),
               (2, config.epochs, True, config.learning_rate * config.finetune_lr_scale)]
@@ -278,12 +319,12 @@ def finetune(records: list[tuple[str, str, int | None]], out: str, config: Finet
         if config.patience:
             callbacks.append(keras.callbacks.EarlyStopping(monitor, patience=config.patience,
                                                            restore_best_weights=True, verbose=1))
-        h = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds, callbacks=callbacks,
-                      verbose=1 if progress else 2)
-        for k, v in h.history.items():
-            history.setdefault(k, []).extend(float(x) for x in v)
-        if stage == 1:
-            model.save_weights(stage1)
+        model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds, callbacks=callbacks,
+                  verbose=1 if progress else 2, shuffle=False)  # the sampler already draws in random order
+        if stage == 1:  # written whole or not at all: a half-written file must not count as "stage 1 done"
+            model.save_weights(stage1 + ".tmp.weights.h5")
+            os.replace(stage1 + ".tmp.weights.h5", stage1)
+    history = _read_history(out)  # every epoch of both stages, also those run before a resume
     if any(not math.isfinite(v) for v in history.get("loss", [])):
         raise CairnError("fine-tuning diverged (the loss became NaN); lower learning_rate or use loss=softmax")
     seconds = time.perf_counter() - started
@@ -309,3 +350,31 @@ def finetune(records: list[tuple[str, str, int | None]], out: str, config: Finet
         "train_seconds": round(seconds, 3),
         "tf_version": tf.__version__,
     }
+
+
+def train_head_on_vectors(X: np.ndarray, y: np.ndarray, dim: int = 256, epochs: int = 40, batch_size: int = 64,
+                          learning_rate: float = 1e-3, margin: float = 0.3, scale: float = 30.0, seed: int = 0):
+    """A head fine-tuned on frozen embeddings: [N, D] float32 -> [N, dim] L2-normalised (a keras.Model).
+
+    Projection, batch norm and L2, trained with ArcFace on the labels ``y`` (any ints). For a frozen extractor
+    (TFLite) whose backbone cannot be trained, this is the part of fine-tuning that can be.
+    """
+    import keras
+
+    from features.layers import L2Normalize
+    from models.heads import ArcFace
+
+    keras.utils.set_random_seed(seed)
+    classes, index = np.unique(y, return_inverse=True)
+    vec = keras.Input((X.shape[1],), name="vector")
+    label = keras.Input((), dtype="int64", name="label")
+    emb = L2Normalize(name="l2")(keras.layers.BatchNormalization(name="projection_bn")(
+        keras.layers.Dense(dim, use_bias=False, name="projection")(vec)))
+    head = keras.Model(vec, emb, name="vector_head")
+    logits = ArcFace(len(classes), margin, scale, name="arcface")([head(vec), label])
+    model = keras.Model({"vector": vec, "label": label}, logits)
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=1e-4),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit({"vector": X.astype(np.float32), "label": index.astype(np.int64)}, index.astype(np.int64),
+              batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0)
+    return head

@@ -13,6 +13,7 @@ A batch whose inference raises becomes one dead letter per image (``with_excepti
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
@@ -26,6 +27,22 @@ from pipeline.resources import limit_threads
 
 DEAD = "dead"
 NAMESPACE = "cairn"
+
+
+class _WrongBeamMemoryWarning(logging.Filter):
+    """Drops Beam's "Resource module is not available for current platform" warning, which is wrong on Linux:
+    Beam 2.77's RunInference imports ``resource`` in one try block with its torch-based ModelManager, so
+    without torch it believes ``resource`` is missing and warns on every model load (it only loses a memory
+    metric)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resource module is not available" not in record.getMessage()
+
+
+def _quiet_beam_memory_warning() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(f, _WrongBeamMemoryWarning) for f in root.filters):
+        root.addFilter(_WrongBeamMemoryWarning())
 
 
 class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, object]):
@@ -44,6 +61,7 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, object]):
         self.factory = factory
 
     def load_model(self):
+        _quiet_beam_memory_warning()
         limit_threads(self.threads)
         if self.factory is not None:
             return self.factory(self.params, self.threads)
@@ -77,7 +95,7 @@ class PrepareImages(beam.DoFn):
         self.failed = {stage: Metrics.counter(NAMESPACE, f"dead_{stage}") for stage in ("read", "decode")}
 
     def process(self, row: dict):
-        import cv2
+        from features.cnn import resize_square
 
         try:
             image = load_image(row["path"], self.decode)
@@ -90,9 +108,7 @@ class PrepareImages(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(row["id"], "decode", f"{type(e).__name__}: {e}",
                                                             row.get("path") or ""))
             return
-        interp = cv2.INTER_AREA if image.shape[0] * image.shape[1] > self.size ** 2 else cv2.INTER_LINEAR
-        prepared = cv2.resize(image, (self.size, self.size), interpolation=interp)
-        yield (row["id"], row["landmark_id"], row.get("path") or ""), prepared
+        yield (row["id"], row["landmark_id"], row.get("path") or ""), resize_square(image, self.size)
 
 
 class _ToRows(beam.DoFn):
@@ -101,11 +117,13 @@ class _ToRows(beam.DoFn):
     def __init__(self, dim: int):
         self.dim = dim
         self.ok = Metrics.counter(NAMESPACE, "images_ok")
+        self.bad = Metrics.counter(NAMESPACE, "dead_extract")
 
     def process(self, item):
         (image_id, label, path), result = item
         v = np.asarray(result.inference, dtype=np.float32)
         if v.shape != (self.dim,) or not np.all(np.isfinite(v)):
+            self.bad.inc()
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(image_id, "extract",
                                                             f"bad embedding (shape {v.shape} or non-finite)", path))
             return
@@ -113,9 +131,13 @@ class _ToRows(beam.DoFn):
         yield {"id": image_id, "landmark_id": label, "vector": v}
 
 
+FAILED_BATCH_IMAGES = Metrics.counter(NAMESPACE, "dead_extract")
+
+
 def _failed_batch(item) -> list[DeadLetter]:
     """A batch RunInference could not process -> one dead letter per image in it."""
     batch, error = item
+    FAILED_BATCH_IMAGES.inc(len(batch))
     if isinstance(error, (tuple, list)) and len(error) > 1:
         error = error[1]
     reason = f"inference failed: {error}"[:500]

@@ -18,7 +18,7 @@ TFLITE = ("weights", "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite")
 def tiny_model(tmp_path_factory):
     backbone, head = BackboneConfig("mobilenet_v2"), HeadConfig(dim=16)
     path = str(tmp_path_factory.mktemp("model") / "model.keras")
-    save_embedding_model(build_embedding_model(backbone, head, seed=1), path, model_metadata(backbone, head, 64))
+    save_embedding_model(build_embedding_model(backbone, head), path, model_metadata(backbone, head, 64))
     return path
 
 
@@ -60,21 +60,24 @@ class SizeAwareEmbedder:
         return np.hstack([mean / 255.0, np.full_like(mean, xb.shape[1] / 64.0), np.ones_like(mean)]).astype(np.float32)
 
 
-def test_multi_scale_tta_averages_the_scales(tiny_model):
+def test_multi_scale_tta_reduces_one_preparation_at_the_largest_scale(tiny_model):
+    from features.cnn import resize_square
+
     tta = CnnExtractor(CnnConfig(model=tiny_model, scales=(0.75, 1.0, 1.5)))
+    assert tta.prepare_size == 96 and tta.sides == [48, 64, 96]  # 64 x each scale
     tta.embedder = fake = SizeAwareEmbedder()
-    xb = np.stack([tta.prepare(im) for im in _images(3, seed=1)])
+    images = _images(3, seed=1)
+    xb = np.stack([tta.prepare(im) for im in images])
+    assert xb.shape == (3, 96, 96, 3)  # prepared at 1.5 x 64 from the original, not upscaled from 64
     got = tta.embed(xb)
-    assert fake.sides == [48, 64, 96]  # 64 x each scale
+    assert fake.sides == [48, 64, 96]
     total = 0
     for side in (48, 64, 96):
-        fake.sides = []
-        import cv2
-
-        e = fake.embed(np.stack([cv2.resize(im, (side, side), interpolation=cv2.INTER_LINEAR) for im in xb])
-                       if side != 64 else xb)
+        e = fake.embed(np.stack([resize_square(im, side) for im in xb]))
         total = total + e / np.linalg.norm(e, axis=1, keepdims=True)
     np.testing.assert_allclose(got, total / np.linalg.norm(total, axis=1, keepdims=True), atol=1e-6)
+    plain = CnnExtractor(CnnConfig(model=tiny_model))
+    assert plain.prepare(images[0]).shape == (64, 64, 3) and plain.sides == [64]
 
 
 def test_extractor_errors_are_clear(tmp_path):
@@ -118,3 +121,39 @@ def test_mobilenet_from_tflite_weights_matches_the_tflite_model():
     ours /= np.linalg.norm(ours, axis=1, keepdims=True)
     cos = (reference * ours).sum(axis=1)
     assert np.all(cos > 0.99), cos  # observed 0.998-0.9996 on Porto photos (quantisation error)
+
+
+def _saved_model(path, dtype, outputs):
+    """A SavedModel whose serving signature maps [B, 8, 8, 3] images to per-channel means (and maybe more)."""
+    import tensorflow as tf
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], dtype)])
+        def serve(self, images):
+            x = tf.cast(images, tf.float32)
+            mean = tf.reduce_mean(x, axis=[1, 2])
+            return {name: mean * (i + 1) for i, name in enumerate(outputs)}
+
+    m = M()
+    tf.saved_model.save(m, str(path), signatures={"serving_default": m.serve})
+    return str(path)
+
+
+def test_saved_model_extractor(tmp_path):
+    from features.frozen import SavedModelEmbedder
+
+    xb = np.zeros((2, 8, 8, 3), np.uint8)
+    xb[0, ..., 0] = 255  # red
+    xb[1, ..., 2] = 255  # blue
+    floats = SavedModelEmbedder(_saved_model(tmp_path / "f", "float32", ["output_0"]), preprocessing="none")
+    assert floats.input_size == 8 and floats.dim == 3
+    np.testing.assert_allclose(floats.embed(xb), [[1, 0, 0], [0, 0, 1]], atol=1e-6)
+    pixels = SavedModelEmbedder(_saved_model(tmp_path / "u", "uint8", ["output_0"]))
+    assert pixels.preprocessing == "pixels"  # a uint8 input takes the pixels, not normalised floats
+    np.testing.assert_allclose(pixels.embed(xb), [[1, 0, 0], [0, 0, 1]], atol=1e-6)
+    named = SavedModelEmbedder(_saved_model(tmp_path / "n", "float32", ["logits", "embedding"]))
+    assert named.output_name == "embedding"
+    with pytest.raises(ValueError, match="several outputs"):
+        SavedModelEmbedder(_saved_model(tmp_path / "a", "float32", ["a", "b"]))
+    ex = CnnExtractor(CnnConfig(model=str(tmp_path / "f"), preprocessing="none"))  # through the extractor
+    assert ex.size == 8 and ex.metadata()["model"]["format"] == "saved_model"

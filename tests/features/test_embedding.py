@@ -98,7 +98,7 @@ def test_embedding_model_is_l2_normalised_with_any_input_size():
 
 def test_exported_model_round_trip_gives_identical_embeddings(tmp_path):
     backbone, head = BackboneConfig("mobilenet_v2"), HeadConfig(dim=16)
-    model = build_embedding_model(backbone, head, seed=3)
+    model = build_embedding_model(backbone, head)
     path = str(tmp_path / "model.keras")
     save_embedding_model(model, path, model_metadata(backbone, head, 64, classes=[7, 9]))
     loaded, meta = load_embedding_model(path)

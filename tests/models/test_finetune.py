@@ -10,7 +10,14 @@ import pytest
 
 from features.backbones import BackboneConfig
 from features.embedding import HeadConfig, load_embedding_model
-from models.data import AugmentConfig, ImageCache, augment, balanced_sampler, build_cache, class_sampling_weights
+from models.data import (
+    AugmentConfig,
+    ImageCache,
+    augment,
+    balanced_sampler,
+    build_cache,
+    class_sampling_weights,
+)
 from models.finetune import FinetuneConfig, split_validation
 
 
@@ -56,6 +63,39 @@ def test_cache_turns_unreadable_images_into_dead_letters(tmp_path, tiny_synth):
         assert isinstance(cache, ImageCache) and cache.ids == [r[0] for r in rows[:3]]
         assert {(d.id, d.stage) for d in cache.dead_letters} == {("bad", "decode"), ("gone", "read")}
         assert cache.images.shape == (3, 40, 40, 3) and np.asarray(cache.images[2]).std() > 0
+
+
+def test_disk_cache_is_reused_only_for_the_same_images(tmp_path, tiny_synth, caplog):
+    import logging
+
+    rows = [(r["id"], str(tiny_synth / r["path"]), 0) for r in csv.DictReader(open(tiny_synth / "train.csv"))][:3]
+    first = build_cache(rows, 32, mode="disk", folder=str(tmp_path), threads=1, progress=False)
+    with caplog.at_level(logging.INFO):
+        again = build_cache(rows, 32, mode="disk", folder=str(tmp_path), threads=1, progress=False)
+    assert "reusing the decoded images" in caplog.text
+    np.testing.assert_array_equal(np.asarray(first.images), np.asarray(again.images))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        other = build_cache(rows[:2], 32, mode="disk", folder=str(tmp_path), threads=1, progress=False)
+    assert "reusing" not in caplog.text and other.images.shape[0] == 2
+
+
+def test_checkpoints_of_another_run_are_discarded(tmp_path):
+    from models.finetune import _checkpoints_for, _read_history
+
+    (tmp_path / "history-stage1.csv").write_text("epoch,loss\n0,2.5\n1,2.0\n")
+    (tmp_path / "history-stage2.csv").write_text("epoch,loss\n0,1.5\n")
+    _checkpoints_for(str(tmp_path), {"config": 1})
+    assert not (tmp_path / "history-stage1.csv").exists()  # made before any marker: not trusted
+    (tmp_path / "history-stage1.csv").write_text("epoch,loss\n0,2.5\n1,2.0\n")
+    (tmp_path / "history-stage2.csv").write_text("epoch,loss\n0,1.5\n")
+    (tmp_path / "checkpoints" / "stage1.weights.h5").write_bytes(b"w")
+    _checkpoints_for(str(tmp_path), {"config": 1})  # same run: kept (a resume)
+    assert (tmp_path / "checkpoints" / "stage1.weights.h5").exists()
+    assert _read_history(str(tmp_path)) == {"loss": [2.5, 2.0, 1.5]}
+    _checkpoints_for(str(tmp_path), {"config": 2})  # another config: gone
+    assert not (tmp_path / "checkpoints" / "stage1.weights.h5").exists()
+    assert not (tmp_path / "history-stage2.csv").exists() and _read_history(str(tmp_path)) == {}
 
 
 def test_config_rejects_bad_values():
