@@ -155,3 +155,19 @@ def test_train_cnn_exports_models_and_resumes(tmp_path, tiny_synth, caplog):
     assert xq.shape == (table.num_rows, 16)
     np.testing.assert_allclose(np.linalg.norm(xq, axis=1), 1, rtol=1e-5)
     assert fmeta["method"] == "cnn" and fmeta["model"]["backbone"]["name"] == "mobilenet_v2"
+
+
+def test_a_mixed_precision_model_is_exported_in_float32(tmp_path):
+    from features.embedding import build_embedding_model
+    from models.finetune import _dtype_policy, export
+
+    config = FinetuneConfig(backbone=BackboneConfig("mobilenet_v2"), head=HeadConfig(dim=8), input_size=32)
+    with _dtype_policy("mixed_float16"):
+        mixed = build_embedding_model(config.backbone, config.head)
+    assert mixed.get_layer("projection").compute_dtype == "float16"
+    path = str(tmp_path / "model.keras")
+    export(mixed, path, config, {"classes": [1, 2]})
+    loaded, meta = load_embedding_model(path)
+    assert loaded.get_layer("projection").compute_dtype == "float32" and meta["classes"] == [1, 2]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(mixed(x)), atol=0.05)  # float16 vs float32
