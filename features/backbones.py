@@ -78,8 +78,18 @@ def build_backbone(config: BackboneConfig):
     weights = config.weights
     if weights not in ("none", "imagenet") and not os.path.exists(weights):
         raise FileNotFoundError(f"backbone weights file not found: {weights}")
-    keras_weights = "imagenet" if weights == "imagenet" else None
-    net = app(include_top=False, weights=keras_weights, input_shape=(None, None, 3), **kwargs)
+    if weights == "imagenet":
+        try:
+            net = app(include_top=False, weights="imagenet", input_shape=(None, None, 3), **kwargs)
+        except Exception as e:  # noqa: BLE001 - Keras raises a bare Exception when the download fails
+            from pipeline.errors import CairnError
+
+            raise CairnError(
+                f"could not get the ImageNet weights of {config.name} (Keras downloads them once into "
+                f"~/.keras/models): {e}. Offline, give a local weights file instead (weights=FILE.weights.h5, or "
+                "for mobilenet the TFLite MobileNet v1)") from None
+    else:
+        net = app(include_top=False, weights=None, input_shape=(None, None, 3), **kwargs)
     if weights.endswith(".h5"):
         net.load_weights(weights)
     elif weights.endswith(".tflite"):

@@ -282,7 +282,7 @@ def finetune(records: list[tuple[str, str, int | None]], out: str, config: Finet
     keras.utils.set_random_seed(config.seed)  # training owns the seeds: initialisation, dropout, augmentation
     with strategy.scope(), _dtype_policy("mixed_float16" if mixed else "float32"):
         embedding, model = build_training_model(config, len(classes))
-    meta = {"classes": [int(c) for c in classes], "training": {"loss": config.loss, "images": len(train_rows)}}
+    meta = {"classes": [int(c) for c in classes], "training": {"head": config.loss, "images": len(train_rows)}}
     export(embedding, os.path.join(out, "untrained.keras"), config, {**meta, "fine_tuned": False})
 
     train_ds = training_dataset(cache, train_rows, config.input_size, config.batch_size, config.augment,

@@ -119,3 +119,18 @@ def test_a_keras_file_without_cairn_metadata_is_refused(tmp_path):
         z.writestr("cairn.json", '{"format": "cairn-embedding-model", "version": 99}')
     with pytest.raises(ValueError, match="unsupported model format"):
         load_embedding_model(path)
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_give_a_clear_error(monkeypatch):
+    import keras
+
+    from pipeline.errors import CairnError
+
+    def offline(*args, **kwargs):
+        if kwargs.get("weights") == "imagenet":
+            raise Exception("URL fetch failure on https://storage.googleapis.com/...: Name or service not known")
+        raise AssertionError("only the imagenet path should be called")
+
+    monkeypatch.setattr(keras.applications, "MobileNetV2", offline)
+    with pytest.raises(CairnError, match="Offline, give a local weights file"):
+        build_backbone(BackboneConfig("mobilenet_v2", weights="imagenet"))

@@ -171,3 +171,19 @@ def test_a_mixed_precision_model_is_exported_in_float32(tmp_path):
     assert loaded.get_layer("projection").compute_dtype == "float32" and meta["classes"] == [1, 2]
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(mixed(x)), atol=0.05)  # float16 vs float32
+
+
+@pytest.mark.slow
+def test_softmax_head_with_validation_and_early_stopping(tmp_path, tiny_synth):
+    import dataclasses
+
+    from models.finetune import finetune
+    from pipeline.manifest import read_manifest
+
+    config = dataclasses.replace(TINY_FT, loss="softmax", epochs=3, head_epochs=0, validation_fraction=0.5,
+                                 patience=1, cache="disk")
+    record = finetune(list(read_manifest(str(tiny_synth / "train.csv")).records()), str(tmp_path), config)
+    assert record["validation_images"] == 8 and record["train_images"] == 8  # 2 of each class's 4 held out
+    assert 1 <= record["epochs_run"] <= 3 and len(record["history"]["val_loss"]) == record["epochs_run"]
+    _, meta = load_embedding_model(str(tmp_path / "model.keras"))
+    assert meta["training"]["head"] == "softmax" and "val_loss" in meta["training"] and "loss" in meta["training"]
