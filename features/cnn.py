@@ -39,6 +39,7 @@ class CnnConfig:
     scales: tuple[float, ...] = (1.0,)  # test-time scales; embeddings are averaged over them
     batch_size: int = 32  # images per inference call
     preprocessing: str = "tf"  # for float TFLite/SavedModel inputs: tf, caffe, torch or none
+    device: str = "auto"  # Keras/SavedModel inference on: auto (a GPU when TensorFlow sees one), cpu, or gpu
 
     def __post_init__(self):
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
@@ -46,6 +47,8 @@ class CnnConfig:
             raise ValueError(f"scales must be between 0.1 and 4, not {self.scales}")
         if self.input_size < 0 or self.batch_size < 1:
             raise ValueError("input_size must be >= 0 and batch_size >= 1")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"device must be auto, cpu or gpu, not {self.device!r}")
 
 
 def file_sha256(path: str) -> str:
@@ -104,8 +107,42 @@ class KerasEmbedder:
         return {"format": "keras", **{k: v for k, v in self.info.items() if k not in ("format", "version")}}
 
 
+def tf_device(device: str) -> str | None:
+    """The TensorFlow device for ``device`` ("auto", "cpu", "gpu"): None lets TensorFlow place ops (on its first
+    GPU when it sees one); "gpu" without a visible GPU is an error rather than a silent fall back."""
+    import tensorflow as tf
+
+    if device == "cpu":
+        return "/CPU:0"
+    if device == "gpu":
+        if not tf.config.list_physical_devices("GPU"):
+            raise ValueError("device=gpu, but TensorFlow sees no GPU (install with `make setup GPU=1`, or use "
+                             "device=auto to fall back to the CPU)")
+        return "/GPU:0"
+    return None
+
+
 def load_embedder(config: CnnConfig, threads: int | None = None):
-    """The embedder for ``config.model`` (by file type)."""
+    """The embedder for ``config.model`` (by file type), placed on ``config.device`` (TFLite runs on the CPU)."""
+    import contextlib
+
+    model = config.model
+    if model.endswith(".tflite"):
+        from features.frozen import TFLiteEmbedder
+
+        if not os.path.exists(model):
+            raise FileNotFoundError(f"CNN model not found: {model}")
+        return TFLiteEmbedder(model, config.preprocessing, threads)
+    import tensorflow as tf
+
+    device = tf_device(config.device)
+    with tf.device(device) if device else contextlib.nullcontext():
+        embedder = _load_tf_embedder(config)
+    embedder.device = device
+    return embedder
+
+
+def _load_tf_embedder(config: CnnConfig):
     model = config.model
     if model.startswith("keras:"):
         return KerasEmbedder(model)
@@ -113,10 +150,8 @@ def load_embedder(config: CnnConfig, threads: int | None = None):
         raise FileNotFoundError(f"CNN model not found: {model}")
     if model.endswith(".keras"):
         return KerasEmbedder(model)
-    from features.frozen import SavedModelEmbedder, TFLiteEmbedder
+    from features.frozen import SavedModelEmbedder
 
-    if model.endswith(".tflite"):
-        return TFLiteEmbedder(model, config.preprocessing, threads)
     if os.path.isdir(model) and os.path.exists(os.path.join(model, "saved_model.pb")):
         return SavedModelEmbedder(model, config.input_size or 224, config.preprocessing)
     raise ValueError(f"{model}: not a .keras, .tflite or SavedModel folder")
@@ -156,9 +191,16 @@ class CnnExtractor:
     def embed(self, xb: np.ndarray) -> np.ndarray:
         """[B, P, P, 3] uint8 prepared images -> [B, dim] float32, L2-normalised (averaged over the scales)."""
         total = None
+        device = getattr(self.embedder, "device", None)
         for side in self.sides:
             x = xb if side == xb.shape[1] else np.stack([resize_square(img, side) for img in xb])
-            e = l2_normalize(self.embedder.embed(x))
+            if device:
+                import tensorflow as tf
+
+                with tf.device(device):
+                    e = l2_normalize(self.embedder.embed(x))
+            else:
+                e = l2_normalize(self.embedder.embed(x))
             total = e if total is None else total + e
         return l2_normalize(total)
 

@@ -87,6 +87,23 @@ def test_extractor_errors_are_clear(tmp_path):
         CnnExtractor(CnnConfig(model=str(tmp_path / "missing.keras")))
     with pytest.raises(ValueError, match="scales"):
         CnnConfig(model="x.keras", scales=(0.0,))
+    with pytest.raises(ValueError, match="device"):
+        CnnConfig(model="x.keras", device="tpu")
+
+
+def test_device_choice(tiny_model):
+    import tensorflow as tf
+
+    cpu = CnnExtractor(CnnConfig(model=tiny_model, device="cpu"))
+    auto = CnnExtractor(CnnConfig(model=tiny_model))
+    xb = np.stack([cpu.prepare(im) for im in _images(2)])
+    np.testing.assert_allclose(cpu.embed(xb), auto.embed(xb), atol=1e-4)
+    if not tf.config.list_physical_devices("GPU"):
+        with pytest.raises(ValueError, match="sees no GPU"):
+            CnnExtractor(CnnConfig(model=tiny_model, device="gpu"))
+
+
+def test_unknown_model_files_are_refused(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"1")
     with pytest.raises(ValueError, match="not a .keras"):
         CnnExtractor(CnnConfig(model=str(tmp_path / "x.onnx")))
