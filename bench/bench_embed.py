@@ -47,7 +47,7 @@ def run(workdir: str, quick: bool) -> list[dict]:
     import keras
 
     from features.backbones import BackboneConfig
-    from features.cnn import CnnConfig, CnnExtractor
+    from features.cnn import resize_square
     from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
     from jobs.extract import extract
     from models.finetune import FinetuneConfig, finetune
@@ -64,14 +64,13 @@ def run(workdir: str, quick: bool) -> list[dict]:
     with open(manifest) as f, open(small, "w") as g:
         g.writelines(line for i, line in enumerate(f) if i <= 32)  # header + the first 32 images
     entries = []
+    xb = np.stack([resize_square(load_image(p), SIZE) for p in rows.paths])  # what the job's Prepare step does
     for name in BACKBONES:
         group = f"{name} at {SIZE} px, {threads} threads"
         backbone, head = BackboneConfig(name), HeadConfig(dim=0)
         path = os.path.join(workdir, f"{name}.keras")
         save_embedding_model(build_embedding_model(backbone, head), path, model_metadata(backbone, head, SIZE))
-        extractor = CnnExtractor(CnnConfig(model=path))
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
-        xb = np.stack([extractor.prepare(load_image(p)) for p in rows.paths])
         batches = [xb[i:i + BATCH].astype(np.float32) for i in range(0, len(xb), BATCH)]
         model.predict_on_batch(batches[0])  # warm-up (graph tracing)
         times = []

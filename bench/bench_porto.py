@@ -231,9 +231,13 @@ def _ranked_metrics(xq, yq, xb, yb, exclude_self: bool) -> tuple[float, float, f
     retrieved = [list(row[:100]) for row in order]
     relevant = [set(np.flatnonzero(yb == y)) - ({i} if exclude_self else set()) for i, y in enumerate(yq)]
     rel = yb[order] == yq[:, None]
+    return mean_average_precision_at_k(retrieved, relevant, 100), float(np.mean(rel[:, 0])), _full_map(rel)
+
+
+def _full_map(rel: np.ndarray) -> float:
+    """Mean over queries of the average precision over a whole ranking; ``rel`` [Q, N] bool, relevant at rank."""
     precision = np.cumsum(rel, axis=1) / np.arange(1, rel.shape[1] + 1)
-    full = float(np.mean((precision * rel).sum(axis=1) / np.maximum(rel.sum(axis=1), 1)))
-    return mean_average_precision_at_k(retrieved, relevant, 100), float(np.mean(rel[:, 0])), full
+    return float(np.mean((precision * rel).sum(axis=1) / np.maximum(rel.sum(axis=1), 1)))
 
 
 def _plain_tflite_embeddings(manifest: str) -> tuple[np.ndarray, np.ndarray]:
@@ -261,16 +265,10 @@ def _index_full_map(index_dir: str, xq: np.ndarray, ids: list[str], labels: np.n
 
     index = load_any(index_dir)
     row_of = {image_id: i for i, image_id in enumerate(index.image_ids)}
-    _, I = index.search(xq, index.ntotal)
-    aps = []
-    for q, row in enumerate(I):
-        row = row[(row >= 0) & (row != row_of[ids[q]])]
-        rel = index.labels[row] == labels[q]
-        if rel.any():
-            aps.append(float((np.cumsum(rel) / np.arange(1, len(rel) + 1))[rel].mean()))
-        else:
-            aps.append(0.0)
-    return float(np.mean(aps))
+    _, I = index.search(xq, index.ntotal)  # every database image, so each row holds the query itself once
+    self_rows = np.array([row_of[i] for i in ids])
+    I = I[I != self_rows[:, None]].reshape(len(I), -1)
+    return _full_map(index.labels[I] == labels[:, None])
 
 
 def _deep(ctx, group: str) -> list[dict]:

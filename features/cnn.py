@@ -20,6 +20,7 @@ TFLite).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from features.backbones import PREPROCESSING
 from features.base import l2_normalize
 
 
@@ -47,6 +49,8 @@ class CnnConfig:
             raise ValueError(f"scales must be between 0.1 and 4, not {self.scales}")
         if self.input_size < 0 or self.batch_size < 1:
             raise ValueError("input_size must be >= 0 and batch_size >= 1")
+        if self.preprocessing not in PREPROCESSING:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING}, not {self.preprocessing!r}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"device must be auto, cpu or gpu, not {self.device!r}")
 
@@ -107,42 +111,23 @@ class KerasEmbedder:
         return {"format": "keras", **{k: v for k, v in self.info.items() if k not in ("format", "version")}}
 
 
-def tf_device(device: str) -> str | None:
-    """The TensorFlow device for ``device`` ("auto", "cpu", "gpu"): None lets TensorFlow place ops (on its first
-    GPU when it sees one); "gpu" without a visible GPU is an error rather than a silent fall back."""
+def placement(device: str):
+    """A no-argument context-manager factory placing TensorFlow ops on ``device`` ("auto", "cpu", "gpu"): "auto"
+    places nothing (TensorFlow uses its first GPU when it sees one); "gpu" without a visible GPU is an error
+    rather than a silent fall back."""
+    if device == "auto":
+        return contextlib.nullcontext
     import tensorflow as tf
 
-    if device == "cpu":
-        return "/CPU:0"
-    if device == "gpu":
-        if not tf.config.list_physical_devices("GPU"):
-            raise ValueError("device=gpu, but TensorFlow sees no GPU (install with `make setup GPU=1`, or use "
-                             "device=auto to fall back to the CPU)")
-        return "/GPU:0"
-    return None
+    if device == "gpu" and not tf.config.list_physical_devices("GPU"):
+        raise ValueError("device=gpu, but TensorFlow sees no GPU (install with `make setup GPU=1`, or use "
+                         "device=auto to fall back to the CPU)")
+    name = "/GPU:0" if device == "gpu" else "/CPU:0"
+    return lambda: tf.device(name)
 
 
 def load_embedder(config: CnnConfig, threads: int | None = None):
-    """The embedder for ``config.model`` (by file type), placed on ``config.device`` (TFLite runs on the CPU)."""
-    import contextlib
-
-    model = config.model
-    if model.endswith(".tflite"):
-        from features.frozen import TFLiteEmbedder
-
-        if not os.path.exists(model):
-            raise FileNotFoundError(f"CNN model not found: {model}")
-        return TFLiteEmbedder(model, config.preprocessing, threads)
-    import tensorflow as tf
-
-    device = tf_device(config.device)
-    with tf.device(device) if device else contextlib.nullcontext():
-        embedder = _load_tf_embedder(config)
-    embedder.device = device
-    return embedder
-
-
-def _load_tf_embedder(config: CnnConfig):
+    """The embedder for ``config.model`` (by file type)."""
     model = config.model
     if model.startswith("keras:"):
         return KerasEmbedder(model)
@@ -150,8 +135,10 @@ def _load_tf_embedder(config: CnnConfig):
         raise FileNotFoundError(f"CNN model not found: {model}")
     if model.endswith(".keras"):
         return KerasEmbedder(model)
-    from features.frozen import SavedModelEmbedder
+    from features.frozen import SavedModelEmbedder, TFLiteEmbedder
 
+    if model.endswith(".tflite"):
+        return TFLiteEmbedder(model, config.preprocessing, threads)
     if os.path.isdir(model) and os.path.exists(os.path.join(model, "saved_model.pb")):
         return SavedModelEmbedder(model, config.input_size or 224, config.preprocessing)
     raise ValueError(f"{model}: not a .keras, .tflite or SavedModel folder")
@@ -170,7 +157,10 @@ class CnnExtractor:
             raise ValueError("cnn needs a model (--param model=...): a .keras file from `cairn train --method cnn`, "
                              "a .tflite file, a SavedModel folder or keras:<backbone>")
         self.config = config
-        self.embedder = load_embedder(config, threads)
+        # Keras/SavedModel inference on config.device (TFLite runs on the CPU whatever the device)
+        self._place = contextlib.nullcontext if config.model.endswith(".tflite") else placement(config.device)
+        with self._place():
+            self.embedder = load_embedder(config, threads)
         self.size = config.input_size or self.embedder.input_size
         fixed = not isinstance(self.embedder, KerasEmbedder)
         if fixed and (self.size != self.embedder.input_size or self.config.scales != (1.0,)):
@@ -191,15 +181,9 @@ class CnnExtractor:
     def embed(self, xb: np.ndarray) -> np.ndarray:
         """[B, P, P, 3] uint8 prepared images -> [B, dim] float32, L2-normalised (averaged over the scales)."""
         total = None
-        device = getattr(self.embedder, "device", None)
         for side in self.sides:
             x = xb if side == xb.shape[1] else np.stack([resize_square(img, side) for img in xb])
-            if device:
-                import tensorflow as tf
-
-                with tf.device(device):
-                    e = l2_normalize(self.embedder.embed(x))
-            else:
+            with self._place():
                 e = l2_normalize(self.embedder.embed(x))
             total = e if total is None else total + e
         return l2_normalize(total)

@@ -19,6 +19,7 @@ import warnings
 
 import numpy as np
 
+from features.backbones import preprocess
 from features.base import l2_normalize
 
 log = logging.getLogger(__name__)
@@ -39,18 +40,6 @@ def tflite_interpreter(path: str, threads: int | None = None):
         interpreter = Interpreter(model_path=path, num_threads=threads)
     interpreter.allocate_tensors()
     return interpreter
-
-
-def _preprocess(x: np.ndarray, mode: str) -> np.ndarray:
-    x = x.astype(np.float32)
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "caffe":
-        return x[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)
-    if mode == "torch":
-        return (x / 255.0 - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225],
-                                                                                      np.float32)
-    return x
 
 
 class TFLiteEmbedder:
@@ -84,7 +73,7 @@ class TFLiteEmbedder:
         dtype = np.dtype(self.input["dtype"])
         if self.quantized_input:  # uint8 image models take the pixels (their input quantisation normalises)
             return xb.astype(np.uint8)
-        x = _preprocess(xb, self.preprocessing)
+        x = preprocess(xb, self.preprocessing)
         scale, zero = self.input["quantization"]
         if np.issubdtype(dtype, np.integer) and scale:  # int8 models: quantise the normalised input
             info = np.iinfo(dtype)
@@ -143,7 +132,7 @@ class SavedModelEmbedder:
     def embed(self, xb: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
-        x = xb if self.preprocessing == "pixels" else _preprocess(xb, self.preprocessing)
+        x = xb if self.preprocessing == "pixels" else preprocess(xb, self.preprocessing)
         y = self.fn(**{self.input_name: tf.cast(x, self.input_dtype)})[self.output_name].numpy()
         return l2_normalize(y.reshape(len(xb), -1))
 

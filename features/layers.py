@@ -13,34 +13,27 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-PREPROCESSING = ("tf", "caffe", "torch", "none")  # the modes keras.applications uses
+from features.backbones import preprocess_affine
 
 
 @keras.saving.register_keras_serializable(package="cairn")
 class Preprocess(keras.layers.Layer):
-    """RGB in 0..255 -> the input range a backbone was trained with (keras.applications' modes):
-    ``tf``: [-1, 1]; ``caffe``: BGR minus the ImageNet mean; ``torch``: [0, 1] standardised; ``none``: as is."""
-
-    MEAN = (123.68, 116.779, 103.939)  # ImageNet RGB mean, 0..255
-    TORCH_MEAN = (0.485, 0.456, 0.406)  # keras.applications' "torch" mode, on 0..1
-    STD = (0.229, 0.224, 0.225)
+    """RGB in 0..255 -> the input range a backbone was trained with (keras.applications' modes, defined once in
+    features/backbones.preprocess_affine)."""
 
     def __init__(self, mode: str = "tf", **kwargs):
         super().__init__(**kwargs)
-        if mode not in PREPROCESSING:
-            raise ValueError(f"preprocessing mode must be one of {PREPROCESSING}, not {mode!r}")
+        self.bgr, self.scale, self.offset = preprocess_affine(mode)  # raises on an unknown mode
         self.mode = mode
 
     def call(self, x):
         x = ops.cast(x, self.compute_dtype)
-        if self.mode == "tf":
-            return x / 127.5 - 1.0
-        if self.mode == "caffe":
-            return ops.flip(x, axis=-1) - ops.convert_to_tensor(self.MEAN[::-1], dtype=self.compute_dtype)
-        if self.mode == "torch":
-            mean = ops.convert_to_tensor(self.TORCH_MEAN, dtype=self.compute_dtype)
-            return (x / 255.0 - mean) / ops.convert_to_tensor(self.STD, dtype=self.compute_dtype)
-        return x
+        if self.bgr:
+            x = ops.flip(x, axis=-1)
+        if self.mode == "none":
+            return x
+        return x * ops.convert_to_tensor(self.scale, self.compute_dtype) + ops.convert_to_tensor(
+            self.offset, self.compute_dtype)
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from features.backbones import PREPROCESSING
 from features.hog import HogConfig
 from features.sift import SiftConfig
 from features.verify import RerankConfig
@@ -153,7 +154,7 @@ class PretrainedConfig:
     def __post_init__(self):
         if self.pca_dim < 0 or self.batch_size < 1 or self.input_size < 0:
             raise ValueError("pca_dim and input_size must be >= 0 and batch_size >= 1")
-        if self.preprocessing not in ("tf", "caffe", "torch", "none"):
+        if self.preprocessing not in PREPROCESSING:
             raise ValueError(f"preprocessing must be tf, caffe, torch or none, not {self.preprocessing!r}")
 
 

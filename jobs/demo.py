@@ -11,10 +11,8 @@ cnn-pretrained is left out and cnn starts from random weights.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
-from features.backbones import BackboneConfig
 from jobs import common, methods
 from jobs.classic import MethodsConfig, parse_overrides
 from jobs.compare import compare
@@ -44,13 +42,10 @@ def demo_config(pretrained: str, overrides: list[str]) -> MethodsConfig:
     """The demo's method parameters: a MobileNet v1 for the deep methods (from ``pretrained`` when given)."""
     if pretrained and not os.path.isfile(pretrained):
         raise CairnError(f"--pretrained {pretrained}: no such file")
-    weights = os.path.abspath(pretrained) if pretrained else "none"
-    config = MethodsConfig()
-    backbone = BackboneConfig("mobilenet", weights=weights)
-    config = dataclasses.replace(
-        config, cnn=dataclasses.replace(config.cnn, finetune=dataclasses.replace(config.cnn.finetune, backbone=backbone)),
-        cnn_pretrained=dataclasses.replace(config.cnn_pretrained, model=os.path.abspath(pretrained) if pretrained else ""))
-    return parse_overrides(overrides, config)
+    path = os.path.abspath(pretrained) if pretrained else ""
+    deep = ["cnn.finetune.backbone.name=mobilenet", f"cnn.finetune.backbone.weights={path or 'none'}",
+            f"cnn_pretrained.model={path}"]
+    return parse_overrides(deep + list(overrides))
 
 
 def run(argv=None, test_pipeline=None) -> dict:

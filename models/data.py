@@ -22,9 +22,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from features.cnn import resize_square
 from pipeline.errors import DeadLetter
 from pipeline.images import DecodeConfig, ImageError, load_image
 
@@ -64,9 +64,7 @@ class ImageCache:
 
 
 def _decode(path: str, size: int, decode: DecodeConfig) -> np.ndarray:
-    image = load_image(path, decode)
-    interp = cv2.INTER_AREA if image.shape[0] * image.shape[1] > size * size else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
+    return resize_square(load_image(path, decode), size)
 
 
 def build_cache(records: list[tuple[str, str, int]], size: int, decode: DecodeConfig = DecodeConfig(),

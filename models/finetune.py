@@ -230,12 +230,17 @@ def _read_history(out: str) -> dict[str, list[float]]:
 
 
 def export(embedding, path: str, config: FinetuneConfig, metadata: dict) -> None:
-    """Save ``embedding`` as a float32 model (a mixed-precision model is rebuilt in float32 first)."""
+    """Save ``embedding`` as a float32 model: a mixed-precision one is rebuilt in float32 (without loading any
+    initial weights: they are replaced) and given its weights; a float32 one is saved as it is."""
+    import dataclasses
+
     from features.embedding import build_embedding_model, model_metadata, save_embedding_model
 
-    with _dtype_policy("float32"):
-        plain = build_embedding_model(config.backbone, config.head)
-    plain.set_weights(embedding.get_weights())
+    plain = embedding
+    if any(layer.compute_dtype != "float32" for layer in embedding.layers):
+        with _dtype_policy("float32"):
+            plain = build_embedding_model(dataclasses.replace(config.backbone, weights="none"), config.head)
+        plain.set_weights(embedding.get_weights())
     save_embedding_model(plain, path, model_metadata(config.backbone, config.head, config.input_size, **metadata))
 
 
