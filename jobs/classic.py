@@ -261,6 +261,8 @@ class RunContext:
     neighbours: int = 100  # database images listed per query
     force: bool = False  # recompute everything
     splits: tuple[str, ...] = ("train", "queries")  # ("train",): database only (leave-one-out evaluations)
+    tune: object = None  # index.recognize.TuneConfig: tune the vote on held-out database images (None = off)
+    index: object = None  # index.faiss_index.IndexConfig of the dense methods (None = the default)
 
 
 def _folder_bytes(prefix: str) -> int:
@@ -298,7 +300,6 @@ def build_base(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     Returns {"vectors": folder with train/ and queries/ vectors, "index", "extract", "encode", "train",
     "local": folder with SIFT local features (or None)}.
     """
-    from jobs.index import build_index
     from jobs.train import train
 
     home = fs.join(ctx.work, method)
@@ -319,9 +320,16 @@ def build_base(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
                         workers=max(1, ctx.workers), beam_args=list(ctx.beam_args), force=ctx.force)
         encoded = _encode_both(ctx, local, fs.join(home, "model", "encoder.npz"), fs.join(home, "vectors"))
         vectors = fs.join(home, "vectors")
-    indexed = build_index(fs.join(vectors, "train"), fs.join(home, "index"))
+    indexed = _index(ctx, fs.join(vectors, "train"), fs.join(home, "index"))
     return {"vectors": vectors, "index": fs.join(home, "index"), "indexed": indexed, "extract": extracted,
             "encode": encoded, "train": trained, "local": local}
+
+
+def _index(ctx: RunContext, features: str, out: str) -> dict:
+    from index.faiss_index import IndexConfig
+    from jobs.index import build_index
+
+    return build_index(features, out, ctx.index or IndexConfig())
 
 
 DEEP = ("cnn", "cnn-untrained", "cnn-pretrained")
@@ -330,7 +338,6 @@ DEEP = ("cnn", "cnn-untrained", "cnn-pretrained")
 def build_deep(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     """Embeddings and index of cnn (fine-tuned), cnn-untrained (the same network before fine-tuning) or
     cnn-pretrained (a frozen model); the same record as :func:`build_base`."""
-    from jobs.index import build_index
     from jobs.train import train, train_pca
 
     home = fs.join(ctx.work, method)
@@ -360,7 +367,7 @@ def build_deep(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
             encoded = _encode_both(ctx, vectors, fs.join(home, "pca-model", "encoder.npz"), fs.join(home, "pca"))
             vectors = fs.join(home, "pca")
         trained = {**trained, "train_seconds": float(trained.get("train_seconds", 0.0)) + pca["train_seconds"]}
-    indexed = build_index(fs.join(vectors, "train"), fs.join(home, "index"))
+    indexed = _index(ctx, fs.join(vectors, "train"), fs.join(home, "index"))
     return {"vectors": vectors, "index": fs.join(home, "index"), "indexed": indexed, "extract": extracted,
             "encode": encoded, "train": trained, "local": None}
 
@@ -384,7 +391,8 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     if method.endswith("+sv"):
         verify = (fs.join(base["local"], "train"), fs.join(base["local"], "queries"), config.sv)
     rec = recognize(base["index"], fs.join(base["vectors"], "queries"), fs.join(home, "recognize"), ctx.vote,
-                    ctx.neighbours, classifier=classifier, verify=verify)
+                    ctx.neighbours, classifier=classifier, verify=verify,
+                    tune_config=None if classifier else ctx.tune, db_features=fs.join(base["vectors"], "train"))
     return {"costs": _costs(method, base, trained, rec), "recognize": fs.join(home, "recognize"),
             "dead_letters": {split: r["outputs"]["dead_letters"] for split, r in base["extract"].items()}}
 

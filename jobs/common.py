@@ -83,19 +83,6 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False
     return args, rest
 
 
-def vote_config(args: argparse.Namespace):
-    """The --k / --min-confidence flags as a VoteConfig, checked."""
-    import math
-
-    from index.recognize import VoteConfig
-
-    if args.k < 1:
-        raise CairnError("--k must be >= 1")
-    if not (math.isfinite(args.min_confidence) and 0 <= args.min_confidence <= 1):
-        raise CairnError("--min-confidence must be a number between 0 and 1")
-    return VoteConfig(args.k, args.min_confidence)
-
-
 def add_beam_job_args(p: argparse.ArgumentParser, decode: bool = True) -> None:
     """--force, and the decoding and parallelism flags every image-reading Beam job shares."""
     p.add_argument("--force", action="store_true", help="recompute even when OUT holds outputs of the same config")

@@ -19,9 +19,12 @@ import logging
 import shutil
 from dataclasses import dataclass
 
-from index.recognize import VoteConfig
+from index.faiss_index import IndexConfig
+from index.recognize import TuneConfig, VoteConfig
 from jobs import common, methods
 from jobs.classic import MethodsConfig, RunContext, parse_overrides, run_method
+from jobs.index import add_index_args, index_config
+from jobs.recognize import add_vote_args, vote_args
 from jobs.report import summary_table, write_metrics
 from jobs.train import add_set_arg
 from pipeline import config as cfg
@@ -41,7 +44,9 @@ class CompareConfig:
     queries: str  # query manifest (absolute path)
     methods: tuple[str, ...]  # methods, in report order
     decode: DecodeConfig = DecodeConfig()  # image decoding, the same for every method
-    vote: VoteConfig = VoteConfig()  # kNN recognition
+    vote: VoteConfig = VoteConfig()  # kNN recognition (the starting point of tuning)
+    tune: TuneConfig | None = TuneConfig()  # tune the vote on held-out database images (None = off)
+    index: IndexConfig = IndexConfig()  # the FAISS index of every dense method
     neighbours: int = 100  # database images listed per query (mAP@100 needs 100)
     workers: int = 0  # DirectRunner worker processes (0 = automatic)
     beam_args: tuple[str, ...] = ()  # Beam flags passed through
@@ -50,7 +55,8 @@ class CompareConfig:
 
 def compare(train: str, queries: str, out: str, method_names: list[str], *, decode: DecodeConfig = DecodeConfig(),
             workers: int = 0, threads: int = 0, beam_args: list[str] | None = None, vote: VoteConfig = VoteConfig(),
-            neighbours: int = 100, force: bool = False, config: MethodsConfig = MethodsConfig()) -> dict:
+            neighbours: int = 100, force: bool = False, config: MethodsConfig = MethodsConfig(),
+            tune: TuneConfig | None = TuneConfig(), index: IndexConfig = IndexConfig()) -> dict:
     names = methods.check(method_names)
     fs.check_output_folder(out)
     train, queries = fs.absolute(train), fs.absolute(queries)
@@ -58,12 +64,12 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
     fingerprints = {split: manifest_fingerprint(path, read_manifest(path))
                     for split, path in (("train", train), ("queries", queries))}
     fs.makedirs(out)
-    run_config = CompareConfig(train, queries, tuple(names), decode, vote, neighbours, workers,
+    run_config = CompareConfig(train, queries, tuple(names), decode, vote, tune, index, neighbours, workers,
                                tuple(beam_args or ()), config)
     cfg.save_json(fs.join(out, "run.json"), {"config": cfg.to_dict(run_config), "methods": names,
                                              "manifest_sha256": fingerprints})
     ctx = RunContext(train, queries, fs.join(out, "work"), decode, workers, threads, tuple(beam_args or ()), vote,
-                     neighbours, force)
+                     neighbours, force, tune=tune, index=index)
     dead_rows = []
     for name in names:
         log.info("compare: method %s", name)
@@ -92,9 +98,8 @@ def build_parser():
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"methods to compare (default: every method built: {' '.join(methods.available())}; "
                         "cnn-pretrained only with --set cnn_pretrained.model=PATH)")
-    p.add_argument("--k", type=int, default=VoteConfig.k, help=f"neighbours that vote (default {VoteConfig.k})")
-    p.add_argument("--min-confidence", type=float, default=VoteConfig.min_confidence,
-                   help="predict no landmark below this confidence (default 0)")
+    add_vote_args(p)
+    add_index_args(p)
     add_set_arg(p)
     common.add_beam_job_args(p)
     return p
@@ -104,9 +109,10 @@ def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
     config = parse_overrides(args.set)
     names = args.methods or methods.defaults(bool(config.cnn_pretrained.model))
+    vote, tune = vote_args(args)
     metrics = compare(args.train, args.queries, args.out, names, decode=common.decode_config(args),
                       workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args,
-                      vote=common.vote_config(args), force=args.force, config=config)
+                      vote=vote, tune=tune, index=index_config(args), force=args.force, config=config)
     print(summary_table(metrics))
     print(f"metrics:      {fs.join(args.out, 'metrics.json')}")
     print(f"predictions:  {fs.join(args.out, 'predictions')}/")

@@ -1,29 +1,62 @@
 """cairn index: build a FAISS index over database descriptors written by `cairn extract` or `cairn encode`.
 
-Reads FEATURES/features-*.parquet (dense vectors), indexes every vector with an int64 id, and writes
-OUT/index.faiss, OUT/ids.parquet (faiss_id -> image id, landmark_id) and OUT/index.json (factory, metric, dim,
-count, the features' metadata). Sparse bag-of-visual-words features (FEATURES/sparse-*.parquet) get an
-inverted file instead (index/sparse_index.py: OUT/postings.npz, ids.parquet, index.json).
+Reads FEATURES/features-*.parquet (dense vectors) one shard at a time: trains the index on a seeded sample,
+adds every vector with a global int64 id shard by shard, merges the shards (with the inverted lists on disk
+when an IVF index exceeds the memory budget), and writes OUT/index.faiss, OUT/trained.faiss (the trained empty
+index), OUT/ids.parquet (faiss_id -> image id, landmark_id), OUT/index.json (factory as built, metric, dim,
+count, search parameters, build times, the features' metadata) and OUT/nonlandmarks/ (an index of the database
+images without a landmark, for recognition's no-landmark penalty). Sparse bag-of-visual-words features
+(FEATURES/sparse-*.parquet) get an inverted file instead (index/sparse_index.py).
+
+Factories (--factory): Flat (exact), IVF4096,Flat, IVF4096,PQ64, OPQ64_256,IVF4096,PQ64, HNSW32,Flat,
+IVF4096,PQ128x4fs,Refine(PQ128) ... or auto (default): Flat up to 50,000 vectors, then an IVF with compressed
+codes and a re-ranking stage sized to the memory budget; the README's "Indices" section has the measured
+trade-offs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 
 from index.faiss_index import IndexConfig, VectorIndex
 from jobs import common
 from pipeline import fs
 from pipeline.errors import CairnError
-from pipeline.parquet_io import read_shards
-from pipeline.schemas import labels_of, vectors_of
+from pipeline.parquet_io import find_shards, read_shards
+from pipeline.schemas import cairn_metadata, labels_of, vectors_of
 
 log = logging.getLogger(__name__)
 
 
-def build_index(features: str, out: str, config: IndexConfig = IndexConfig()) -> dict:
-    """Build and save the index; returns {count, dim, seconds, index_bytes}."""
+def feature_parts(prefix: str):
+    """(parts, counts, dim, metadata) of a global-features shard set, each part loading one shard."""
+    import pyarrow.parquet as pq
+
+    paths = find_shards(prefix)
+    counts, metas, dims = [], [], set()
+    for path in paths:
+        with fs.FileSystems.open(path) as f:
+            pf = pq.ParquetFile(f)
+            counts.append(pf.metadata.num_rows)
+            metas.append(cairn_metadata(pf.schema_arrow))
+            dims.add(pf.schema_arrow.field("vector").type.list_size)
+    if any(m != metas[0] for m in metas[1:]) or len(dims) != 1:
+        raise CairnError(f"shards under {prefix} were written with different configurations; rerun the job")
+    dim = dims.pop()
+
+    def load(path):
+        def part():
+            with fs.FileSystems.open(path) as f:
+                table = pq.read_table(f)
+            return vectors_of(table), table.column("id").to_pylist(), labels_of(table)
+        return part
+
+    return [load(p) for p in paths], counts, int(dim), metas[0]
+
+
+def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), progress: bool = False) -> dict:
+    """Build and save the index; returns {count, dim, seconds, index_bytes, factory}."""
     from jobs.encode import features_kind
 
     kind = features_kind(features)
@@ -32,19 +65,25 @@ def build_index(features: str, out: str, config: IndexConfig = IndexConfig()) ->
                          "(`cairn train` + `cairn encode`)")
     if kind == "sparse":
         return _build_sparse(features, out)
-    table, meta = read_shards(fs.join(features, "features"))
-    xb = vectors_of(table)
-    started = time.perf_counter()
-    index = VectorIndex.build(xb, table.column("id").to_pylist(), labels_of(table), config, meta)
-    seconds = time.perf_counter() - started
+    if fs.has_scheme(out):
+        raise CairnError(f"--out {out}: FAISS indices are written to a local folder (copy it to {out} after)")
+    parts, counts, dim, meta = feature_parts(fs.join(features, "features"))
+    index = VectorIndex.build_parts(parts, counts, dim, config, meta, folder=out, progress=progress)
+    index.build_info["source"] = fs.absolute(features)  # the features it was built from (recognition tuning)
     index.save(out)
-    size = os.path.getsize(os.path.join(out, "index.faiss"))
-    log.info("index: %d vectors of dim %d (%s, %s) in %.2f s, %.1f MB", index.ntotal, index.dim, config.factory,
+    size = sum(os.path.getsize(os.path.join(out, n)) for n in ("index.faiss", "index.ivfdata")
+               if os.path.exists(os.path.join(out, n)))
+    seconds = index.build_info["seconds"]
+    log.info("index: %d vectors of dim %d (%s, %s) in %.2f s, %.1f MB", index.ntotal, index.dim, index.factory,
              config.metric, seconds, size / 1e6)
-    return {"count": index.ntotal, "dim": index.dim, "seconds": seconds, "index_bytes": size}
+    return {"count": index.ntotal, "dim": index.dim, "seconds": seconds, "index_bytes": size,
+            "factory": index.factory, "search_params": index.search_params,
+            "nonlandmarks": 0 if index.nonlandmarks is None else index.nonlandmarks.ntotal}
 
 
 def _build_sparse(features: str, out: str) -> dict:
+    import time
+
     from index.sparse_index import SparseIndex
     from pipeline.schemas import sparse_matrix_of
 
@@ -54,22 +93,65 @@ def _build_sparse(features: str, out: str) -> dict:
                               meta)
     seconds = time.perf_counter() - started
     index.save(out)
+    from pipeline import config as cfg
+
+    record = cfg.load_json(fs.join(out, "index.json"))
+    cfg.save_json(fs.join(out, "index.json"), {**record, "build": {"source": fs.absolute(features)}})
     size = os.path.getsize(os.path.join(out, "postings.npz"))
     log.info("index: inverted file over %d images, %d words, %.1f MB", index.ntotal, index.dim, size / 1e6)
-    return {"count": index.ntotal, "dim": index.dim, "seconds": seconds, "index_bytes": size}
+    return {"count": index.ntotal, "dim": index.dim, "seconds": seconds, "index_bytes": size,
+            "factory": "sparse-inverted-file", "search_params": "", "nonlandmarks": 0}
+
+
+def add_index_args(p) -> None:
+    """The index-building flags (shared with `cairn compare`)."""
+    d = IndexConfig()
+    g = p.add_argument_group("index")
+    g.add_argument("--factory", default=d.factory,
+                   help="FAISS index_factory string (Flat, IVF4096,PQ64, HNSW32,Flat, ...) or auto (default): "
+                        "chosen from the vector count, dimension and --memory-budget")
+    g.add_argument("--metric", default=d.metric, choices=["ip", "l2"],
+                   help="ip: inner product = cosine on the L2-normalised descriptors (default); l2: Euclidean")
+    g.add_argument("--search-params", default=d.search,
+                   help="default search parameters stored with the index, FAISS syntax: nprobe=64 (IVF), "
+                        "efSearch=128 (HNSW), k_factor_rf=16 (Refine); default: the auto choice's")
+    g.add_argument("--memory-budget", default="0",
+                   help="RAM the index may take, e.g. 4G (default: half of the available RAM); an IVF index "
+                        "above it is merged with its inverted lists on disk")
+    g.add_argument("--train-size", type=int, default=d.train_size,
+                   help="vectors the index trains on (default: 64 per IVF list, at least 65,536)")
+    g.add_argument("--shard-size", type=int, default=d.shard_size,
+                   help=f"vectors added per shard before merging (default {d.shard_size:,})")
+    g.add_argument("--on-disk", default=d.on_disk, choices=["auto", "on", "off"],
+                   help="IVF inverted lists in OUT/index.ivfdata, memory-mapped (default auto: above the budget)")
+    g.add_argument("--gpu", action="store_true", help="train, add and search on GPUs when FAISS sees some "
+                   "(falls back to the CPU, with a log line, without one or for kinds the GPU lacks)")
+
+
+def index_config(args) -> IndexConfig:
+    from index.build import parse_memory
+
+    try:
+        return IndexConfig(factory=args.factory.strip(), metric=args.metric, search=args.search_params.strip(),
+                           memory_budget=parse_memory(args.memory_budget), train_size=args.train_size,
+                           shard_size=args.shard_size, on_disk=args.on_disk, use_gpu=args.gpu)
+    except ValueError as e:
+        raise CairnError(f"index flags: {e}") from e
 
 
 def build_parser():
     p = common.parser("cairn index", __doc__)
     p.add_argument("--features", required=True, help="folder written by `cairn extract` for the database images")
     p.add_argument("--out", required=True, help="index folder to write")
-    p.add_argument("--factory", default="Flat", help="FAISS index_factory string (default: Flat, exact search)")
-    p.add_argument("--metric", default="ip", choices=["ip", "l2"],
-                   help="ip: inner product = cosine on the L2-normalised descriptors (default); l2: Euclidean")
-    p.add_argument("--gpu", action="store_true", help="search on GPUs when FAISS sees some (else CPU)")
+    add_index_args(p)
     return p
 
 
 def run(argv=None, test_pipeline=None) -> dict:
+    import sys
+
     args, _ = common.parse(build_parser(), argv)
-    return build_index(args.features, args.out, IndexConfig(args.factory, args.metric, args.gpu))
+    record = build_index(args.features, args.out, index_config(args), progress=sys.stderr.isatty())
+    print(f"index: {record['count']:,} vectors of dim {record['dim']} as {record['factory']} "
+          f"({record['index_bytes'] / 1e6:.1f} MB, {record['seconds']:.1f} s) in {args.out}")
+    return record

@@ -15,14 +15,18 @@ from pipeline import fs
 from pipeline.errors import CairnError
 
 
+def format_prediction(image_id: str, pred: int, conf: float) -> str:
+    """One CSV line (no line end) of the submission: quoted as CSV needs it."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow((image_id, f"{int(pred)} {float(conf):.6f}" if pred >= 0 else ""))
+    return buf.getvalue()
+
+
 def write_submission(path: str, ids: list[str], pred: np.ndarray, conf: np.ndarray) -> None:
     """ids [Q], pred [Q] int64 (-1 = no landmark), conf [Q] float32."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(("id", "landmarks"))
-    for image_id, p, c in zip(ids, pred, conf, strict=True):
-        w.writerow((image_id, f"{int(p)} {float(c):.6f}" if p >= 0 else ""))
-    fs.write_text(path, buf.getvalue())
+    lines = ["id,landmarks"]
+    lines += [format_prediction(image_id, p, c) for image_id, p, c in zip(ids, pred, conf, strict=True)]
+    fs.write_text(path, "\n".join(lines) + "\n")
 
 
 def read_submission(path: str) -> dict[str, tuple[int, float] | None]:

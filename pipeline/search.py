@@ -1,0 +1,161 @@
+"""Batch search and recognition as a Beam job, for query sets too large for one process.
+
+Each worker process loads the index once (``apache_beam.utils.shared.Shared``: every DoFn instance and thread
+of the process uses the same loaded index) and searches the query-feature record batches it reads from
+Parquet. Each batch is searched, voted (index/recognize.py) and written as two outputs:
+
+    OUT/predictions.csv                              Google Landmark Recognition format (one file)
+    OUT/neighbours-SSSSS-of-NNNNN.parquet            query_id, rank, id, score, landmark_id (sharded)
+    OUT/recognize.json                               config, counts, timing
+
+Every query is accounted for: the job counts the prediction rows it wrote and fails if they differ from the
+query rows it read. The local path (jobs/recognize.py) does the same in one process for small query sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.utils import shared
+
+from index.recognize import VoteConfig, class_counts, vote
+from pipeline import config as cfg
+from pipeline import fs
+from pipeline.errors import CairnError
+
+log = logging.getLogger(__name__)
+
+
+def use_beam(mode: str, features: str, beam_args: list[str], threshold: int) -> bool:
+    """Whether a query set goes through the Beam job: ``mode`` on/off, or auto (a remote runner, or
+    ``threshold``+ queries)."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    from jobs.encode import features_kind
+    from jobs.extract import features_prefix
+    from pipeline.options import LOCAL_RUNNERS
+    from pipeline.parquet_io import count_rows
+
+    runner = next((a.split("=", 1)[1] for a in beam_args if a.startswith("--runner=")), None)
+    if runner and runner not in LOCAL_RUNNERS:
+        return True
+    kind = features_kind(features)
+    return kind == "global" and count_rows(features_prefix(features, kind)) >= threshold
+
+
+class _Loaded:
+    """A weak-referenceable holder of one loaded index (what Shared keeps per process)."""
+
+    def __init__(self, index):
+        self.index = index
+        self.counts = class_counts(index.labels)
+
+
+class SearchAndVote(beam.DoFn):
+    """pa.Table of query features (id, vector) -> ("predictions", csv line) and ("neighbours", pa.Table)."""
+
+    def __init__(self, index_dir: str, k: int, params: str | None, vote_config: VoteConfig, neighbours: int,
+                 handle: shared.Shared, threads: int = 0, predict: bool = True):
+        self.predict = predict
+        self.index_dir = index_dir
+        self.k = k
+        self.params = params
+        self.vote_config = vote_config
+        self.neighbours = neighbours
+        self.handle = handle
+        self.threads = threads
+        self.loaded = None
+
+    def setup(self):
+        from index.faiss_index import VectorIndex
+        from pipeline.resources import limit_threads
+
+        if self.threads:
+            limit_threads(self.threads)
+        index_dir = self.index_dir
+        self.loaded = self.handle.acquire(lambda: _Loaded(VectorIndex.load(index_dir)))
+
+    def process(self, table: pa.Table):
+        from jobs.recognize import neighbours_table, nonlandmark_sims, search
+        from pipeline.schemas import vectors_of
+        from pipeline.submission import format_prediction
+
+        index = self.loaded.index
+        query_ids = table.column("id").to_pylist()
+        if not query_ids:
+            return
+        xq = vectors_of(table)
+        D, I = search(index, xq, min(max(self.k, self.neighbours), index.ntotal), self.params)
+        if self.predict:
+            vc = self.vote_config
+            sims = nonlandmark_sims(index, xq, D, I, vc) if vc.nonlandmark_weight > 0 else None
+            pred, conf = vote(D, index.labels_of(I), vc, sims, self.loaded.counts)
+            for q, p, c in zip(query_ids, pred, conf, strict=True):
+                yield beam.pvalue.TaggedOutput("predictions", format_prediction(q, int(p), float(c)))
+        else:  # neighbour lookup only: one line per query, to account for every query
+            for q in query_ids:
+                yield beam.pvalue.TaggedOutput("predictions", q)
+        keep = min(self.neighbours, I.shape[1])
+        yield beam.pvalue.TaggedOutput("neighbours", neighbours_table(query_ids, D[:, :keep], I[:, :keep], index))
+
+
+def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteConfig, neighbours: int = 100,
+                   search_params: str | None = None, workers: int = 0, beam_args: list[str] | None = None,
+                   test_pipeline=None, predict: bool = True) -> dict:
+    """Search and vote every query of ``features`` as a Beam job (see the module docstring). Without
+    ``predict`` (`cairn neighbours`), OUT/queries.txt lists the queries searched instead of predictions."""
+    from jobs import common
+    from jobs.encode import features_kind
+    from jobs.extract import features_prefix
+    from jobs.recognize import NEIGHBOURS_SCHEMA
+    from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
+    from pipeline.parquet_io import SHARD_TEMPLATE, count_rows, find_shards, shard_pattern
+
+    kind = features_kind(features)
+    if kind != "global":
+        raise CairnError(f"{features} holds {kind} features; the Beam search job takes dense vectors (FAISS "
+                         "indices); use --beam off for BoVW")
+    prefix = features_prefix(features, kind)
+    queries = count_rows(prefix)
+    workers = common.resolve_workers(workers, queries)
+    options = pipeline_options(beam_args or [], workers)
+    fs.makedirs(out)
+    listing = "predictions.csv" if predict else "queries.txt"
+    stale = fs.glob(fs.escape(fs.join(out, "neighbours")) + "-*") + fs.glob(fs.escape(fs.join(out, listing)) + "*")
+    fs.delete(stale)
+    handle = shared.Shared()
+    started = time.perf_counter()
+    p = test_pipeline or make_pipeline(options)
+    results = (p | "Read" >> beam.io.ReadFromParquetBatched(shard_pattern(prefix), columns=["id", "vector"])
+               | "SearchAndVote" >> beam.ParDo(
+                   SearchAndVote(index_dir, vote_config.k, search_params, vote_config, neighbours, handle,
+                                 default_threads_per_worker(workers), predict)).with_outputs("predictions",
+                                                                                             "neighbours"))
+    _ = results.predictions | "WritePredictions" >> beam.io.WriteToText(
+        fs.join(out, listing), shard_name_template="", header="id,landmarks" if predict else "id")
+    _ = results.neighbours | "WriteNeighbours" >> beam.io.WriteToParquetBatched(
+        fs.join(out, "neighbours"), NEIGHBOURS_SCHEMA, num_shards=max(1, len(find_shards(prefix))),
+        shard_name_template=SHARD_TEMPLATE, file_name_suffix=".parquet", codec="zstd")
+    result = p.run()
+    result.wait_until_finish()
+    seconds = time.perf_counter() - started
+    lines = fs.read_text(fs.join(out, listing)).splitlines()[1:]
+    predicted = sum(1 for line in lines if line.rsplit(",", 1)[-1].strip()) if predict else 0
+    if len(lines) != queries:
+        raise RuntimeError(f"recognize: {queries} queries read but {len(lines)} predictions written. This is a bug; "
+                           "please report it")
+    listed = count_rows(fs.join(out, "neighbours")) if fs.glob(shard_pattern(fs.join(out, "neighbours"))) else 0
+    record = {
+        "config": {"index": index_dir, "features": features, "vote": cfg.to_dict(vote_config),
+                   "neighbours": neighbours, "search_params": search_params, "beam": True},
+        "counts": {"queries": queries, "predicted": predicted, "neighbour_rows": listed},
+        "runner": runner_name(options), "workers": workers,
+        "seconds": round(seconds, 3),
+        "queries_per_second": round(queries / seconds, 1) if seconds > 0 else None,
+    }
+    cfg.save_json(fs.join(out, "recognize.json" if predict else "neighbours.json"), record)
+    log.info("recognize (Beam): %d queries, %d with a landmark prediction, in %.1f s", queries, predicted, seconds)
+    return record
