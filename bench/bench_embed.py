@@ -38,7 +38,7 @@ def _images(folder: str, n: int) -> str:
 
     per_class = 8
     synth(folder, SynthConfig(seed=3, classes=max(2, n // per_class), views=per_class, tail=0.0,
-                              min_views=per_class, queries_per_class=1, non_landmark_queries=0,
+                              min_views=per_class, queries_per_class=1, non_landmark_queries=0, non_landmark_train=0,
                               width=640, height=480))
     return os.path.join(folder, "train.csv")
 

@@ -56,7 +56,7 @@ def _synthetic(workdir: str, quick: bool) -> str:
     from pipeline.synthetic import SynthConfig, generate
 
     config = SynthConfig(**(IMAGES_QUICK if quick else IMAGES_FULL), tail=0.0, queries_per_class=0,
-                         non_landmark_queries=0)
+                         non_landmark_queries=0, non_landmark_train=0)
     out = os.path.join(workdir, "synthetic-quick" if quick else "synthetic")
     record = os.path.join(out, "synth.json")
     if os.path.exists(record) and os.path.exists(os.path.join(out, "train.csv")) and \

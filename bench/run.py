@@ -27,6 +27,7 @@ BENCHMARKS = {
     "faiss_flat": "bench.bench_faiss",
     "vocabulary": "bench.bench_vocabulary",
     "classifier": "bench.bench_classifier",
+    "index": "bench.bench_index",
     "embed": "bench.bench_embed",
     "porto": "bench.bench_porto",
 }

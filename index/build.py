@@ -182,13 +182,14 @@ def kind_of(factory: str) -> str:
 
 
 def train_size_for(index: faiss.Index, n: int, requested: int = 0) -> int:
-    """Vectors to train on: ``requested``, or 64 per IVF list and at least 65,536 (PQ codebooks), at most n."""
+    """Vectors to train on: ``requested``, or 40 per IVF list (FAISS wants 39+) and at least 65,536 (PQ
+    codebooks train on up to 65,536), at most n."""
     if index.is_trained:
         return 0
     if requested > 0:
         return min(requested, n)
     ivf = ivf_of(index)
-    wanted = max(65_536, 64 * ivf.nlist) if ivf is not None else 65_536
+    wanted = max(65_536, 40 * ivf.nlist) if ivf is not None else 65_536
     return min(n, wanted)
 
 

@@ -60,7 +60,7 @@ class IndexConfig:
     metric: str = "ip"  # "ip" (cosine on normalised vectors) or "l2"
     search: str = ""  # default search parameters, FAISS ParameterSpace syntax ("" = the auto choice's)
     memory_budget: int = 0  # bytes of RAM the index may take (0 = half of the RAM available at build time)
-    train_size: int = 0  # vectors the index is trained on (0 = 64 per IVF list, at least 65,536)
+    train_size: int = 0  # vectors the index is trained on (0 = 40 per IVF list, at least 65,536)
     shard_size: int = 200_000  # vectors added per shard (bounds the memory of one add)
     on_disk: str = "auto"  # IVF inverted lists on disk: "auto" (when the index exceeds the budget), "on", "off"
     nonlandmark_index: bool = True  # also index the non-landmark database images on their own

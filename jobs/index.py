@@ -119,7 +119,7 @@ def add_index_args(p) -> None:
                    help="RAM the index may take, e.g. 4G (default: half of the available RAM); an IVF index "
                         "above it is merged with its inverted lists on disk")
     g.add_argument("--train-size", type=int, default=d.train_size,
-                   help="vectors the index trains on (default: 64 per IVF list, at least 65,536)")
+                   help="vectors the index trains on (default: 40 per IVF list, at least 65,536)")
     g.add_argument("--shard-size", type=int, default=d.shard_size,
                    help=f"vectors added per shard before merging (default {d.shard_size:,})")
     g.add_argument("--on-disk", default=d.on_disk, choices=["auto", "on", "off"],

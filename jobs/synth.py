@@ -27,6 +27,7 @@ _HELP = {
     "min_views": "fewest database images of any class",
     "queries_per_class": "landmark queries per class",
     "non_landmark_queries": "queries with no database landmark",
+    "non_landmark_train": "database images known to show no landmark (empty landmark_id)",
     "width": "image width in pixels",
     "height": "image height in pixels",
     "jpeg_quality_min": "lowest JPEG quality",
@@ -38,8 +39,8 @@ def check(config: SynthConfig) -> None:
     """Raise CairnError for sizes the generator cannot make."""
     if min(config.classes, config.views, config.min_views) < 1:
         raise CairnError("--classes, --views and --min-views must be >= 1")
-    if min(config.queries_per_class, config.non_landmark_queries) < 0 or config.tail < 0:
-        raise CairnError("--queries-per-class, --non-landmark-queries and --tail must be >= 0")
+    if min(config.queries_per_class, config.non_landmark_queries, config.non_landmark_train) < 0 or config.tail < 0:
+        raise CairnError("--queries-per-class, --non-landmark-queries, --non-landmark-train and --tail must be >= 0")
     if not (32 <= config.width <= 8192 and 32 <= config.height <= 8192):
         raise CairnError("--width and --height must be between 32 and 8192 pixels")
     if not 1 <= config.jpeg_quality_min <= config.jpeg_quality_max <= 100:

@@ -5,12 +5,14 @@ texture, window grid and shapes, roof, towers and emblem). Each image is one *vi
 perspective warp, scale, rotation and position on a cluttered background (sky, ground, other plain buildings,
 trees, poles), then lighting and colour changes, partial occlusion, blur, sensor noise and JPEG artefacts.
 Query sets also hold images with no landmark: clutter only, or a structure that is not in the database
-(an "unknown landmark", which the Google Landmark Recognition challenge also counts as no landmark).
+(an "unknown landmark", which the Google Landmark Recognition challenge also counts as no landmark). The
+database holds a few known non-landmark images too (empty ``landmark_id``; other clutter and other
+structures), which recognition uses to recognise queries that look like no landmark.
 
 Layout written by :func:`generate` (paths in the CSVs are relative to OUT)::
 
     OUT/images/<h>/<h>/<id>.jpg   (h = first hex digits of the id, as Google Landmarks does)
-    OUT/train.csv                 id,path,landmark_id
+    OUT/train.csv                 id,path,landmark_id   (empty landmark_id: a known non-landmark image)
     OUT/queries.csv               id,path,landmark_id   (empty landmark_id: no landmark)
     OUT/boxes.csv                 id,xmin,ymin,xmax,ymax,width,height for every image showing a landmark;
                                   pixel edges, half-open: the landmark covers columns xmin..xmax-1
@@ -54,6 +56,7 @@ class SynthConfig:
     min_views: int = 3  # fewest database images of any class
     queries_per_class: int = 3  # landmark queries per class
     non_landmark_queries: int = 24  # queries with no database landmark (clutter or an unknown structure)
+    non_landmark_train: int = 16  # database images known to show no landmark (empty landmark_id), other scenes
     width: int = 320  # image width in pixels
     height: int = 240  # image height in pixels
     jpeg_quality_min: int = 60  # JPEG quality is drawn per image from [min, max]
@@ -88,6 +91,10 @@ def landmark_ids(config: SynthConfig) -> list[int]:
 def plan(config: SynthConfig) -> list[ImageSpec]:
     """Every image of the data set, in output order."""
     specs = [ImageSpec("train", c, v) for c, n in enumerate(views_per_class(config)) for v in range(n)]
+    for j in range(config.non_landmark_train):
+        # known non-landmark database images, as Google Landmarks' distractors: clutter, or a structure that is
+        # not a landmark (never the same one as a query's)
+        specs.append(ImageSpec("train", -1 if j % 2 == 0 else config.classes + 5000 + j, j))
     specs += [ImageSpec("queries", c, v) for c in range(config.classes) for v in range(config.queries_per_class)]
     for j in range(config.non_landmark_queries):
         # even j: clutter only; odd j: a structure that is not in the database
@@ -457,6 +464,7 @@ def generate(out: str, config: SynthConfig, workers: int = 0, progress: bool = T
             "train": len(rows["train"]),
             "queries": len(rows["queries"]),
             "queries_with_landmark": sum(1 for r in rows["queries"] if r[2] != ""),
+            "train_non_landmark": sum(1 for r in rows["train"] if r[2] == ""),
             "boxes": len(boxes),
         },
         "landmark_ids": ids_of_class,
