@@ -28,6 +28,7 @@ BENCHMARKS = {
     "vocabulary": "bench.bench_vocabulary",
     "classifier": "bench.bench_classifier",
     "index": "bench.bench_index",
+    "recognize_1m": "bench.bench_recognize",
     "embed": "bench.bench_embed",
     "porto": "bench.bench_porto",
 }

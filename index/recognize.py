@@ -10,12 +10,14 @@ No landmark: most queries in Google Landmark Recognition show none, and GAP puni
 - Neighbours without a landmark (known non-landmark database images) vote for "no landmark" when
   ``nonlandmark_votes`` is on; when that wins, the query gets no prediction.
 - The penalty of the GLR 2019/2020 winning solutions: the mean similarity of the query to its
-  ``nonlandmark_k`` nearest known non-landmark images, times ``nonlandmark_weight``, is subtracted from the
-  confidence, so that queries that look like clutter sink to the bottom of the GAP ranking.
+  ``nonlandmark_k`` nearest known non-landmark images, times ``nonlandmark_weight`` (w), is subtracted from the
+  confidence, so that queries that look like clutter sink to the bottom of the GAP ranking. The result is
+  mapped back into [0, 1] as ``(score - w * sim + w) / (1 + w)``.
 - Below ``min_confidence`` the query gets no prediction.
 :func:`tune` chooses these on a validation split of the database (held-out landmark images and held-out
 non-landmark images as queries): aggregate, class_norm and the penalty weight by GAP, then the threshold by
-accuracy.
+accuracy among the thresholds that do not cost GAP (dropping a right answer lowers GAP; dropping a wrong one
+at the bottom of the ranking does not).
 """
 
 from __future__ import annotations
@@ -114,8 +116,10 @@ def vote(D: np.ndarray, labels: np.ndarray, config: VoteConfig = VoteConfig(),
         ok &= ~(nl > top)  # "no landmark" wins
     c = top.copy()
     if nonlandmark_sim is not None and config.nonlandmark_weight > 0:
-        c = c - config.nonlandmark_weight * np.maximum(np.asarray(nonlandmark_sim, np.float32), 0)
-    c = np.maximum(c, 0.0)
+        # subtract the penalty, then map back into [0, 1] (score and similarity are both in [0, 1]): the
+        # order is that of the subtraction, without the ties that clipping at 0 would make
+        w = config.nonlandmark_weight
+        c = (c - w * np.clip(np.asarray(nonlandmark_sim, np.float32), 0, 1) + w) / (1 + w)
     ok &= c >= config.min_confidence
     pred[ok] = labels[rows[ok], best[ok]]
     conf[ok] = c[ok]
@@ -143,6 +147,7 @@ class TuneConfig:
     weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # penalty weights tried
     class_norms: tuple[float, ...] = (0.0, 0.5, 1.0)  # class normalisations tried (sum)
     aggregates: tuple[str, ...] = ("sum", "max")  # aggregations tried
+    gap_tolerance: float = 0.005  # the no-landmark threshold may cost at most this much validation GAP
     seed: int = 0  # the held-out choice
 
     def __post_init__(self):
@@ -226,8 +231,10 @@ def tune(D: np.ndarray, labels: np.ndarray, truth: np.ndarray, nonlandmark_sim: 
     pred, conf = vote(D, labels, best, nonlandmark_sim, counts)
     thresholds = np.unique(np.concatenate([[0.0], conf[pred >= 0]]))
     best_t, best_acc = 0.0, -1.0
-    for t in thresholds:  # a prediction is kept when conf >= t
+    for t in thresholds:  # a prediction is kept when conf >= t; a threshold may not cost GAP (beyond 0.005)
         p = np.where(conf >= t, pred, NO_LANDMARK)
+        if gap_score(p, np.where(p >= 0, conf, 0), truth) < best_gap - config.gap_tolerance:
+            break  # higher thresholds only drop more predictions
         acc = accuracy_score(p, truth)
         if acc > best_acc + 1e-9:
             best_t, best_acc = float(t), acc

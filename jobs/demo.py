@@ -16,6 +16,7 @@ import os
 from jobs import common, methods
 from jobs.classic import MethodsConfig, parse_overrides
 from jobs.compare import compare
+from jobs.recognize import add_vote_args, vote_args
 from jobs.report import summary_table
 from jobs.synth import synth
 from jobs.train import add_set_arg
@@ -33,6 +34,7 @@ def build_parser():
                    help="methods to compare (default: every built method; cnn-pretrained needs --pretrained)")
     p.add_argument("--pretrained", default="",
                    help="a TFLite MobileNet v1 ImageNet extractor: cnn-pretrained's model and cnn's initial weights")
+    add_vote_args(p)
     add_set_arg(p)
     common.add_beam_job_args(p, decode=False)
     return p
@@ -53,10 +55,11 @@ def run(argv=None, test_pipeline=None) -> dict:
     data = os.path.join(args.out, "data")
     synth(data, SynthConfig(seed=args.seed, classes=args.classes, views=args.views), force=args.force)
     run_dir = os.path.join(args.out, "run")
+    vote, tune = vote_args(args)
     metrics = compare(os.path.join(data, "train.csv"), os.path.join(data, "queries.csv"), run_dir,
                       args.methods or methods.defaults(bool(args.pretrained)), workers=args.workers,
                       threads=args.threads_per_worker, beam_args=beam_args, force=args.force,
-                      config=demo_config(args.pretrained, args.set))
+                      config=demo_config(args.pretrained, args.set), vote=vote, tune=tune)
     print()
     print(summary_table(metrics))
     print()

@@ -205,6 +205,10 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
             f"holds {db_meta.get('method')} {db_meta.get('config')}; extract both with the same method and config"
         )
     tuning = None
+    if tune_config is not None and verify is not None:
+        # verified neighbours are scored by inliers, not by the similarities tuning sees: nothing to transfer
+        log.info("recognize: spatial verification re-scores the neighbours; the vote is not tuned")
+        tune_config = None
     if tune_config is not None and tune_config.enabled and not classifier:
         if not db_features:
             raise CairnError("tuning needs the database features the index was built from (--tune-db FOLDER)")

@@ -164,8 +164,8 @@ def test_trained_index_takes_more_shards_later(corpus, tmp_path):
 
 def test_choose_factory_follows_size_and_budget():
     assert B.choose_factory(10_000, 512, 1 << 40) == ("Flat", "")
-    assert B.choose_factory(1_000_000, 512, 8 << 30) == ("IVF4096,PQ128x4fs,Refine(PQ128)", B.DEFAULT_SEARCH)
-    # 64 MiB cannot hold 200 bytes per vector: a plain IVF-PQ whose lists go on disk
+    assert B.choose_factory(1_000_000, 512, 8 << 30) == ("IVF4096,PQ64x4fs,Refine(PQ128)", B.DEFAULT_SEARCH)
+    # 64 MiB cannot hold 168 bytes per vector: a plain IVF-PQ whose lists go on disk
     assert B.choose_factory(1_000_000, 512, 64 << 20) == ("IVF4096,PQ64", "nprobe=64")
     assert B.nlist_for(1_000_000) == 4096 and B.nlist_for(100) == 32  # 4 sqrt(100) = 40 -> 32
     assert B.parse_memory("1.5G") == int(1.5 * 2**30) and B.parse_memory("512m") == 512 * 2**20

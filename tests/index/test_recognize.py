@@ -72,9 +72,10 @@ def test_nonlandmark_penalty_lowers_confidence():
     labels = np.array([[1, 1], [2, 2]])
     sims = np.array([0.1, 0.8], np.float32)  # the second query looks like known clutter
     pred, conf = vote(D, labels, VoteConfig(k=2, nonlandmark_weight=0.5), sims)
-    np.testing.assert_allclose(conf, [0.9 - 0.05, 0.9 - 0.4], atol=1e-6)
+    # (0.9 - 0.5 x sim + 0.5) / 1.5
+    np.testing.assert_allclose(conf, [(0.9 - 0.05 + 0.5) / 1.5, (0.9 - 0.4 + 0.5) / 1.5], atol=1e-6)
     assert pred.tolist() == [1, 2]
-    pred, conf = vote(D, labels, VoteConfig(k=2, nonlandmark_weight=0.5, min_confidence=0.6), sims)
+    pred, conf = vote(D, labels, VoteConfig(k=2, nonlandmark_weight=0.5, min_confidence=0.7), sims)
     assert pred.tolist() == [1, -1] and conf[1] == 0
     np.testing.assert_allclose(nonlandmark_similarity(np.array([[0.8, 0.4, -np.inf]], np.float32), 3), [0.4])
 
