@@ -249,13 +249,6 @@ def to_gpu(index: faiss.Index, use_gpu: bool, float16: bool = True, shard: bool 
         return index, False
 
 
-def to_cpu(index: faiss.Index) -> faiss.Index:
-    """A CPU copy of a GPU index (the CPU index itself otherwise)."""
-    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(faiss.downcast_index(index)).__name__:
-        return faiss.index_gpu_to_cpu(index)
-    return index
-
-
 def add_shard(trained: faiss.Index, xb: np.ndarray, ids: np.ndarray, use_gpu: bool = False,
               gpu_float16: bool = True, chunk: int = 65_536, into: faiss.Index | None = None) -> faiss.Index:
     """Add ``xb`` [N, D] float32 with global ``ids`` [N] int64 to a copy of ``trained`` (or into ``into``)."""
@@ -279,7 +272,7 @@ def add_shard(trained: faiss.Index, xb: np.ndarray, ids: np.ndarray, use_gpu: bo
             target.add_with_ids(xb[lo:lo + chunk], ids[lo:lo + chunk])
         else:
             target.add(xb[lo:lo + chunk])
-    return to_cpu(target) if on_gpu else target
+    return faiss.index_gpu_to_cpu(target) if on_gpu else target  # GPU objects are never merged or saved
 
 
 def merge_into(dst: faiss.Index, src: faiss.Index, src_first_id: int | None = None) -> None:
@@ -294,17 +287,28 @@ def merge_into(dst: faiss.Index, src: faiss.Index, src_first_id: int | None = No
         if first != dst.ntotal:
             raise CairnError(f"shards of this index kind must be merged in id order: the next one should start at "
                              f"id {dst.ntotal}, this one starts at {first}")
-    if isinstance(dst_d, faiss.IndexRefine):
-        # FAISS cannot merge IndexRefine: merge its base and refinement indices. Inside the refinement ids are
-        # positions, so the source's continue after the destination's.
-        faiss.downcast_index(dst_d.base_index).merge_from(faiss.downcast_index(src_d.base_index), dst_d.ntotal)
-        faiss.downcast_index(dst_d.refine_index).merge_from(faiss.downcast_index(src_d.refine_index), 0)
-        dst_d.ntotal = dst_d.base_index.ntotal
-        return
     try:
+        if isinstance(dst_d, faiss.IndexRefine):
+            # FAISS cannot merge IndexRefine: merge its base and refinement indices. Inside the refinement ids
+            # are positions: an IVF base stores them, so the source's continue after the destination's; a
+            # flat-codes base appends in order.
+            base = faiss.downcast_index(dst_d.base_index)
+            add_id = dst_d.ntotal if ivf_of(base) is not None else 0
+            base.merge_from(faiss.downcast_index(src_d.base_index), add_id)
+            faiss.downcast_index(dst_d.refine_index).merge_from(faiss.downcast_index(src_d.refine_index), 0)
+            dst_d.ntotal = dst_d.base_index.ntotal
+            return
         dst_d.merge_from(src_d, 0)  # flat codes append in order; IVF lists keep their stored ids
     except RuntimeError as e:
         raise CairnError(f"FAISS cannot merge indices of this kind: {_faiss_error(e)}") from e
+
+
+def on_disk_capable(index: faiss.Index) -> bool:
+    """Plain IVF indices whose inverted lists hold everything (not fast-scan blocks, not IVFPQR's extra codes,
+    no pre-transform or refinement around them)."""
+    index = faiss.downcast_index(index)
+    return (isinstance(index, faiss.IndexIVF) and mergeable(index)
+            and not isinstance(index, faiss.IndexIVFPQR))
 
 
 def merge_on_disk(trained: faiss.Index, shard_paths: list[str], ivfdata: str) -> faiss.Index:
@@ -312,7 +316,7 @@ def merge_on_disk(trained: faiss.Index, shard_paths: list[str], ivfdata: str) ->
     from faiss.contrib.ondisk import merge_ondisk
 
     index = faiss.clone_index(trained)
-    if not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+    if not on_disk_capable(index):
         raise CairnError("on-disk inverted lists need a plain IVF index (IVF..,Flat / PQ / SQ, without a "
                          "pre-transform or Refine); give such a factory or build in memory (--on-disk off)")
     if os.path.exists(ivfdata):

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -105,8 +106,10 @@ class VectorIndex:
         self.nonlandmarks = nonlandmarks  # index over the non-landmark database images (ids = their own rows)
         self.build_info = build_info or {}
         self._search_index = None
+        self._on_gpu = False
         self._applied = None
         self._ids_array = None
+        self._lock = threading.Lock()  # Beam shares one loaded index between threads
 
     @property
     def dim(self) -> int:
@@ -158,6 +161,7 @@ class VectorIndex:
         on_disk = _decide_on_disk(config.on_disk, index, n, dim, budget)
         if on_disk and folder is None:
             raise CairnError("an on-disk index needs an output folder")
+        sequential = not B.mergeable(index)
 
         # 1. train on a seeded sample drawn across all parts
         size = B.train_size_for(index, n, config.train_size)
@@ -178,7 +182,6 @@ class VectorIndex:
         labels = np.empty(n, np.int64)
         nl_vectors, nl_rows = [], []
         shard_paths, merged = [], None
-        sequential = not B.mergeable(index)
         t0 = time.perf_counter()
         offset = 0
         bar = tqdm(total=n, desc="index: add", unit="vec", unit_scale=True, disable=not progress)
@@ -244,11 +247,11 @@ class VectorIndex:
     # searching
 
     def _searcher(self, params: str) -> faiss.Index:
+        """The index to search, with ``params`` applied. Called under self._lock."""
         if self._search_index is None:
-            self._search_index, on_gpu = B.to_gpu(self.index, self.config.use_gpu, self.config.gpu_float16)
-            if on_gpu:
+            self._search_index, self._on_gpu = B.to_gpu(self.index, self.config.use_gpu, self.config.gpu_float16)
+            if self._on_gpu:
                 log.info("index: searching on %d GPU(s)", gpu_count())
-            self._on_gpu = on_gpu
         if params != self._applied:
             apply_search_params(self._search_index, params, self._on_gpu)
             self._applied = params
@@ -271,11 +274,14 @@ class VectorIndex:
             raise CairnError(f"k must be >= 1, not {k}")
         from tqdm import tqdm
 
-        index = self._searcher(self.search_params if params is None else params)
         D = np.empty((len(xq), k), np.float32)
         I = np.empty((len(xq), k), np.int64)
-        for lo in tqdm(range(0, len(xq), batch_size), desc="search", unit="batch", disable=not progress):
-            D[lo:lo + batch_size], I[lo:lo + batch_size] = index.search(xq[lo:lo + batch_size], k)
+        # one search at a time per index: parameters are index state, and GPU indices are not thread-safe
+        # (FAISS parallelises each batch itself)
+        with self._lock:
+            index = self._searcher(self.search_params if params is None else params)
+            for lo in tqdm(range(0, len(xq), batch_size), desc="search", unit="batch", disable=not progress):
+                D[lo:lo + batch_size], I[lo:lo + batch_size] = index.search(xq[lo:lo + batch_size], k)
         return D, I
 
     def labels_of(self, I: np.ndarray) -> np.ndarray:
@@ -299,7 +305,7 @@ class VectorIndex:
         for stale in ("postings.npz",):  # a sparse index built here before
             if os.path.exists(os.path.join(folder, stale)):
                 os.remove(os.path.join(folder, stale))
-        _write_index(B.to_cpu(self.index), os.path.join(folder, "index.faiss"))
+        _write_index(self.index, os.path.join(folder, "index.faiss"))  # always a CPU index
         ivfdata = os.path.join(folder, "index.ivfdata")
         if os.path.exists(ivfdata) and not self.build_info.get("on_disk"):
             os.remove(ivfdata)  # left by an earlier on-disk build in this folder
@@ -382,11 +388,11 @@ def apply_search_params(index: faiss.Index, params: str, on_gpu: bool = False) -
 def _decide_on_disk(mode: str, index: faiss.Index, n: int, dim: int, budget: int) -> bool:
     if mode == "off":
         return False
-    plain_ivf = isinstance(faiss.downcast_index(index), faiss.IndexIVF)
+    plain_ivf = B.on_disk_capable(index)
     if mode == "on":
         if not plain_ivf:
             raise CairnError("on-disk inverted lists need a plain IVF index (IVF..,Flat / PQ / SQ, without a "
-                             "pre-transform or Refine); give such a factory or --on-disk off")
+                             "pre-transform, Refine or fast-scan codes); give such a factory or --on-disk off")
         return True
     if not plain_ivf:
         return False

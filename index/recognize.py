@@ -29,6 +29,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 NO_LANDMARK = -1
+VOTE_CHUNK = 8192  # queries voted at once
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ def vote(D: np.ndarray, labels: np.ndarray, config: VoteConfig = VoteConfig(),
         pred [Q] int64 landmark id (-1 = no prediction), conf [Q] float32 (0 where no prediction).
     """
     Q = len(D)
+    if Q > VOTE_CHUNK:  # bounded memory: the class scores take [chunk, k, k]
+        parts = [vote(D[lo:lo + VOTE_CHUNK], labels[lo:lo + VOTE_CHUNK], config,
+                      None if nonlandmark_sim is None else nonlandmark_sim[lo:lo + VOTE_CHUNK], counts)
+                 for lo in range(0, Q, VOTE_CHUNK)]
+        return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
     pred = np.full(Q, NO_LANDMARK, np.int64)
     conf = np.zeros(Q, np.float32)
     if Q == 0 or D.shape[1] == 0:
@@ -238,7 +244,7 @@ def tune(D: np.ndarray, labels: np.ndarray, truth: np.ndarray, nonlandmark_sim: 
         acc = accuracy_score(p, truth)
         if acc > best_acc + 1e-9:
             best_t, best_acc = float(t), acc
-    tuned = replace(best, min_confidence=round(best_t, 6))
+    tuned = replace(best, min_confidence=float(np.floor(best_t * 1e6) / 1e6))  # never above a kept confidence
     pred, conf = vote(D, labels, tuned, nonlandmark_sim, counts)
     record["tuned"] = {"gap": gap_score(pred, conf, truth), "accuracy": accuracy_score(pred, truth),
                        "aggregate": tuned.aggregate, "class_norm": tuned.class_norm,

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from index.sparse_index import load_any
 from jobs import common
-from jobs.recognize import BEAM_MIN_QUERIES, neighbours_table, read_queries, search
+from jobs.recognize import BEAM_MIN_QUERIES, check_same_features, neighbours_table, read_queries, search
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
@@ -33,7 +33,8 @@ def neighbours(index_dir: str, features: str, out: str, k: int = 100, search_par
                write_csv: bool = False) -> dict:
     """Top-k database images of every query, in one process."""
     index = load_any(index_dir)
-    query_ids, xq, _ = read_queries(features)
+    query_ids, xq, meta = read_queries(features)
+    check_same_features(index.features_metadata, meta, features)
     started = time.perf_counter()
     D, I = search(index, xq, k, search_params, progress=len(query_ids) > 100_000)
     seconds = time.perf_counter() - started

@@ -2,13 +2,21 @@
 
 Reads the query descriptors written by `cairn extract` (or `cairn encode`), searches the index built by
 `cairn index` (FAISS for dense vectors, an inverted file for BoVW), and decides each query's landmark by
-neighbour votes, or with --classifier by a trained classifier (`cairn train --method hog-linear`). With
---verify-db/--verify-queries (local SIFT features of both sides) the top neighbours are re-ranked by spatial
-verification before voting (index/rerank.py). Writes:
+neighbour votes (index/recognize.py), or with --classifier by a trained classifier (`cairn train --method
+hog-linear`). With --verify-db/--verify-queries (local SIFT features of both sides) the top neighbours are
+re-ranked by spatial verification before voting (index/rerank.py).
+
+No landmark: unless --no-tune, the vote (sum or max, per-class normalisation, the penalty by similarity to the
+known non-landmark database images, the threshold) is first tuned on held-out database images: one image of up
+to 2,000 classes and half of the non-landmark images are searched against the rest (the database features are
+the folder the index records, or --tune-db). The flags give the starting point and the values used without
+tuning. Writes:
     OUT/predictions.csv     Google Landmark Recognition format: id,landmarks ("<landmark_id> <confidence>",
                             empty for no landmark)
     OUT/neighbours.parquet  query_id, rank, id, score, landmark_id: the top database images of every query
-    OUT/recognize.json      the config, counts and timing
+    OUT/recognize.json      the config, counts, timing and the tuning (what was tried, GAP before and after)
+Large query sets (200,000+, --beam on, or a --runner other than DirectRunner) run as a Beam job that loads the
+index once per worker process (pipeline/search.py) and writes OUT/neighbours-SSSSS-of-NNNNN.parquet shards.
 """
 
 from __future__ import annotations
@@ -95,6 +103,15 @@ def read_queries(features: str):
     return table.column("id").to_pylist(), xq, meta
 
 
+def check_same_features(db_meta: dict, meta: dict, features: str) -> None:
+    """CairnError when the queries were extracted otherwise than the database the index holds."""
+    if db_meta and meta and (db_meta.get("method"), db_meta.get("config")) != (meta.get("method"), meta.get("config")):
+        raise CairnError(
+            f"queries in {features} were extracted with {meta.get('method')} {meta.get('config')} but the index "
+            f"holds {db_meta.get('method')} {db_meta.get('config')}; extract both with the same method and config"
+        )
+
+
 def search(index, xq, k: int, params: str | None = None, progress: bool = False):
     """D, I of any index kind, with D as similarities (L2 distances of unit vectors turned into cosines)."""
     k = min(k, max(1, index.ntotal))
@@ -132,6 +149,7 @@ def nonlandmark_sims(index, xq, D: np.ndarray, I: np.ndarray, config: VoteConfig
         return nonlandmark_similarity(Dn, nk)
     if not (index.labels < 0).any():
         return None
+    D, I = D[:, :config.k], I[:, :config.k]  # the voting neighbours, as in tuning
     labels = index.labels_of(I)
     mask = (labels < 0) & (I >= 0)
     if held_out is not None and len(held_out):
@@ -183,7 +201,9 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
     D, I = drop_held_out(D, I, held, k)
     sims = nonlandmark_sims(index, xv, D, I, base, held_out=held)
     truth = np.concatenate([index.labels[lm_rows], np.full(len(nl_rows), NO_LANDMARK)])
-    tuned, record = tune(D, index.labels_of(I), truth, sims, base, tune_config, class_counts(index.labels))
+    remaining = index.labels.copy()
+    remaining[held] = NO_LANDMARK  # class sizes without the held-out images
+    tuned, record = tune(D, index.labels_of(I), truth, sims, base, tune_config, class_counts(remaining))
     record["nonlandmark_queries"] = int(len(nl_rows))
     return tuned, record
 
@@ -198,12 +218,7 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     """
     index = load_any(index_dir)
     query_ids, xq, meta = read_queries(features)
-    db_meta = index.features_metadata
-    if db_meta and meta and (db_meta.get("method"), db_meta.get("config")) != (meta.get("method"), meta.get("config")):
-        raise CairnError(
-            f"queries in {features} were extracted with {meta.get('method')} {meta.get('config')} but the index "
-            f"holds {db_meta.get('method')} {db_meta.get('config')}; extract both with the same method and config"
-        )
+    check_same_features(index.features_metadata, meta, features)
     tuning = None
     if tune_config is not None and verify is not None:
         # verified neighbours are scored by inliers, not by the similarities tuning sees: nothing to transfer

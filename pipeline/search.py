@@ -79,7 +79,12 @@ class SearchAndVote(beam.DoFn):
         self.loaded = self.handle.acquire(lambda: _Loaded(VectorIndex.load(index_dir)))
 
     def process(self, table: pa.Table):
+        import faiss
+
         from jobs.recognize import neighbours_table, nonlandmark_sims, search
+
+        if self.threads:  # OpenMP thread counts are per calling thread: set it on the one that searches
+            faiss.omp_set_num_threads(self.threads)
         from pipeline.schemas import vectors_of
         from pipeline.submission import format_prediction
 
@@ -102,6 +107,24 @@ class SearchAndVote(beam.DoFn):
         yield beam.pvalue.TaggedOutput("neighbours", neighbours_table(query_ids, D[:, :keep], I[:, :keep], index))
 
 
+def _fit_workers(workers: int, index_dir: str, beam_args: list[str]) -> int:
+    """On this machine every DirectRunner worker process holds its own copy of the index: run no more of them
+    than the available RAM holds (with room to spare)."""
+    from index.build import available_memory
+    from pipeline.options import LOCAL_RUNNERS
+
+    runner = next((a.split("=", 1)[1] for a in beam_args if a.startswith("--runner=")), "DirectRunner")
+    if runner not in LOCAL_RUNNERS or workers <= 1:
+        return workers
+    size = sum(fs.size(p) for p in (fs.join(index_dir, "index.faiss"), fs.join(index_dir, "nonlandmarks", "index.faiss"))
+               if fs.exists(p))
+    fit = max(1, int(available_memory() * 0.6 // max(size, 1)))
+    if fit < workers:
+        log.info("recognize: %d worker processes instead of %d, each holding the %.1f GB index", fit, workers,
+                 size / 1e9)
+    return min(workers, fit)
+
+
 def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteConfig, neighbours: int = 100,
                    search_params: str | None = None, workers: int = 0, beam_args: list[str] | None = None,
                    test_pipeline=None, predict: bool = True) -> dict:
@@ -120,7 +143,12 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
                          "indices); use --beam off for BoVW")
     prefix = features_prefix(features, kind)
     queries = count_rows(prefix)
-    workers = common.resolve_workers(workers, queries)
+    from jobs.encode import features_metadata
+    from jobs.recognize import check_same_features
+
+    index_meta = cfg.load_json(fs.join(index_dir, "index.json")) if fs.exists(fs.join(index_dir, "index.json")) else {}
+    check_same_features(index_meta.get("features") or {}, features_metadata(features, kind), features)
+    workers = _fit_workers(common.resolve_workers(workers, queries), index_dir, beam_args or [])
     options = pipeline_options(beam_args or [], workers)
     fs.makedirs(out)
     listing = "predictions.csv" if predict else "queries.txt"

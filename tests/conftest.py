@@ -16,7 +16,7 @@ from pipeline.synthetic import SynthConfig, generate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINY = SynthConfig(seed=7, classes=4, views=4, tail=0.0, min_views=4, queries_per_class=2, non_landmark_queries=4,
-                   width=160, height=120)
+                   non_landmark_train=4, width=160, height=120)
 
 
 def shared_path(*parts: str) -> Path:

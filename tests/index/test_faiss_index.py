@@ -97,7 +97,7 @@ def test_recall_against_exact_search(corpus, factory, params, bound):
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF64,Flat", "IVF64,PQ8x4", "IVF64,PQ8x4fs,Refine(PQ16x4)",
-                                     "OPQ8_32,IVF64,PQ8x4"])
+                                     "OPQ8_32,IVF64,PQ8x4", "SQ8,Refine(Flat)"])
 def test_shard_add_and_merge_equal_a_single_add(corpus, factory):
     xb, yb, xq, _ = corpus
     xb, yb = xb[:6000, :32].copy(), yb[:6000]
@@ -139,9 +139,13 @@ def test_auto_on_disk_when_the_budget_is_exceeded(corpus, tmp_path):
     config = IndexConfig(factory="IVF64,Flat", memory_budget=1 << 20, nonlandmark_index=False)  # 1 MiB < 5 MB
     index = VectorIndex.build(xb, _ids(len(xb)), yb, config, folder=str(tmp_path / "ix"))
     assert index.build_info["on_disk"]
-    with pytest.raises(CairnError, match="plain IVF"):
-        VectorIndex.build(xb, _ids(len(xb)), yb, IndexConfig(factory="HNSW8,Flat", on_disk="on"),
-                          folder=str(tmp_path / "h"))
+    for factory in ("HNSW8,Flat", "IVF64,PQ8x4fs"):  # no inverted lists / fast-scan blocks: never on disk
+        with pytest.raises(CairnError, match="plain IVF"):
+            VectorIndex.build(xb, _ids(len(xb)), yb, IndexConfig(factory=factory, on_disk="on"),
+                              folder=str(tmp_path / "h"))
+    fast = VectorIndex.build(xb, _ids(len(xb)), yb, IndexConfig(factory="IVF64,PQ8x4fs", memory_budget=1 << 20,
+                                                                train_size=3000), folder=str(tmp_path / "f"))
+    assert not fast.build_info["on_disk"] and fast.ntotal == len(xb)
 
 
 def test_trained_index_takes_more_shards_later(corpus, tmp_path):

@@ -26,7 +26,7 @@ def test_compare_writes_every_output(run_dir, tiny_synth):
     assert KEYS <= set(m)
     assert 0 <= m["gap"] <= 1 and 0 <= m["accuracy"] <= 1 and 0 <= m["map_at_100"] <= 1
     assert m["bytes_per_image"] == 1764 * 4 and m["images_per_second"] > 0
-    assert metrics["data"] == {"train_images": 16, "queries": 12, "queries_with_landmark": 8, "train_classes": 4}
+    assert metrics["data"] == {"train_images": 20, "queries": 12, "queries_with_landmark": 8, "train_classes": 4}
     queries = [r["id"] for r in csv.DictReader(open(tiny_synth / "queries.csv"))]
     preds = read_submission(str(run_dir / "predictions" / "hog.csv"))
     assert sorted(preds) == sorted(queries)

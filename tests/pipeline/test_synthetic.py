@@ -28,11 +28,12 @@ def test_manifests_follow_the_contract(tiny_synth):
     train = list(csv.DictReader(open(tiny_synth / "train.csv")))
     queries = list(csv.DictReader(open(tiny_synth / "queries.csv")))
     assert list(train[0]) == ["id", "path", "landmark_id"]
-    assert len(train) == sum(views_per_class(TINY)) == 16
+    assert len(train) == sum(views_per_class(TINY)) + TINY.non_landmark_train == 20
+    assert sum(r["landmark_id"] == "" for r in train) == TINY.non_landmark_train
     assert len(queries) == TINY.classes * TINY.queries_per_class + TINY.non_landmark_queries
     assert sum(q["landmark_id"] == "" for q in queries) == TINY.non_landmark_queries
     assert len({r["id"] for r in train + queries}) == len(train) + len(queries)
-    labels = {int(r["landmark_id"]) for r in train}
+    labels = {int(r["landmark_id"]) for r in train if r["landmark_id"]}
     assert len(labels) == TINY.classes and {int(q["landmark_id"]) for q in queries if q["landmark_id"]} == labels
     for r in train + queries:
         assert (tiny_synth / r["path"]).is_file()
