@@ -428,6 +428,8 @@ def _costs(method: str, base: dict, trained: dict, rec: dict) -> dict:
         "feature_bytes_per_image": round(vector_bytes / images) if images else None,
         "index_bytes": base["indexed"]["index_bytes"],
         "dead_letters": sum(r["counts"]["dead_letters"] for r in ex.values()),
+        "index_factory": index_record.get("factory", index_record.get("kind")),
+        "vote": (rec.get("tuning") or {}).get("tuned") or rec["config"]["vote"],
     }
     if method.endswith("+sv"):  # the local features must be kept for verification
         costs["local_feature_bytes_per_image"] = round(local_bytes / images) if images else None
