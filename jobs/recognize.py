@@ -309,7 +309,7 @@ def add_vote_args(p) -> None:
     g.add_argument("--no-tune", action="store_true",
                    help="do not tune aggregate, class norm, penalty and threshold on held-out database images "
                         f"(tuning holds out one image of up to {t.landmark_queries:,} classes and "
-                        f"{t.nonlandmark_share:.0%} of the non-landmark images)")
+                        f"{t.nonlandmark_share * 100:.0f}%% of the non-landmark images)")
 
 
 def vote_args(args) -> tuple[VoteConfig, TuneConfig | None]:
@@ -317,6 +317,9 @@ def vote_args(args) -> tuple[VoteConfig, TuneConfig | None]:
 
     if not (math.isfinite(args.min_confidence) and 0 <= args.min_confidence <= 1):
         raise CairnError("--min-confidence must be a number between 0 and 1")
+    for flag in ("k", "nonlandmark_k"):
+        if getattr(args, flag) < 1:
+            raise CairnError(f"--{flag.replace('_', '-')} must be >= 1")
     try:
         vc = VoteConfig(k=args.k, min_confidence=args.min_confidence, aggregate=args.aggregate,
                         class_norm=args.class_norm, nonlandmark_k=args.nonlandmark_k,

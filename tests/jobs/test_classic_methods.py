@@ -79,7 +79,7 @@ def test_local_features_and_vectors_are_written_in_row_groups_not_one_per_image(
     for pattern in ("local/sift-*/train/local-*.parquet", "sift-bovw/vectors/train/sparse-*.parquet"):
         for path in (classic_run / "work").glob(pattern):
             meta = pq.ParquetFile(path).metadata
-            assert meta.num_rows == 16 and meta.num_row_groups < meta.num_rows, (path, meta.num_row_groups)
+            assert meta.num_rows == 20 and meta.num_row_groups < meta.num_rows, (path, meta.num_row_groups)
 
 
 def test_verification_refuses_query_features_extracted_differently(classic_run, tiny_synth, tmp_path):

@@ -77,7 +77,8 @@ def test_argparse_errors_exit_2_with_usage(tiny_synth, tmp_path):
 def test_index_factory_that_cannot_fit_the_data_is_a_user_error(tiny_synth, tmp_path):
     assert _cairn("extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "f")).returncode == 0
     result = _cairn("index", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "i"), "--factory", "IVF4096,Flat")
-    assert result.returncode == 2 and "FAISS cannot build 'IVF4096,Flat' over 16 vectors" in result.stderr
+    assert result.returncode == 2 and "IVF index with 4096 lists needs at least that many training vectors, " \
+        "there are 20; use a smaller IVF or Flat" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -36,7 +36,7 @@ def test_sampling_is_reproducible_and_capped(local, tmp_path):
     b = sample_descriptors(str(local / "sift"), str(tmp_path / "b"), sample_size=340, subset_size=5, seed=3)
     da, db = read_sample(str(tmp_path / "a")), read_sample(str(tmp_path / "b"))
     ia, ib = list(iter_subset(str(tmp_path / "a"))), list(iter_subset(str(tmp_path / "b")))
-    assert a["images"] == 17 and a["per_image"] == 20  # ceil(340 / 17)
+    assert a["images"] == 21 and a["per_image"] == 17  # ceil(340 / 21)
     assert a == b and 0 < len(da) <= 340 and a["descriptors"] == len(da)
     assert sorted(map(bytes, da)) == sorted(map(bytes, db))  # same descriptors, whatever the bundle order
     assert sorted(f.width * 1000 + len(f) for f in ia) == sorted(f.width * 1000 + len(f) for f in ib)
@@ -47,10 +47,10 @@ def test_sampling_is_reproducible_and_capped(local, tmp_path):
 @pytest.mark.parametrize("method", ["sift-bovw", "sift-vlad"])
 def test_train_then_encode_gives_one_vector_per_image(local, tmp_path, method):
     record = train(method, str(local / "sift"), str(tmp_path / "model"), SMALL)
-    assert record["counts"]["images"] == 17 and record["train_seconds"] > 0
+    assert record["counts"]["images"] == 21 and record["train_seconds"] > 0
     assert not list((tmp_path / "model").glob("sample*"))  # the sample is scratch
     out = encode(str(local / "sift"), str(tmp_path / "model" / "encoder.npz"), str(tmp_path / "vectors"))
-    assert out["counts"] == {"inputs": 17, "outputs": 17}
+    assert out["counts"] == {"inputs": 21, "outputs": 21}
     if method == "sift-bovw":
         table, meta = read_shards(features_prefix(str(tmp_path / "vectors"), "sparse"))
         x = sparse_matrix_of(table, meta["dim"])
@@ -113,5 +113,5 @@ def test_corrupt_artefacts_give_clear_errors(tmp_path):
 
 def test_too_few_images_for_pca_whitening_keep_the_raw_vlad(local, tmp_path):
     config = classic.parse_overrides(["vlad.vocabulary.k=4", "vlad.vocabulary.niter=5", "vlad.pca_dim=6"])
-    record = train("sift-vlad", str(local / "sift"), str(tmp_path / "m"), config)  # 17 images < 10 x 6
+    record = train("sift-vlad", str(local / "sift"), str(tmp_path / "m"), config)  # 21 images < 10 x 6
     assert record["dim"] == 4 * 128
