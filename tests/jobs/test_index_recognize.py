@@ -2,13 +2,18 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from index.synthetic import VectorSet, VectorSetConfig
-from jobs.cli import main
+from jobs import index as index_job
+from jobs import neighbours as neighbours_job
+from jobs import recognize as recognize_job
+from pipeline.errors import CairnError
 from pipeline.parquet_io import write_table_shards
 from pipeline.schemas import global_features_schema, global_features_table
 
@@ -32,6 +37,17 @@ def vectors(tmp_path_factory):
     _write(root / "db", xb, yb, 3, "db")
     ids, labels = _write(root / "queries", xq, yq, 2)
     return root, dict(zip(ids, labels, strict=True))
+
+
+def main(argv):
+    """Run a job as `cairn` would, in this process (without its logging set-up): 0, or 2 for a CairnError."""
+    job = {"index": index_job, "recognize": recognize_job, "neighbours": neighbours_job}[argv[0]]
+    try:
+        job.run(argv[1:])
+    except CairnError as e:
+        print(f"cairn {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _predictions(path):
@@ -118,3 +134,8 @@ def test_dimension_mismatch_and_bad_flags_are_clear_errors(vectors, tmp_path, ca
     assert main(["index", "--features", str(root / "db"), "--out", str(tmp_path / "b"),
                  "--memory-budget", "lots"]) == 2
     assert "memory size" in capsys.readouterr().err
+    # the command itself: one line, exit status 2
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "neighbours", "--index", str(ix), "--features",
+                             str(tmp_path / "other"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("cairn neighbours: error:")
+    assert "Traceback" not in result.stderr
