@@ -38,17 +38,15 @@ SIZES_QUICK = dict(nb=100_000, nq=10_000)
 
 
 def _write(folder: str, x: np.ndarray, y: np.ndarray, shards: int, prefix: str) -> dict:
+    """Write vectors as `cairn extract` would (global-feature shards); returns {image id: landmark id or None}."""
     from pipeline.parquet_io import write_table_shards
     from pipeline.schemas import global_features_schema, global_features_table
 
     ids = [f"{prefix}{i:07d}" for i in range(len(x))]
     labels = [None if v < 0 else int(v) for v in y]
     meta = {"method": "synthetic-vectors", "config": {"seed": 0}}
-    for s in range(shards):
-        lo, hi = len(x) * s // shards, len(x) * (s + 1) // shards
-        table = global_features_table(ids[lo:hi], labels[lo:hi], x[lo:hi], global_features_schema(x.shape[1], meta))
-        shard = write_table_shards(table, os.path.join(folder, f"part{s}"), 1)[0]
-        os.replace(shard, os.path.join(folder, f"features-{s:05d}-of-{shards:05d}.parquet"))
+    table = global_features_table(ids, labels, x, global_features_schema(x.shape[1], meta))
+    write_table_shards(table, os.path.join(folder, "features"), shards)
     return dict(zip(ids, labels, strict=True))
 
 

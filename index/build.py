@@ -54,10 +54,6 @@ def nlist_for(n: int) -> int:
     return int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
 
 
-def flat_bytes(n: int, d: int) -> int:
-    return n * (4 * d + ID_BYTES)
-
-
 def choose_factory(n: int, d: int, memory_budget: int) -> tuple[str, str]:
     """(factory string, default search parameters) for ``n`` vectors of dimension ``d`` whose index may take
     ``memory_budget`` bytes of RAM.
@@ -170,16 +166,6 @@ def _faiss_error(e: Exception) -> str:
     last = lines[-1] if lines else type(e).__name__
     m = re.search(r"\.(?:cpp|h):\d+: (.*)$", last)
     return m.group(1) if m else last
-
-
-def kind_of(factory: str) -> str:
-    """'flat', 'ivf', 'hnsw' or 'other' (for reports)."""
-    f = factory.upper()
-    if "HNSW" in f and "IVF" not in f:
-        return "hnsw"
-    if "IVF" in f:
-        return "ivf"
-    return "flat" if f.strip() == "FLAT" else "other"
 
 
 def train_size_for(index: faiss.Index, n: int, requested: int = 0) -> int:

@@ -21,7 +21,14 @@ import pyarrow.parquet as pq
 
 from index.sparse_index import load_any
 from jobs import common
-from jobs.recognize import BEAM_MIN_QUERIES, check_same_features, neighbours_table, read_queries, search
+from jobs.recognize import (
+    BEAM_MIN_QUERIES,
+    add_query_args,
+    check_same_features,
+    neighbours_table,
+    read_queries,
+    search,
+)
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
@@ -58,17 +65,9 @@ def neighbours(index_dir: str, features: str, out: str, k: int = 100, search_par
 
 def build_parser():
     p = common.parser("cairn neighbours", __doc__, beam=True)
-    p.add_argument("--index", required=True, help="index folder from `cairn index`")
-    p.add_argument("--features", required=True, help="query folder from `cairn extract`")
-    p.add_argument("--out", required=True, help="output folder")
+    add_query_args(p)
     p.add_argument("--k", type=int, default=100, help="database images per query (default 100)")
-    p.add_argument("--search-params", default=None,
-                   help="FAISS search parameters, e.g. nprobe=128 or efSearch=256 (default: the index's own)")
     p.add_argument("--csv", action="store_true", help="also write OUT/neighbours.csv")
-    p.add_argument("--beam", choices=["auto", "on", "off"], default="auto",
-                   help=f"Beam job, the index loaded once per worker (auto: {BEAM_MIN_QUERIES:,}+ queries or a "
-                        "remote --runner)")
-    common.add_worker_args(p)
     return p
 
 

@@ -329,15 +329,24 @@ def vote_args(args) -> tuple[VoteConfig, TuneConfig | None]:
     return vc, None if args.no_tune else TuneConfig()
 
 
-def build_parser():
-    p = common.parser("cairn recognize", __doc__, beam=True)
+def add_query_args(p) -> None:
+    """The flags `cairn recognize` and `cairn neighbours` share: index, queries, output, search, Beam."""
     p.add_argument("--index", required=True, help="index folder from `cairn index`")
     p.add_argument("--features", required=True, help="query folder from `cairn extract`")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--neighbours", type=int, default=100, help="database images listed per query (default 100)")
     p.add_argument("--search-params", default=None,
                    help="FAISS search parameters for this run, e.g. nprobe=128 or efSearch=256 "
                         "(default: those stored with the index)")
+    p.add_argument("--beam", choices=["auto", "on", "off"], default="auto",
+                   help="search as a Beam job that loads the index once per worker (auto: for "
+                        f"{BEAM_MIN_QUERIES:,}+ queries or a --runner other than DirectRunner)")
+    common.add_worker_args(p)
+
+
+def build_parser():
+    p = common.parser("cairn recognize", __doc__, beam=True)
+    add_query_args(p)
+    p.add_argument("--neighbours", type=int, default=100, help="database images listed per query (default 100)")
     p.add_argument("--classifier", help="classifier.npz from `cairn train` (hog-linear, sift-vlad-linear): decide "
                    "landmarks with it instead of neighbour votes; neighbours are still listed")
     p.add_argument("--tune-db", help="the database features the index was built from (default: the folder "
@@ -347,11 +356,6 @@ def build_parser():
     g.add_argument("--verify-db", help="local SIFT features of the database (`cairn extract --method sift`)")
     g.add_argument("--verify-queries", help="local SIFT features of the queries")
     g.add_argument("--verify-top-k", type=int, default=20, help="neighbours verified per query (default 20)")
-    g = p.add_argument_group("large query sets")
-    g.add_argument("--beam", choices=["auto", "on", "off"], default="auto",
-                   help="search as a Beam job that loads the index once per worker (auto: for "
-                        f"{BEAM_MIN_QUERIES:,}+ queries or a --runner other than DirectRunner)")
-    common.add_worker_args(p)
     return p
 
 

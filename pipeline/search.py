@@ -39,11 +39,15 @@ def use_beam(mode: str, features: str, beam_args: list[str], threshold: int) -> 
     from pipeline.options import LOCAL_RUNNERS
     from pipeline.parquet_io import count_rows
 
-    runner = next((a.split("=", 1)[1] for a in beam_args if a.startswith("--runner=")), None)
-    if runner and runner not in LOCAL_RUNNERS:
+    if _runner(beam_args) not in LOCAL_RUNNERS:
         return True
     kind = features_kind(features)
     return kind == "global" and count_rows(features_prefix(features, kind)) >= threshold
+
+
+def _runner(beam_args: list[str]) -> str:
+    """The --runner=NAME among Beam flags (DirectRunner when none)."""
+    return next((a.split("=", 1)[1] for a in beam_args if a.startswith("--runner=")), "DirectRunner")
 
 
 class _Loaded:
@@ -113,8 +117,7 @@ def _fit_workers(workers: int, index_dir: str, beam_args: list[str]) -> int:
     from index.build import available_memory
     from pipeline.options import LOCAL_RUNNERS
 
-    runner = next((a.split("=", 1)[1] for a in beam_args if a.startswith("--runner=")), "DirectRunner")
-    if runner not in LOCAL_RUNNERS or workers <= 1:
+    if _runner(beam_args) not in LOCAL_RUNNERS or workers <= 1:
         return workers
     size = sum(fs.size(p) for p in (fs.join(index_dir, "index.faiss"), fs.join(index_dir, "nonlandmarks", "index.faiss"))
                if fs.exists(p))
