@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: setup demo test test-fast bench porto lint clean help
+.PHONY: setup demo test test-fast bench porto lint browser clean help
 
 help:
 	@echo "make setup   create $(VENV) with the pinned dependencies (GPU=1 for the CUDA builds of TF and FAISS)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench   benchmarks; figures in BENCHMARKS.md and bench/results.json"
 	@echo "make porto   the real-data check on ../shared/data/porto (leave-one-out), into BENCHMARKS.md"
 	@echo "make lint    ruff"
+	@echo "make browser install Debian's chromium (headless, for the HTML report tests) when it is missing"
 	@echo "make clean   remove outputs and caches (keeps $(VENV)); 'make clean-all' removes it too"
 
 setup: $(STAMP)
@@ -45,6 +46,7 @@ demo: setup
 	$(BIN)/cairn demo --out demo $(if $(wildcard $(PRETRAINED)),--pretrained $(PRETRAINED))
 
 test: setup
+	@$(MAKE) --no-print-directory browser || echo "make test: no chromium (needs apt as root or sudo); the report's browser test will be skipped"
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
@@ -60,8 +62,17 @@ porto: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# headless Chromium for tests/reports (skipped there without it unless CAIRN_REQUIRE_BROWSER=1); apt as root or sudo
+browser:
+	@command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+			--no-install-recommends chromium fonts-dejavu-core; \
+	}
+	@chromium --version
+
 clean:
-	rm -rf demo out runs bench/out .pytest_cache .ruff_cache build *.egg-info
+	rm -rf demo out runs bench/out test-artifacts .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
 
 clean-all: clean

@@ -2,8 +2,10 @@
 
 For each method: extract database and query descriptors (Beam jobs), train what the method learns, build the
 index, recognise the queries; then score all methods together. Writes to OUT:
-    metrics.json                  one entry per method: quality (gap, accuracy, map_at_100, ...) and cost
-                                  (images_per_second, bytes_per_image, ...), plus the run config
+    report.html                   the comparison as one self-contained page (tables, plots, examples, Grad-CAM)
+    metrics.json                  one entry per method: quality (gap, accuracy, map_at_100, recall_at_k, ...),
+                                  cost (images_per_second, bytes_per_image, ...), counts and config
+    per_class.csv                 per method and landmark class: accuracy and AP
     predictions/<method>.csv      Google Landmark Recognition submission format
     neighbours/<method>.parquet   top database images per query (query_id, rank, id, score, landmark_id)
     dead_letters.csv              method,split,id,stage,reason,path for every image a method could not use
@@ -25,13 +27,14 @@ from jobs import common, methods
 from jobs.classic import MethodsConfig, RunContext, parse_overrides, run_method
 from jobs.index import add_index_args, index_config
 from jobs.recognize import add_vote_args, vote_args
-from jobs.report import summary_table, write_metrics
+from jobs.report import add_report_args, report_config, summary_table, write_metrics
 from jobs.train import add_set_arg
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import read_dead_letters
 from pipeline.images import DecodeConfig
 from pipeline.manifest import manifest_fingerprint, read_manifest
+from reports.html import ReportConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,8 @@ class CompareConfig:
 def compare(train: str, queries: str, out: str, method_names: list[str], *, decode: DecodeConfig = DecodeConfig(),
             workers: int = 0, threads: int = 0, beam_args: list[str] | None = None, vote: VoteConfig = VoteConfig(),
             neighbours: int = 100, force: bool = False, config: MethodsConfig = MethodsConfig(),
-            tune: TuneConfig | None = TuneConfig(), index: IndexConfig = IndexConfig()) -> dict:
+            tune: TuneConfig | None = TuneConfig(), index: IndexConfig = IndexConfig(),
+            report: ReportConfig | None = ReportConfig()) -> dict:
     names = methods.check(method_names)
     fs.check_output_folder(out)
     train, queries = fs.absolute(train), fs.absolute(queries)
@@ -87,7 +91,7 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
     w.writerow(("method", "split", "id", "stage", "reason", "path"))
     w.writerows(dead_rows)
     fs.write_text(fs.join(out, "dead_letters.csv"), buf.getvalue())
-    return write_metrics(out)
+    return write_metrics(out, report)
 
 
 def build_parser():
@@ -101,6 +105,7 @@ def build_parser():
     add_vote_args(p)
     add_index_args(p)
     add_set_arg(p)
+    add_report_args(p)
     common.add_beam_job_args(p)
     return p
 
@@ -112,8 +117,10 @@ def run(argv=None, test_pipeline=None) -> dict:
     vote, tune = vote_args(args)
     metrics = compare(args.train, args.queries, args.out, names, decode=common.decode_config(args),
                       workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args,
-                      vote=vote, tune=tune, index=index_config(args), force=args.force, config=config)
+                      vote=vote, tune=tune, index=index_config(args), force=args.force, config=config,
+                      report=report_config(args))
     print(summary_table(metrics))
+    print(f"report:       {fs.join(args.out, 'report.html')}")
     print(f"metrics:      {fs.join(args.out, 'metrics.json')}")
     print(f"predictions:  {fs.join(args.out, 'predictions')}/")
     print(f"neighbours:   {fs.join(args.out, 'neighbours')}/")

@@ -17,7 +17,7 @@ from jobs import common, methods
 from jobs.classic import MethodsConfig, parse_overrides
 from jobs.compare import compare
 from jobs.recognize import add_vote_args, vote_args
-from jobs.report import summary_table
+from jobs.report import add_report_args, report_config, summary_table
 from jobs.synth import synth
 from jobs.train import add_set_arg
 from pipeline.errors import CairnError
@@ -36,6 +36,7 @@ def build_parser():
                    help="a TFLite MobileNet v1 ImageNet extractor: cnn-pretrained's model and cnn's initial weights")
     add_vote_args(p)
     add_set_arg(p)
+    add_report_args(p)
     common.add_beam_job_args(p, decode=False)
     return p
 
@@ -59,11 +60,13 @@ def run(argv=None, test_pipeline=None) -> dict:
     metrics = compare(os.path.join(data, "train.csv"), os.path.join(data, "queries.csv"), run_dir,
                       args.methods or methods.defaults(bool(args.pretrained)), workers=args.workers,
                       threads=args.threads_per_worker, beam_args=beam_args, force=args.force,
-                      config=demo_config(args.pretrained, args.set), vote=vote, tune=tune)
+                      config=demo_config(args.pretrained, args.set), vote=vote, tune=tune,
+                      report=report_config(args))
     print()
     print(summary_table(metrics))
     print()
     print(f"data:         {data}/ (train.csv, queries.csv, boxes.csv, images/)")
+    print(f"report:       {os.path.join(run_dir, 'report.html')}  (open it in a browser)")
     print(f"metrics:      {os.path.join(run_dir, 'metrics.json')}")
     print(f"predictions:  {os.path.join(run_dir, 'predictions')}/<method>.csv")
     print(f"neighbours:   {os.path.join(run_dir, 'neighbours')}/<method>.parquet")

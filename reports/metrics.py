@@ -14,13 +14,40 @@ the precision of everything ranked below it); a no-landmark query without a pred
 mAP@k (Google Landmark Retrieval): for each query with at least one relevant database image,
 AP@k = 1/min(m, k) * sum_{i<=k} P(i) rel(i), with m the number of relevant images; averaged over those queries.
 A database id retrieved twice counts once (at its first rank), as in the reference.
+
+Diagnostics beside the headline numbers: recall@k (hit rate) for retrieval; the precision-recall curve whose
+step area is GAP, per-class AP and accuracy, and the most frequent confusions for recognition; IoU, PASCAL VOC
+AP and best-box mean IoU for (class-agnostic) landmark boxes, given as (xmin, ymin, xmax, ymax) in continuous
+pixel coordinates (area = (xmax - xmin) * (ymax - ymin), no +1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+
+def _landmark(x: int | None) -> int | None:
+    """A landmark id, or None for "no landmark" (None or a negative id)."""
+    return None if x is None or x < 0 else int(x)
+
+
+def _gap_order(pred: Sequence[int | None], conf: Sequence[float], truth: Sequence[int | None],
+               ids: Sequence[str] | None) -> tuple[list[int], list[int | None]]:
+    """The queries with a prediction in GAP's order, and the normalised truth (None: no landmark).
+
+    Order: confidence descending, ties by query id (default: input position), then landmark id, ascending.
+    """
+    if not (len(pred) == len(conf) == len(truth)):
+        raise ValueError("pred, conf and truth must have one entry per query")
+    norm = [_landmark(t) for t in truth]
+    keys = list(ids) if ids is not None else list(range(len(pred)))
+    made = [i for i, p in enumerate(pred) if p is not None and p >= 0]
+    made.sort(key=lambda i: (keys[i], int(pred[i])))
+    made.sort(key=lambda i: -float(conf[i]))  # stable: equal confidences keep the (id, class) order
+    return made, norm
 
 
 def gap(pred: Sequence[int | None], conf: Sequence[float], truth: Sequence[int | None],
@@ -33,16 +60,10 @@ def gap(pred: Sequence[int | None], conf: Sequence[float], truth: Sequence[int |
         truth: true landmark per query, None (or a negative id) for no landmark.
         ids: query ids, for the tie-break between equal confidences (default: the input order).
     """
-    if not (len(pred) == len(conf) == len(truth)):
-        raise ValueError("pred, conf and truth must have one entry per query")
-    norm = [None if (t is None or t < 0) else int(t) for t in truth]
+    made, norm = _gap_order(pred, conf, truth, ids)
     m = sum(t is not None for t in norm)
     if m == 0:
         return 0.0
-    keys = list(ids) if ids is not None else list(range(len(pred)))
-    made = [i for i, p in enumerate(pred) if p is not None and p >= 0]
-    made.sort(key=lambda i: (keys[i], int(pred[i])))
-    made.sort(key=lambda i: -float(conf[i]))  # stable: equal confidences keep the (id, class) order
     correct = 0
     total = 0.0
     for rank, i in enumerate(made, start=1):
@@ -94,3 +115,215 @@ def mean_average_precision_at_k(retrieved: Sequence[Sequence[str]], relevant: Se
     """mAP@k over the queries with at least one relevant image (0.0 when there are none)."""
     aps = [average_precision_at_k(r, rel, k) for r, rel in zip(retrieved, relevant, strict=True) if rel]
     return float(np.mean(aps)) if aps else 0.0
+
+
+def recall_at_k(retrieved: Sequence[Sequence[str]], relevant: Sequence[set[str]],
+                ks: Sequence[int] = (1, 5, 10, 100)) -> dict[int, float]:
+    """Recall@k (hit rate) of retrieval.
+
+    Over the queries with at least one relevant id, the share whose first k retrieved ids contain at least one
+    relevant id. Every k maps to 0.0 when no query has a relevant id.
+
+    Returns:
+        {k: recall@k} for each k in ks.
+    """
+    first_hits = []  # 1-based rank of the first relevant id, inf when none is retrieved
+    for ranked, rel in zip(retrieved, relevant, strict=True):
+        if rel:
+            first_hits.append(next((r for r, item in enumerate(ranked, start=1) if item in rel), np.inf))
+    if not first_hits:
+        return {int(k): 0.0 for k in ks}
+    first = np.asarray(first_hits, dtype=np.float64)
+    return {int(k): float(np.mean(first <= k)) for k in ks}
+
+
+def precision_recall_curve(pred: Sequence[int | None], conf: Sequence[float], truth: Sequence[int | None],
+                           ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision and recall after each prediction, in GAP's order (see `gap`).
+
+    precision[i] = correct among the first i + 1 predictions / (i + 1); recall[i] = the same correct count / M,
+    with M the number of queries that show a landmark (recall is all 0 when M = 0). Queries without a prediction
+    (None or a negative id) are not on the curve. GAP is the area under the curve's step:
+    GAP = sum_i precision[i] * (recall[i] - recall[i - 1]), with recall[-1] = 0.
+
+    Returns:
+        precision, recall, confidence: [P] float64 each, P = the number of predictions (empty when none).
+    """
+    made, norm = _gap_order(pred, conf, truth, ids)
+    m = sum(t is not None for t in norm)
+    hit = np.array([norm[i] is not None and int(pred[i]) == norm[i] for i in made], dtype=np.float64)
+    correct = np.cumsum(hit)
+    precision = correct / np.arange(1, len(made) + 1, dtype=np.float64)
+    recall = correct / m if m else np.zeros(len(made), dtype=np.float64)
+    confidence = np.array([float(conf[i]) for i in made], dtype=np.float64)
+    return precision, recall, confidence
+
+
+def per_class_ap(pred: Sequence[int | None], conf: Sequence[float], truth: Sequence[int | None],
+                 ids: Sequence[str] | None = None) -> dict[int, float]:
+    """GAP restricted to one landmark class, for each class that is the truth of at least one query.
+
+    For class c: the predictions of c, in GAP's order (see `gap`); a prediction of c is relevant when its query
+    shows c; AP(c) = 1/M_c * sum over the relevant ones of the precision among the predictions of c up to it,
+    with M_c the number of queries that show c. Classes only ever predicted are left out.
+
+    Returns:
+        {class: AP}, classes ascending.
+    """
+    made, norm = _gap_order(pred, conf, truth, ids)
+    m = Counter(t for t in norm if t is not None)
+    made_c: Counter[int] = Counter()
+    correct_c: Counter[int] = Counter()
+    total = dict.fromkeys(m, 0.0)
+    for i in made:
+        c = int(pred[i])
+        made_c[c] += 1
+        if norm[i] == c:
+            correct_c[c] += 1
+            total[c] += correct_c[c] / made_c[c]
+    return {c: total[c] / m[c] for c in sorted(m)}
+
+
+def per_class_accuracy(pred: Sequence[int | None], truth: Sequence[int | None]) -> dict[int, tuple[int, int]]:
+    """For each landmark class that is the truth of at least one query: (its queries predicted right, its queries).
+
+    Returns:
+        {class: (correct, queries)}, classes ascending.
+    """
+    queries: Counter[int] = Counter()
+    correct: Counter[int] = Counter()
+    for p, t in zip(pred, truth, strict=True):
+        t = _landmark(t)
+        if t is not None:
+            queries[t] += 1
+            correct[t] += _landmark(p) == t
+    return {c: (correct[c], queries[c]) for c in sorted(queries)}
+
+
+def _none_first(c: int | None) -> tuple[int, int]:
+    return (0, 0) if c is None else (1, c)
+
+
+def confused_pairs(pred: Sequence[int | None], truth: Sequence[int | None],
+                   top: int | None = 10) -> list[tuple[int | None, int | None, int]]:
+    """The most frequent wrong answers.
+
+    Each wrong answer counts once for its (true class, predicted class); None stands for "no landmark" on either
+    side: (None, c) is a no-landmark query given landmark c, (c, None) a query of c given no prediction.
+
+    Returns:
+        [(true, predicted, count)] by count descending, then by (true, predicted) ascending with None first;
+        the first `top` of them (all when top is None).
+    """
+    answers = [(_landmark(t), _landmark(p)) for p, t in zip(pred, truth, strict=True)]
+    counts = Counter((t, p) for t, p in answers if t != p)
+    pairs = sorted(counts.items(), key=lambda kv: (-kv[1], _none_first(kv[0][0]), _none_first(kv[0][1])))
+    if top is not None:
+        pairs = pairs[:top]
+    return [(t, p, n) for (t, p), n in pairs]
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (xmin, ymin, xmax, ymax) boxes; 0.0 when they do not overlap or one is empty."""
+    ax0, ay0, ax1, ay1 = (float(v) for v in a)
+    bx0, by0, bx1, by1 = (float(v) for v in b)
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    if inter <= 0.0:
+        return 0.0
+    area_a = max(0.0, ax1 - ax0) * max(0.0, ay1 - ay0)
+    area_b = max(0.0, bx1 - bx0) * max(0.0, by1 - by0)
+    return inter / (area_a + area_b - inter)
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of a against every box of b (see `iou`).
+
+    Args:
+        a: [N, 4] boxes (xmin, ymin, xmax, ymax).
+        b: [M, 4] boxes.
+
+    Returns:
+        [N, M] float64.
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0.0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0.0, None)
+    inter = w * h
+    area_a = np.clip(a[:, 2] - a[:, 0], 0.0, None) * np.clip(a[:, 3] - a[:, 1], 0.0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0.0, None) * np.clip(b[:, 3] - b[:, 1], 0.0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    out = np.zeros_like(inter)
+    np.divide(inter, union, out=out, where=inter > 0.0)
+    return out
+
+
+def _gt_arrays(ground_truth: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, np.ndarray]:
+    return {img: np.asarray(boxes, dtype=np.float64).reshape(-1, 4) for img, boxes in ground_truth.items()}
+
+
+def detection_ap(detections: Sequence[tuple[str, float, Sequence[float]]],
+                 ground_truth: Mapping[str, Sequence[Sequence[float]]], iou_threshold: float = 0.5) -> float:
+    """PASCAL VOC (2010+) all-point interpolated AP of class-agnostic detections.
+
+    Detections (image_id, score, box) are taken by score descending (ties: image id, then input order). Each is
+    compared with the ground-truth boxes of its image and takes the one it overlaps best (highest IoU, first box
+    on ties), as VOC's evaluation does: a true positive when that IoU >= iou_threshold and the box is not yet
+    taken (it is then taken); otherwise a false positive, also when its best box is already taken by a
+    higher-scoring detection (a duplicate), even if another free box overlaps it enough. A detection in an image
+    without ground truth is a false positive. With recall = TP / (all ground-truth boxes) and precision =
+    TP / (TP + FP) after each detection, precision is made monotone (running max from the right) and summed over
+    the recall steps: AP = sum (r_i - r_{i-1}) * max_{j >= i} p_j. 0.0 when there is no ground-truth box.
+
+    Args:
+        detections: (image_id, score, box) per detection, box (xmin, ymin, xmax, ymax).
+        ground_truth: image_id -> its boxes; images may have none.
+        iou_threshold: the least IoU for a true positive.
+    """
+    gt = _gt_arrays(ground_truth)
+    n_pos = sum(len(boxes) for boxes in gt.values())
+    if n_pos == 0:
+        return 0.0
+    taken = {img: np.zeros(len(boxes), dtype=bool) for img, boxes in gt.items()}
+    order = sorted(range(len(detections)), key=lambda i: (-float(detections[i][1]), detections[i][0], i))
+    tp = np.zeros(len(order), dtype=np.float64)
+    for rank, i in enumerate(order):
+        img, _, box = detections[i]
+        boxes = gt.get(img)
+        if boxes is None or len(boxes) == 0:
+            continue
+        overlaps = iou_matrix(np.asarray(box, dtype=np.float64)[None, :], boxes)[0]
+        best = int(np.argmax(overlaps))
+        if overlaps[best] >= iou_threshold and not taken[img][best]:
+            taken[img][best] = True
+            tp[rank] = 1.0
+    hits = np.cumsum(tp)
+    recall = np.concatenate(([0.0], hits / n_pos))
+    precision = np.concatenate(([0.0], hits / np.arange(1, len(order) + 1)))
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    return float(np.sum(np.diff(recall) * precision[1:]))
+
+
+def mean_iou(detections: Sequence[tuple[str, float, Sequence[float]]],
+             ground_truth: Mapping[str, Sequence[Sequence[float]]]) -> float:
+    """Best-box mean IoU: for each ground-truth box, the largest IoU of any detection of its image with it.
+
+    Scores are not used; a box in an image without detections counts 0. Averaged over all ground-truth boxes;
+    0.0 when there are none.
+
+    Args:
+        detections: (image_id, score, box) per detection, box (xmin, ymin, xmax, ymax).
+        ground_truth: image_id -> its boxes.
+    """
+    by_image: dict[str, list[Sequence[float]]] = {}
+    for img, _, box in detections:
+        by_image.setdefault(img, []).append(box)
+    best = []
+    for img, boxes in _gt_arrays(ground_truth).items():
+        if len(boxes) == 0:
+            continue
+        if img in by_image:
+            best.append(iou_matrix(boxes, np.asarray(by_image[img], dtype=np.float64)).max(axis=1))
+        else:
+            best.append(np.zeros(len(boxes)))
+    return float(np.mean(np.concatenate(best))) if best else 0.0

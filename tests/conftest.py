@@ -27,6 +27,34 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+# `cairn demo` at a size the suite can afford: the tiny class count, one epoch at 64 px
+SMALL_DEMO = ["--classes", "4", "--views", "4", "--workers", "2", "--set", "cnn.finetune.input_size=64",
+              "--set", "cnn.finetune.epochs=1", "--set", "cnn.finetune.head_epochs=1"]
+PRETRAINED = SHARED / "weights" / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
+ARTIFACTS = Path(os.environ.get("CAIRN_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+def cairn(*args: str, timeout: int = 900):
+    """Run the `cairn` command in a subprocess (its logging set-up stays out of the test process)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> Path:
+    """`cairn demo` run once per session, as `make demo` runs it (with the shared MobileNet when it is there);
+    returns its --out folder."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    pretrained = ["--pretrained", str(PRETRAINED)] if PRETRAINED.is_file() else []
+    result = cairn("demo", "--out", str(out), *SMALL_DEMO, *pretrained)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (out / "stdout.txt").write_text(result.stdout)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory) -> Path:
     """A 16-train / 12-query synthetic set, generated once per session."""

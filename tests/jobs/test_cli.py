@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from jobs import cli
+from tests.conftest import PRETRAINED, SMALL_DEMO
 
 
 def _cairn(*args, **kw):
@@ -83,13 +84,12 @@ def test_index_factory_that_cannot_fit_the_data_is_a_user_error(tiny_synth, tmp_
 
 
 @pytest.mark.slow
-def test_synth_then_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    small = ["--classes", "4", "--views", "4", "--workers", "2", "--set", "cnn.finetune.input_size=64",
-             "--set", "cnn.finetune.epochs=1", "--set", "cnn.finetune.head_epochs=1"]
-    result = _cairn("demo", "--out", str(out), *small)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "metrics:" in result.stdout and "hog" in result.stdout and "cnn-untrained" in result.stdout
-    assert (out / "run" / "metrics.json").is_file() and (out / "run" / "predictions" / "cnn.csv").is_file()
-    again = _cairn("demo", "--out", str(out), *small)
+def test_synth_then_demo_end_to_end(small_demo):
+    stdout = (small_demo / "stdout.txt").read_text()
+    assert "metrics:" in stdout and "hog" in stdout and "cnn-untrained" in stdout and "report.html" in stdout
+    run = small_demo / "run"
+    for name in ("metrics.json", "report.html", "per_class.csv", "predictions/cnn.csv"):
+        assert (run / name).is_file(), name
+    again = _cairn("demo", "--out", str(small_demo), *SMALL_DEMO,
+                   *(["--pretrained", str(PRETRAINED)] if PRETRAINED.is_file() else []))
     assert again.returncode == 0 and "reusing" in again.stderr

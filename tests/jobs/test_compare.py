@@ -8,9 +8,21 @@ from jobs.compare import compare
 from jobs.report import write_metrics
 from pipeline.submission import read_submission
 
-KEYS = {"gap", "accuracy", "landmark_accuracy", "map_at_100", "images_per_second", "bytes_per_image",
-        "feature_bytes_per_image", "index_bytes", "extract_seconds", "index_seconds", "search_seconds", "dim",
-        "queries", "queries_with_landmark", "predicted", "dead_letters", "train_seconds"}
+GROUPS = {
+    "quality": {"gap", "accuracy", "landmark_accuracy", "map_at_100", "recall_at_k", "mean_class_ap"},
+    "cost": {"images_per_second", "extract_seconds", "train_seconds", "index_seconds", "search_seconds",
+             "verify_seconds", "dim", "bytes_per_image", "feature_bytes_per_image", "local_feature_bytes_per_image",
+             "index_bytes"},
+    "counts": {"queries", "queries_with_landmark", "predicted", "dead_letters"},
+    "config": {"index_factory", "vote", "params"},
+}
+KEYS = set().union(*GROUPS.values())
+
+
+def flat(entry: dict) -> dict:
+    """A metrics.json method entry with its groups merged (quality, cost, counts, config)."""
+    assert {k: set(entry[k]) for k in GROUPS} == GROUPS  # the stable keys, no more, no less
+    return {k: v for group in GROUPS for k, v in entry[group].items()}
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +34,10 @@ def run_dir(tmp_path_factory, tiny_synth):
 
 def test_compare_writes_every_output(run_dir, tiny_synth):
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    m = metrics["methods"]["hog"]
-    assert KEYS <= set(m)
+    m = flat(metrics["methods"]["hog"])
+    assert KEYS == set(m) and metrics["format"] == "cairn-metrics" and metrics["version"] == 2
+    assert metrics["methods"]["hog"]["family"] == "baseline" and set(m["recall_at_k"]) == {"1", "5", "10", "100"}
+    assert m["params"]["hog"]["hog"]["cell"] and m["verify_seconds"] == 0.0
     assert 0 <= m["gap"] <= 1 and 0 <= m["accuracy"] <= 1 and 0 <= m["map_at_100"] <= 1
     assert m["bytes_per_image"] == 1764 * 4 and m["images_per_second"] > 0
     assert metrics["data"] == {"train_images": 20, "queries": 12, "queries_with_landmark": 8, "train_classes": 4}
@@ -46,7 +60,7 @@ def test_metrics_are_consistent_with_the_predictions(run_dir, tiny_synth):
     expected = gap([preds[i][0] if preds[i] else None for i in ids], [preds[i][1] if preds[i] else 0 for i in ids],
                    [truth[i] for i in ids], ids)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["methods"]["hog"]["gap"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["methods"]["hog"]["quality"]["gap"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_report_rebuilds_the_same_metrics(run_dir):
@@ -59,7 +73,7 @@ def test_report_works_from_any_folder_and_refuses_changed_manifests(run_dir, tin
     from pipeline.errors import CairnError
 
     monkeypatch.chdir(tmp_path)
-    assert write_metrics(str(run_dir))["methods"]["hog"]["queries"] == 12
+    assert write_metrics(str(run_dir))["methods"]["hog"]["counts"]["queries"] == 12
     original = (run_dir / "run.json").read_text()
     run = json.loads(original)
     run["manifest_sha256"]["queries"] = "0" * 16

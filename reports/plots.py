@@ -1,0 +1,115 @@
+"""The report's plots, drawn with matplotlib (Agg, no display) and returned as PNG bytes to inline in the HTML.
+
+Baseline methods are drawn in blues/greens with circles, deep ones in oranges/reds with squares, so that the
+family reads at a glance in every plot.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+BASELINE_COLOURS = ("#1f77b4", "#2ca02c", "#17becf", "#7f7f7f", "#9467bd", "#8c564b", "#bcbd22")
+DEEP_COLOURS = ("#d62728", "#ff7f0e", "#e377c2", "#a0522d", "#ff1493")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def styles(families: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """method -> (colour, marker), stable for a given method order."""
+    out, counters = {}, {"baseline": 0, "deep": 0}
+    for name, family in families.items():
+        kind = "deep" if family == "deep" else "baseline"
+        palette = DEEP_COLOURS if kind == "deep" else BASELINE_COLOURS
+        out[name] = (palette[counters[kind] % len(palette)], "s" if kind == "deep" else "o")
+        counters[kind] += 1
+    return out
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def quality_vs_cost(points: dict[str, dict], families: dict[str, str]) -> bytes:
+    """Two scatter plots side by side: GAP vs images/s (extraction) and GAP vs bytes/image (log x axes).
+
+    points: method -> {"gap", "images_per_second", "bytes_per_image"} (a missing cost leaves the point out)."""
+    plt = _pyplot()
+    style = styles(families)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label, better in ((axes[0], "images_per_second", "extraction speed (images/s, log scale)", "right"),
+                                   (axes[1], "bytes_per_image", "bytes per database image (log scale)", "left")):
+        for name, p in points.items():
+            x = p.get(key)
+            if not x or x <= 0:
+                continue
+            colour, marker = style[name]
+            ax.scatter([x], [p["gap"]], s=70, c=colour, marker=marker, edgecolors="black", linewidths=0.5,
+                       label=name, zorder=3)
+            ax.annotate(name, (x, p["gap"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("GAP")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(f"GAP vs {'speed' if key == 'images_per_second' else 'storage'} (better: up and {better})",
+                     fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8,
+                   bbox_to_anchor=(0.5, -0.12))
+    return _png(fig)
+
+
+def pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], families: dict[str, str]) -> bytes:
+    """Recognition precision vs recall per method; curves: method -> (precision, recall, gap)."""
+    plt = _pyplot()
+    style = styles(families)
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for name, (precision, recall, g) in curves.items():
+        colour, _ = style[name]
+        if len(precision):
+            # a step from (0, first precision), as GAP integrates it
+            ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", color=colour,
+                    linestyle="--" if families.get(name) != "deep" else "-", label=f"{name} (GAP {g:.3f})")
+        else:
+            ax.plot([], [], color=colour, label=f"{name} (no predictions)")
+    ax.set_xlabel("recall (correct predictions / queries that show a landmark)")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    ax.set_title("Precision-recall of the recognition, predictions taken by decreasing confidence", fontsize=10)
+    return _png(fig)
+
+
+def recall_at_k(values: dict[str, dict[str, float]], families: dict[str, str]) -> bytes:
+    """Retrieval recall@k per method as lines over k; values: method -> {"1": r, "5": r, ...}."""
+    plt = _pyplot()
+    style = styles(families)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rec in values.items():
+        ks = sorted(rec, key=int)
+        colour, marker = style[name]
+        ax.plot([int(k) for k in ks], [rec[k] for k in ks], marker=marker, color=colour, label=name,
+                linestyle="--" if families.get(name) != "deep" else "-")
+    ax.set_xscale("log")
+    ax.set_xlabel("k (nearest database images)")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    ax.set_title("Retrieval: queries with a database image of their landmark in the top k", fontsize=10)
+    return _png(fig)

@@ -1,0 +1,236 @@
+"""A `cairn compare` run's outputs, read back and scored: the numbers of metrics.json and of the report.
+
+Everything here is computed from what the run wrote (RUN/run.json, the two manifests, RUN/predictions/<method>.csv,
+RUN/neighbours/<method>.parquet, RUN/work/<method>/costs.json, RUN/dead_letters.csv): no feature is recomputed.
+
+metrics.json (format "cairn-metrics", version 2) holds, per method, four groups with stable keys (README "Outputs"):
+
+    quality  gap, accuracy, landmark_accuracy, map_at_100, recall_at_k {"1","5","10","100"}, mean_class_ap
+    cost     images_per_second, extract_seconds, train_seconds, index_seconds, search_seconds, verify_seconds,
+             dim, bytes_per_image, feature_bytes_per_image, local_feature_bytes_per_image, index_bytes
+    counts   queries, queries_with_landmark, predicted, dead_letters
+    config   index_factory, vote, params (the method's part of the run's methods_config)
+
+A key that does not apply to a method (verify_seconds without re-ranking, a cost of a run made before the key
+existed) is present with null. Queries that could not be processed (dead letters) count as unanswered: they stay
+in GAP's M and in the accuracy denominator.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from jobs import methods as method_registry
+from pipeline import config as cfg
+from pipeline import fs
+from pipeline.errors import CairnError
+from pipeline.manifest import Manifest, manifest_fingerprint, read_manifest
+from pipeline.submission import read_submission
+from reports import metrics as M
+
+FORMAT = "cairn-metrics"
+VERSION = 2
+RECALL_KS = (1, 5, 10, 100)
+QUALITY_KEYS = ("gap", "accuracy", "landmark_accuracy", "map_at_100", "recall_at_k", "mean_class_ap")
+COST_KEYS = ("images_per_second", "extract_seconds", "train_seconds", "index_seconds", "search_seconds",
+             "verify_seconds", "dim", "bytes_per_image", "feature_bytes_per_image", "local_feature_bytes_per_image",
+             "index_bytes")
+COUNT_KEYS = ("queries", "queries_with_landmark", "predicted", "dead_letters")
+CONFIG_KEYS = ("index_factory", "vote", "params")
+
+# which parts of MethodsConfig (jobs/classic.py) each method uses
+PARAMS = {"hog": ("hog",), "sift-bovw": ("bovw",), "sift-vlad": ("vlad",), "sift-bovw+sv": ("bovw", "sv"),
+          "hog-linear": ("hog", "classifier"), "sift-vlad-linear": ("vlad", "classifier"), "cnn": ("cnn",),
+          "cnn-untrained": ("cnn",), "cnn-pretrained": ("cnn_pretrained",)}
+
+DEFINITIONS = {
+    "gap": "Global Average Precision (Google Landmark Recognition): predictions sorted by confidence, "
+           "sum of precision at each correct one, divided by the queries that show a landmark",
+    "accuracy": "share of all queries answered right (the landmark, or no prediction for no-landmark queries)",
+    "landmark_accuracy": "top-1 accuracy over the queries that show a landmark",
+    "map_at_100": "mean average precision at 100 (Google Landmark Retrieval) of the nearest database images, "
+                  "relevant = same landmark, over queries that show a landmark",
+    "recall_at_k": "share of the queries that show a landmark with at least one database image of that landmark "
+                   "among their k nearest",
+    "mean_class_ap": "GAP computed per landmark class (over the queries of that class), averaged over classes: "
+                     "every class counts the same, however many queries it has",
+    "images_per_second": "descriptor extraction throughput (decode + extract, Beam job wall time incl. start-up)",
+    "train_seconds": "learning the method: vocabulary, encoder, PCA, classifier, CNN fine-tuning",
+    "index_seconds": "building the FAISS index or inverted file over the database",
+    "bytes_per_image": "bytes searched per database image: the float32 vector, the stored non-zeros of a BoVW "
+                       "vector, plus for +sv the local features kept for verification",
+    "feature_bytes_per_image": "bytes per image of the Parquet feature files on disk (compressed)",
+    "index_bytes": "size of the index files on disk",
+}
+
+
+@dataclass
+class MethodResult:
+    """One method's answers, aligned with the query manifest."""
+
+    name: str
+    family: str  # "baseline" or "deep"
+    summary: str  # one line on what the method is
+    pred: list[int | None]  # predicted landmark per query (None = no landmark)
+    conf: list[float]  # its confidence (0 where none)
+    neighbours: dict[str, list[tuple[str, float, int | None]]]  # query id -> [(database id, score, landmark)]
+    costs: dict = field(default_factory=dict)  # RUN/work/<method>/costs.json
+
+    def right(self, truth: list[int | None]) -> np.ndarray:
+        """[Q] bool: the query was answered right (the landmark, or nothing for a no-landmark query)."""
+        return np.array([p == t for p, t in zip(self.pred, truth, strict=True)], dtype=bool)
+
+
+@dataclass
+class RunResults:
+    """A compare run read back: its config, manifests and every method's answers."""
+
+    run_dir: str
+    run: dict  # run.json
+    train: Manifest
+    queries: Manifest
+    methods: dict[str, MethodResult]
+    dead_letters: list[dict]  # rows of RUN/dead_letters.csv
+
+    @property
+    def truth(self) -> list[int | None]:
+        return list(self.queries.labels)
+
+    def train_counts(self) -> Counter:
+        """Database images per landmark class."""
+        return Counter(label for label in self.train.labels if label is not None)
+
+    def relevant(self) -> dict[int, set[str]]:
+        out: dict[int, set[str]] = defaultdict(set)
+        for image_id, label in zip(self.train.ids, self.train.labels, strict=True):
+            if label is not None:
+                out[label].add(image_id)
+        return out
+
+
+def _read_neighbours(path: str) -> dict[str, list[tuple[str, float, int | None]]]:
+    table = pq.read_table(path, columns=["query_id", "rank", "id", "score", "landmark_id"])
+    rows: dict[str, list[tuple[int, str, float, int | None]]] = defaultdict(list)
+    cols = [table.column(c).to_pylist() for c in ("query_id", "rank", "id", "score", "landmark_id")]
+    for q, r, i, s, lab in zip(*cols, strict=True):
+        rows[q].append((r, i, s, lab))
+    return {q: [(i, float(s), lab) for _, i, s, lab in sorted(v)] for q, v in rows.items()}
+
+
+def load_run(run_dir: str) -> RunResults:
+    """Read a compare run; raises CairnError saying what is missing or stale."""
+    run_path = fs.join(run_dir, "run.json")
+    if not fs.exists(run_path):
+        raise CairnError(f"{run_dir} has no run.json; give the --out folder of a `cairn compare` run")
+    run = cfg.load_json(run_path)
+    for split in ("train", "queries"):
+        if not fs.exists(run["config"][split]):
+            raise CairnError(f"the run's {split} manifest {run['config'][split]} is gone; the report needs it")
+    train = read_manifest(run["config"]["train"])
+    queries = read_manifest(run["config"]["queries"])
+    now = {"train": manifest_fingerprint(train.source, train), "queries": manifest_fingerprint(queries.source, queries)}
+    if run.get("manifest_sha256") != now:
+        raise CairnError(f"the manifests of {run_dir} changed since the run ({run['config']['train']}, "
+                         f"{run['config']['queries']}); rerun `cairn compare` instead of rebuilding the report")
+    results = {}
+    for name in run["methods"]:
+        pred_path = fs.join(run_dir, "predictions", f"{name}.csv")
+        nb_path = fs.join(run_dir, "neighbours", f"{name}.parquet")
+        for path in (pred_path, nb_path):
+            if not fs.exists(path):
+                raise CairnError(f"{path} is missing: method {name} did not finish; rerun `cairn compare` "
+                                 f"(it reuses what is done)")
+        preds = read_submission(pred_path)
+        info = method_registry.METHODS.get(name)
+        costs_path = fs.join(run_dir, "work", name, "costs.json")
+        results[name] = MethodResult(
+            name, info.family if info else "baseline", info.summary if info else "",
+            [preds[q][0] if preds.get(q) else None for q in queries.ids],
+            [preds[q][1] if preds.get(q) else 0.0 for q in queries.ids],
+            _read_neighbours(nb_path), cfg.load_json(costs_path) if fs.exists(costs_path) else {})
+    dead_path = fs.join(run_dir, "dead_letters.csv")
+    dead = list(csv.DictReader(io.StringIO(fs.read_text(dead_path)))) if fs.exists(dead_path) else []
+    return RunResults(run_dir, run, train, queries, results, dead)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics.json
+
+
+def method_quality(res: RunResults, m: MethodResult) -> dict:
+    truth, ids = res.truth, res.queries.ids
+    relevant_by_label = res.relevant()
+    retrieved, relevant = [], []
+    for q, t in zip(ids, truth, strict=True):
+        if t is not None:
+            retrieved.append([i for i, _, _ in m.neighbours.get(q, [])])
+            relevant.append(relevant_by_label.get(t, set()))
+    per_class = M.per_class_ap(m.pred, m.conf, truth, ids)
+    recall = M.recall_at_k(retrieved, relevant, RECALL_KS)
+    return {
+        "gap": round(M.gap(m.pred, m.conf, truth, ids), 6),
+        "accuracy": round(M.accuracy(m.pred, truth), 6),
+        "landmark_accuracy": round(M.landmark_accuracy(m.pred, truth), 6),
+        "map_at_100": round(M.mean_average_precision_at_k(retrieved, relevant, 100), 6),
+        "recall_at_k": {str(k): round(recall[k], 6) for k in RECALL_KS},
+        "mean_class_ap": round(float(np.mean(list(per_class.values()))), 6) if per_class else 0.0,
+    }
+
+
+def method_entry(res: RunResults, m: MethodResult) -> dict:
+    costs = m.costs
+    methods_config = res.run["config"].get("methods_config", {})
+    return {
+        "family": m.family,
+        "summary": m.summary,
+        "quality": method_quality(res, m),
+        "cost": {k: costs.get(k) for k in COST_KEYS},
+        "counts": {"queries": len(res.queries), "queries_with_landmark": sum(t is not None for t in res.truth),
+                   "predicted": sum(p is not None for p in m.pred), "dead_letters": costs.get("dead_letters")},
+        "config": {"index_factory": costs.get("index_factory"), "vote": costs.get("vote"),
+                   "params": {part: methods_config.get(part) for part in PARAMS.get(m.name, ())}},
+    }
+
+
+def metrics_of(res: RunResults) -> dict:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "methods": {name: method_entry(res, m) for name, m in res.methods.items()},
+        "data": {"train_images": len(res.train), "queries": len(res.queries),
+                 "queries_with_landmark": res.queries.num_landmark_images(),
+                 "train_classes": len(res.train_counts())},
+        "config": res.run["config"],
+        "definitions": DEFINITIONS,
+    }
+
+
+def per_class_rows(res: RunResults) -> list[dict]:
+    """One row per (method, landmark class with queries): the class's database images, queries, correct
+    answers, accuracy and AP (RUN/per_class.csv)."""
+    counts = res.train_counts()
+    rows = []
+    for name, m in res.methods.items():
+        acc = M.per_class_accuracy(m.pred, res.truth)
+        ap = M.per_class_ap(m.pred, m.conf, res.truth, res.queries.ids)
+        for label in sorted(acc):
+            right, total = acc[label]
+            rows.append({"method": name, "landmark_id": label, "train_images": counts.get(label, 0),
+                         "queries": total, "correct": right, "accuracy": round(right / total, 6),
+                         "ap": round(ap.get(label, 0.0), 6)})
+    return rows
+
+
+def write_per_class(path: str, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, ["method", "landmark_id", "train_images", "queries", "correct", "accuracy", "ap"],
+                       lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    fs.write_text(path, buf.getvalue())
