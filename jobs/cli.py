@@ -14,7 +14,7 @@ COMMANDS = {
     "index": ("jobs.index", "build a FAISS index over database descriptors"),
     "recognize": ("jobs.recognize", "predict landmarks and list the nearest database images of queries"),
     "neighbours": ("jobs.neighbours", "the k most similar database images of every query, with scores"),
-    "report": ("jobs.report", "recompute metrics.json of a compare run from its outputs"),
+    "report": ("jobs.report", "rebuild a compare run's metrics.json, per_class.csv and report.html from its outputs"),
     "compare": ("jobs.compare", "run and score several methods on the same train and query manifests"),
     "demo": ("jobs.demo", "synth + compare on the built-in synthetic data"),
 }

@@ -24,8 +24,11 @@ from reports.results import load_run, metrics_of, per_class_rows, write_per_clas
 log = logging.getLogger(__name__)
 
 
-def write_metrics(run_dir: str, report: ReportConfig | None = ReportConfig()) -> dict:
-    """Write RUN/metrics.json, RUN/per_class.csv and (unless ``report`` is None) RUN/report.html."""
+def write_metrics(run_dir: str, report: ReportConfig | None = ReportConfig(), strict: bool = True) -> dict:
+    """Write RUN/metrics.json, RUN/per_class.csv and (unless ``report`` is None) RUN/report.html.
+
+    With ``strict=False`` (at the end of `cairn compare`) a failure to draw the report is logged rather than
+    raised: the metrics are written first, and `cairn report RUN` draws the report again."""
     from pipeline import config as cfg
 
     res = load_run(run_dir)
@@ -33,8 +36,15 @@ def write_metrics(run_dir: str, report: ReportConfig | None = ReportConfig()) ->
     cfg.save_json(fs.join(run_dir, "metrics.json"), metrics)
     write_per_class(fs.join(run_dir, "per_class.csv"), per_class_rows(res))
     if report is not None:
-        fs.write_text(fs.join(run_dir, "report.html"), build_report(res, metrics, report))
-        log.info("report: %s", fs.join(run_dir, "report.html"))
+        try:
+            fs.write_text(fs.join(run_dir, "report.html"), build_report(res, metrics, report))
+        except Exception as e:
+            if strict:
+                raise
+            log.error("report: could not draw %s (%s: %s); the metrics are written, and `cairn report %s` "
+                      "draws it again", fs.join(run_dir, "report.html"), type(e).__name__, e, run_dir)
+        else:
+            log.info("report: %s", fs.join(run_dir, "report.html"))
     return metrics
 
 

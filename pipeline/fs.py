@@ -79,12 +79,15 @@ def write_bytes(path: str, data: bytes) -> None:
 
 @functools.cache
 def _umask() -> int:
-    """The process's umask (read once: reading it means setting it)."""
-    import os
-
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process's umask, from /proc (setting it to read it would race with threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def write_text(path: str, text: str) -> None:

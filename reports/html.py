@@ -174,7 +174,7 @@ class Page:
         for image_id, label in zip(res.train.ids, res.train.labels, strict=True):
             if label is not None:
                 self.class_example.setdefault(label, image_id)
-        self.names = res.queries.label_names or res.train.label_names or {}
+        self.names = {**res.train.label_names, **res.queries.label_names}
         self.baseline, self.deep = self._pair()
 
     # ---- helpers
@@ -196,8 +196,8 @@ class Page:
                 from pipeline.errors import CairnError
 
                 raise CairnError(f"method {name!r} is not in this run; its methods: {', '.join(self.res.methods)}")
-        baseline = c.baseline or self._best("baseline")
-        deep = c.deep or self._best("deep")
+        baseline = c.baseline or self._best("baseline", exclude=c.deep)
+        deep = c.deep or self._best("deep", exclude=baseline)
         if not baseline:  # a run of deep methods only: compare the two best
             baseline = self._best("deep", exclude=deep)
         if not deep:
@@ -403,7 +403,7 @@ right, a landmark the method did not recognise at all.</p>
         cats = [("both right", rb & rd), (f"{b} right, {d} wrong", rb & ~rd), (f"{d} right, {b} wrong", ~rb & rd),
                 ("both wrong", ~rb & ~rd)]
         out = [f"""
-<h2 id="grids">Examples: {html.escape(b)} (baseline) vs {html.escape(d)} (deep)</h2>
+<h2 id="grids">Examples: {html.escape(b)} ({self.families[b]}) vs {html.escape(d)} ({self.families[d]})</h2>
 <p>Queries picked at random (landmark queries first) in four groups. For each: the query and its true landmark,
 then each method's answer and its {self.config.neighbours} nearest database images, framed
 <span class="tag ok">green ✓</span> when they show the query's landmark and <span class="tag bad">red ✗</span> when
@@ -424,13 +424,13 @@ not (grey for a query without a landmark). Hover a thumbnail for its id and scor
             if found is None:
                 return head + ("<p>No method of this run has a Keras embedding model (cnn, cnn-untrained, or "
                                "cnn-pretrained from a .keras file); Grad-CAM needs one.</p>")
-            name, path = found
-            return head + self._gradcam_examples(name, path)
+            return head + self._gradcam_examples(*found)
         except Exception as e:  # noqa: BLE001 - the report stays useful without this section
             log.warning("report: Grad-CAM failed: %s", e)
             return head + f"<p>Grad-CAM could not be drawn: {html.escape(str(e))}</p>"
 
-    def _gradcam_model(self) -> tuple[str, str] | None:
+    def _gradcam_model(self) -> tuple[str, str, dict] | None:
+        """(method, .keras model path, its extractor record) of the deep method to explain, if there is one."""
         candidates = [self.deep] + [n for n in self.res.methods if n != self.deep]
         for name in candidates:
             if name not in ("cnn", "cnn-untrained", "cnn-pretrained"):
@@ -438,49 +438,51 @@ not (grey for a query without a landmark). Hover a thumbnail for its id and scor
             record = fs.join(self.res.run_dir, "work", name, "embeddings", "train", "extract.json")
             if not fs.exists(record):
                 continue
-            model = cfg.load_json(record)["config"]["extractor"]["config"].get("model", "")
+            extractor = cfg.load_json(record)["config"]["extractor"]
+            model = extractor["config"].get("model", "")
             if not model.endswith(".keras"):
                 continue
-            if not fs.exists(model):  # recorded relative to where the run was started
+            if not fs.exists(model) and name != "cnn-pretrained":  # recorded relative to where the run started
                 model = fs.join(self.res.run_dir, "work", "cnn", "model", model.rsplit("/", 1)[-1])
             if fs.exists(model):
-                return name, model
+                return name, model, extractor
         return None
 
-    def _gradcam_examples(self, name: str, path: str) -> str:
+    def _gradcam_examples(self, name: str, path: str, extractor: dict) -> str:
         from features.cnn import resize_square
         from features.embedding import load_embedding_model
         from jobs.extract import features_prefix
-        from pipeline.images import load_image
-        from pipeline.parquet_io import read_shards
-        from pipeline.schemas import labels_of, vectors_of
+        from pipeline.images import ImageError, load_image
         from reports.gradcam import grad_cam, overlay
 
         m = self.res.methods[name]
         right = m.right(self.truth)
         made = [i for i, p in enumerate(m.pred) if p is not None]
         made.sort(key=lambda i: (self.truth[i] is None, -m.conf[i]))
-        half = max(1, self.config.gradcam // 2)
-        chosen = ([i for i in made if right[i]][:half] + [i for i in made if not right[i]][:half])
-        chosen = chosen[: self.config.gradcam]
+        good, bad = [i for i in made if right[i]], [i for i in made if not right[i]]
+        n = self.config.gradcam
+        take_bad = min(len(bad), n // 2, n - min(len(good), n - n // 2))  # half each, the rest filled from either
+        chosen = good[: n - take_bad] + bad[:take_bad]
         if not chosen:
             return f"<p>{html.escape(name)} predicted no landmark for any query: nothing to explain.</p>"
-        table, _ = read_shards(features_prefix(fs.join(self.res.run_dir, "work", name, "embeddings", "train")),
-                               columns=["landmark_id", "vector"])
-        xb, yb = vectors_of(table), labels_of(table)
-        model, meta = load_embedding_model(path)
-        side = int(meta.get("input_size") or 224)
-        images, targets, shown = [], [], []
+        side = int(extractor.get("input_size") or 224)  # what the extractor fed the model (scale 1.0)
+        images, shown = [], []
         for i in chosen:
-            rows = yb == m.pred[i]
-            if not rows.any():
+            try:
+                img = load_image(self.query_path[self.res.queries.ids[i]], self.thumbs.decode)
+            except (ImageError, OSError, ValueError) as e:
+                log.warning("report: Grad-CAM skips query %s: %s", self.res.queries.ids[i], e)
                 continue
-            img = resize_square(load_image(self.query_path[self.res.queries.ids[i]], self.thumbs.decode), side)
-            images.append(img)
-            targets.append(xb[rows].mean(axis=0))
+            images.append(resize_square(img, side))
             shown.append(i)
+        centroids = class_centroids(features_prefix(fs.join(self.res.run_dir, "work", name, "embeddings", "train")),
+                                    {m.pred[i] for i in shown})
+        keep = [k for k, i in enumerate(shown) if m.pred[i] in centroids]
+        images, shown = [images[k] for k in keep], [shown[k] for k in keep]
         if not shown:
-            return "<p>The predicted classes have no database embeddings to explain against.</p>"
+            return "<p>The answered classes have no database embeddings to explain against.</p>"
+        model, _ = load_embedding_model(path)
+        targets = [centroids[m.pred[i]] for i in shown]
         cams = grad_cam(model, np.stack(images).astype(np.float32), np.stack(targets))
         blocks = []
         for i, img, cam in zip(shown, images, cams, strict=True):
@@ -499,8 +501,9 @@ not (grey for a query without a landmark). Hover a thumbnail for its id and scor
 <p>For a few queries {html.escape(name)} answered (the most confident right and wrong ones), the regions of the photo
 that made it look like the landmark it answered: red is strong evidence, blue none. The score explained is the
 cosine similarity between the query's embedding and the mean embedding of that landmark's database images; the
-map is Grad-CAM over the backbone's last feature map (model <code>{html.escape(path)}</code>). A model that looks at the building, not the sky or the people in front of
-it, is what we want.</p>{''.join(blocks)}"""
+map is Grad-CAM over the backbone's last feature map, on the query resized as the extractor resized it (at scale
+1.0; the centroid is taken in the embedding space before any PCA), model <code>{html.escape(path)}</code>. A model
+that looks at the building, not the sky or the people in front of it, is what we want.</p>{''.join(blocks)}"""
 
     def dead(self) -> str:
         rows = self.res.dead_letters
@@ -539,8 +542,8 @@ counts as unanswered in GAP and accuracy. Full list: <code>dead_letters.csv</cod
                                                                        or "(none: DirectRunner)")]
         per_method = "".join(
             f'<tr><td class="name">{html.escape(n)}</td><td class="name">{html.escape(str(e["config"]["index_factory"]))}'
-            f'</td><td class="name"><code>{html.escape(json.dumps(e["config"]["vote"], sort_keys=True))[:300]}</code>'
-            f"</td></tr>" for n, e in self.metrics["methods"].items())
+            f'</td><td class="name"><code>{self._vote(e["config"]["vote"])}</code></td></tr>'
+            for n, e in self.metrics["methods"].items())
         table = "".join(f'<tr><td class="name">{html.escape(k)}</td><td class="name">{html.escape(str(v))}</td></tr>'
                         for k, v in rows)
         full = html.escape(json.dumps(self.res.run, indent=2, sort_keys=True))
@@ -552,11 +555,46 @@ counts as unanswered in GAP and accuracy. Full list: <code>dead_letters.csv</cod
 images)</th></tr>{per_method}</table>
 <details><summary>The whole run.json</summary><pre>{full}</pre></details>"""
 
+    @staticmethod
+    def _vote(vote) -> str:
+        if vote is None:
+            return "(none: a classifier answers)"
+        return html.escape(json.dumps(vote, sort_keys=True)[:300])
+
     def definitions(self) -> str:
         rows = "".join(f'<tr><td class="name"><code>{html.escape(k)}</code></td><td class="name" '
                        f'style="white-space:normal">{html.escape(v)}</td></tr>'
                        for k, v in self.metrics["definitions"].items())
         return f'<h2 id="definitions">Definitions</h2><table>{rows}</table>'
+
+
+def class_centroids(prefix: str, labels: set[int]) -> dict[int, np.ndarray]:
+    """[D] float32 mean vector of each of ``labels`` over the feature shards under ``prefix``, read batch by batch
+    (only the running sums of the wanted classes stay in memory)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.parquet_io import find_shards
+    from pipeline.schemas import vectors_of
+
+    sums: dict[int, np.ndarray] = {}
+    counts: Counter = Counter()
+    value_set = pa.array(sorted(labels), type=pa.int64())
+    for path in find_shards(prefix):
+        with fs.FileSystems.open(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["landmark_id", "vector"], batch_size=65536):
+                rows = pa.Table.from_batches([batch])
+                rows = rows.filter(pc.is_in(rows.column("landmark_id"), value_set=value_set))
+                if rows.num_rows == 0:
+                    continue
+                xb = vectors_of(rows).astype(np.float64)
+                yb = np.asarray(rows.column("landmark_id").to_pylist())
+                for label in np.unique(yb):
+                    label = int(label)
+                    sums[label] = sums.get(label, 0.0) + xb[yb == label].sum(axis=0)
+                    counts[label] += int((yb == label).sum())
+    return {label: (sums[label] / counts[label]).astype(np.float32) for label in sums}
 
 
 def build_report(res: RunResults, metrics: dict, config: ReportConfig = ReportConfig()) -> str:

@@ -11,8 +11,9 @@ metrics.json (format "cairn-metrics", version 2) holds, per method, four groups 
     counts   queries, queries_with_landmark, predicted, dead_letters
     config   index_factory, vote, params (the method's part of the run's methods_config)
 
-A key that does not apply to a method (verify_seconds without re-ranking, a cost of a run made before the key
-existed) is present with null. Queries that could not be processed (dead letters) count as unanswered: they stay
+A key that does not apply to a method (vote for a -linear classifier, local_feature_bytes_per_image without
+re-ranking, a cost of a run made before the key existed) is present with null; verify_seconds is 0 without
+re-ranking. Queries that could not be processed (dead letters) count as unanswered: they stay
 in GAP's M and in the accuracy denominator.
 """
 
@@ -55,11 +56,11 @@ DEFINITIONS = {
     "accuracy": "share of all queries answered right (the landmark, or no prediction for no-landmark queries)",
     "landmark_accuracy": "top-1 accuracy over the queries that show a landmark",
     "map_at_100": "mean average precision at 100 (Google Landmark Retrieval) of the nearest database images, "
-                  "relevant = same landmark, over queries that show a landmark",
-    "recall_at_k": "share of the queries that show a landmark with at least one database image of that landmark "
-                   "among their k nearest",
-    "mean_class_ap": "GAP computed per landmark class (over the queries of that class), averaged over classes: "
-                     "every class counts the same, however many queries it has",
+                  "relevant = same landmark, over the queries that show a landmark with database images",
+    "recall_at_k": "share of the queries that show a landmark (one with database images) with at least one "
+                   "database image of that landmark among their k nearest",
+    "mean_class_ap": "AP per landmark class (its predictions by confidence, precision at each right one, divided "
+                     "by its queries), averaged over classes: every class counts the same, however many queries",
     "images_per_second": "descriptor extraction throughput (decode + extract, Beam job wall time incl. start-up)",
     "train_seconds": "learning the method: vocabulary, encoder, PCA, classifier, CNN fine-tuning",
     "index_seconds": "building the FAISS index or inverted file over the database",
@@ -193,7 +194,9 @@ def method_entry(res: RunResults, m: MethodResult) -> dict:
         "cost": {k: costs.get(k) for k in COST_KEYS},
         "counts": {"queries": len(res.queries), "queries_with_landmark": sum(t is not None for t in res.truth),
                    "predicted": sum(p is not None for p in m.pred), "dead_letters": costs.get("dead_letters")},
-        "config": {"index_factory": costs.get("index_factory"), "vote": costs.get("vote"),
+        # a classifier method answers with its classifier: the kNN vote does not apply to it
+        "config": {"index_factory": costs.get("index_factory"),
+                   "vote": None if m.name.endswith("-linear") else costs.get("vote"),
                    "params": {part: methods_config.get(part) for part in PARAMS.get(m.name, ())}},
     }
 

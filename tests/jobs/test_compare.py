@@ -91,3 +91,24 @@ def test_output_folders_with_glob_characters_are_refused_before_any_work(tmp_pat
     with pytest.raises(CairnError, match="wildcards"):
         compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(tmp_path / "run [1]"), ["hog"])
     assert not (tmp_path / "run [1]").exists()
+
+
+def test_the_report_of_a_single_method_run_says_what_it_cannot_show(run_dir):
+    from reports.html import ReportConfig
+
+    write_metrics(str(run_dir), ReportConfig(examples=2))
+    text = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert 'data-method="hog"' in text and "this run has only one method" in text
+    assert "Grad-CAM needs one" in text  # hog has no Keras model to explain
+    rows = list(csv.DictReader(open(run_dir / "per_class.csv")))
+    assert {r["method"] for r in rows} == {"hog"} and sum(int(r["queries"]) for r in rows) == 8
+
+
+def test_report_methods_are_checked_before_any_work(tmp_path, tiny_synth):
+    from pipeline.errors import CairnError
+    from reports.html import ReportConfig
+
+    with pytest.raises(CairnError, match="--deep cnn: not among the methods of this run"):
+        compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(tmp_path / "o"), ["hog"],
+                report=ReportConfig(deep="cnn"))
+    assert not (tmp_path / "o" / "work").exists()

@@ -150,7 +150,8 @@ def test_close_leaves_no_process_behind(browser):
     with Browser() as b:
         pid = b.pid
         assert processes_of(pid)
-    assert b._proc.returncode == 0  # the launcher exits with chromium's code once it has reaped every helper
+    # the launcher exits with chromium's code once it has reaped every helper (killed, -9, if that took over 5 s)
+    assert b._proc.returncode in (0, -9)
     assert processes_of(pid) == []
     b.close()  # twice is fine
     with pytest.raises(BrowserError, match="closed"):
