@@ -30,6 +30,7 @@ BENCHMARKS = {
     "index": "bench.bench_index",
     "recognize_1m": "bench.bench_recognize",
     "embed": "bench.bench_embed",
+    "delf": "bench.bench_delf",
     "porto": "bench.bench_porto",
 }
 COMMAND = "make bench"

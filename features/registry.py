@@ -10,6 +10,7 @@ import dataclasses
 
 from features.base import GlobalExtractor
 from features.cnn import CnnConfig, CnnExtractor
+from features.delf import DelfConfig, DelfExtractor
 from features.hog import HogConfig, HogExtractor
 from features.sift import SiftConfig, SiftExtractor
 
@@ -18,6 +19,7 @@ EXTRACTORS = {
     "hog": (HogExtractor, HogConfig),
     "sift": (SiftExtractor, SiftConfig),
     "cnn": (CnnExtractor, CnnConfig),  # batched: runs through Beam RunInference
+    "delf": (DelfExtractor, DelfConfig),  # batched local features (same-shaped images together)
 }
 
 

@@ -13,6 +13,8 @@ when its config is unchanged (SIFT features are extracted once and shared by all
     cnn               a Keras backbone fine-tuned with GeM + ArcFace (models/finetune.py), kNN over embeddings
     cnn-untrained     the same network before fine-tuning (what the fine-tuning must beat)
     cnn-pretrained    a frozen pretrained extractor (TFLite, SavedModel, .keras), kNN over its embeddings
+    cnn+delf          cnn, its top neighbours re-ranked by DELF (features/delf.py) matching + RANSAC
+    delf+sv           DELF alone: attention-pooled DELF vectors, kNN, re-ranked by DELF matching + RANSAC
 
 Parameters are typed frozen dataclasses; `cairn compare --set sift-bovw.vocabulary.k=4096` changes one, with
 the value checked against the field's type.
@@ -26,7 +28,8 @@ from dataclasses import dataclass
 from features.backbones import PREPROCESSING
 from features.hog import HogConfig
 from features.sift import SiftConfig
-from features.verify import RerankConfig
+from features.verify import RerankConfig, VerifyConfig
+from models.delf import DelfTrainConfig
 from models.finetune import FinetuneConfig
 from pipeline import config as cfg
 from pipeline import fs
@@ -159,6 +162,32 @@ class PretrainedConfig:
 
 
 @dataclass(frozen=True)
+class DelfMethodConfig:
+    """cnn+delf and delf+sv: DELF local features (features/delf.py) trained on the database (models/delf.py)."""
+
+    train: DelfTrainConfig = DelfTrainConfig()  # backbone, block, attention, the two stages, the PCA
+    scales: tuple[float, ...] = (0.7071, 1.0, 1.4142)  # extraction pyramid (the paper: 0.25 .. 2 in sqrt(2) steps)
+    max_side: int = 512  # long side of an image at scale 1.0 (smaller images are not enlarged)
+    max_features: int = 500  # features kept per image, by attention score
+    score_threshold: float = 0.0  # minimum attention score of a kept feature
+    batch_size: int = 8  # images per model call
+    # matching + RANSAC of the top neighbours (features/verify.py): mutual nearest neighbours, because Lowe's ratio
+    # test rejects most true DELF matches (40-d descriptors of repeated structures have close second neighbours)
+    sv: RerankConfig = RerankConfig(top_k=20, verify=VerifyConfig(matcher="mutual", min_inliers=15))
+
+    def __post_init__(self):
+        self.extraction("")  # validates the extraction fields
+
+    def extraction(self, model: str, pca: str = ""):
+        """The features.delf.DelfConfig of these settings with a model (and PCA) file."""
+        from features.delf import DelfConfig
+
+        return DelfConfig(model=model, pca=pca, scales=tuple(self.scales), max_side=self.max_side,
+                          max_features=self.max_features, score_threshold=self.score_threshold,
+                          batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
 class MethodsConfig:
     """Every method's parameters; `--set NAME.FIELD=VALUE` overrides one."""
 
@@ -169,6 +198,7 @@ class MethodsConfig:
     classifier: ClassifierConfig = ClassifierConfig()  # hog-linear, sift-vlad-linear
     cnn: CnnMethodConfig = CnnMethodConfig()  # cnn, cnn-untrained
     cnn_pretrained: PretrainedConfig = PretrainedConfig()  # cnn-pretrained
+    delf: DelfMethodConfig = DelfMethodConfig()  # cnn+delf, delf+sv
 
 
 def _coerce(text: str, current, where: str):
@@ -372,6 +402,40 @@ def build_deep(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
             "encode": encoded, "train": trained, "local": None}
 
 
+def build_delf(config: MethodsConfig, ctx: RunContext) -> dict:
+    """DELF trained on the database and extracted from both splits (WORK/delf/model, WORK/delf/local/{split});
+    reused when built. Returns {"local", "extract", "train", "model"}."""
+    from jobs.train import train
+
+    folder = fs.join(ctx.work, "delf", "model")
+    trained = train("delf", ctx.train, folder, config, force=ctx.force, decode=ctx.decode)
+    pca = fs.join(folder, "pca.npz") if config.delf.train.pca_dim else ""
+    params = cfg.to_dict(config.delf.extraction(fs.join(folder, "model.keras"), pca))
+    params = {k: v for k, v in params.items() if k != "device"}
+    extracted = _extract_both(ctx, "delf", params, "delf/local")
+    return {"local": fs.join(ctx.work, "delf", "local"), "extract": extracted, "train": trained, "model": folder}
+
+
+def build_delf_sv(config: MethodsConfig, ctx: RunContext) -> dict:
+    """delf+sv's base: DELF features pooled by attention into global vectors (WORK/delf+sv/vectors) and their
+    index; the same record as :func:`build_base`, with the DELF local features for verification."""
+    delf = build_delf(config, ctx)
+    home = fs.join(ctx.work, "delf+sv")
+    encoded = _encode_both(ctx, delf["local"], fs.join(delf["model"], "pool.npz"), fs.join(home, "vectors"))
+    indexed = _index(ctx, fs.join(home, "vectors", "train"), fs.join(home, "index"))
+    return {"vectors": fs.join(home, "vectors"), "index": fs.join(home, "index"), "indexed": indexed,
+            "extract": delf["extract"], "encode": encoded, "train": delf["train"], "local": delf["local"]}
+
+
+def build_cnn_delf(config: MethodsConfig, ctx: RunContext) -> dict:
+    """cnn+delf's base: the fine-tuned cnn's embeddings and index, with DELF local features for re-ranking."""
+    base = build_deep("cnn", config, ctx)
+    delf = build_delf(config, ctx)
+    seconds = float(base["train"].get("train_seconds", 0.0)) + float(delf["train"].get("seconds", 0.0))
+    return {**base, "local": delf["local"], "extra_extract": delf["extract"],
+            "train": {**base["train"], "train_seconds": seconds}}
+
+
 BASE = {"hog": "hog", "sift-bovw": "sift-bovw", "sift-vlad": "sift-vlad", "sift-bovw+sv": "sift-bovw",
         "hog-linear": "hog", "sift-vlad-linear": "sift-vlad", **{m: m for m in DEEP}}
 
@@ -381,15 +445,23 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     from jobs.recognize import recognize
     from jobs.train import train
 
-    base = build_deep(method, config, ctx) if method in DEEP else build_base(BASE[method], config, ctx)
+    if method == "cnn+delf":
+        base = build_cnn_delf(config, ctx)
+    elif method == "delf+sv":
+        base = build_delf_sv(config, ctx)
+    elif method in DEEP:
+        base = build_deep(method, config, ctx)
+    else:
+        base = build_base(BASE[method], config, ctx)
     home = fs.join(ctx.work, method)
     classifier, verify, trained = None, None, base["train"]
     if method.endswith("-linear"):
         trained = train(method, fs.join(base["vectors"], "train"), fs.join(home, "classifier"), config,
                         force=ctx.force)
         classifier = fs.join(home, "classifier", "classifier.npz")
-    if method.endswith("+sv"):
-        verify = (fs.join(base["local"], "train"), fs.join(base["local"], "queries"), config.sv)
+    if method.endswith("+sv") or method == "cnn+delf":
+        sv = config.delf.sv if "delf" in method else config.sv
+        verify = (fs.join(base["local"], "train"), fs.join(base["local"], "queries"), sv)
     rec = recognize(base["index"], fs.join(base["vectors"], "queries"), fs.join(home, "recognize"), ctx.vote,
                     ctx.neighbours, classifier=classifier, verify=verify,
                     tune_config=None if classifier else ctx.tune, db_features=fs.join(base["vectors"], "train"))
@@ -403,6 +475,7 @@ def _costs(method: str, base: dict, trained: dict, rec: dict) -> dict:
     ex = base["extract"]
     images = sum(r["counts"]["outputs"] for r in ex.values())
     seconds = sum(r["seconds"] for r in ex.values()) + sum(r["seconds"] for r in (base["encode"] or {}).values())
+    seconds += sum(r["seconds"] for r in base.get("extra_extract", {}).values())  # cnn+delf: DELF extraction
     index_record = cfg.load_json(fs.join(base["index"], "index.json"))
     dim = int(index_record["dim"])
     if index_record.get("kind") == "sparse-inverted-file":  # bytes of the stored non-zeros (int32 + float32)
@@ -431,7 +504,7 @@ def _costs(method: str, base: dict, trained: dict, rec: dict) -> dict:
         "index_factory": index_record.get("factory", index_record.get("kind")),
         "vote": (rec.get("tuning") or {}).get("tuned") or rec["config"]["vote"],
     }
-    if method.endswith("+sv"):  # the local features must be kept for verification
+    if method.endswith("+sv") or method == "cnn+delf":  # the local features must be kept for verification
         costs["local_feature_bytes_per_image"] = round(local_bytes / images) if images else None
         costs["bytes_per_image"] += costs["local_feature_bytes_per_image"] or 0
     return costs

@@ -47,7 +47,8 @@ def demo_config(pretrained: str, overrides: list[str]) -> MethodsConfig:
         raise CairnError(f"--pretrained {pretrained}: no such file")
     path = os.path.abspath(pretrained) if pretrained else ""
     deep = ["cnn.finetune.backbone.name=mobilenet", f"cnn.finetune.backbone.weights={path or 'none'}",
-            f"cnn_pretrained.model={path}"]
+            f"cnn_pretrained.model={path}", "delf.train.backbone.name=mobilenet",
+            f"delf.train.backbone.weights={path or 'none'}"]
     return parse_overrides(deep + list(overrides))
 
 

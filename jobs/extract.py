@@ -29,7 +29,7 @@ from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError, read_dead_letters
 from pipeline.images import DecodeConfig
-from pipeline.inference import EmbeddingModelHandler, EmbedImages
+from pipeline.inference import EmbeddingModelHandler, EmbedImages, LocalModelHandler
 from pipeline.manifest import manifest_fingerprint, read_manifest
 from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
 from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
@@ -128,7 +128,11 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         )
     else:
         rows = p | "NoRows" >> beam.Create([])
-    if getattr(extractor, "batched", False):  # CNN: decode + resize, then batched inference with RunInference
+    if getattr(extractor, "batched", False) and kind == "local":  # DELF: pyramid + attention, batched by shape
+        handler = LocalModelHandler(params or {}, threads, extractor.config.batch_size)
+        features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_function(), extractor.dim, decode,
+                                                       local_schema=schema)
+    elif getattr(extractor, "batched", False):  # CNN: decode + resize, then batched inference with RunInference
         handler = EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size)
         features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_size, extractor.dim, decode)
     else:

@@ -27,8 +27,8 @@ METHODS = {
     "cnn-untrained": MethodInfo("the cnn network before fine-tuning (GeM over its initial weights), kNN", "deep"),
     "cnn-pretrained": MethodInfo("frozen pretrained extractor (TFLite/SavedModel/.keras), kNN over embeddings",
                                  "deep"),
-    "cnn+delf": MethodInfo("cnn re-ranked with DELF local features + RANSAC", "deep", 7, "DELF"),
-    "delf+sv": MethodInfo("DELF local features with spatial verification", "deep", 7, "DELF"),
+    "cnn+delf": MethodInfo("cnn, its top neighbours re-ranked by DELF local-feature matching + RANSAC", "deep"),
+    "delf+sv": MethodInfo("DELF alone: attention-pooled DELF features, kNN, re-ranked by DELF + RANSAC", "deep"),
 }
 
 

@@ -12,6 +12,9 @@
                          a projection and ArcFace (models/finetune.py); writes OUT/model.keras and
                          OUT/untrained.keras (embedding models with their metadata), checkpoints/ (resume),
                          logs/ (TensorBoard) and history-stage*.csv.
+    --method delf        MANIFEST = the database manifest: trains DELF in two stages (descriptors, then attention
+                         with the backbone frozen; models/delf.py) and learns the 40-d PCA of its descriptors;
+                         writes OUT/model.keras, OUT/pca.npz and OUT/pool.npz (for delf+sv).
     --method hog-linear, sift-vlad-linear
                          FEATURES = the method's global descriptors (HoG, or VLAD from `cairn encode`); a
                          calibrated linear softmax (or nearest-class-mean) classifier, OUT/classifier.npz.
@@ -70,7 +73,7 @@ def whitening_dim(requested: int, samples: int, what: str, min_per_dim: int = 0)
     return requested
 
 
-TRAINABLE = ("sift-bovw", "sift-vlad", "hog", "hog-linear", "sift-vlad-linear", "cnn")
+TRAINABLE = ("sift-bovw", "sift-vlad", "hog", "hog-linear", "sift-vlad-linear", "cnn", "delf")
 
 
 def _requested(method: str, config, features: str) -> dict:
@@ -235,6 +238,43 @@ def train_cnn(manifest: str, out: str, config, decode: DecodeConfig = DecodeConf
     return record
 
 
+def train_delf(manifest: str, out: str, config, decode: DecodeConfig = DecodeConfig(), force: bool = False) -> dict:
+    """Train DELF (config: jobs.classic.DelfMethodConfig) on the images of MANIFEST: OUT/model.keras (features +
+    attention), OUT/pca.npz (the descriptors' PCA), OUT/pool.npz (attention pooling, for delf+sv), checkpoints/,
+    history-stage*.csv, dead_letters.csv and train.json (models/delf.py)."""
+    from features.delf import AttentionPooling
+    from models.delf import train_delf as train_model
+    from pipeline.errors import dead_letters_csv
+    from pipeline.manifest import manifest_fingerprint, read_manifest
+
+    manifest = fs.absolute(manifest)
+    rows = read_manifest(manifest)
+    weights = config.train.backbone.weights
+    if weights not in ("none", "imagenet") and not fs.exists(weights):
+        raise CairnError(f"delf.train.backbone.weights: {weights} does not exist; give a .weights.h5 or .tflite "
+                         "file, 'imagenet' (downloads) or 'none'")
+    requested = {"method": "delf", "method_config": cfg.to_dict(config), "manifest": manifest,
+                 "manifest_sha256": manifest_fingerprint(manifest, rows), "decode": cfg.to_dict(decode),
+                 "weights_sha256": cfg.file_fingerprint(weights) if weights not in ("none", "imagenet") else None}
+    if (reused := _reusable(out, requested, "model.keras", force)) is not None:
+        return reused
+    if force and fs.exists(fs.join(out, "checkpoints")):
+        import shutil
+
+        shutil.rmtree(fs.join(out, "checkpoints"))
+    record = train_model(list(rows.records()), out, config.train, extract=config.extraction(""), decode=decode)
+    dim = record["pca"]["dim"] if record["pca"] else int(record.get("dim", 0))
+    AttentionPooling(dim).save(fs.join(out, "pool.npz"))
+    dead = record.pop("dead_letters")
+    fs.write_text(fs.join(out, "dead_letters.csv"), dead_letters_csv(dead))
+    record["counts"]["manifest_rejected"] = len(rows.dead_letters)
+    record.update({"config": requested, "method": "delf", "dim": dim})
+    _save_record(out, "model.keras", record)
+    log.info("train delf: %d images of %d landmarks in %.1f s (PCA: %s); %s", record["counts"]["used"],
+             record["classes"], record["seconds"], record["pca"], fs.join(out, "model.keras"))
+    return record
+
+
 def make_classifier(config: classic.ClassifierConfig):
     from models.classifiers import NearestClassMean, SoftmaxClassifier
 
@@ -282,6 +322,9 @@ def train(method: str, features: str, out: str, config: classic.MethodsConfig = 
 
     ``features`` is the database features folder, or for ``cnn`` the database manifest (it trains on images).
     """
+    if method == "delf":  # not a compare method of its own: cnn+delf and delf+sv use it
+        fs.check_output_folder(out)
+        return train_delf(features, out, config.delf, decode, force)
     methods.check([method])
     fs.check_output_folder(out)
     if method == "cnn":
@@ -314,7 +357,7 @@ def build_parser():
     p = common.parser("cairn train", __doc__ + "\nMethods:\n" + methods.describe(), beam=True)
     p.add_argument("--method", required=True, help=f"method to train: {', '.join(TRAINABLE)}")
     p.add_argument("--features", help="the database features folder (`cairn extract`/`encode`)")
-    p.add_argument("--manifest", help="cnn: the database manifest (fine-tuning reads the images)")
+    p.add_argument("--manifest", help="cnn, delf: the database manifest (training reads the images)")
     p.add_argument("--out", required=True, help="model folder to write")
     add_set_arg(p)
     common.add_beam_job_args(p)
@@ -323,9 +366,10 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    source = args.manifest if args.method == "cnn" else args.features
+    on_images = args.method in ("cnn", "delf")
+    source = args.manifest if on_images else args.features
     if not source:
-        raise CairnError(f"--method {args.method} needs " + ("--manifest (the database images)" if args.method == "cnn"
+        raise CairnError(f"--method {args.method} needs " + ("--manifest (the database images)" if on_images
                                                              else "--features (a features folder)"))
     record = train(args.method, source, args.out, classic.parse_overrides(args.set),
                    workers=max(1, args.workers), beam_args=beam_args, force=args.force,

@@ -25,7 +25,8 @@ from pipeline.resources import limit_threads
 SUBSET = "subset"  # tag of the whole-row image sample
 NAMESPACE = "cairn"
 # encoder artefact kind -> (input feature kind, output feature kind)
-ENCODERS = {"bovw": ("local", "sparse"), "vlad": ("local", "global"), "pca_whitening": ("global", "global")}
+ENCODERS = {"bovw": ("local", "sparse"), "vlad": ("local", "global"), "pca_whitening": ("global", "global"),
+            "attention_pool": ("local", "global")}
 
 
 def load_encoder(path: str):
@@ -38,6 +39,8 @@ def load_encoder(path: str):
         from features.vocabulary import VLADEncoder as cls
     elif kind == "pca_whitening":
         from features.pca import PCAWhitening as cls
+    elif kind == "attention_pool":
+        from features.delf import AttentionPooling as cls
     else:
         from pipeline.errors import CairnError
 
@@ -125,9 +128,12 @@ class EncodeBatches(beam.DoFn):
             from features.local import local_features_from_table
             from features.sift import prepare_descriptors
 
-            sets = [prepare_descriptors(f.descriptors, {"postprocess": self.postprocess})
-                    for f in local_features_from_table(table)]
-            encoded = self.encoder.transform(sets)
+            feats = local_features_from_table(table)
+            sets = [prepare_descriptors(f.descriptors, {"postprocess": self.postprocess}) for f in feats]
+            if getattr(self.encoder, "weighted", False):  # DELF attention pooling weighs by the scores
+                encoded = self.encoder.transform(sets, [f.scores for f in feats])
+            else:
+                encoded = self.encoder.transform(sets)
         else:
             from pipeline.schemas import vectors_of
 

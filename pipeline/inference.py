@@ -87,11 +87,15 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, object]):
 
 
 class PrepareImages(beam.DoFn):
-    """{id, path, landmark_id} -> ((id, landmark_id, path), [size, size, 3] uint8); failures -> dead letters."""
+    """{id, path, landmark_id} -> ((id, landmark_id, path), prepared image); failures -> dead letters.
 
-    def __init__(self, size: int, decode: DecodeConfig):
+    The prepared image is ``resize_square(image, size)`` when ``size`` is an int, ``size(image)`` when it is a
+    (picklable) function; with ``with_size`` the value is (prepared image, (decoded width, height))."""
+
+    def __init__(self, size, decode: DecodeConfig, with_size: bool = False):
         self.size = size
         self.decode = decode
+        self.with_size = with_size
         self.failed = {stage: Metrics.counter(NAMESPACE, f"dead_{stage}") for stage in ("read", "decode")}
 
     def process(self, row: dict):
@@ -108,7 +112,9 @@ class PrepareImages(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(row["id"], "decode", f"{type(e).__name__}: {e}",
                                                             row.get("path") or ""))
             return
-        yield (row["id"], row["landmark_id"], row.get("path") or ""), resize_square(image, self.size)
+        prepared = resize_square(image, self.size) if isinstance(self.size, int) else self.size(image)
+        key = (row["id"], row["landmark_id"], row.get("path") or "")
+        yield key, ((prepared, (image.shape[1], image.shape[0])) if self.with_size else prepared)
 
 
 class _ToRows(beam.DoFn):
@@ -131,6 +137,66 @@ class _ToRows(beam.DoFn):
         yield {"id": image_id, "landmark_id": label, "vector": v}
 
 
+class LocalModelHandler(ModelHandler):
+    """(prepared image, (width, height)) -> PredictionResult(example=None, inference=LocalFeatures), batched:
+    ``load_model`` builds a batched local extractor (features/delf.py's DelfExtractor) once per worker, and
+    ``run_inference`` hands it the whole batch (it runs same-shaped images through the model together)."""
+
+    def __init__(self, params: dict, threads: int = 1, batch_size: int = 8, factory=None):
+        super().__init__()
+        self.params = dict(params)
+        self.threads = threads
+        self.batch_size = batch_size
+        self.factory = factory
+
+    def load_model(self):
+        _quiet_beam_memory_warning()
+        limit_threads(self.threads)
+        if self.factory is not None:
+            return self.factory(self.params, self.threads)
+        import tensorflow  # noqa: F401 - imported first so that limit_threads can size its pools
+
+        from features.delf import DelfConfig, DelfExtractor
+
+        limit_threads(self.threads)
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in self.params.items()}
+        return DelfExtractor(DelfConfig(**params), threads=self.threads)
+
+    def run_inference(self, batch, model, inference_args=None) -> Iterable[PredictionResult]:
+        feats = model.extract_batch([b[0] for b in batch], [b[1] for b in batch])
+        return [PredictionResult(None, f) for f in feats]
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+
+    def get_num_bytes(self, batch) -> int:
+        return sum(b[0].nbytes for b in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "cairn_local"
+
+
+class _ToLocalRows(beam.DoFn):
+    """((id, landmark_id, path), PredictionResult of LocalFeatures) -> a one-row local-features table."""
+
+    def __init__(self, schema):
+        self.schema = schema
+        self.ok = Metrics.counter(NAMESPACE, "images_ok")
+        self.bad = Metrics.counter(NAMESPACE, "dead_extract")
+
+    def process(self, item):
+        from features.local import local_features_table
+
+        (image_id, label, path), result = item
+        feats = result.inference
+        if not np.all(np.isfinite(feats.descriptors)):
+            self.bad.inc()
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(image_id, "extract", "non-finite descriptors", path))
+            return
+        self.ok.inc()
+        yield local_features_table([image_id], [label], [feats], self.schema)
+
+
 FAILED_BATCH_IMAGES = Metrics.counter(NAMESPACE, "dead_extract")
 
 
@@ -145,21 +211,25 @@ def _failed_batch(item) -> list[DeadLetter]:
 
 
 class EmbedImages(beam.PTransform):
-    """Manifest rows -> (feature rows, dead letters): decode, resize, batched CNN inference."""
+    """Manifest rows -> (feature rows, dead letters): decode, prepare, batched inference. With ``local_schema``
+    the handler is a LocalModelHandler and the rows are one-row local-features tables in that schema."""
 
-    def __init__(self, handler: EmbeddingModelHandler, size: int, dim: int, decode: DecodeConfig):
+    def __init__(self, handler, size, dim: int, decode: DecodeConfig, local_schema=None):
         super().__init__()
         self.handler = handler
         self.size = size
         self.dim = dim
         self.decode = decode
+        self.local_schema = local_schema
 
     def expand(self, rows):
-        prepared = rows | "Prepare" >> beam.ParDo(PrepareImages(self.size, self.decode)).with_outputs(
+        local = self.local_schema is not None
+        prepared = rows | "Prepare" >> beam.ParDo(PrepareImages(self.size, self.decode, with_size=local)).with_outputs(
             DEAD, main="images")
         main, other = prepared.images | "Embed" >> RunInference(
             KeyedModelHandler(self.handler)).with_exception_handling()
-        results = main | "ToRows" >> beam.ParDo(_ToRows(self.dim)).with_outputs(DEAD, main="rows")
+        to_rows = _ToLocalRows(self.local_schema) if local else _ToRows(self.dim)
+        results = main | "ToRows" >> beam.ParDo(to_rows).with_outputs(DEAD, main="rows")
         failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch)
         dead = (prepared[DEAD], results[DEAD], failed) | "Dead" >> beam.Flatten()
         return results.rows, dead

@@ -456,15 +456,24 @@ not (grey for a query without a landmark). Hover a thumbnail for its id and scor
         from reports.gradcam import grad_cam, overlay
 
         m = self.res.methods[name]
-        right = m.right(self.truth)
-        made = [i for i, p in enumerate(m.pred) if p is not None]
-        made.sort(key=lambda i: (self.truth[i] is None, -m.conf[i]))
+        # the landmark each query is explained against: the method's answer, or where it answered nothing, the
+        # landmark of its nearest database image (what it looked most like)
+        target: dict[int, int] = {}
+        for i, q in enumerate(self.res.queries.ids):
+            if m.pred[i] is not None:
+                target[i] = m.pred[i]
+            else:
+                nearest = [lab for _, _, lab in m.neighbours.get(q, [])[:1] if lab is not None]
+                if nearest:
+                    target[i] = nearest[0]
+        right = {i: t == self.truth[i] for i, t in target.items()}
+        made = sorted(target, key=lambda i: (m.pred[i] is None, self.truth[i] is None, -m.conf[i]))
         good, bad = [i for i in made if right[i]], [i for i in made if not right[i]]
         n = self.config.gradcam
         take_bad = min(len(bad), n // 2, n - min(len(good), n - n // 2))  # half each, the rest filled from either
         chosen = good[: n - take_bad] + bad[:take_bad]
         if not chosen:
-            return f"<p>{html.escape(name)} predicted no landmark for any query: nothing to explain.</p>"
+            return f"<p>{html.escape(name)} has neither answers nor labelled neighbours: nothing to explain.</p>"
         side = int(extractor.get("input_size") or 224)  # what the extractor fed the model (scale 1.0)
         images, shown = [], []
         for i in chosen:
@@ -476,30 +485,32 @@ not (grey for a query without a landmark). Hover a thumbnail for its id and scor
             images.append(resize_square(img, side))
             shown.append(i)
         centroids = class_centroids(features_prefix(fs.join(self.res.run_dir, "work", name, "embeddings", "train")),
-                                    {m.pred[i] for i in shown})
-        keep = [k for k, i in enumerate(shown) if m.pred[i] in centroids]
+                                    {target[i] for i in shown})
+        keep = [k for k, i in enumerate(shown) if target[i] in centroids]
         images, shown = [images[k] for k in keep], [shown[k] for k in keep]
         if not shown:
             return "<p>The answered classes have no database embeddings to explain against.</p>"
         model, _ = load_embedding_model(path)
-        targets = [centroids[m.pred[i]] for i in shown]
+        targets = [centroids[target[i]] for i in shown]
         cams = grad_cam(model, np.stack(images).astype(np.float32), np.stack(targets))
         blocks = []
         for i, img, cam in zip(shown, images, cams, strict=True):
             q = self.res.queries.ids[i]
             ok = bool(right[i])
-            ex = self.class_example.get(m.pred[i])
+            ex = self.class_example.get(target[i])
             tag = f'<span class="tag {"ok" if ok else "bad"}">{"right" if ok else "wrong"}</span>'
+            answer = (f"answered <b>{html.escape(self.label(m.pred[i]))}</b> ({m.conf[i]:.2f})" if m.pred[i] is not None
+                      else f"no answer; nearest landmark <b>{html.escape(self.label(target[i]))}</b>")
             blocks.append(
                 f'<div class="query"><div class="row">{self.figure(self.query_path[q], f"query {q[:10]}", "q")}'
                 f'<figure>{_img(_jpeg(overlay(img, cam)), f"Grad-CAM of query {q}", "image/jpeg", "thumb", 160)}'
                 f"<figcaption>Grad-CAM</figcaption></figure>"
-                f'{self.figure(self.train_path.get(ex), "predicted: " + self.label(m.pred[i])) if ex else ""}'
-                f'<div class="lab">{tag} truth <b>{html.escape(self.label(self.truth[i]))}</b>, answered '
-                f"<b>{html.escape(self.label(m.pred[i]))}</b> ({m.conf[i]:.2f})</div></div></div>")
+                f'{self.figure(self.train_path.get(ex), "explained: " + self.label(target[i])) if ex else ""}'
+                f'<div class="lab">{tag} truth <b>{html.escape(self.label(self.truth[i]))}</b>, {answer}'
+                f"</div></div></div>")
         return f"""
-<p>For a few queries {html.escape(name)} answered (the most confident right and wrong ones), the regions of the photo
-that made it look like the landmark it answered: red is strong evidence, blue none. The score explained is the
+<p>For a few queries of {html.escape(name)} (its most confident right and wrong answers; where it answered
+nothing, the landmark of the nearest database image), the regions of the photo that made it look like that landmark: red is strong evidence, blue none. The score explained is the
 cosine similarity between the query's embedding and the mean embedding of that landmark's database images; the
 map is Grad-CAM over the backbone's last feature map, on the query resized as the extractor resized it (at scale
 1.0; the centroid is taken in the embedding space before any PCA), model <code>{html.escape(path)}</code>. A model

@@ -48,7 +48,8 @@ CONFIG_KEYS = ("index_factory", "vote", "params")
 # which parts of MethodsConfig (jobs/classic.py) each method uses
 PARAMS = {"hog": ("hog",), "sift-bovw": ("bovw",), "sift-vlad": ("vlad",), "sift-bovw+sv": ("bovw", "sv"),
           "hog-linear": ("hog", "classifier"), "sift-vlad-linear": ("vlad", "classifier"), "cnn": ("cnn",),
-          "cnn-untrained": ("cnn",), "cnn-pretrained": ("cnn_pretrained",)}
+          "cnn-untrained": ("cnn",), "cnn-pretrained": ("cnn_pretrained",), "cnn+delf": ("cnn", "delf"),
+          "delf+sv": ("delf",)}
 
 DEFINITIONS = {
     "gap": "Global Average Precision (Google Landmark Recognition): predictions sorted by confidence, "

@@ -29,7 +29,10 @@ def shared_path(*parts: str) -> Path:
 
 # `cairn demo` at a size the suite can afford: the tiny class count, one epoch at 64 px
 SMALL_DEMO = ["--classes", "4", "--views", "4", "--workers", "2", "--set", "cnn.finetune.input_size=64",
-              "--set", "cnn.finetune.epochs=1", "--set", "cnn.finetune.head_epochs=1"]
+              "--set", "cnn.finetune.epochs=1", "--set", "cnn.finetune.head_epochs=1",
+              "--set", "delf.train.input_size=64", "--set", "delf.train.epochs=1",
+              "--set", "delf.train.attention_epochs=1", "--set", "delf.max_side=128", "--set", "delf.max_features=100",
+              "--set", "delf.train.pca_images=10"]
 PRETRAINED = SHARED / "weights" / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
 ARTIFACTS = Path(os.environ.get("CAIRN_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 

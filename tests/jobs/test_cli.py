@@ -16,7 +16,7 @@ def test_help_lists_every_command_and_method(capsys):
     out = capsys.readouterr().out
     for name in ("synth", "extract", "train", "index", "recognize", "report", "compare", "demo"):
         assert f"  {name}" in out
-    assert "hog" in out and "not built yet (issue #7)" in out and "cnn-pretrained" in out
+    assert "hog" in out and "cnn+delf" in out and "delf+sv" in out and "cnn-pretrained" in out
 
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
@@ -32,7 +32,7 @@ def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, tiny_synth):
     cases = [
         (["compare", "--train", str(tmp_path / "no.csv"), "--queries", "q.csv", "--out", str(tmp_path / "o")],
          "does not exist"),
-        ([*compare, "--methods", "delf+sv"], "not built yet: it is planned in issue #7"),
+        ([*compare, "--methods", "delf+sv", "--set", "delf.max_features=0"], "max_features and batch_size >= 1"),
         ([*compare, "--methods", "cnn-pretrained"], "needs a frozen model"),
         (["train", "--method", "cnn", "--features", str(tmp_path), "--out", str(tmp_path / "m")],
          "needs --manifest"),
@@ -88,8 +88,14 @@ def test_synth_then_demo_end_to_end(small_demo):
     stdout = (small_demo / "stdout.txt").read_text()
     assert "metrics:" in stdout and "hog" in stdout and "cnn-untrained" in stdout and "report.html" in stdout
     run = small_demo / "run"
-    for name in ("metrics.json", "report.html", "per_class.csv", "predictions/cnn.csv"):
+    for name in ("metrics.json", "report.html", "per_class.csv", "predictions/cnn.csv", "predictions/cnn+delf.csv",
+                 "predictions/delf+sv.csv", "work/delf/model/model.keras", "work/delf/model/pca.npz"):
         assert (run / name).is_file(), name
+    import json
+
+    delf = json.loads((run / "work" / "delf" / "local" / "train" / "extract.json").read_text())
+    assert delf["counts"]["inputs"] == delf["counts"]["outputs"] + delf["counts"]["dead_letters"]
+    assert delf["dim"] == 40 and delf["kind"] == "local"  # PCA-projected DELF descriptors
     again = _cairn("demo", "--out", str(small_demo), *SMALL_DEMO,
                    *(["--pretrained", str(PRETRAINED)] if PRETRAINED.is_file() else []))
     assert again.returncode == 0 and "reusing" in again.stderr

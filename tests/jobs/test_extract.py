@@ -82,8 +82,10 @@ def test_rerun_reuses_only_with_the_same_config(tmp_path, tiny_synth, caplog):
 def test_unknown_method_and_bad_flags_are_user_errors(tmp_path, tiny_synth):
     with pytest.raises(CairnError, match="cnn needs a model"):
         extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), method="cnn")
-    with pytest.raises(CairnError, match="issue #7"):
+    with pytest.raises(CairnError, match="'delf\\+sv' is not an extractor"):
         extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), method="delf+sv")
+    with pytest.raises(CairnError, match="delf needs a model"):
+        extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), method="delf")
     with pytest.raises(CairnError, match="unknown method 'surf'"):
         extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), method="surf")
     with pytest.raises(CairnError, match="--max-side"):
