@@ -324,7 +324,7 @@ def _delf(ctx, group: str, workdir: str, quick: bool) -> list[dict]:
               note="DELF attention trained on synthetic landmarks over the ImageNet conv_pw_11 features; PCA 40-d "
               "learned on the Porto photos; 3 scales at 512 px, up to 500 features", without=round(
                   plain["map_at_100"], 4), delf_train_seconds=round(train_seconds, 1), pca=pca,
-              attention_accuracy=trained["history"]["stage2"]["accuracy"][-1]),
+              attention_accuracy=(trained["history"].get("stage2", {}).get("accuracy") or [None])[-1]),
         entry(group, f"{name}: P@1", round(r["p_at_1"], 4), "accuracy", f"{ref}: P@1"),
         entry(group, f"{name}: kNN accuracy", round(r["knn_accuracy"], 4), "accuracy", f"{ref}: kNN accuracy"),
         entry(group, f"{name}: bytes per image", round(4 * 1024 + local_bytes / record["counts"]["outputs"]),

@@ -82,6 +82,9 @@ def _step(rf: tuple[ReceptiveField, ReceptiveField], kind: str, cfg: dict):
             out.append(ReceptiveField(r.size + (k_eff - 1) * r.stride, r.stride * s,
                                       r.start + ((k_eff - 1) / 2 - before) * r.stride))
         return tuple(out)
+    if kind in ("UpSampling2D", "Cropping2D", "Conv2DTranspose", "Resizing", "Functional", "Sequential", "Model"):
+        raise ValueError(f"receptive_field: a {kind} layer is not supported (nor a nested model); choose a block of "
+                         "a plain convolutional backbone")
     return rf  # element-wise layers (batch norm, activations, rescaling, add, multiply, ...)
 
 

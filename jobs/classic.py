@@ -431,7 +431,7 @@ def build_cnn_delf(config: MethodsConfig, ctx: RunContext) -> dict:
     """cnn+delf's base: the fine-tuned cnn's embeddings and index, with DELF local features for re-ranking."""
     base = build_deep("cnn", config, ctx)
     delf = build_delf(config, ctx)
-    seconds = float(base["train"].get("train_seconds", 0.0)) + float(delf["train"].get("seconds", 0.0))
+    seconds = float(base["train"].get("train_seconds", 0.0)) + float(delf["train"].get("train_seconds", 0.0))
     return {**base, "local": delf["local"], "extra_extract": delf["extract"],
             "train": {**base["train"], "train_seconds": seconds}}
 
@@ -500,7 +500,7 @@ def _costs(method: str, base: dict, trained: dict, rec: dict) -> dict:
         "bytes_per_image": representation,
         "feature_bytes_per_image": round(vector_bytes / images) if images else None,
         "index_bytes": base["indexed"]["index_bytes"],
-        "dead_letters": sum(r["counts"]["dead_letters"] for r in ex.values()),
+        "dead_letters": sum(r["counts"]["dead_letters"] for r in (*ex.values(), *base.get("extra_extract", {}).values())),
         "index_factory": index_record.get("factory", index_record.get("kind")),
         "vote": (rec.get("tuning") or {}).get("tuned") or rec["config"]["vote"],
     }

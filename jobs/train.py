@@ -253,7 +253,12 @@ def train_delf(manifest: str, out: str, config, decode: DecodeConfig = DecodeCon
     if weights not in ("none", "imagenet") and not fs.exists(weights):
         raise CairnError(f"delf.train.backbone.weights: {weights} does not exist; give a .weights.h5 or .tflite "
                          "file, 'imagenet' (downloads) or 'none'")
-    requested = {"method": "delf", "method_config": cfg.to_dict(config), "manifest": manifest,
+    # what the model and its PCA depend on: the training config and the extraction the PCA learns from (not the
+    # re-ranking or batch size, which change nothing here)
+    extraction = cfg.to_dict(config.extraction(""))
+    learned_from = {k: extraction[k] for k in ("scales", "max_side", "max_features", "score_threshold")}
+    requested = {"method": "delf", "method_config": cfg.to_dict(config.train), "pca_extraction": learned_from,
+                 "manifest": manifest,
                  "manifest_sha256": manifest_fingerprint(manifest, rows), "decode": cfg.to_dict(decode),
                  "weights_sha256": cfg.file_fingerprint(weights) if weights not in ("none", "imagenet") else None}
     if (reused := _reusable(out, requested, "model.keras", force)) is not None:
@@ -263,7 +268,7 @@ def train_delf(manifest: str, out: str, config, decode: DecodeConfig = DecodeCon
 
         shutil.rmtree(fs.join(out, "checkpoints"))
     record = train_model(list(rows.records()), out, config.train, extract=config.extraction(""), decode=decode)
-    dim = record["pca"]["dim"] if record["pca"] else int(record.get("dim", 0))
+    dim = record["pca"]["dim"] if record["pca"] else int(record["dim"])
     AttentionPooling(dim).save(fs.join(out, "pool.npz"))
     dead = record.pop("dead_letters")
     fs.write_text(fs.join(out, "dead_letters.csv"), dead_letters_csv(dead))
@@ -271,7 +276,7 @@ def train_delf(manifest: str, out: str, config, decode: DecodeConfig = DecodeCon
     record.update({"config": requested, "method": "delf", "dim": dim})
     _save_record(out, "model.keras", record)
     log.info("train delf: %d images of %d landmarks in %.1f s (PCA: %s); %s", record["counts"]["used"],
-             record["classes"], record["seconds"], record["pca"], fs.join(out, "model.keras"))
+             record["classes"], record["train_seconds"], record["pca"], fs.join(out, "model.keras"))
     return record
 
 

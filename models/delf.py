@@ -165,10 +165,14 @@ def train_delf(records: list[tuple[str, str, int | None]], out: str, config: Del
         os.makedirs(checkpoints, exist_ok=True)
         cfg.save_json(marker, {"config": requested})
     timer = step_timer()
-    history = {}
+    stage1_weights = os.path.join(checkpoints, "stage1.weights.h5")
     for stage, model, epochs, lr in ((1, stage1, config.epochs, config.learning_rate * config.descriptor_lr_scale),
                                      (2, stage2, config.attention_epochs, config.learning_rate)):
         if not epochs:
+            continue
+        if stage == 1 and os.path.exists(stage1_weights):  # a resumed run: stage 1 finished before
+            delf.load_weights(stage1_weights)
+            log.info("DELF: stage 1 already done (%s); resuming with stage 2", stage1_weights)
             continue
         _set_trainable(delf, stage, config.backbone.frozen_batchnorm)
         model.compile(optimizer=keras.optimizers.Adam(lr),
@@ -177,11 +181,14 @@ def train_delf(records: list[tuple[str, str, int | None]], out: str, config: Del
         callbacks = [keras.callbacks.BackupAndRestore(os.path.join(checkpoints, f"stage{stage}")),
                      keras.callbacks.CSVLogger(os.path.join(out, f"history-stage{stage}.csv"), append=True),
                      keras.callbacks.TerminateOnNaN(), timer]
-        fit = model.fit(data, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=1 if progress else 2)
-        losses = fit.history.get("loss", [])
-        if any(not math.isfinite(v) for v in losses):
-            raise CairnError(f"DELF training diverged in stage {stage} (the loss became NaN); lower learning_rate")
-        history[f"stage{stage}"] = {k: [round(float(x), 5) for x in v] for k, v in fit.history.items()}
+        model.fit(data, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=1 if progress else 2)
+        if stage == 1:  # whole or not at all: a half-written file must not count as "stage 1 done"
+            delf.save_weights(stage1_weights + ".tmp.weights.h5")
+            os.replace(stage1_weights + ".tmp.weights.h5", stage1_weights)
+    history = read_history(out)  # every epoch, also those run before a resume
+    for stage, h in history.items():
+        if any(not math.isfinite(v) for v in h.get("loss", [])):
+            raise CairnError(f"DELF training diverged in {stage} (the loss became NaN); lower learning_rate")
     meta = {"backbone": cfg.to_dict(config.backbone), "layer": layer, "attention_dim": config.attention_dim,
             "dim": int(delf.outputs[0].shape[-1]), "input": "RGB 0..255", "input_size": config.input_size,
             "receptive_field": [dataclasses.asdict(r) for r in rf], "classes": [int(c) for c in classes],
@@ -199,9 +206,29 @@ def train_delf(records: list[tuple[str, str, int | None]], out: str, config: Del
                                                 "unlabelled": len(records) - len(labelled),
                                                 "dead_letters": len(cache.dead_letters)},
             "dead_letters": cache.dead_letters, "history": history, "layer": layer,
-            "receptive_field": meta["receptive_field"], "step_seconds": round(step, 4) if step else None,
-            "train_seconds": round(train_seconds, 3), "pca": pca,
-            "seconds": round(time.perf_counter() - started, 3)}
+            "receptive_field": meta["receptive_field"], "dim": meta["dim"],
+            "step_seconds": round(step, 4) if step else None, "model_seconds": round(train_seconds, 3), "pca": pca,
+            # everything learned: both stages and the PCA (with its extraction)
+            "train_seconds": round(time.perf_counter() - started, 3)}
+
+
+def read_history(out: str) -> dict[str, dict[str, list[float]]]:
+    """Per-stage, per-epoch figures from OUT/history-stage{1,2}.csv (Keras' CSVLogger, appended across resumes)."""
+    import csv
+
+    history: dict[str, dict[str, list[float]]] = {}
+    for stage in (1, 2):
+        path = os.path.join(out, f"history-stage{stage}.csv")
+        if not os.path.exists(path):
+            continue
+        figures: dict[str, list[float]] = {}
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                for k, v in row.items():
+                    if k != "epoch" and v not in ("", "NA", None):
+                        figures.setdefault(k, []).append(round(float(v), 5))
+        history[f"stage{stage}"] = figures
+    return history
 
 
 def fit_pca(model_path: str, records: list[tuple[str, str, int | None]], out: str, config: DelfTrainConfig,

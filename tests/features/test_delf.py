@@ -104,12 +104,13 @@ def tiny_delf(tmp_path_factory):
     raw = DelfExtractor(DelfConfig(model=path, max_side=128, max_features=50))
     X = np.concatenate([raw.extract(img).descriptors for img in images])
     pca_path = str(folder / "pca.npz")
-    PCAWhitening(dim=8, whiten=False).fit(X).save(pca_path)
-    return path, pca_path, images
+    fitted = PCAWhitening(dim=8, whiten=False).fit(X)
+    fitted.save(pca_path)
+    return path, pca_path, images, fitted
 
 
 def test_extraction_selects_normalises_and_projects(tiny_delf):
-    path, pca_path, images = tiny_delf
+    path, pca_path, images, _ = tiny_delf
     ex = DelfExtractor(DelfConfig(model=path, pca=pca_path, max_side=128, max_features=50))
     f = ex.extract(images[0])
     assert ex.dim == 8 and f.descriptors.shape == (50, 8) and (f.width, f.height) == (160, 120)
@@ -121,7 +122,7 @@ def test_extraction_selects_normalises_and_projects(tiny_delf):
 
 
 def test_batched_extraction_equals_one_image_at_a_time(tiny_delf):
-    path, pca_path, images = tiny_delf
+    path, pca_path, images, _ = tiny_delf
     ex = DelfExtractor(DelfConfig(model=path, pca=pca_path, max_side=128, max_features=50, batch_size=2))
     odd = np.zeros((90, 60, 3), np.uint8) + 100  # another shape: its own group
     batch = [*images, odd]
@@ -133,18 +134,51 @@ def test_batched_extraction_equals_one_image_at_a_time(tiny_delf):
         np.testing.assert_allclose(f.descriptors, alone.descriptors, atol=1e-4)
 
 
-def test_pca_saved_and_loaded_projects_the_same(tiny_delf, tmp_path):
+def test_pca_saved_and_loaded_projects_as_the_fitted_one(tiny_delf):
     from features.pca import PCAWhitening
 
-    _, pca_path, _ = tiny_delf
+    _, pca_path, _, fitted = tiny_delf
     pca = PCAWhitening.load(pca_path)
     X = np.random.default_rng(1).normal(size=(20, 576)).astype(np.float32)
-    pca.save(str(tmp_path / "again.npz"))
-    np.testing.assert_array_equal(PCAWhitening.load(str(tmp_path / "again.npz")).transform(X), pca.transform(X))
+    np.testing.assert_array_equal(pca.transform(X), fitted.transform(X))
+    np.testing.assert_array_equal(pca.mean_, fitted.mean_)
+    np.testing.assert_array_equal(pca.components_, fitted.components_)
     assert pca.dim_out == 8 and not pca.whiten
 
 
-def test_matching_and_ransac_recover_a_known_homography():
+def test_keypoints_are_receptive_field_centres_in_decoded_pixels_and_top_k_spans_the_scales(tiny_delf, monkeypatch):
+    path, _, _, _ = tiny_delf
+    ex = DelfExtractor(DelfConfig(model=path, scales=(0.5, 1.0), max_side=128, max_features=3))
+    ex.rf = (ReceptiveField(35.0, 16.0, 7.0), ReceptiveField(35.0, 16.0, 7.0))
+    seen = []
+
+    def dense(xb):  # planted maps: one strong cell per scale, scores by scale
+        n, h, w = xb.shape[0], xb.shape[1] // 16, xb.shape[2] // 16
+        att = np.zeros((n, h, w), np.float32)
+        feats = np.random.default_rng(len(seen)).normal(size=(n, h, w, 4)).astype(np.float32)
+        if h == 8:  # scale 1.0 (128 x 128): cell (row 2, col 5) the best
+            att[:, 2, 5] = 9.0
+            att[:, 0, 0] = 1.0
+        else:  # scale 0.5 (64 x 64): cell (row 1, col 3) second best
+            att[:, 1, 3] = 5.0
+        seen.append((h, w))
+        return feats, att
+
+    monkeypatch.setattr(ex, "_dense", dense)
+    ex.dim = 4
+    image = np.zeros((200, 200, 3), np.uint8)  # decoded 200 x 200; scale 1.0 works at 128 x 128
+    f = ex.extract(image)
+    assert sorted(seen) == [(4, 4), (8, 8)]
+    # scale 1.0: cell centre x = 7 + 5 * 16 = 87 in the 128-px image -> (87 + 0.5) * 200 / 128 - 0.5 in pixels
+    np.testing.assert_allclose(f.keypoints[0], [(87.5 * 200 / 128) - 0.5, ((7 + 2 * 16) + 0.5) * 200 / 128 - 0.5])
+    # scale 0.5: x = 7 + 3 * 16 = 55 in the 64-px image -> (55.5) * 200 / 64 - 0.5
+    np.testing.assert_allclose(f.keypoints[1], [55.5 * 200 / 64 - 0.5, (7 + 16 + 0.5) * 200 / 64 - 0.5])
+    np.testing.assert_allclose(f.scores, [9.0, 5.0, 1.0])  # the top 3 over both scales
+    np.testing.assert_allclose(f.scales[:2], [35 * 200 / 128, 35 * 200 / 64])  # the receptive field in pixels
+
+
+@pytest.mark.parametrize("matcher", ["ratio", "mutual"])
+def test_matching_and_ransac_recover_a_known_homography(matcher):
     rng = np.random.default_rng(0)
     n, outliers = 120, 60
     H = np.array([[0.9, 0.1, 20.0], [-0.08, 1.05, 10.0], [1e-4, 5e-5, 1.0]])
@@ -165,8 +199,33 @@ def test_matching_and_ransac_recover_a_known_homography():
 
     q = lf(pts, desc)
     d = lf(np.r_[moved, rng.uniform(0, 320, (outliers, 2)).astype(np.float32)], np.r_[noisy, extra])
-    result = verify(q, d, VerifyConfig(threshold=3.0, reference_side=0))
+    result = verify(q, d, VerifyConfig(matcher=matcher, threshold=3.0, reference_side=0))
     assert result.verified and result.inliers >= 0.95 * n
     assert np.all(result.inlier_pairs[:, 0] == result.inlier_pairs[:, 1])  # every inlier is a true pair
     est = result.model / result.model[2, 2]
     np.testing.assert_allclose(est, H, rtol=0.02, atol=0.5)
+
+
+def test_the_beam_job_extracts_delf_features_and_dead_letters_bad_images(tiny_delf, tmp_path):
+    from PIL import Image
+
+    from jobs.extract import extract, features_prefix
+    from pipeline.parquet_io import read_shards
+    from tests.conftest import write_manifest
+
+    path, pca_path, images, _ = tiny_delf
+    rows = []
+    for k, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / f"i{k}.jpg")
+        rows.append((f"i{k}", f"i{k}.jpg", k))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    rows.append(("broken", "broken.jpg", ""))
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    record = extract(str(manifest), str(tmp_path / "out"), "delf",
+                     {"model": path, "pca": pca_path, "max_side": 128, "max_features": 50, "batch_size": 2},
+                     workers=1)
+    assert record["counts"]["inputs"] == 4 and record["counts"]["outputs"] == 3
+    assert record["counts"]["dead_by_stage"] == {"decode": 1} and record["dim"] == 8
+    table, meta = read_shards(features_prefix(str(tmp_path / "out"), "local"))
+    assert sorted(table.column("id").to_pylist()) == ["i0", "i1", "i2"] and meta["method"] == "delf"
+    assert all(len(d) == 50 for d in table.column("descriptors").to_pylist())
