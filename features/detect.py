@@ -1,0 +1,110 @@
+"""Landmark detection, the geometry shared by training (models/detector.py) and inference: anchors, box encoding,
+non-maximum suppression.
+
+Boxes are [N, 4] float32 (xmin, ymin, xmax, ymax) in continuous pixel coordinates (area = (xmax - xmin) x
+(ymax - ymin)), as in reports/metrics.py.
+
+The detector is single-stage (SSD / RetinaNet style): anchors of several scales and aspect ratios tile the cells
+of the backbone's stride-16 and stride-32 feature maps, and per anchor a head predicts an objectness logit and
+the box as offsets from the anchor (:func:`encode_boxes`). Single-stage because a landmark is one large object
+per photo, for which a region proposal stage and RoI pooling (Faster R-CNN) add a second network and a
+per-image variable-size step without a gain in recall, and one pass batches well in Beam's RunInference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+VARIANCES = (0.1, 0.1, 0.2, 0.2)  # SSD's scaling of the (cx, cy, w, h) offsets: unit-variance targets
+
+
+def generate_anchors(image_size: tuple[int, int], strides: tuple[int, ...] = (16, 32),
+                     scales: tuple[tuple[float, ...], ...] = ((0.15, 0.3), (0.5, 0.8)),
+                     ratios: tuple[float, ...] = (0.5, 1.0, 2.0)) -> np.ndarray:
+    """[A, 4] float32 anchors for an image of ``image_size`` (height, width) pixels.
+
+    Level ``l`` has one cell every ``strides[l]`` pixels (``ceil(side / stride)`` cells per side), centred at
+    ``(j + 0.5) * stride``; at every cell, for each scale ``s`` of ``scales[l]`` (a share of the image's short
+    side) and each aspect ratio ``r`` (width / height), an anchor of area ``(s * short side)**2`` and width /
+    height ``r``. Order: level, row, column, scale, ratio (the heads' output order).
+    """
+    if len(strides) != len(scales):
+        raise ValueError("one tuple of scales per stride")
+    h, w = image_size
+    short = min(h, w)
+    out = []
+    for stride, level_scales in zip(strides, scales, strict=True):
+        gh, gw = -(-h // stride), -(-w // stride)
+        cy = (np.arange(gh, dtype=np.float32) + 0.5) * stride
+        cx = (np.arange(gw, dtype=np.float32) + 0.5) * stride
+        sizes = []
+        for s in level_scales:
+            for r in ratios:
+                side = s * short
+                sizes.append((side * np.sqrt(r), side / np.sqrt(r)))  # (width, height)
+        sizes = np.array(sizes, np.float32)  # [K, 2]
+        yy, xx = np.meshgrid(cy, cx, indexing="ij")
+        centres = np.stack([xx, yy], axis=-1).reshape(-1, 1, 2)  # [cells, 1, 2]
+        half = sizes[None] / 2
+        out.append(np.concatenate([centres - half, centres + half], axis=-1).reshape(-1, 4))
+    return np.concatenate(out).astype(np.float32)
+
+
+def anchors_per_cell(scales: tuple[tuple[float, ...], ...], ratios: tuple[float, ...]) -> list[int]:
+    return [len(s) * len(ratios) for s in scales]
+
+
+def _centre_size(boxes: np.ndarray) -> tuple[np.ndarray, ...]:
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    return boxes[..., 0] + w / 2, boxes[..., 1] + h / 2, w, h
+
+
+def encode_boxes(boxes: np.ndarray, anchors: np.ndarray, variances=VARIANCES) -> np.ndarray:
+    """[A, 4] targets of ``boxes`` (one per anchor, [A, 4]) relative to ``anchors``: ((cx - acx) / aw,
+    (cy - acy) / ah, log(w / aw), log(h / ah)), each divided by its variance."""
+    bx, by, bw, bh = _centre_size(np.asarray(boxes, np.float32))
+    ax, ay, aw, ah = _centre_size(np.asarray(anchors, np.float32))
+    eps = 1e-6
+    t = np.stack([(bx - ax) / aw, (by - ay) / ah, np.log(np.maximum(bw, eps) / aw), np.log(np.maximum(bh, eps) / ah)],
+                 axis=-1)
+    return (t / np.asarray(variances, np.float32)).astype(np.float32)
+
+
+def decode_boxes(deltas: np.ndarray, anchors: np.ndarray, variances=VARIANCES) -> np.ndarray:
+    """The inverse of :func:`encode_boxes`: [..., 4] offsets and anchors -> [..., 4] boxes (xmin, ymin, xmax, ymax).
+    The log-size offsets are clipped at log(1000 / 16) so that a wild prediction cannot overflow."""
+    d = np.asarray(deltas, np.float32) * np.asarray(variances, np.float32)
+    ax, ay, aw, ah = _centre_size(np.asarray(anchors, np.float32))
+    clip = np.log(1000.0 / 16)
+    cx, cy = ax + d[..., 0] * aw, ay + d[..., 1] * ah
+    w, h = aw * np.exp(np.minimum(d[..., 2], clip)), ah * np.exp(np.minimum(d[..., 3], clip))
+    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1).astype(np.float32)
+
+
+def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Boxes cut to the image [0, width] x [0, height]."""
+    out = np.asarray(boxes, np.float32).copy()
+    out[..., [0, 2]] = np.clip(out[..., [0, 2]], 0, width)
+    out[..., [1, 3]] = np.clip(out[..., [1, 3]], 0, height)
+    return out
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.5, max_out: int = 100,
+        score_threshold: float = -np.inf) -> np.ndarray:
+    """Greedy non-maximum suppression: indices of the kept boxes, best score first. A box is dropped when its IoU
+    with an already kept, higher-scoring box exceeds ``iou_threshold``, or its score is below ``score_threshold``
+    (ties in score: the lower index first)."""
+    from reports.metrics import iou_matrix
+
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    order = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] >= score_threshold]
+    keep: list[int] = []
+    while order and len(keep) < max_out:
+        i = order.pop(0)
+        keep.append(i)
+        if order:
+            overlap = iou_matrix(boxes[[i]], boxes[order])[0]
+            order = [j for j, o in zip(order, overlap, strict=True) if o <= iou_threshold]
+    return np.array(keep, dtype=np.int64)
