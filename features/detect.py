@@ -108,3 +108,81 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.5, max_o
             overlap = iou_matrix(boxes[[i]], boxes[order])[0]
             order = [j for j, o in zip(order, overlap, strict=True) if o <= iou_threshold]
     return np.array(keep, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The exported detector and inference
+
+FORMAT = "cairn-detector"
+VERSION = 1
+
+
+def save_detector(model, path: str, metadata: dict) -> None:
+    """Write the detector to ``path`` (.keras) with cairn.json (backbone, input size, anchor layout) inside."""
+    import json
+    import os
+    import zipfile
+
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    with zipfile.ZipFile(tmp, "a") as z:
+        z.writestr("cairn.json", json.dumps({"format": FORMAT, "version": VERSION, **metadata}, indent=2,
+                                            sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load_detector(path: str):
+    """(keras.Model, metadata) of an exported detector, loaded in Keras' safe mode."""
+    import json
+    import zipfile
+
+    import keras
+
+    import features.layers  # noqa: F401 - registers Cairn's layers
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.read("cairn.json"))
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
+        raise ValueError(f"{path} is not a Cairn detector ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
+        raise ValueError(f"{path}: unsupported detector format {meta.get('format')!r} version {meta.get('version')}")
+    return keras.saving.load_model(path, compile=False, safe_mode=True), meta
+
+
+class Detector:
+    """Images -> landmark boxes with scores, from an exported detector: each image resized whole to the model's
+    square input, objectness and box offsets per anchor, decoded, mapped back to the image's pixels, clipped,
+    reduced by NMS."""
+
+    def __init__(self, path: str, score_threshold: float = 0.3, iou_threshold: float = 0.5, max_boxes: int = 5):
+        self.model, self.meta = load_detector(path)
+        self.size = int(self.meta["input_size"])
+        self.anchors = generate_anchors((self.size, self.size), tuple(self.meta["strides"]),
+                                        tuple(tuple(s) for s in self.meta["scales"]), tuple(self.meta["ratios"]))
+        self.score_threshold, self.iou_threshold, self.max_boxes = score_threshold, iou_threshold, max_boxes
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        import cv2
+
+        h, w = image.shape[:2]
+        interp = cv2.INTER_AREA if max(h, w) > self.size else cv2.INTER_LINEAR
+        return cv2.resize(image, (self.size, self.size), interpolation=interp)
+
+    def detect_batch(self, prepared: np.ndarray, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[B, S, S, 3] prepared images and their (width, height) -> per image (boxes [k, 4], scores [k])."""
+        out = np.asarray(self.model.predict_on_batch(np.asarray(prepared, np.float32)), np.float32)
+        results = []
+        for pred, (w, h) in zip(out, sizes, strict=True):
+            scores = 1 / (1 + np.exp(-pred[:, 0]))
+            boxes = decode_boxes(pred[:, 1:], self.anchors)
+            boxes[:, [0, 2]] *= w / self.size
+            boxes[:, [1, 3]] *= h / self.size
+            boxes = clip_boxes(boxes, w, h)
+            keep = nms(boxes, scores, self.iou_threshold, self.max_boxes, self.score_threshold)
+            results.append((boxes[keep], scores[keep]))
+        return results
+
+    def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h, w = image.shape[:2]
+        return self.detect_batch(self.prepare(image)[None], [(w, h)])[0]
