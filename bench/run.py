@@ -31,6 +31,7 @@ BENCHMARKS = {
     "recognize_1m": "bench.bench_recognize",
     "embed": "bench.bench_embed",
     "delf": "bench.bench_delf",
+    "detect": "bench.bench_detect",
     "porto": "bench.bench_porto",
 }
 COMMAND = "make bench"

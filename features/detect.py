@@ -186,3 +186,121 @@ class Detector:
     def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h, w = image.shape[:2]
         return self.detect_batch(self.prepare(image)[None], [(w, h)])[0]
+
+
+class SavedModelDetector:
+    """A TensorFlow SavedModel detector with the TensorFlow Object Detection API's serving signature, as the
+    published landmark detectors ship: ``serving_default`` takes ``input_tensor`` [1, H, W, 3] uint8 and returns
+    ``detection_boxes`` [1, N, 4] (ymin, xmin, ymax, xmax, normalised to [0, 1]), ``detection_scores`` [1, N],
+    ``detection_classes`` [1, N] and ``num_detections`` [1]. Boxes come back in the image's pixels (xmin, ymin,
+    xmax, ymax), above ``score_threshold``, of ``classes`` only when given, reduced by NMS."""
+
+    def __init__(self, path: str, score_threshold: float = 0.3, iou_threshold: float = 0.5, max_boxes: int = 5,
+                 classes: tuple[int, ...] = ()):
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(path)
+        if "serving_default" not in loaded.signatures:
+            raise ValueError(f"{path}: the SavedModel has no serving_default signature; an Object Detection API "
+                             "export has one (exporter_main_v2.py)")
+        self._loaded = loaded  # keeps the variables alive
+        self.fn = loaded.signatures["serving_default"]
+        inputs = self.fn.structured_input_signature[1]
+        if len(inputs) != 1:
+            raise ValueError(f"{path}: expected one image input, the signature takes {sorted(inputs)}")
+        self.input_name = next(iter(inputs))
+        outputs = set(self.fn.structured_outputs)
+        missing = {"detection_boxes", "detection_scores"} - outputs
+        if missing:
+            raise ValueError(f"{path}: the signature lacks {sorted(missing)} (outputs: {sorted(outputs)}); not an "
+                             "Object Detection API detector")
+        self.score_threshold, self.iou_threshold, self.max_boxes = score_threshold, iou_threshold, max_boxes
+        self.classes = tuple(classes)
+
+    def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[H, W, 3] uint8 -> (boxes [k, 4] in pixels, scores [k])."""
+        import tensorflow as tf
+
+        h, w = image.shape[:2]
+        out = self.fn(**{self.input_name: tf.convert_to_tensor(np.asarray(image, np.uint8)[None])})
+        boxes = np.asarray(out["detection_boxes"], np.float32)[0].reshape(-1, 4)
+        scores = np.asarray(out["detection_scores"], np.float32)[0].reshape(-1)
+        n = int(np.asarray(out["num_detections"]).reshape(-1)[0]) if "num_detections" in out else len(scores)
+        boxes, scores = boxes[:n], scores[:n]
+        if self.classes and "detection_classes" in out:
+            cls = np.asarray(out["detection_classes"])[0].reshape(-1)[:n].astype(np.int64)
+            keep = np.isin(cls, self.classes)
+            boxes, scores = boxes[keep], scores[keep]
+        pixels = np.stack([boxes[:, 1] * w, boxes[:, 0] * h, boxes[:, 3] * w, boxes[:, 2] * h], axis=1)
+        pixels = clip_boxes(pixels, w, h)
+        keep = nms(pixels, scores, self.iou_threshold, self.max_boxes, self.score_threshold)
+        return pixels[keep], scores[keep]
+
+
+def load_any_detector(path: str, **kwargs):
+    """A Cairn detector (.keras) or an Object Detection API SavedModel folder."""
+    import os
+
+    if path.endswith(".keras"):
+        return Detector(path, **{k: v for k, v in kwargs.items() if k != "classes"})
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
+        return SavedModelDetector(path, **kwargs)
+    raise ValueError(f"{path}: not a Cairn detector (.keras from training) nor a SavedModel folder")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training-free fallback: proposals from a CNN's activation map
+
+
+def boxes_from_activation(activation: np.ndarray, image_size: tuple[int, int],
+                          thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)) -> tuple[np.ndarray, np.ndarray]:
+    """[h, w] activation map (any scale) of an image of ``image_size`` (width, height) -> (boxes [k, 4] in pixels,
+    scores [k]): at each threshold (a share of the map's range), every connected region of cells at or above it
+    becomes the box of its cells; its score is the share of the map's total activation (above the minimum) that
+    the box holds, so the box holding most of the evidence ranks first."""
+    import cv2
+
+    a = np.asarray(activation, np.float32)
+    a = a - a.min()
+    if a.max() <= 0:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    a = a / a.max()
+    h, w = a.shape
+    width, height = image_size
+    sx, sy = width / w, height / h
+    total = float(a.sum())
+    boxes, scores = [], []
+    for t in thresholds:
+        n, _, stats, _ = cv2.connectedComponentsWithStats((a >= t).astype(np.uint8), connectivity=8)
+        for k in range(1, n):
+            x, y, bw, bh = (int(v) for v in stats[k, :4])
+            boxes.append([x * sx, y * sy, (x + bw) * sx, (y + bh) * sy])
+            scores.append(float(a[y:y + bh, x:x + bw].sum()) / total)
+    return np.array(boxes, np.float32).reshape(-1, 4), np.array(scores, np.float32)
+
+
+class ActivationDetector:
+    """The training-free fallback: the L2 norm over channels of a pretrained backbone's last feature map, turned
+    into boxes by :func:`boxes_from_activation` and reduced by NMS. Landmarks are large, textured and
+    centred, so where an ImageNet network fires most is a fair first guess of the landmark's extent."""
+
+    def __init__(self, backbone, size: int = 320, thresholds: tuple[float, ...] = (0.3, 0.5, 0.7),
+                 iou_threshold: float = 0.5, max_boxes: int = 5):
+        from features.backbones import build_backbone
+
+        self.model = build_backbone(backbone)
+        self.size, self.thresholds = size, thresholds
+        self.iou_threshold, self.max_boxes = iou_threshold, max_boxes
+
+    def activation(self, image: np.ndarray) -> np.ndarray:
+        import cv2
+
+        x = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)[None].astype(np.float32)
+        f = np.asarray(self.model.predict_on_batch(x), np.float32)[0]
+        return np.sqrt((f * f).sum(axis=-1))
+
+    def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h, w = image.shape[:2]
+        boxes, scores = boxes_from_activation(self.activation(image), (w, h), self.thresholds)
+        keep = nms(boxes, scores, self.iou_threshold, self.max_boxes)
+        return boxes[keep], scores[keep]

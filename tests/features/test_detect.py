@@ -36,3 +36,101 @@ def test_encode_decode_round_trip_and_zero_for_the_anchor_itself():
 
 def test_clip_boxes():
     np.testing.assert_array_equal(clip_boxes(np.array([[-5, 2, 50, 70]]), 40, 60), [[0, 2, 40, 60]])
+
+
+def test_an_object_detection_api_saved_model_loads_and_runs(tmp_path):
+    import tensorflow as tf
+
+    from features.detect import SavedModelDetector, load_any_detector
+
+    class FakeDetector(tf.Module):
+        """The OD API serving signature, answering fixed boxes: two landmarks (class 1) and a person (class 7)."""
+
+        @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8, name="input_tensor")])
+        def __call__(self, input_tensor):
+            boxes = tf.constant([[[0.1, 0.2, 0.6, 0.7], [0.12, 0.22, 0.6, 0.7], [0.5, 0.5, 1.0, 1.0]]])
+            return {"detection_boxes": boxes, "detection_scores": tf.constant([[0.9, 0.8, 0.95]]),
+                    "detection_classes": tf.constant([[1.0, 1.0, 7.0]]), "num_detections": tf.constant([3.0])}
+
+    module = FakeDetector()
+    path = str(tmp_path / "od")
+    tf.saved_model.save(module, path, signatures={"serving_default": module.__call__})
+    det = load_any_detector(path, classes=(1,), score_threshold=0.5)
+    assert isinstance(det, SavedModelDetector)
+    boxes, scores = det.detect(np.zeros((100, 200, 3), np.uint8))
+    # (ymin, xmin, ymax, xmax) normalised -> pixels (xmin, ymin, xmax, ymax); the second landmark box overlaps the
+    # first (IoU 0.92) and is suppressed; the person (class 7) is filtered out
+    np.testing.assert_allclose(boxes, [[40, 10, 140, 60]], atol=1e-4)
+    np.testing.assert_allclose(scores, [0.9])
+    everything = SavedModelDetector(path, score_threshold=0.0, iou_threshold=0.99)
+    assert len(everything.detect(np.zeros((100, 200, 3), np.uint8))[0]) == 3
+
+
+def test_a_saved_model_without_the_detection_outputs_is_refused(tmp_path):
+    import tensorflow as tf
+
+    from features.detect import SavedModelDetector
+
+    class NotADetector(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8, name="images")])
+        def __call__(self, images):
+            return {"logits": tf.zeros([1, 10])}
+
+    module = NotADetector()
+    tf.saved_model.save(module, str(tmp_path / "m"), signatures={"serving_default": module.__call__})
+    with pytest.raises(ValueError, match="not an Object Detection API detector"):
+        SavedModelDetector(str(tmp_path / "m"))
+
+
+@pytest.mark.slow
+def test_the_detector_trains_exports_and_finds_boxes_on_the_tiny_set(tiny_synth, tmp_path):
+    import csv
+
+    from features.backbones import BackboneConfig
+    from features.detect import Detector
+    from models.detector import DetectorConfig, train_detector
+    from pipeline.manifest import read_manifest
+
+    paths = dict(zip(*(lambda m: (m.ids, m.paths))(read_manifest(str(tiny_synth / "train.csv"))), strict=True))
+    rows = [r for r in csv.DictReader(open(tiny_synth / "boxes.csv")) if r["id"] in paths]
+    from pipeline.images import load_image
+
+    images = [load_image(paths[r["id"]]) for r in rows]
+    boxes = [np.array([[float(r[k]) for k in ("xmin", "ymin", "xmax", "ymax")]], np.float32) for r in rows]
+    config = DetectorConfig(backbone=BackboneConfig("mobilenet_v2"), input_size=64, epochs=2, batch_size=4)
+    record = train_detector(images, boxes, str(tmp_path / "det"), config)
+    assert len(record["loss"]) == 2 and all(np.isfinite(record["loss"]))
+    det = Detector(str(tmp_path / "det" / "model.keras"), score_threshold=0.0, max_boxes=3)
+    found, scores = det.detect(images[0])
+    h, w = images[0].shape[:2]
+    assert 1 <= len(found) <= 3 and np.all((scores >= 0) & (scores <= 1)) and np.all(np.diff(scores) <= 0)
+    assert np.all(found[:, [0, 2]] <= w) and np.all(found[:, [1, 3]] <= h) and np.all(found >= 0)
+
+
+def test_detection_loss_prefers_the_right_answer():
+    import tensorflow as tf
+
+    from models.detector import detection_loss
+
+    loss = detection_loss()
+    y_true = np.array([[[1, 0.5, -0.5, 0.1, 0.0], [0, 0, 0, 0, 0], [-1, 0, 0, 0, 0]]], np.float32)
+    right = np.array([[[6.0, 0.5, -0.5, 0.1, 0.0], [-6.0, 9, 9, 9, 9], [6.0, 9, 9, 9, 9]]], np.float32)
+    wrong = np.array([[[-6.0, 0.0, 0.0, 0.0, 0.0], [6.0, 0, 0, 0, 0], [6.0, 0, 0, 0, 0]]], np.float32)
+    good, bad = float(loss(tf.constant(y_true), tf.constant(right))[0]), float(loss(tf.constant(y_true),
+                                                                                    tf.constant(wrong))[0])
+    assert good < 0.01 < bad  # negatives' offsets and the ignored anchor do not count
+
+
+def test_boxes_from_activation_hand_computed():
+    from features.detect import boxes_from_activation
+
+    a = np.zeros((4, 6), np.float32)
+    a[1:3, 2:5] = 1.0  # a hot block: rows 1-2, columns 2-4
+    a[0, 0] = 0.4  # a weak spot
+    boxes, scores = boxes_from_activation(a, (60, 40), thresholds=(0.3, 0.5))
+    # cells are 10 x 10 pixels; at 0.3 (in scan order): the spot (0.4 of the 6.4 total) and the block (6); at 0.5:
+    # the block only
+    np.testing.assert_allclose(boxes, [[0, 0, 10, 10], [20, 10, 50, 30], [20, 10, 50, 30]])
+    np.testing.assert_allclose(scores, [0.4 / 6.4, 6 / 6.4, 6 / 6.4], rtol=1e-6)
+    empty = boxes_from_activation(np.ones((3, 3)), (30, 30))
+    assert empty[0].shape == (0, 4)
