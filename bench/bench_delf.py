@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from bench.bench_embed import _images
 from bench.common import entry, offline_beam_args, summary
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,6 @@ TITLE = "DELF: batched Beam extraction vs one image at a time, bytes per image, 
 DESCRIPTION = __doc__.split("\n", 2)[2].strip()
 TFLITE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "weights",
                       "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite")
-
-
-def _images(folder: str, n: int) -> str:
-    from jobs.synth import synth
-    from pipeline.synthetic import SynthConfig
-
-    per_class = 8
-    synth(folder, SynthConfig(seed=5, classes=max(2, n // per_class), views=per_class, tail=0.0,
-                              min_views=per_class, queries_per_class=1, non_landmark_queries=0, non_landmark_train=0,
-                              width=640, height=480))
-    return os.path.join(folder, "train.csv")
 
 
 def _model(workdir: str, manifest: str) -> tuple[str, str]:
@@ -84,7 +74,7 @@ def run(workdir: str, quick: bool) -> list[dict]:
     limit_threads(threads)
     os.makedirs(workdir, exist_ok=True)
     n = 48 if quick else 160
-    manifest = _images(os.path.join(workdir, "data"), n)
+    manifest = _images(os.path.join(workdir, "data"), n, seed=5)
     rows = read_manifest(manifest)
     small = os.path.join(workdir, "data", "small.csv")
     with open(manifest) as f, open(small, "w") as g:

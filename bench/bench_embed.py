@@ -31,13 +31,13 @@ SIZE = 224
 BATCH = 32
 
 
-def _images(folder: str, n: int) -> str:
+def _images(folder: str, n: int, seed: int = 3) -> str:
     """``n`` 640x480 JPEGs of a synthetic landmark set and a manifest of them."""
     from jobs.synth import synth
     from pipeline.synthetic import SynthConfig
 
     per_class = 8
-    synth(folder, SynthConfig(seed=3, classes=max(2, n // per_class), views=per_class, tail=0.0,
+    synth(folder, SynthConfig(seed=seed, classes=max(2, n // per_class), views=per_class, tail=0.0,
                               min_views=per_class, queries_per_class=1, non_landmark_queries=0, non_landmark_train=0,
                               width=640, height=480))
     return os.path.join(folder, "train.csv")

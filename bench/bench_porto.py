@@ -286,6 +286,7 @@ def _delf(ctx, group: str, workdir: str, quick: bool) -> list[dict]:
     from jobs.extract import extract, features_prefix
     from jobs.synth import synth
     from models.delf import DelfTrainConfig, fit_pca, train_delf
+    from pipeline import config as cfg
     from pipeline import fs
     from pipeline.manifest import read_manifest
     from pipeline.synthetic import SynthConfig
@@ -306,7 +307,7 @@ def _delf(ctx, group: str, workdir: str, quick: bool) -> list[dict]:
     pca = fit_pca(model, list(read_manifest(ctx.train).records()), os.path.join(folder, "pca.npz"),
                   dataclasses.replace(train_config, pca_dim=40, pca_images=200), extraction, ctx.decode)
     train_seconds = time.perf_counter() - started
-    params = {k: v for k, v in cfg_dict(method.delf.extraction(model, os.path.join(folder, "pca.npz"))).items()
+    params = {k: v for k, v in cfg.to_dict(method.delf.extraction(model, os.path.join(folder, "pca.npz"))).items()
               if k != "device"}
     record = extract(ctx.train, os.path.join(workdir, "delf-local"), "delf", params, workers=1,
                      beam_args=list(ctx.beam_args))
@@ -335,12 +336,6 @@ def _delf(ctx, group: str, workdir: str, quick: bool) -> list[dict]:
     log.info("porto: cnn-pretrained + DELF mAP@100 %.3f (without %.3f), P@1 %.3f, kNN accuracy %.3f",
              r["map_at_100"], plain["map_at_100"], r["p_at_1"], r["knn_accuracy"])
     return entries
-
-
-def cfg_dict(config) -> dict:
-    from pipeline import config as cfg
-
-    return cfg.to_dict(config)
 
 
 def _deep(ctx, group: str) -> list[dict]:

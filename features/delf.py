@@ -22,19 +22,16 @@ is every image of a corpus of same-sized photos. The official code runs one imag
 
 from __future__ import annotations
 
-import json
-import os
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from features.base import l2_normalize
+from features.keras_io import load_with_metadata, save_with_metadata
 from features.local import LocalFeatures
 
 FORMAT = "cairn-delf-model"
 VERSION = 1
-METADATA_MEMBER = "cairn.json"
 # the stride-16 block of each backbone whose dense features DELF uses (ResNet50's conv4 in the paper)
 DEFAULT_LAYERS = {"resnet50": "conv4_block6_out", "mobilenet": "conv_pw_11_relu",
                   "mobilenet_v2": "block_13_expand_relu", "efficientnet_b0": "block6a_expand_activation"}
@@ -180,39 +177,17 @@ def attention_layers(model) -> list:
     return [model.get_layer(n) for n in ("attention_conv1", "attention_bn", "attention_conv2")]
 
 
+_HINT = "train one with `cairn train --method delf`"
+
+
 def save_delf_model(model, path: str, metadata: dict) -> None:
     """Write ``model`` to ``path`` (.keras) with ``metadata`` inside the archive as cairn.json; atomically."""
-    if not path.endswith(".keras"):
-        raise ValueError(f"a DELF model is saved as a .keras file, not {path!r}")
-    tmp = path + ".tmp.keras"
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as z:
-        z.writestr(METADATA_MEMBER, json.dumps({"format": FORMAT, "version": VERSION, **metadata}, indent=2,
-                                               sort_keys=True))
-    os.replace(tmp, path)
-
-
-def read_delf_metadata(path: str) -> dict:
-    try:
-        with zipfile.ZipFile(path) as z:
-            metadata = json.loads(z.read(METADATA_MEMBER))
-    except (zipfile.BadZipFile, KeyError, OSError) as e:
-        raise ValueError(f"{path} is not a Cairn DELF model ({type(e).__name__}: {e}); train one with "
-                         "`cairn train --method delf`") from None
-    if metadata.get("format") != FORMAT or int(metadata.get("version", 0)) > VERSION:
-        raise ValueError(f"{path}: unsupported model format {metadata.get('format')!r} version "
-                         f"{metadata.get('version')} (this Cairn reads {FORMAT} <= {VERSION})")
-    return metadata
+    save_with_metadata(model, path, {"format": FORMAT, "version": VERSION, **metadata}, "a DELF model")
 
 
 def load_delf_model(path: str):
     """(keras.Model, metadata) of an exported DELF model, loaded in Keras' safe mode."""
-    import keras
-
-    import features.layers  # noqa: F401 - registers Cairn's layers
-
-    metadata = read_delf_metadata(path)
-    return keras.saving.load_model(path, compile=False, safe_mode=True), metadata
+    return load_with_metadata(path, FORMAT, VERSION, "a Cairn DELF model", _HINT)
 
 
 # ---------------------------------------------------------------------------------------------------------------

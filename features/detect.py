@@ -119,35 +119,16 @@ VERSION = 1
 
 def save_detector(model, path: str, metadata: dict) -> None:
     """Write the detector to ``path`` (.keras) with cairn.json (backbone, input size, anchor layout) inside."""
-    import json
-    import os
-    import zipfile
+    from features.keras_io import save_with_metadata
 
-    tmp = path + ".tmp.keras"
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as z:
-        z.writestr("cairn.json", json.dumps({"format": FORMAT, "version": VERSION, **metadata}, indent=2,
-                                            sort_keys=True))
-    os.replace(tmp, path)
+    save_with_metadata(model, path, {"format": FORMAT, "version": VERSION, **metadata}, "a detector")
 
 
 def load_detector(path: str):
     """(keras.Model, metadata) of an exported detector, loaded in Keras' safe mode."""
-    import json
-    import zipfile
+    from features.keras_io import load_with_metadata
 
-    import keras
-
-    import features.layers  # noqa: F401 - registers Cairn's layers
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            meta = json.loads(z.read("cairn.json"))
-    except (zipfile.BadZipFile, KeyError, OSError) as e:
-        raise ValueError(f"{path} is not a Cairn detector ({type(e).__name__}: {e})") from None
-    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-        raise ValueError(f"{path}: unsupported detector format {meta.get('format')!r} version {meta.get('version')}")
-    return keras.saving.load_model(path, compile=False, safe_mode=True), meta
+    return load_with_metadata(path, FORMAT, VERSION, "a Cairn detector", "train one with models/detector.py")
 
 
 class Detector:

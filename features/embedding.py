@@ -14,13 +14,11 @@ is deserialised, only the registered Cairn layers below) with Cairn's metadata a
 
 from __future__ import annotations
 
-import json
-import zipfile
 from dataclasses import dataclass
 
 from features.backbones import BackboneConfig, build_backbone, channels, preprocessing
+from features.keras_io import load_with_metadata, read_metadata, save_with_metadata
 
-METADATA_MEMBER = "cairn.json"
 FORMAT = "cairn-embedding-model"
 VERSION = 1
 
@@ -74,36 +72,17 @@ def model_metadata(backbone: BackboneConfig, head: HeadConfig, input_size: int, 
 
 def save_embedding_model(model, path: str, metadata: dict) -> None:
     """Write ``model`` to ``path`` (.keras) with ``metadata`` inside the archive; atomically (temp + rename)."""
-    import os
+    save_with_metadata(model, path, metadata, "an embedding model")
 
-    if not path.endswith(".keras"):
-        raise ValueError(f"an embedding model is saved as a .keras file, not {path!r}")
-    tmp = path + ".tmp.keras"
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as z:
-        z.writestr(METADATA_MEMBER, json.dumps(metadata, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+
+_HINT = "export one with `cairn train --method cnn`"
 
 
 def read_model_metadata(path: str) -> dict:
     """The cairn.json of an exported model; raises ValueError if the file is not one."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            metadata = json.loads(z.read(METADATA_MEMBER))
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"{path} is not a Cairn embedding model ({type(e).__name__}: {e}); "
-                         "export one with `cairn train --method cnn`") from None
-    if metadata.get("format") != FORMAT or int(metadata.get("version", 0)) > VERSION:
-        raise ValueError(f"{path}: unsupported model format {metadata.get('format')!r} "
-                         f"version {metadata.get('version')} (this Cairn reads {FORMAT} <= {VERSION})")
-    return metadata
+    return read_metadata(path, FORMAT, VERSION, "a Cairn embedding model", _HINT)
 
 
 def load_embedding_model(path: str):
     """(keras.Model, metadata) of an exported model, loaded in Keras' safe mode (no arbitrary code)."""
-    import keras
-
-    import features.layers  # noqa: F401 - registers Cairn's layers for deserialisation
-    metadata = read_model_metadata(path)
-    model = keras.saving.load_model(path, compile=False, safe_mode=True)
-    return model, metadata
+    return load_with_metadata(path, FORMAT, VERSION, "a Cairn embedding model", _HINT)

@@ -128,20 +128,14 @@ def train_delf(records: list[tuple[str, str, int | None]], out: str, config: Del
     import keras
 
     from features.delf import DelfConfig, save_delf_model
-    from models.data import build_cache, training_dataset
-    from models.finetune import step_timer
+    from models.data import training_dataset
+    from models.finetune import labelled_cache, read_stage_history, step_timer
     from pipeline.errors import CairnError
 
     started = time.perf_counter()
-    labelled = [(i, p, y) for i, p, y in records if y is not None]
-    classes = sorted({y for _, _, y in labelled})
-    if len(classes) < 2:
-        raise CairnError(f"DELF training needs images of at least 2 landmarks; the manifest has {len(classes)}")
-    index_of = {c: k for k, c in enumerate(classes)}
-    os.makedirs(out, exist_ok=True)
+    classes, labelled, cache = labelled_cache(records, out, config.input_size, decode, config.cache, threads,
+                                              "DELF training")
     progress = sys.stderr.isatty()
-    cache = build_cache([(i, p, index_of[y]) for i, p, y in labelled], int(round(config.input_size * 1.15)),
-                        decode, config.cache, os.path.join(out, "cache"), threads, progress)
     rows = np.arange(len(cache.labels))
     steps = config.steps_per_epoch or max(1, math.ceil(len(rows) / config.batch_size))
     log.info("DELF: training %s/%s (%s) on %d images of %d landmarks: %d descriptor + %d attention epochs of %d "
@@ -185,7 +179,8 @@ def train_delf(records: list[tuple[str, str, int | None]], out: str, config: Del
         if stage == 1:  # whole or not at all: a half-written file must not count as "stage 1 done"
             delf.save_weights(stage1_weights + ".tmp.weights.h5")
             os.replace(stage1_weights + ".tmp.weights.h5", stage1_weights)
-    history = read_history(out)  # every epoch, also those run before a resume
+    history = {stage: {k: [round(x, 5) for x in v] for k, v in figures.items()}  # every epoch, resumes included
+               for stage, figures in read_stage_history(out).items()}
     for stage, h in history.items():
         if any(not math.isfinite(v) for v in h.get("loss", [])):
             raise CairnError(f"DELF training diverged in {stage} (the loss became NaN); lower learning_rate")
@@ -210,25 +205,6 @@ def train_delf(records: list[tuple[str, str, int | None]], out: str, config: Del
             "step_seconds": round(step, 4) if step else None, "model_seconds": round(train_seconds, 3), "pca": pca,
             # everything learned: both stages and the PCA (with its extraction)
             "train_seconds": round(time.perf_counter() - started, 3)}
-
-
-def read_history(out: str) -> dict[str, dict[str, list[float]]]:
-    """Per-stage, per-epoch figures from OUT/history-stage{1,2}.csv (Keras' CSVLogger, appended across resumes)."""
-    import csv
-
-    history: dict[str, dict[str, list[float]]] = {}
-    for stage in (1, 2):
-        path = os.path.join(out, f"history-stage{stage}.csv")
-        if not os.path.exists(path):
-            continue
-        figures: dict[str, list[float]] = {}
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                for k, v in row.items():
-                    if k != "epoch" and v not in ("", "NA", None):
-                        figures.setdefault(k, []).append(round(float(v), 5))
-        history[f"stage{stage}"] = figures
-    return history
 
 
 def fit_pca(model_path: str, records: list[tuple[str, str, int | None]], out: str, config: DelfTrainConfig,

@@ -212,20 +212,32 @@ def _checkpoints_for(out: str, requested: dict) -> None:
     cfg.save_json(marker, {"config": requested})
 
 
-def _read_history(out: str) -> dict[str, list[float]]:
-    """Per-epoch figures of both stages from history-stage*.csv (Keras' CSVLogger, appended across resumes)."""
+def read_stage_history(out: str) -> dict[str, dict[str, list[float]]]:
+    """{"stage1": {figure: per-epoch values}, "stage2": ...} from OUT/history-stage*.csv (Keras' CSVLogger,
+    appended across resumes); a stage without a file is left out."""
     import csv
 
-    history: dict[str, list[float]] = {}
+    history: dict[str, dict[str, list[float]]] = {}
     for stage in (1, 2):
         path = os.path.join(out, f"history-stage{stage}.csv")
         if not os.path.exists(path):
             continue
+        figures: dict[str, list[float]] = {}
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 for k, v in row.items():
                     if k != "epoch" and v not in ("", "NA", None):  # CSVLogger writes NA for a missing figure
-                        history.setdefault(k, []).append(float(v))
+                        figures.setdefault(k, []).append(float(v))
+        history[f"stage{stage}"] = figures
+    return history
+
+
+def _read_history(out: str) -> dict[str, list[float]]:
+    """Per-epoch figures of both stages, stage 1's first (:func:`read_stage_history`, merged)."""
+    history: dict[str, list[float]] = {}
+    for figures in read_stage_history(out).values():
+        for k, v in figures.items():
+            history.setdefault(k, []).extend(v)
     return history
 
 
@@ -244,6 +256,27 @@ def export(embedding, path: str, config: FinetuneConfig, metadata: dict) -> None
     save_embedding_model(plain, path, model_metadata(config.backbone, config.head, config.input_size, **metadata))
 
 
+def labelled_cache(records: list[tuple[str, str, int | None]], out: str, input_size: int, decode: DecodeConfig,
+                   mode: str, threads: int, what: str):
+    """(sorted classes, labelled records, ImageCache of them with class indices) for training on ``records``:
+    the records without a landmark left out, every image decoded once at 1.15 x ``input_size`` (the random crops'
+    margin) into OUT/cache or memory. CairnError when fewer than 2 landmarks are there, or left after decoding."""
+    from models.data import build_cache
+    from pipeline.errors import CairnError
+
+    labelled = [(i, p, y) for i, p, y in records if y is not None]
+    classes = sorted({y for _, _, y in labelled})
+    if len(classes) < 2:
+        raise CairnError(f"{what} needs images of at least 2 landmarks; the manifest has {len(classes)}")
+    index_of = {c: k for k, c in enumerate(classes)}
+    os.makedirs(out, exist_ok=True)
+    cache = build_cache([(i, p, index_of[y]) for i, p, y in labelled], int(round(input_size * 1.15)), decode, mode,
+                        os.path.join(out, "cache"), threads, sys.stderr.isatty())
+    if len(np.unique(cache.labels)) < 2:
+        raise CairnError(f"{what}: fewer than 2 landmarks left after decoding; see the dead letters")
+    return classes, labelled, cache
+
+
 def finetune(records: list[tuple[str, str, int | None]], out: str, config: FinetuneConfig = FinetuneConfig(),
              decode: DecodeConfig = DecodeConfig(), threads: int = 0) -> dict:
     """Fine-tune on ``records`` (id, path, landmark_id); writes OUT/model.keras and OUT/untrained.keras.
@@ -254,22 +287,13 @@ def finetune(records: list[tuple[str, str, int | None]], out: str, config: Finet
     import keras
     import tensorflow as tf
 
-    from models.data import build_cache, evaluation_dataset, training_dataset
+    from models.data import evaluation_dataset, training_dataset
     from pipeline.errors import CairnError
 
     started = time.perf_counter()
-    labelled = [(i, p, y) for i, p, y in records if y is not None]
-    classes = sorted({y for _, _, y in labelled})
-    if len(classes) < 2:
-        raise CairnError(f"fine-tuning needs images of at least 2 landmarks; the manifest has {len(classes)}")
-    index_of = {c: k for k, c in enumerate(classes)}
-    os.makedirs(out, exist_ok=True)
-    cache_size = int(round(config.input_size * 1.15))
+    classes, labelled, cache = labelled_cache(records, out, config.input_size, decode, config.cache, threads,
+                                              "fine-tuning")
     progress = sys.stderr.isatty()
-    cache = build_cache([(i, p, index_of[y]) for i, p, y in labelled], cache_size, decode, config.cache,
-                        os.path.join(out, "cache"), threads, progress)
-    if len(np.unique(cache.labels)) < 2:
-        raise CairnError("fine-tuning: fewer than 2 landmarks left after decoding; see the dead letters")
     train_rows, val_rows = split_validation(cache.labels, config.validation_fraction, config.seed)
     if len(val_rows) < MIN_VALIDATION:
         train_rows, val_rows = np.arange(len(cache.labels)), np.array([], np.int64)

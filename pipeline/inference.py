@@ -45,13 +45,11 @@ def _quiet_beam_memory_warning() -> None:
         root.addFilter(_WrongBeamMemoryWarning())
 
 
-class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, object]):
-    """[S, S, 3] uint8 prepared images -> PredictionResult(example=None, inference=[dim] float32).
+class _BatchedHandler(ModelHandler):
+    """What Cairn's handlers share: the params of the model object, its thread limits, the batch size, an optional
+    ``factory(params, threads)`` (for tests) in place of the subclass's ``build()``."""
 
-    ``factory(params, threads)`` builds the model object (default: features.cnn.CnnExtractor); it must have
-    ``embed([B, S, S, 3] uint8) -> [B, dim]``. The example is not kept in the result (it would carry every
-    image through the rest of the pipeline).
-    """
+    namespace = "cairn"
 
     def __init__(self, params: dict, threads: int = 1, batch_size: int = 32, factory=None):
         super().__init__()
@@ -67,23 +65,37 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, object]):
             return self.factory(self.params, self.threads)
         import tensorflow  # noqa: F401 - imported first so that limit_threads can size its pools
 
+        limit_threads(self.threads)
+        return self.build()
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+
+    def get_metrics_namespace(self) -> str:
+        return self.namespace
+
+
+class EmbeddingModelHandler(_BatchedHandler):
+    """[S, S, 3] uint8 prepared images -> PredictionResult(example=None, inference=[dim] float32).
+
+    ``factory(params, threads)`` builds the model object (default: features.cnn.CnnExtractor); it must have
+    ``embed([B, S, S, 3] uint8) -> [B, dim]``. The example is not kept in the result (it would carry every
+    image through the rest of the pipeline).
+    """
+
+    namespace = "cairn_cnn"
+
+    def build(self):
         from features.cnn import CnnConfig, CnnExtractor
 
-        limit_threads(self.threads)
         return CnnExtractor(CnnConfig(**self.params), threads=self.threads)
 
     def run_inference(self, batch: Sequence[np.ndarray], model, inference_args=None) -> Iterable[PredictionResult]:
         vectors = model.embed(np.stack(batch))
         return [PredictionResult(None, v) for v in vectors]
 
-    def batch_elements_kwargs(self):
-        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
-
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         return sum(x.nbytes for x in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return "cairn_cnn"
 
 
 class PrepareImages(beam.DoFn):
@@ -137,28 +149,16 @@ class _ToRows(beam.DoFn):
         yield {"id": image_id, "landmark_id": label, "vector": v}
 
 
-class LocalModelHandler(ModelHandler):
+class LocalModelHandler(_BatchedHandler):
     """(prepared image, (width, height)) -> PredictionResult(example=None, inference=LocalFeatures), batched:
     ``load_model`` builds a batched local extractor (features/delf.py's DelfExtractor) once per worker, and
     ``run_inference`` hands it the whole batch (it runs same-shaped images through the model together)."""
 
-    def __init__(self, params: dict, threads: int = 1, batch_size: int = 8, factory=None):
-        super().__init__()
-        self.params = dict(params)
-        self.threads = threads
-        self.batch_size = batch_size
-        self.factory = factory
+    namespace = "cairn_local"
 
-    def load_model(self):
-        _quiet_beam_memory_warning()
-        limit_threads(self.threads)
-        if self.factory is not None:
-            return self.factory(self.params, self.threads)
-        import tensorflow  # noqa: F401 - imported first so that limit_threads can size its pools
-
+    def build(self):
         from features.delf import DelfConfig, DelfExtractor
 
-        limit_threads(self.threads)
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in self.params.items()}
         return DelfExtractor(DelfConfig(**params), threads=self.threads)
 
@@ -166,14 +166,8 @@ class LocalModelHandler(ModelHandler):
         feats = model.extract_batch([b[0] for b in batch], [b[1] for b in batch])
         return [PredictionResult(None, f) for f in feats]
 
-    def batch_elements_kwargs(self):
-        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
-
     def get_num_bytes(self, batch) -> int:
         return sum(b[0].nbytes for b in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return "cairn_local"
 
 
 class _ToLocalRows(beam.DoFn):

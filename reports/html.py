@@ -300,7 +300,7 @@ neighbours.</p>
 """
 
     def classes(self) -> str:
-        counts = self.res.train_counts()
+        counts = self.res.train_counts
         acc = {n: M.per_class_accuracy(m.pred, self.truth) for n, m in self.res.methods.items()}
         with_queries = sorted({c for a in acc.values() for c in a}, key=lambda c: (-counts.get(c, 0), c))
         if not with_queries:

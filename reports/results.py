@@ -20,6 +20,7 @@ in GAP's M and in the accuracy denominator.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -38,12 +39,9 @@ from reports import metrics as M
 FORMAT = "cairn-metrics"
 VERSION = 2
 RECALL_KS = (1, 5, 10, 100)
-QUALITY_KEYS = ("gap", "accuracy", "landmark_accuracy", "map_at_100", "recall_at_k", "mean_class_ap")
 COST_KEYS = ("images_per_second", "extract_seconds", "train_seconds", "index_seconds", "search_seconds",
              "verify_seconds", "dim", "bytes_per_image", "feature_bytes_per_image", "local_feature_bytes_per_image",
              "index_bytes")
-COUNT_KEYS = ("queries", "queries_with_landmark", "predicted", "dead_letters")
-CONFIG_KEYS = ("index_factory", "vote", "params")
 
 # which parts of MethodsConfig (jobs/classic.py) each method uses
 PARAMS = {"hog": ("hog",), "sift-bovw": ("bovw",), "sift-vlad": ("vlad",), "sift-bovw+sv": ("bovw", "sv"),
@@ -102,12 +100,14 @@ class RunResults:
 
     @property
     def truth(self) -> list[int | None]:
-        return list(self.queries.labels)
+        return self.queries.labels
 
+    @functools.cached_property
     def train_counts(self) -> Counter:
         """Database images per landmark class."""
         return Counter(label for label in self.train.labels if label is not None)
 
+    @functools.cached_property
     def relevant(self) -> dict[int, set[str]]:
         out: dict[int, set[str]] = defaultdict(set)
         for image_id, label in zip(self.train.ids, self.train.labels, strict=True):
@@ -167,7 +167,7 @@ def load_run(run_dir: str) -> RunResults:
 
 def method_quality(res: RunResults, m: MethodResult) -> dict:
     truth, ids = res.truth, res.queries.ids
-    relevant_by_label = res.relevant()
+    relevant_by_label = res.relevant
     retrieved, relevant = [], []
     for q, t in zip(ids, truth, strict=True):
         if t is not None:
@@ -209,7 +209,7 @@ def metrics_of(res: RunResults) -> dict:
         "methods": {name: method_entry(res, m) for name, m in res.methods.items()},
         "data": {"train_images": len(res.train), "queries": len(res.queries),
                  "queries_with_landmark": res.queries.num_landmark_images(),
-                 "train_classes": len(res.train_counts())},
+                 "train_classes": len(res.train_counts)},
         "config": res.run["config"],
         "definitions": DEFINITIONS,
     }
@@ -218,7 +218,7 @@ def metrics_of(res: RunResults) -> dict:
 def per_class_rows(res: RunResults) -> list[dict]:
     """One row per (method, landmark class with queries): the class's database images, queries, correct
     answers, accuracy and AP (RUN/per_class.csv)."""
-    counts = res.train_counts()
+    counts = res.train_counts
     rows = []
     for name, m in res.methods.items():
         acc = M.per_class_accuracy(m.pred, res.truth)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import fcntl
 import json
 import logging
@@ -109,10 +110,8 @@ def processes_of(pid: int) -> list[int]:
 def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """SIGKILL what is left of chromium's process group (it runs in its own session), reap the main process,
     and wait up to ``grace`` seconds for the helpers (zygote, renderer) to be gone."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL
@@ -134,16 +133,14 @@ def _reap(proc: subprocess.Popen, profile: str) -> None:
 # not reap promptly (containers, CI runners), would linger as zombies. Exits with chromium's exit code once
 # the whole tree is gone.
 _LAUNCHER = r"""
-import ctypes, os, subprocess, sys
+import contextlib, ctypes, os, subprocess, sys
 cmd, msg = int(sys.argv[1]), int(sys.argv[2])
 os.dup2(cmd, 3)
 os.dup2(msg, 4)
 os.close(cmd)
 os.close(msg)
-try:
+with contextlib.suppress(OSError, AttributeError):
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of chromium come to us
-except (OSError, AttributeError):
-    pass
 child = subprocess.Popen(sys.argv[3:], pass_fds=(3, 4))
 os.close(3)
 os.close(4)
@@ -261,10 +258,8 @@ class Browser:
         """An error saying what failed, whether chromium still runs, and the tail of its stderr; ``exiting``
         waits a moment for a browser that closed its pipe to exit, so that its exit code can be told."""
         if exiting:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                pass
         code = self._proc.poll()
         state = "running" if code is None else f"exited with {code}"
         return BrowserError(f"{what} (chromium {state}); stderr tail:\n{self.stderr_tail()}")
@@ -412,20 +407,15 @@ class Browser:
             return
         try:
             if self._proc.poll() is None:
-                self.send("Browser.close", timeout=5)
-        except BrowserError:
-            pass
+                with contextlib.suppress(BrowserError):
+                    self.send("Browser.close", timeout=5)
         finally:
             self._closed = True
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
             for fd in (self._w, self._r):
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
             self._stderr.close()
             self._finalizer()  # kills what is left of the process group, removes the profile
 

@@ -103,7 +103,7 @@ def test_external_requests_are_listed_and_never_reach_the_network(browser, tmp_p
             self.end_headers()
 
         def log_message(self, *args):
-            pass
+            """Quiet: no request log on stderr."""
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
