@@ -457,13 +457,13 @@ not (grey for a query without a landmark). Hover a thumbnail for its id and scor
 
         m = self.res.methods[name]
         # the landmark each query is explained against: the method's answer, or where it answered nothing, the
-        # landmark of its nearest database image (what it looked most like)
+        # landmark of its nearest database image that shows one (what it looked most like)
         target: dict[int, int] = {}
         for i, q in enumerate(self.res.queries.ids):
             if m.pred[i] is not None:
                 target[i] = m.pred[i]
             else:
-                nearest = [lab for _, _, lab in m.neighbours.get(q, [])[:1] if lab is not None]
+                nearest = [lab for _, _, lab in m.neighbours.get(q, []) if lab is not None][:1]
                 if nearest:
                     target[i] = nearest[0]
         right = {i: t == self.truth[i] for i, t in target.items()}
@@ -510,7 +510,8 @@ not (grey for a query without a landmark). Hover a thumbnail for its id and scor
                 f"</div></div></div>")
         return f"""
 <p>For a few queries of {html.escape(name)} (its most confident right and wrong answers; where it answered
-nothing, the landmark of the nearest database image), the regions of the photo that made it look like that landmark: red is strong evidence, blue none. The score explained is the
+nothing, the landmark of the nearest database image that shows one), the regions of the photo that made it
+look like that landmark: red is strong evidence, blue none. The score explained is the
 cosine similarity between the query's embedding and the mean embedding of that landmark's database images; the
 map is Grad-CAM over the backbone's last feature map, on the query resized as the extractor resized it (at scale
 1.0; the centroid is taken in the embedding space before any PCA), model <code>{html.escape(path)}</code>. A model
