@@ -13,6 +13,8 @@ per-image variable-size step without a gain in recall, and one pass batches well
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 VARIANCES = (0.1, 0.1, 0.2, 0.2)  # SSD's scaling of the (cx, cy, w, h) offsets: unit-variance targets
@@ -168,6 +170,13 @@ class Detector:
         h, w = image.shape[:2]
         return self.detect_batch(self.prepare(image)[None], [(w, h)])[0]
 
+    def detect_images(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Decoded images of any sizes -> per image (boxes, scores), in one model call."""
+        if not images:
+            return []
+        return self.detect_batch(np.stack([self.prepare(im) for im in images]),
+                                 [(im.shape[1], im.shape[0]) for im in images])
+
 
 class SavedModelDetector:
     """A TensorFlow SavedModel detector with the TensorFlow Object Detection API's serving signature, as the
@@ -216,6 +225,10 @@ class SavedModelDetector:
         pixels = clip_boxes(pixels, w, h)
         keep = nms(pixels, scores, self.iou_threshold, self.max_boxes, self.score_threshold)
         return pixels[keep], scores[keep]
+
+    def detect_images(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One call per image: Object Detection API exports take one image of its own size."""
+        return [self.detect(im) for im in images]
 
 
 def load_any_detector(path: str, **kwargs):
@@ -285,3 +298,132 @@ class ActivationDetector:
         boxes, scores = boxes_from_activation(self.activation(image), (w, h), self.thresholds)
         keep = nms(boxes, scores, self.iou_threshold, self.max_boxes)
         return boxes[keep], scores[keep]
+
+    def detect_images(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Decoded images of any sizes -> per image (boxes, scores), the backbone run once for all."""
+        import cv2
+
+        if not images:
+            return []
+        x = np.stack([cv2.resize(im, (self.size, self.size), interpolation=cv2.INTER_AREA) for im in images])
+        maps = np.asarray(self.model.predict_on_batch(x.astype(np.float32)), np.float32)
+        out = []
+        for im, f in zip(images, maps, strict=True):
+            boxes, scores = boxes_from_activation(np.sqrt((f * f).sum(axis=-1)), (im.shape[1], im.shape[0]),
+                                                  self.thresholds)
+            keep = nms(boxes, scores, self.iou_threshold, self.max_boxes)
+            out.append((boxes[keep], scores[keep]))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Detection in the pipeline: which detector, which boxes become regions, and the crops
+
+ACTIVATION = "activation:"  # DetectConfig.model prefix of the training-free fallback
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Landmark detection before embedding (`--detector` on extraction): the full image and the detector's top
+    boxes become the image's regions, each embedded on its own."""
+
+    model: str = ""  # a Cairn detector (.keras from `cairn train --method detector`), an Object Detection API
+    # SavedModel folder, or the training-free fallback "activation:WEIGHTS" (WEIGHTS: a MobileNet v1 .tflite,
+    # a .weights.h5 of fallback_backbone, or "imagenet", which downloads)
+    score_threshold: float = 0.3  # boxes scoring below this are not regions (the fallback's scores are shares
+    # of the activation, so it keeps its boxes above fallback_threshold instead)
+    fallback_threshold: float = 0.2
+    iou_threshold: float = 0.5  # NMS
+    max_boxes: int = 2  # regions cropped per image besides the full image
+    min_side: float = 0.15  # boxes whose short side is below this share of the image's short side are dropped
+    margin: float = 0.05  # a crop grows by this share of its box's width and height on every side
+    full_image: bool = True  # the full image is region 0 (Detect-to-Retrieve keeps it: a missed box costs less)
+    classes: tuple[float, ...] = ()  # SavedModel detectors: keep these class ids only (empty: all)
+    fallback_backbone: str = "mobilenet"  # the fallback's network (features/backbones.py)
+    fallback_size: int = 320  # the fallback's input side
+    batch_size: int = 16  # images per detector call
+
+    def __post_init__(self):
+        if self.max_boxes < 0 or self.batch_size < 1:
+            raise ValueError("max_boxes must be >= 0 and batch_size >= 1")
+        if not self.full_image and self.max_boxes == 0:
+            raise ValueError("with full_image off, max_boxes must be >= 1 (an image needs a region)")
+        for name in ("score_threshold", "fallback_threshold", "iou_threshold", "min_side"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if not 0 <= self.margin <= 1:
+            raise ValueError(f"margin must be in [0, 1], not {self.margin}")
+
+    @property
+    def fallback(self) -> bool:
+        return self.model.startswith(ACTIVATION)
+
+    def regions_per_image(self) -> int:
+        return self.max_boxes + int(self.full_image)
+
+
+def make_detector(config: DetectConfig):
+    """The detector of ``config.model``, with ``detect_images(images) -> [(boxes, scores)]``."""
+    if not config.model:
+        raise ValueError("no detector given: a .keras from `cairn train --method detector`, a SavedModel folder, "
+                         "or activation:WEIGHTS for the training-free fallback")
+    if config.fallback:
+        from features.backbones import BackboneConfig
+
+        weights = config.model[len(ACTIVATION):] or "imagenet"
+        return ActivationDetector(BackboneConfig(config.fallback_backbone, weights=weights), config.fallback_size,
+                                  iou_threshold=config.iou_threshold, max_boxes=4 * max(1, config.max_boxes))
+    return load_any_detector(config.model, score_threshold=config.score_threshold,
+                             iou_threshold=config.iou_threshold, max_boxes=4 * max(1, config.max_boxes),
+                             classes=tuple(int(c) for c in config.classes))
+
+
+def detector_metadata(config: DetectConfig) -> dict:
+    """What a detection run depends on: its config and the model file's (or folder's) fingerprint."""
+    import os
+
+    from pipeline import config as cfg
+
+    path = config.model[len(ACTIVATION):] if config.fallback else config.model
+    if os.path.isdir(path):
+        path = os.path.join(path, "saved_model.pb")
+    sha = cfg.file_fingerprint(path) if path and os.path.isfile(path) else None
+    return {"config": cfg.to_dict(config), "model_sha256": sha}
+
+
+def select_regions(boxes: np.ndarray, scores: np.ndarray, width: int, height: int,
+                   config: DetectConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The detections that become regions: score at or above the threshold, short side at least ``min_side`` of
+    the image's, at most ``max_boxes``, best first."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    threshold = config.fallback_threshold if config.fallback else config.score_threshold
+    side = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    keep = (scores >= threshold) & (side >= config.min_side * min(width, height))
+    order = np.flatnonzero(keep)[np.argsort(-scores[keep], kind="stable")][:config.max_boxes]
+    return boxes[order], scores[order]
+
+
+def crop_box(image: np.ndarray, box, margin: float = 0.0) -> np.ndarray:
+    """The pixels of ``box`` (grown by ``margin`` of its size on every side, cut to the image), at least 1x1."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    mx, my = margin * (x1 - x0), margin * (y1 - y0)
+    ix0, iy0 = max(0, int(np.floor(x0 - mx))), max(0, int(np.floor(y0 - my)))
+    ix1, iy1 = min(w, int(np.ceil(x1 + mx))), min(h, int(np.ceil(y1 + my)))
+    ix0, iy0 = min(ix0, w - 1), min(iy0, h - 1)
+    return image[iy0:max(iy1, iy0 + 1), ix0:max(ix1, ix0 + 1)]
+
+
+def regions_of(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, config: DetectConfig):
+    """[(region number, box [4], score, crop)] of an image: region 0 the full image (score 1) when
+    ``full_image`` or when no detection is selected (every image keeps a region), then the selected
+    detections, best first."""
+    h, w = image.shape[:2]
+    boxes, scores = select_regions(boxes, scores, w, h, config)
+    out = []
+    if config.full_image or not len(boxes):
+        out.append((0, np.array([0, 0, w, h], np.float32), 1.0, image))
+    for k, (b, s) in enumerate(zip(boxes, scores, strict=True), start=1):
+        out.append((k, b, float(s), crop_box(image, b, config.margin)))
+    return out

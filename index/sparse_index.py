@@ -138,10 +138,12 @@ class SparseIndex:
 
 
 def load_any(folder: str):
-    """A VectorIndex or a SparseIndex, whichever ``folder`` holds."""
+    """A VectorIndex or a SparseIndex, whichever ``folder`` holds; an index of detected regions comes as an
+    index of images (index/regions.py)."""
     from index.faiss_index import VectorIndex
+    from index.regions import wrap
 
     record = os.path.join(folder, "index.json")
     if os.path.exists(record) and cfg.load_json(record).get("kind") == "sparse-inverted-file":
         return SparseIndex.load(folder)
-    return VectorIndex.load(folder)
+    return wrap(VectorIndex.load(folder))

@@ -15,6 +15,9 @@ when its config is unchanged (SIFT features are extracted once and shared by all
     cnn-pretrained    a frozen pretrained extractor (TFLite, SavedModel, .keras), kNN over its embeddings
     cnn+delf          cnn, its top neighbours re-ranked by DELF (features/delf.py) matching + RANSAC
     delf+sv           DELF alone: attention-pooled DELF vectors, kNN, re-ranked by DELF matching + RANSAC
+    cnn+det           cnn on detected landmark regions: the full image and the detector's top boxes embedded,
+                      regional kNN aggregated per image (features/detect.py, models/detector.py)
+    cnn-pretrained+det  the same with the frozen pretrained extractor
 
 Parameters are typed frozen dataclasses; `cairn compare --set sift-bovw.vocabulary.k=4096` changes one, with
 the value checked against the field's type.
@@ -26,10 +29,12 @@ import dataclasses
 from dataclasses import dataclass
 
 from features.backbones import PREPROCESSING
+from features.detect import DetectConfig
 from features.hog import HogConfig
 from features.sift import SiftConfig
 from features.verify import RerankConfig, VerifyConfig
 from models.delf import DelfTrainConfig
+from models.detector import DetectorConfig
 from models.finetune import FinetuneConfig
 from pipeline import config as cfg
 from pipeline import fs
@@ -188,6 +193,20 @@ class DelfMethodConfig:
 
 
 @dataclass(frozen=True)
+class DetectMethodConfig:
+    """cnn+det and cnn-pretrained+det: landmark detection before embedding (features/detect.py)."""
+
+    detect: DetectConfig = DetectConfig()  # the detector ("" = train one on --boxes) and the regions it gives
+    train: DetectorConfig = DetectorConfig()  # the detector trained on the database's boxes (models/detector.py)
+    negatives: bool = True  # also train on the database's non-landmark images, as images without a box
+    max_images: int = 20_000  # training images held in memory (a seeded sample of them when there are more)
+
+    def __post_init__(self):
+        if self.max_images < 1:
+            raise ValueError(f"max_images must be >= 1, not {self.max_images}")
+
+
+@dataclass(frozen=True)
 class MethodsConfig:
     """Every method's parameters; `--set NAME.FIELD=VALUE` overrides one."""
 
@@ -199,6 +218,7 @@ class MethodsConfig:
     cnn: CnnMethodConfig = CnnMethodConfig()  # cnn, cnn-untrained
     cnn_pretrained: PretrainedConfig = PretrainedConfig()  # cnn-pretrained
     delf: DelfMethodConfig = DelfMethodConfig()  # cnn+delf, delf+sv
+    detect: DetectMethodConfig = DetectMethodConfig()  # cnn+det, cnn-pretrained+det
 
 
 def _coerce(text: str, current, where: str):
@@ -293,6 +313,7 @@ class RunContext:
     splits: tuple[str, ...] = ("train", "queries")  # ("train",): database only (leave-one-out evaluations)
     tune: object = None  # index.recognize.TuneConfig: tune the vote on held-out database images (None = off)
     index: object = None  # index.faiss_index.IndexConfig of the dense methods (None = the default)
+    boxes: str = ""  # landmark boxes of the database (and query) images: trains the +det methods' detector
 
 
 def _folder_bytes(prefix: str) -> int:
@@ -301,12 +322,12 @@ def _folder_bytes(prefix: str) -> int:
     return sum(fs.size(p) for p in fs.glob(shard_pattern(prefix)))
 
 
-def _extract_both(ctx: RunContext, extractor: str, params: dict, folder: str) -> dict:
+def _extract_both(ctx: RunContext, extractor: str, params: dict, folder: str, detect=None) -> dict:
     """Extract database and query features into WORK/folder/{train,queries}; returns their records."""
     from jobs.extract import extract
 
     kw = dict(method=extractor, params=params, decode=ctx.decode, workers=ctx.workers, threads=ctx.threads,
-              beam_args=list(ctx.beam_args), force=ctx.force)
+              beam_args=list(ctx.beam_args), force=ctx.force, detect=detect)
     manifests = {"train": ctx.train, "queries": ctx.queries}
     return {split: extract(manifests[split], fs.join(ctx.work, folder, split), **kw) for split in ctx.splits}
 
@@ -365,12 +386,11 @@ def _index(ctx: RunContext, features: str, out: str) -> dict:
 DEEP = ("cnn", "cnn-untrained", "cnn-pretrained")
 
 
-def build_deep(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
-    """Embeddings and index of cnn (fine-tuned), cnn-untrained (the same network before fine-tuning) or
-    cnn-pretrained (a frozen model); the same record as :func:`build_base`."""
-    from jobs.train import train, train_pca
+def _deep_model(method: str, config: MethodsConfig, ctx: RunContext) -> tuple[object, dict, dict]:
+    """(method config, cnn extraction params, training record) of cnn, cnn-untrained or cnn-pretrained: the
+    fine-tuned model (trained when needed) or the frozen one."""
+    from jobs.train import train
 
-    home = fs.join(ctx.work, method)
     trained = {"train_seconds": 0.0}
     if method == "cnn-pretrained":
         mc = config.cnn_pretrained
@@ -389,7 +409,18 @@ def build_deep(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     params = {"model": model, "scales": list(mc.scales), "batch_size": mc.batch_size}
     if method == "cnn-pretrained":
         params.update(input_size=mc.input_size, preprocessing=mc.preprocessing)
-    extracted = _extract_both(ctx, "cnn", params, fs.join(method, "embeddings"))
+    return mc, params, trained
+
+
+def build_deep(method: str, config: MethodsConfig, ctx: RunContext, detect=None) -> dict:
+    """Embeddings and index of cnn (fine-tuned), cnn-untrained (the same network before fine-tuning) or
+    cnn-pretrained (a frozen model); the same record as :func:`build_base`. With ``detect``
+    (features.detect.DetectConfig), ``method`` is cnn+det or cnn-pretrained+det: regions are embedded."""
+    from jobs.train import train_pca
+
+    home = fs.join(ctx.work, method)
+    mc, params, trained = _deep_model(method.removesuffix("+det"), config, ctx)
+    extracted = _extract_both(ctx, "cnn", params, fs.join(method, "embeddings"), detect)
     vectors, encoded = fs.join(ctx.work, method, "embeddings"), None
     if mc.pca_dim > 0:
         pca = train_pca(method, fs.join(vectors, "train"), fs.join(home, "pca-model"), mc, force=ctx.force)
@@ -400,6 +431,39 @@ def build_deep(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     indexed = _index(ctx, fs.join(vectors, "train"), fs.join(home, "index"))
     return {"vectors": vectors, "index": fs.join(home, "index"), "indexed": indexed, "extract": extracted,
             "encode": encoded, "train": trained, "local": None}
+
+
+def detector_for(config: MethodsConfig, ctx: RunContext) -> tuple[object, dict]:
+    """(features.detect.DetectConfig with its model, training record): the detector named by
+    detect.detect.model, or one trained on the database's boxes (--boxes) in WORK/detector."""
+    import dataclasses
+
+    from jobs.extract import check_detector
+    from jobs.train import train
+
+    dc = config.detect.detect
+    if dc.model:
+        model = dc.model if dc.fallback else fs.absolute(dc.model)
+        detect = dataclasses.replace(dc, model=model)
+        check_detector(detect)
+        return detect, {"train_seconds": 0.0}
+    if not ctx.boxes:
+        raise CairnError("cnn+det and cnn-pretrained+det need a detector: --boxes FILE (landmark boxes of the "
+                         "database images, to train one), or --set detect.detect.model=PATH (a trained .keras, an "
+                         "Object Detection API SavedModel, or activation:WEIGHTS for the training-free fallback)")
+    folder = fs.join(ctx.work, "detector")
+    record = train("detector", ctx.train, folder, config, force=ctx.force, decode=ctx.decode, boxes=ctx.boxes)
+    return dataclasses.replace(dc, model=fs.join(folder, "model.keras")), record
+
+
+def build_det(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
+    """cnn+det / cnn-pretrained+det: the detector (trained or given), then the base method's embeddings of every
+    region (the full image and the top boxes) of both splits, indexed with their parent ids."""
+    detect, det_train = detector_for(config, ctx)
+    base = build_deep(method, config, ctx, detect=detect)
+    seconds = float(base["train"].get("train_seconds", 0.0)) + float(det_train.get("train_seconds", 0.0))
+    return {**base, "train": {**base["train"], "train_seconds": seconds}, "detector": detect,
+            "detector_train": det_train}
 
 
 def build_delf(config: MethodsConfig, ctx: RunContext) -> dict:
@@ -445,7 +509,9 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     from jobs.recognize import recognize
     from jobs.train import train
 
-    if method == "cnn+delf":
+    if method.endswith("+det"):
+        base = build_det(method, config, ctx)
+    elif method == "cnn+delf":
         base = build_cnn_delf(config, ctx)
     elif method == "delf+sv":
         base = build_delf_sv(config, ctx)
@@ -466,7 +532,9 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
                     ctx.neighbours, classifier=classifier, verify=verify,
                     tune_config=None if classifier else ctx.tune, db_features=fs.join(base["vectors"], "train"))
     return {"costs": _costs(method, base, trained, rec), "recognize": fs.join(home, "recognize"),
-            "dead_letters": {split: r["outputs"]["dead_letters"] for split, r in base["extract"].items()}}
+            "dead_letters": {split: r["outputs"]["dead_letters"] for split, r in base["extract"].items()},
+            "regions": {split: fs.join(base["vectors"], split) for split in base["extract"]}
+            if "detector" in base else None}
 
 
 def _costs(method: str, base: dict, trained: dict, rec: dict) -> dict:
@@ -504,6 +572,13 @@ def _costs(method: str, base: dict, trained: dict, rec: dict) -> dict:
         "index_factory": index_record.get("factory", index_record.get("kind")),
         "vote": (rec.get("tuning") or {}).get("tuned") or rec["config"]["vote"],
     }
+    if base.get("detector") is not None:  # every region of a database image is a vector in the index
+        train_images = ex["train"]["counts"]["outputs"] if "train" in ex else 0
+        costs["regions_per_image"] = round(index_record["count"] / max(1, train_images), 3)
+        costs["bytes_per_image"] = round(representation * index_record["count"] / max(1, train_images))
+        costs["regional_features"] = {split: fs.join(base["vectors"], split) for split in ex}
+        costs["detector"] = cfg.to_dict(base["detector"])
+        costs["detector_train_seconds"] = float(base["detector_train"].get("train_seconds", 0.0))
     if method.endswith("+sv") or method == "cnn+delf":  # the local features must be kept for verification
         costs["local_feature_bytes_per_image"] = round(local_bytes / images) if images else None
         costs["bytes_per_image"] += costs["local_feature_bytes_per_image"] or 0

@@ -8,6 +8,7 @@ index, recognise the queries; then score all methods together. Writes to OUT:
     per_class.csv                 per method and landmark class: accuracy and AP
     predictions/<method>.csv      Google Landmark Recognition submission format
     neighbours/<method>.parquet   top database images per query (query_id, rank, id, score, landmark_id)
+    work/<method>/embeddings/     for +det methods: one row per region (full image + detected boxes) with its box
     dead_letters.csv              method,split,id,stage,reason,path for every image a method could not use
     run.json                      the resolved config
     work/<method>/...             intermediate outputs (features, index), reused by reruns with the same config
@@ -51,6 +52,7 @@ class CompareConfig:
     tune: TuneConfig | None = TuneConfig()  # tune the vote on held-out database images (None = off)
     index: IndexConfig = IndexConfig()  # the FAISS index of every dense method
     neighbours: int = 100  # database images listed per query (mAP@100 needs 100)
+    boxes: str = ""  # landmark boxes (pipeline/boxes.py): train the +det methods' detector, score its detections
     workers: int = 0  # DirectRunner worker processes (0 = automatic)
     beam_args: tuple[str, ...] = ()  # Beam flags passed through
     methods_config: MethodsConfig = MethodsConfig()  # every method's parameters (jobs/classic.py)
@@ -60,7 +62,7 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
             workers: int = 0, threads: int = 0, beam_args: list[str] | None = None, vote: VoteConfig = VoteConfig(),
             neighbours: int = 100, force: bool = False, config: MethodsConfig = MethodsConfig(),
             tune: TuneConfig | None = TuneConfig(), index: IndexConfig = IndexConfig(),
-            report: ReportConfig | None = ReportConfig()) -> dict:
+            report: ReportConfig | None = ReportConfig(), boxes: str = "") -> dict:
     names = methods.check(method_names)
     for side in ("baseline", "deep"):
         chosen = getattr(report, side) if report else ""
@@ -68,16 +70,22 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
             raise CairnError(f"--{side} {chosen}: not among the methods of this run ({', '.join(names)})")
     fs.check_output_folder(out)
     train, queries = fs.absolute(train), fs.absolute(queries)
+    if boxes and not fs.exists(boxes):
+        raise CairnError(f"--boxes {boxes}: no such file or folder")
+    boxes = fs.absolute(boxes) if boxes else ""
+    if any(n in methods.NEEDS_BOXES for n in names) and not boxes and not config.detect.detect.model:
+        raise CairnError(f"{', '.join(n for n in names if n in methods.NEEDS_BOXES)} need a detector: --boxes FILE "
+                         "(the database's landmark boxes, to train one) or --set detect.detect.model=PATH")
     # read both now: a bad manifest fails before any heavy work
     fingerprints = {split: manifest_fingerprint(path, read_manifest(path))
                     for split, path in (("train", train), ("queries", queries))}
     fs.makedirs(out)
-    run_config = CompareConfig(train, queries, tuple(names), decode, vote, tune, index, neighbours, workers,
+    run_config = CompareConfig(train, queries, tuple(names), decode, vote, tune, index, neighbours, boxes, workers,
                                tuple(beam_args or ()), config)
     cfg.save_json(fs.join(out, "run.json"), {"config": cfg.to_dict(run_config), "methods": names,
                                              "manifest_sha256": fingerprints})
     ctx = RunContext(train, queries, fs.join(out, "work"), decode, workers, threads, tuple(beam_args or ()), vote,
-                     neighbours, force, tune=tune, index=index)
+                     neighbours, force, tune=tune, index=index, boxes=boxes)
     dead_rows = []
     for name in names:
         log.info("compare: method %s", name)
@@ -106,6 +114,10 @@ def build_parser():
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"methods to compare (default: every method built: {' '.join(methods.available())}; "
                         "cnn-pretrained only with --set cnn_pretrained.model=PATH)")
+    p.add_argument("--boxes", default="",
+                   help="landmark boxes of the images (CSV id,xmin,ymin,xmax,ymax[,width,height], or image_path "
+                        "instead of id, or PASCAL VOC XML): cnn+det and cnn-pretrained+det train their detector on the "
+                        "database's boxes, and the queries' boxes score its detections (AP@0.5, mean IoU)")
     add_vote_args(p)
     add_index_args(p)
     add_set_arg(p)
@@ -117,12 +129,13 @@ def build_parser():
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
     config = parse_overrides(args.set)
-    names = args.methods or methods.defaults(bool(config.cnn_pretrained.model))
+    names = args.methods or methods.defaults(bool(config.cnn_pretrained.model),
+                                             bool(args.boxes or config.detect.detect.model))
     vote, tune = vote_args(args)
     metrics = compare(args.train, args.queries, args.out, names, decode=common.decode_config(args),
                       workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args,
                       vote=vote, tune=tune, index=index_config(args), force=args.force, config=config,
-                      report=report_config(args))
+                      report=report_config(args), boxes=args.boxes)
     print(summary_table(metrics))
     print(f"report:       {fs.join(args.out, 'report.html')}")
     print(f"metrics:      {fs.join(args.out, 'metrics.json')}")

@@ -1,6 +1,7 @@
 """cairn demo: generate the synthetic landmark set and run `cairn compare` on it with every built method.
 
-Writes OUT/data (the synthetic set) and OUT/run (the comparison: metrics.json, predictions/, ...).
+Writes OUT/data (the synthetic set) and OUT/run (the comparison: metrics.json, predictions/, ...). The set's
+landmark boxes (OUT/data/boxes.csv) train the detector of cnn+det and cnn-pretrained+det and score it.
 Reruns reuse what is already there when the config is the same.
 
 The deep methods use a MobileNet v1: with --pretrained FILE.tflite (an ImageNet MobileNet v1 extractor, such
@@ -48,7 +49,8 @@ def demo_config(pretrained: str, overrides: list[str]) -> MethodsConfig:
     path = os.path.abspath(pretrained) if pretrained else ""
     deep = ["cnn.finetune.backbone.name=mobilenet", f"cnn.finetune.backbone.weights={path or 'none'}",
             f"cnn_pretrained.model={path}", "delf.train.backbone.name=mobilenet",
-            f"delf.train.backbone.weights={path or 'none'}"]
+            f"delf.train.backbone.weights={path or 'none'}", "detect.train.backbone.name=mobilenet",
+            f"detect.train.backbone.weights={path or 'none'}", "detect.train.input_size=224"]
     return parse_overrides(deep + list(overrides))
 
 
@@ -59,10 +61,10 @@ def run(argv=None, test_pipeline=None) -> dict:
     run_dir = os.path.join(args.out, "run")
     vote, tune = vote_args(args)
     metrics = compare(os.path.join(data, "train.csv"), os.path.join(data, "queries.csv"), run_dir,
-                      args.methods or methods.defaults(bool(args.pretrained)), workers=args.workers,
+                      args.methods or methods.defaults(bool(args.pretrained), True), workers=args.workers,
                       threads=args.threads_per_worker, beam_args=beam_args, force=args.force,
                       config=demo_config(args.pretrained, args.set), vote=vote, tune=tune,
-                      report=report_config(args))
+                      report=report_config(args), boxes=os.path.join(data, "boxes.csv"))
     print()
     print(summary_table(metrics))
     print()

@@ -160,8 +160,12 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     if fs.exists(record_path):
         fs.delete([record_path])
     dim = int(encoder.dim_out if header["kind"] == "pca_whitening" else encoder.dim)
+    if source.get("regions"):  # detected regions stay regions: the encoder maps each region's vector
+        if out_kind != "global":
+            raise CairnError(f"{features} holds detected regions; a {header['kind']} encoder cannot keep them")
+        metadata["regions"] = source["regions"]
     schema = (sparse_features_schema(dim, metadata) if out_kind == "sparse"
-              else global_features_schema(dim, metadata))
+              else global_features_schema(dim, metadata, regional=bool(source.get("regions"))))
     fs.makedirs(out)
     fs.delete(fs.glob(fs.escape(out_prefix) + "-*"))
     workers = common.resolve_workers(workers, images)

@@ -8,6 +8,12 @@ Outputs in OUT:
     manifest-SSSSS-of-NNNNN.parquet   the validated manifest the job read (id, path, landmark_id)
     extract.json                      the resolved config, the record counts and the timing
 
+With --detector (cnn), each image is decoded, its landmark boxes detected (batched), and the full image plus
+the top boxes are cropped and embedded: features-*.parquet then has one row per region (region 0 = the full
+image) with its box and score, under the parent image's id. `cairn index` indexes every region with its
+parent id, and `cairn recognize` aggregates over regions (an image's similarity to another is the best of
+their regions' similarities).
+
 Every manifest row ends in exactly one of features or dead letters; the job checks this at the end and
 fails if it does not hold. A rerun with the same config and manifest reuses the outputs; a different
 config replaces them.
@@ -29,7 +35,13 @@ from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError, read_dead_letters
 from pipeline.images import DecodeConfig
-from pipeline.inference import EmbeddingModelHandler, EmbedImages, LocalModelHandler
+from pipeline.inference import (
+    DetectAndEmbed,
+    DetectorModelHandler,
+    EmbeddingModelHandler,
+    EmbedImages,
+    LocalModelHandler,
+)
 from pipeline.manifest import manifest_fingerprint, read_manifest
 from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
 from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
@@ -49,6 +61,7 @@ class ExtractConfig:
     method: str  # descriptor name (features/registry.py)
     extractor: dict = field(default_factory=dict)  # the extractor's metadata: dim, config, preprocessing
     decode: DecodeConfig = DecodeConfig()  # image decoding and validation
+    detect: dict | None = None  # --detector: the detector's config and model fingerprint (None: whole images)
 
 
 FEATURE_PREFIX = {"global": "features", "local": "local", "sparse": "sparse"}  # shard name per feature kind
@@ -78,10 +91,12 @@ def _clear(out: str) -> None:
 
 def extract(manifest_path: str, out: str, method: str = "hog", params: dict | None = None,
             decode: DecodeConfig = DecodeConfig(), workers: int = 0, threads: int = 0, num_shards: int = 0,
-            beam_args: list[str] | None = None, force: bool = False, test_pipeline=None) -> dict:
+            beam_args: list[str] | None = None, force: bool = False, test_pipeline=None, detect=None) -> dict:
     """Run the extraction job; returns the record written to OUT/extract.json.
 
     ``workers`` 0 picks DirectRunner worker processes automatically; ``threads`` 0 gives each cores / workers.
+    ``detect`` (features.detect.DetectConfig): embed the full image and each detected landmark region, one row
+    per region (cnn only).
     """
     if method not in EXTRACTORS:
         methods.check([method])  # names the issue that builds a planned method
@@ -95,11 +110,19 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     except ValueError as e:
         raise CairnError(str(e)) from e
     kind = getattr(extractor, "kind", "global")
+    detected = None
+    if detect is not None:
+        from features.detect import detector_metadata
+
+        if kind != "global" or not getattr(extractor, "batched", False):
+            raise CairnError(f"--detector crops regions for embedding extractors (cnn), not for {method}")
+        check_detector(detect)
+        detected = detector_metadata(detect)
     manifest_path = fs.absolute(manifest_path)
     manifest = read_manifest(manifest_path)
     paths = outputs(out, kind)
     fingerprint = manifest_fingerprint(manifest_path, manifest)
-    config = cfg.to_dict(ExtractConfig(manifest_path, fingerprint, method, extractor.metadata(), decode))
+    config = cfg.to_dict(ExtractConfig(manifest_path, fingerprint, method, extractor.metadata(), decode, detected))
     if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config) and _complete(paths):
         record = cfg.load_json(paths["record"])
         log.info("extract: reusing %s (same config and manifest; --force recomputes)", out)
@@ -112,7 +135,11 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     threads = threads or default_threads_per_worker(workers)
     if len(manifest):
         write_table_shards(manifest.to_table(), paths["manifest"], num_shards=num_shards)
-    schema = extractor.schema() if kind == "local" else global_features_schema(extractor.dim, extractor.metadata())
+    if kind == "local":
+        schema = extractor.schema()
+    else:
+        meta = {**extractor.metadata(), **({"regions": detected} if detected else {})}
+        schema = global_features_schema(extractor.dim, meta, regional=detected is not None)
     options = pipeline_options(beam_args or [], workers)
     runner = runner_name(options)
     log.info("extract: %d images (%d rejected by the manifest) with %s on %s (%d worker%s, %d thread%s each)",
@@ -128,7 +155,12 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         )
     else:
         rows = p | "NoRows" >> beam.Create([])
-    if getattr(extractor, "batched", False) and kind == "local":  # DELF: pyramid + attention, batched by shape
+    if detected is not None:  # detect, crop the regions, embed each, gather them per image
+        handlers = (DetectorModelHandler(cfg.to_dict(detect), threads, detect.batch_size),
+                    EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size))
+        features, dead = rows | "DetectAndEmbed" >> DetectAndEmbed(*handlers, extractor.prepare_size, extractor.dim,
+                                                                   decode, cfg.to_dict(detect))
+    elif getattr(extractor, "batched", False) and kind == "local":  # DELF: pyramid + attention, batched by shape
         handler = LocalModelHandler(params or {}, threads, extractor.config.batch_size)
         features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_function(), extractor.dim, decode,
                                                        local_schema=schema)
@@ -153,7 +185,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     result.wait_until_finish()
     seconds = time.perf_counter() - started
 
-    counts = reconcile(manifest.total_rows, paths)
+    counts = reconcile(manifest.total_rows, paths, regional=detected is not None)
     record = {
         "config": config,
         "counts": counts,
@@ -164,6 +196,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         "images_per_second": round(counts["outputs"] / seconds, 2) if seconds > 0 else None,
         "dim": extractor.dim,
         "kind": kind,
+        "regional": detected is not None,
         "label_names": {str(k): v for k, v in sorted(manifest.label_names.items())},
         "outputs": {k: v for k, v in paths.items() if k != "record"},
     }
@@ -171,7 +204,51 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     log.info("extract: %d inputs = %d features + %d dead letters (%s); %.1f s, %.1f images/s",
              counts["inputs"], counts["outputs"], counts["dead_letters"], _by_stage(counts), seconds,
              record["images_per_second"] or 0)
+    if detected is not None:
+        log.info("extract: %d regions, %d of them detected boxes (%.2f per image)", counts["regions"],
+                 counts["detected_boxes"], counts["detected_boxes"] / max(1, counts["outputs"]))
     return record
+
+
+def check_detector(detect) -> None:
+    """CairnError unless the detector of a features.detect.DetectConfig can be found."""
+    from features.detect import ACTIVATION
+
+    model = detect.model
+    if not model:
+        raise CairnError("--detector: give a detector: a .keras from `cairn train --method detector`, an Object "
+                         "Detection API SavedModel folder, or activation:WEIGHTS (the training-free fallback)")
+    if detect.fallback:
+        weights = model[len(ACTIVATION):]
+        if weights not in ("", "imagenet") and not fs.exists(weights):
+            raise CairnError(f"--detector {model}: the fallback's weights {weights} do not exist (give a MobileNet "
+                             "v1 .tflite, a .weights.h5, or activation:imagenet, which downloads)")
+        return
+    if not fs.exists(model):
+        raise CairnError(f"--detector {model}: no such file or folder; train one with `cairn train --method "
+                         "detector --manifest M --boxes B --out D` (D/model.keras)")
+
+
+def detect_config(model: str, items: list[str]):
+    """The features.detect.DetectConfig of --detector MODEL and --detect FIELD=VALUE items (None without MODEL)."""
+    from features.detect import DetectConfig
+    from jobs.classic import override
+
+    if not model:
+        if items:
+            raise CairnError("--detect FIELD=VALUE needs --detector MODEL")
+        return None
+    model = model if model.startswith("activation:") else fs.absolute(model)
+    try:
+        config = DetectConfig(model=model)
+    except ValueError as e:
+        raise CairnError(f"--detector: {e}") from e
+    for item in items:
+        name, eq, text = item.partition("=")
+        if not eq:
+            raise CairnError(f"--detect {item!r}: expected FIELD=VALUE, e.g. max_boxes=3")
+        config = override(config, name.strip(), text.strip(), where=f"--detect {name.strip()}")
+    return config
 
 
 def _complete(paths: dict[str, str]) -> bool:
@@ -187,15 +264,24 @@ def _by_stage(counts: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts["dead_by_stage"].items())) or "none"
 
 
-def reconcile(inputs: int, paths: dict[str, str]) -> dict:
-    """Check inputs = outputs + dead letters with no id twice; returns the counts or raises."""
-    table, _ = read_shards(paths["features"], columns=["id"])
+def reconcile(inputs: int, paths: dict[str, str], regional: bool = False) -> dict:
+    """Check inputs = outputs + dead letters with no id twice; returns the counts or raises. ``regional``: rows
+    are regions, several per image; an image counts once, and must have exactly one region row per number."""
+    table, _ = read_shards(paths["features"], columns=["id", "region"] if regional else ["id"])
     ids = table.column("id").to_pylist()
+    extra = {}
+    if regional:
+        pairs = list(zip(ids, table.column("region").to_pylist(), strict=True))
+        if len(set(pairs)) != len(pairs):
+            raise RuntimeError(f"a region of an image is written twice under {paths['features']}. This is a bug; "
+                               "please report it")
+        extra = {"regions": len(ids), "detected_boxes": sum(1 for _, r in pairs if r > 0)}
+        ids = list(dict.fromkeys(ids))
     dead = read_dead_letters(paths["dead_letters"])
     by_stage: dict[str, int] = {}
     for d in dead:
         by_stage[d.stage] = by_stage.get(d.stage, 0) + 1
-    counts = {"inputs": inputs, "outputs": len(ids), "dead_letters": len(dead), "dead_by_stage": by_stage}
+    counts = {"inputs": inputs, "outputs": len(ids), "dead_letters": len(dead), "dead_by_stage": by_stage, **extra}
     seen = set(ids)
     twice = len(ids) - len(seen) + sum(1 for d in dead if d.id and d.stage != "manifest" and d.id in seen)
     if inputs != len(ids) + len(dead) or twice:
@@ -216,6 +302,20 @@ def build_parser():
                    help="an extractor parameter, e.g. max_features=500 for sift or size=64 for hog (repeatable); "
                         "fields: " + "; ".join(f"{n}: " + ", ".join(f.name for f in dataclasses.fields(c))
                                               for n, (_, c) in sorted(EXTRACTORS.items())))
+    from features.detect import DetectConfig
+
+    d = DetectConfig()
+    g = p.add_argument_group("landmark detection (cnn)")
+    g.add_argument("--detector", default="",
+                   help="crop landmark regions before embedding: a .keras from `cairn train --method detector`, an "
+                        "Object Detection API SavedModel folder, or activation:WEIGHTS (training-free fallback from a "
+                        "MobileNet's activations; WEIGHTS a .tflite/.weights.h5 or imagenet). Writes one row per "
+                        "region (the full image and the top boxes) with its box; recognition aggregates per image")
+    g.add_argument("--detect", action="append", default=[], metavar="FIELD=VALUE",
+                   help=f"a detection setting (repeatable): score_threshold={d.score_threshold}, "
+                        f"max_boxes={d.max_boxes}, min_side={d.min_side}, margin={d.margin}, "
+                        f"full_image={d.full_image}, iou_threshold={d.iou_threshold}, "
+                        f"fallback_threshold={d.fallback_threshold}, batch_size={d.batch_size}")
     p.add_argument("--num-shards", type=int, default=0,
                    help=f"output shards (default: one per {ROWS_PER_SHARD:,} images)")
     common.add_beam_job_args(p)
@@ -242,4 +342,4 @@ def run(argv=None, test_pipeline=None) -> dict:
     params = extractor_params(args.method, args.param)
     return extract(args.manifest, args.out, args.method, params, decode=common.decode_config(args), workers=args.workers,
                    threads=args.threads_per_worker, num_shards=args.num_shards, beam_args=beam_args,
-                   force=args.force, test_pipeline=test_pipeline)
+                   force=args.force, test_pipeline=test_pipeline, detect=detect_config(args.detector, args.detect))

@@ -29,19 +29,26 @@ METHODS = {
                                  "deep"),
     "cnn+delf": MethodInfo("cnn, its top neighbours re-ranked by DELF local-feature matching + RANSAC", "deep"),
     "delf+sv": MethodInfo("DELF alone: attention-pooled DELF features, kNN, re-ranked by DELF + RANSAC", "deep"),
+    "cnn+det": MethodInfo("cnn on detected landmark regions (full image + top boxes), regional kNN per image",
+                          "deep"),
+    "cnn-pretrained+det": MethodInfo("cnn-pretrained on detected landmark regions, regional kNN per image",
+                                     "deep"),
 }
 
 
-NEEDS_MODEL = ("cnn-pretrained",)  # run only when given a model file (--set cnn_pretrained.model=...)
+NEEDS_MODEL = ("cnn-pretrained", "cnn-pretrained+det")  # run only when given a model file (--set cnn_pretrained.model=...)
+NEEDS_BOXES = ("cnn+det", "cnn-pretrained+det")  # need a detector: --boxes to train one, or --set detect.detect.model
 
 
 def available() -> list[str]:
     return [name for name, info in METHODS.items() if info.issue is None]
 
 
-def defaults(has_pretrained_model: bool) -> list[str]:
-    """The methods a run compares when none are named: every built one (cnn-pretrained only with a model)."""
-    return [m for m in available() if has_pretrained_model or m not in NEEDS_MODEL]
+def defaults(has_pretrained_model: bool, has_detector: bool = False) -> list[str]:
+    """The methods a run compares when none are named: every built one (cnn-pretrained only with a model, the
+    +det methods only with a detector or boxes to train one)."""
+    return [m for m in available() if (has_pretrained_model or m not in NEEDS_MODEL)
+            and (has_detector or m not in NEEDS_BOXES)]
 
 
 def check(names: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ import time
 
 import pyarrow.parquet as pq
 
+from index.regions import group_queries, merge_rows
 from index.sparse_index import load_any
 from jobs import common
 from jobs.recognize import (
@@ -44,6 +45,10 @@ def neighbours(index_dir: str, features: str, out: str, k: int = 100, search_par
     check_same_features(index.features_metadata, meta, features)
     started = time.perf_counter()
     D, I = search(index, xq, k, search_params, progress=len(query_ids) > 100_000)
+    images, owner = group_queries(query_ids)
+    if len(images) != len(query_ids):  # detected regions: one list per query image, each at its best region
+        D, I = merge_rows(owner, D, I, k)
+        query_ids = images
     seconds = time.perf_counter() - started
     table = neighbours_table(query_ids, D, I, index)
     fs.makedirs(out)

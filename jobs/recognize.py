@@ -40,6 +40,7 @@ from index.recognize import (
     validation_split,
     vote,
 )
+from index.regions import RegionalIndex, group_queries, merge_rows
 from index.sparse_index import load_any
 from jobs import common
 from pipeline import config as cfg
@@ -115,7 +116,7 @@ def check_same_features(db_meta: dict, meta: dict, features: str) -> None:
 def search(index, xq, k: int, params: str | None = None, progress: bool = False):
     """D, I of any index kind, with D as similarities (L2 distances of unit vectors turned into cosines)."""
     k = min(k, max(1, index.ntotal))
-    if isinstance(index, VectorIndex):
+    if isinstance(index, (VectorIndex, RegionalIndex)):
         D, I = index.search(xq, k, params=params, progress=progress)
         if index.config.metric == "l2":  # squared distances of unit vectors -> cosine similarities
             D = np.where(I >= 0, 1.0 - D / 2.0, -np.inf).astype(np.float32)
@@ -159,8 +160,10 @@ def nonlandmark_sims(index, xq, D: np.ndarray, I: np.ndarray, config: VoteConfig
     return nonlandmark_similarity(Dm, nk)
 
 
-def read_rows(features: str, wanted: list[str]):
-    """Vectors (dense [n, D] or sparse CSR) of the images ``wanted`` of a features folder, in that order."""
+def read_rows(features: str, wanted: list[str], with_owner: bool = False):
+    """Vectors (dense [n, D] or sparse CSR) of the images ``wanted`` of a features folder, in that order. With
+    ``with_owner``: (vectors of every row of those images, owner [rows]: each row's position in ``wanted``),
+    for regional features (several rows per image)."""
     import pyarrow.compute as pc
 
     from jobs.encode import features_kind
@@ -177,13 +180,28 @@ def read_rows(features: str, wanted: list[str]):
         tables.append(t.filter(pc.is_in(t.column("id"), value_set=wanted_arr)))
     table = pa.concat_tables(tables)
     found = table.column("id").to_pylist()
-    pos = {image_id: r for r, image_id in enumerate(found)}
-    missing = [w for w in wanted if w not in pos]
+    rows_of: dict[str, list[int]] = {}
+    for r, image_id in enumerate(found):
+        rows_of.setdefault(image_id, []).append(r)
+    missing = [w for w in wanted if w not in rows_of]
     if missing:
         raise CairnError(f"{features} lacks {len(missing)} database images of the index (e.g. {missing[0]}); "
                          "give the features the index was built from (--tune-db)")
-    table = table.take(pa.array([pos[w] for w in wanted], pa.int64()))
-    return sparse_matrix_of(table, meta["dim"]) if kind == "sparse" else vectors_of(table)
+    if with_owner:
+        take = [(r, n) for n, w in enumerate(wanted) for r in rows_of[w]]
+        owner = np.array([n for _, n in take], np.int64)
+        table = table.take(pa.array([r for r, _ in take], pa.int64()))
+    else:
+        table = table.take(pa.array([rows_of[w][0] for w in wanted], pa.int64()))
+    x = sparse_matrix_of(table, meta["dim"]) if kind == "sparse" else vectors_of(table)
+    return (x, owner) if with_owner else x
+
+
+def group_max(values: np.ndarray, owner: np.ndarray, groups: int) -> np.ndarray:
+    """[groups] the largest of ``values`` [rows] per owner."""
+    out = np.full(groups, -np.inf, np.float32)
+    np.maximum.at(out, owner, np.asarray(values, np.float32))
+    return out
 
 
 def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: TuneConfig,
@@ -195,11 +213,14 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
                  tune_config.min_class_images)
         return base, {"skipped": f"no class with {tune_config.min_class_images}+ images"}
     held = np.concatenate([lm_rows, nl_rows])
-    xv = read_rows(db_features, [index.image_ids[r] for r in held])
+    xv, owner = read_rows(db_features, [index.image_ids[r] for r in held], with_owner=True)
     k = base.k
     D, I = search(index, xv, k + min(len(held), 3 * k + 20), params)
     D, I = drop_held_out(D, I, held, k)
     sims = nonlandmark_sims(index, xv, D, I, base, held_out=held)
+    if len(owner) != len(held):  # regional features: one list per held-out image, the best of its regions
+        D, I = merge_rows(owner, D, I, k)
+        sims = None if sims is None else group_max(sims, owner, len(held))
     truth = np.concatenate([index.labels[lm_rows], np.full(len(nl_rows), NO_LANDMARK)])
     remaining = index.labels.copy()
     remaining[held] = NO_LANDMARK  # class sizes without the held-out images
@@ -219,6 +240,11 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     index = load_any(index_dir)
     query_ids, xq, meta = read_queries(features)
     check_same_features(index.features_metadata, meta, features)
+    images, owner = group_queries(query_ids)
+    regional = len(images) != len(query_ids)  # several region rows per query image (extract --detector)
+    if regional and (classifier or verify is not None):
+        raise CairnError(f"{features} holds detected regions (several rows per image); --classifier and "
+                         "--verify-* take whole-image features: extract the queries without --detector")
     tuning = None
     if tune_config is not None and verify is not None:
         # verified neighbours are scored by inliers, not by the similarities tuning sees: nothing to transfer
@@ -233,17 +259,26 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     k = max(vote_config.k, neighbours, verify[2].top_k if verify else 0)
     started = time.perf_counter()
     D, I = search(index, xq, k, search_params, progress=len(query_ids) > 100_000)
+    penalty = not classifier and vote_config.nonlandmark_weight > 0
+    sims = None
+    if regional:  # one neighbour list per query image: each database image at its best over the query's regions
+        sims = nonlandmark_sims(index, xq, D, I, vote_config) if penalty else None
+        D, I = merge_rows(owner, D, I, k)
+        sims = None if sims is None else group_max(sims, owner, len(images))
     search_seconds = time.perf_counter() - started
+    regions = len(query_ids)
+    query_ids = images
     verify_seconds = 0.0
     if verify is not None:
         D, I, verify_seconds = _verify(index, query_ids, D, I, verify)
+    if penalty and not regional:
+        sims = nonlandmark_sims(index, xq, D, I, vote_config)
     started = time.perf_counter()
     if classifier:
         if not isinstance(xq, np.ndarray):
             raise CairnError("--classifier needs dense query descriptors (HoG, VLAD), not BoVW")
         pred, conf = classify(classifier, xq, vote_config.min_confidence)
     else:
-        sims = nonlandmark_sims(index, xq, D, I, vote_config) if vote_config.nonlandmark_weight > 0 else None
         pred, conf = vote(D, index.labels_of(I), vote_config, sims, class_counts(index.labels))
     decide_seconds = time.perf_counter() - started
     fs.makedirs(out)
@@ -256,7 +291,9 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
                    "tune": None if tune_config is None else cfg.to_dict(tune_config),
                    "verify": None if verify is None else {"db": verify[0], "queries": verify[1],
                                                           "rerank": cfg.to_dict(verify[2])}},
-        "counts": {"queries": len(query_ids), "predicted": int((pred >= 0).sum())},
+        "counts": {"queries": len(query_ids), "predicted": int((pred >= 0).sum()),
+                   **({"query_regions": regions, "database_regions": index.regions} if regional or
+                      isinstance(index, RegionalIndex) else {})},
         "tuning": tuning,
         "search_seconds": round(search_seconds, 4),
         "verify_seconds": round(verify_seconds, 3),

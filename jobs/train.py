@@ -15,6 +15,10 @@
     --method delf        MANIFEST = the database manifest: trains DELF in two stages (descriptors, then attention
                          with the backbone frozen; models/delf.py) and learns the 40-d PCA of its descriptors;
                          writes OUT/model.keras, OUT/pca.npz and OUT/pool.npz (for delf+sv).
+    --method detector    MANIFEST = the database manifest and --boxes (a CSV by id or image_path, or PASCAL VOC
+                         XML): trains the single-stage landmark detector (models/detector.py) with box-aware
+                         augmentation, on the images with boxes and the non-landmark images as negatives;
+                         writes OUT/model.keras (for `cairn extract --detector`), history.csv, checkpoints/.
     --method hog-linear, sift-vlad-linear
                          FEATURES = the method's global descriptors (HoG, or VLAD from `cairn encode`); a
                          calibrated linear softmax (or nearest-class-mean) classifier, OUT/classifier.npz.
@@ -73,7 +77,7 @@ def whitening_dim(requested: int, samples: int, what: str, min_per_dim: int = 0)
     return requested
 
 
-TRAINABLE = ("sift-bovw", "sift-vlad", "hog", "hog-linear", "sift-vlad-linear", "cnn", "delf")
+TRAINABLE = ("sift-bovw", "sift-vlad", "hog", "hog-linear", "sift-vlad-linear", "cnn", "delf", "detector")
 
 
 def _requested(method: str, config, features: str) -> dict:
@@ -280,6 +284,100 @@ def train_delf(manifest: str, out: str, config, decode: DecodeConfig = DecodeCon
     return record
 
 
+def _boxes_fingerprint(path: str) -> str:
+    """sha256 of a box file, or of a folder's .xml files (names and bytes)."""
+    import hashlib
+    import os
+
+    if not os.path.isdir(path):
+        return cfg.file_fingerprint(path)
+    h = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(path) if n.lower().endswith(".xml")):
+        h.update(name.encode() + b"\0" + fs.read_bytes(os.path.join(path, name)))
+    return h.hexdigest()[:16]
+
+
+def train_detector(manifest: str, boxes: str, out: str, config, decode: DecodeConfig = DecodeConfig(),
+                   force: bool = False) -> dict:
+    """Train the landmark detector (config: jobs.classic.DetectMethodConfig) on the images of MANIFEST that have
+    boxes in BOXES (CSV by id or image_path, or PASCAL VOC XML; pipeline/boxes.py), and, with ``negatives``, on
+    its non-landmark images as images without a box. Writes OUT/model.keras, OUT/history.csv, OUT/checkpoints/
+    while training, OUT/dead_letters.csv (images that could not be decoded, box rows that match nothing) and
+    OUT/train.json."""
+    import os
+
+    from tqdm import tqdm
+
+    from models.detector import train_detector as train_model
+    from pipeline.boxes import read_boxes, scale_boxes
+    from pipeline.errors import DeadLetter, dead_letters_csv
+    from pipeline.images import ImageError, load_image
+    from pipeline.manifest import manifest_fingerprint, read_manifest
+
+    manifest = fs.absolute(manifest)
+    rows = read_manifest(manifest)
+    box_set = read_boxes(boxes, rows)
+    tc = config.train
+    weights = tc.backbone.weights
+    if weights not in ("none", "imagenet") and not fs.exists(weights):
+        raise CairnError(f"detect.train.backbone.weights: {weights} does not exist; give a .weights.h5 or .tflite "
+                         "file, 'imagenet' (downloads) or 'none'")
+    requested = {"method": "detector", "method_config": cfg.to_dict(tc), "negatives": config.negatives,
+                 "max_images": config.max_images, "manifest": manifest,
+                 "manifest_sha256": manifest_fingerprint(manifest, rows), "boxes": fs.absolute(boxes),
+                 "boxes_sha256": _boxes_fingerprint(boxes), "decode": cfg.to_dict(decode),
+                 "weights_sha256": cfg.file_fingerprint(weights) if weights not in ("none", "imagenet") else None}
+    if (reused := _reusable(out, requested, "model.keras", force)) is not None:
+        return reused
+    if force and fs.exists(fs.join(out, "checkpoints")):
+        import shutil
+
+        shutil.rmtree(fs.join(out, "checkpoints"))
+    chosen = [(i, p, y) for i, p, y in rows.records() if i in box_set.boxes or (config.negatives and y is None)]
+    skipped = sum(1 for i, _, y in rows.records() if i not in box_set.boxes and y is not None)
+    if len(chosen) > config.max_images:  # a seeded sample keeps memory bounded (images are held decoded)
+        pick = np.sort(np.random.default_rng(tc.seed).choice(len(chosen), config.max_images, replace=False))
+        chosen = [chosen[i] for i in pick]
+    limit = int(tc.input_size * 1.5)  # crops of half the side or more are resized to input_size: little is lost
+    images, targets, dead = [], [], [DeadLetter("", "boxes", reason, where) for where, reason in box_set.problems]
+    for image_id, path, _ in tqdm(chosen, desc="decode detector images", unit="img", disable=len(chosen) < 500):
+        try:
+            image = load_image(path, decode)
+        except ImageError as e:
+            dead.append(DeadLetter(image_id, e.stage, e.reason, path))
+            continue
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop training
+            dead.append(DeadLetter(image_id, "decode", f"{type(e).__name__}: {e}", path))
+            continue
+        h, w = image.shape[:2]
+        b = box_set.for_image(image_id, w, h)
+        scale = min(1.0, limit / max(h, w))
+        if scale < 1:
+            import cv2
+
+            image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                               interpolation=cv2.INTER_AREA)
+            b = scale_boxes(b, (w, h), (image.shape[1], image.shape[0]))
+        images.append(image)
+        targets.append(b)
+    positives = sum(1 for b in targets if len(b))
+    if positives == 0:
+        raise CairnError(f"no image of {manifest} with a box in {boxes} could be decoded; see "
+                         f"{fs.join(out, 'dead_letters.csv')}")
+    fs.makedirs(out)
+    fs.write_text(fs.join(out, "dead_letters.csv"), dead_letters_csv(dead))
+    record = train_model(images, targets, out, tc)
+    record.update({"config": requested, "method": "detector",
+                   "counts": {"manifest": len(rows.ids), "manifest_rejected": len(rows.dead_letters),
+                              "with_boxes": positives, "negatives": len(images) - positives,
+                              "boxes": int(sum(len(b) for b in targets)), "labelled_without_box": skipped,
+                              "dead_letters": len(dead), "box_rows_unused": len(box_set.problems)}})
+    _save_record(out, "model.keras", record)
+    log.info("train detector: %d images with boxes, %d negatives, in %.1f s -> %s", positives,
+             len(images) - positives, record["train_seconds"], os.path.join(out, "model.keras"))
+    return record
+
+
 def make_classifier(config: classic.ClassifierConfig):
     from models.classifiers import NearestClassMean, SoftmaxClassifier
 
@@ -322,7 +420,7 @@ def train_classifier(method: str, features: str, out: str, config: classic.Class
 
 def train(method: str, features: str, out: str, config: classic.MethodsConfig = classic.MethodsConfig(),
           workers: int = 1, beam_args: list[str] | None = None, force: bool = False,
-          decode: DecodeConfig = DecodeConfig()) -> dict:
+          decode: DecodeConfig = DecodeConfig(), boxes: str = "") -> dict:
     """Dispatch on ``method``; returns the train.json record (or {"trained": False} when nothing is learned).
 
     ``features`` is the database features folder, or for ``cnn`` the database manifest (it trains on images).
@@ -330,6 +428,12 @@ def train(method: str, features: str, out: str, config: classic.MethodsConfig = 
     if method == "delf":  # not a compare method of its own: cnn+delf and delf+sv use it
         fs.check_output_folder(out)
         return train_delf(features, out, config.delf, decode, force)
+    if method == "detector":  # cnn+det and cnn-pretrained+det use it
+        fs.check_output_folder(out)
+        if not boxes:
+            raise CairnError("--method detector needs --boxes: a CSV (id,xmin,ymin,xmax,ymax or image_path,...) or "
+                             "PASCAL VOC XML annotations of the manifest's images")
+        return train_detector(features, boxes, out, config.detect, decode, force)
     methods.check([method])
     fs.check_output_folder(out)
     if method == "cnn":
@@ -362,7 +466,10 @@ def build_parser():
     p = common.parser("cairn train", __doc__ + "\nMethods:\n" + methods.describe(), beam=True)
     p.add_argument("--method", required=True, help=f"method to train: {', '.join(TRAINABLE)}")
     p.add_argument("--features", help="the database features folder (`cairn extract`/`encode`)")
-    p.add_argument("--manifest", help="cnn, delf: the database manifest (training reads the images)")
+    p.add_argument("--manifest", help="cnn, delf, detector: the database manifest (training reads the images)")
+    p.add_argument("--boxes", default="", help="detector: landmark boxes of the manifest's images: a CSV "
+                   "(id,xmin,ymin,xmax,ymax[,width,height], or image_path instead of id) or PASCAL VOC XML (a file "
+                   "or a folder of them)")
     p.add_argument("--out", required=True, help="model folder to write")
     add_set_arg(p)
     common.add_beam_job_args(p)
@@ -371,14 +478,14 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    on_images = args.method in ("cnn", "delf")
+    on_images = args.method in ("cnn", "delf", "detector")
     source = args.manifest if on_images else args.features
     if not source:
         raise CairnError(f"--method {args.method} needs " + ("--manifest (the database images)" if on_images
                                                              else "--features (a features folder)"))
     record = train(args.method, source, args.out, classic.parse_overrides(args.set),
                    workers=max(1, args.workers), beam_args=beam_args, force=args.force,
-                   decode=common.decode_config(args))
+                   decode=common.decode_config(args), boxes=args.boxes)
     if record.get("trained") is False:
         print(f"{args.method}: nothing to train with these parameters (hog.pca_dim=0: raw HoG + kNN).")
     else:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from features.backbones import BackboneConfig
 from features.detect import encode_boxes
 
 
@@ -125,7 +126,7 @@ LEVELS = {"mobilenet": ("conv_pw_11_relu", "conv_pw_13_relu"), "mobilenet_v2": (
 class DetectorConfig:
     """The single-stage landmark detector (features/detect.py) and its training."""
 
-    backbone: object = None  # features.backbones.BackboneConfig (None = MobileNet v1, random weights)
+    backbone: BackboneConfig = BackboneConfig("mobilenet")  # the CNN and its initial weights
     input_size: int = 320  # images are resized whole to this square (anchors are laid out for it)
     scales: tuple[tuple[float, ...], ...] = ((0.2, 0.35), (0.55, 0.8))  # anchor sides per level, share of the side
     ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # anchor aspect ratios (width / height)
@@ -157,8 +158,6 @@ class DetectorConfig:
 
 
 def _backbone(config: DetectorConfig):
-    from features.backbones import BackboneConfig
-
     return config.backbone or BackboneConfig("mobilenet")
 
 
@@ -256,10 +255,12 @@ def _batches(images: list[np.ndarray], boxes: list[np.ndarray], config: Detector
 
 def train_detector(images: list[np.ndarray], boxes: list[np.ndarray], out: str,
                    config: DetectorConfig = DetectorConfig()) -> dict:
-    """Train on decoded images ([H, W, 3] uint8) and their boxes ([N, 4] in their pixels); writes OUT/model.keras
-    (with cairn.json: backbone, input size, anchors) and OUT/history.csv. Returns a JSON-ready record."""
+    """Train on decoded images ([H, W, 3] uint8) and their boxes ([N, 4] in their pixels; none for a negative
+    image); writes OUT/model.keras (with cairn.json: backbone, input size, anchors), OUT/history.csv and
+    OUT/checkpoints/ (per epoch, for resuming; removed when training ends). Returns a JSON-ready record."""
     import math
     import os
+    import shutil
     import time
 
     import keras
@@ -276,9 +277,11 @@ def train_detector(images: list[np.ndarray], boxes: list[np.ndarray], out: str,
     steps = config.steps_per_epoch or max(1, math.ceil(len(images) / config.batch_size))
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   loss=detection_loss(config.focal_gamma, config.focal_alpha))
-    fit = model.fit(_batches(images, boxes, config, steps), epochs=config.epochs,
-                    callbacks=[keras.callbacks.CSVLogger(os.path.join(out, "history.csv")),
-                               keras.callbacks.TerminateOnNaN()], verbose=2)
+    # BackupAndRestore: a killed run resumes from its last finished epoch (weights, optimizer, epoch count)
+    callbacks = [keras.callbacks.BackupAndRestore(os.path.join(out, "checkpoints")),
+                 keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
+                 keras.callbacks.TerminateOnNaN()]
+    fit = model.fit(_batches(images, boxes, config, steps), epochs=config.epochs, callbacks=callbacks, verbose=2)
     losses = [float(v) for v in fit.history.get("loss", [])]
     if not losses or any(not math.isfinite(v) for v in losses):
         raise ValueError("detector training diverged (the loss became NaN); lower learning_rate")
@@ -287,5 +290,6 @@ def train_detector(images: list[np.ndarray], boxes: list[np.ndarray], out: str,
             "scales": [list(s) for s in config.scales], "ratios": list(config.ratios),
             "training": {"images": len(images), "epochs": config.epochs, "loss": round(losses[-1], 5)}}
     save_detector(model, os.path.join(out, "model.keras"), meta)
+    shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     return {"images": len(images), "steps_per_epoch": steps, "loss": [round(v, 5) for v in losses],
             "train_seconds": round(time.perf_counter() - started, 3)}

@@ -144,4 +144,4 @@ class EncodeBatches(beam.DoFn):
         else:
             from pipeline.schemas import global_features_table
 
-            yield global_features_table(ids, labels, np.asarray(encoded, np.float32), self.schema)
+            yield global_features_table(ids, labels, np.asarray(encoded, np.float32), self.schema, extra=table)

@@ -191,6 +191,145 @@ class _ToLocalRows(beam.DoFn):
         yield local_features_table([image_id], [label], [feats], self.schema)
 
 
+def keep_image(image: np.ndarray) -> np.ndarray:
+    """PrepareImages' preparation for detection: the decoded image itself (the detector resizes)."""
+    return image
+
+
+class DetectorModelHandler(_BatchedHandler):
+    """Decoded images -> PredictionResult(example=the image, inference=(boxes [k, 4], scores [k])): builds the
+    detector of a features.detect.DetectConfig once per worker; the image travels on in the result so that
+    its regions can be cropped."""
+
+    namespace = "cairn_detect"
+
+    def build(self):
+        from features.detect import DetectConfig, make_detector
+
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in self.params.items()}
+        return make_detector(DetectConfig(**params))
+
+    def run_inference(self, batch, model, inference_args=None) -> Iterable[PredictionResult]:
+        found = model.detect_images(list(batch))
+        return [PredictionResult(image, result) for image, result in zip(batch, found, strict=True)]
+
+    def get_num_bytes(self, batch) -> int:
+        return sum(b.nbytes for b in batch)
+
+
+class CropRegions(beam.DoFn):
+    """((id, landmark_id, path), PredictionResult of a detection) -> one (region key, prepared crop) per region:
+    the full image and the selected boxes (features.detect.regions_of). The region key is (id, landmark_id,
+    path, region, box, score, width, height, regions of the image)."""
+
+    def __init__(self, detect_params: dict, size: int):
+        self.detect_params = detect_params
+        self.size = size
+        self.config = None
+        self.regions = Metrics.counter(NAMESPACE, "regions")
+        self.detected = Metrics.distribution(NAMESPACE, "boxes_per_image")
+
+    def setup(self):
+        from features.detect import DetectConfig
+
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in self.detect_params.items()}
+        self.config = DetectConfig(**params)
+
+    def process(self, item):
+        from features.cnn import resize_square
+        from features.detect import regions_of
+
+        (image_id, label, path), result = item
+        image = result.example
+        boxes, scores = result.inference
+        regions = regions_of(image, boxes, scores, self.config)
+        h, w = image.shape[:2]
+        self.regions.inc(len(regions))
+        self.detected.update(sum(1 for r in regions if r[0] > 0))
+        for number, box, score, crop in regions:
+            key = (image_id, label, path, number, tuple(float(v) for v in box), float(score), w, h, len(regions))
+            yield key, resize_square(crop, self.size)
+
+
+class _ToRegionParts(beam.DoFn):
+    """(region key, PredictionResult) -> (id, ("ok", row)) or (id, ("bad", reason, path))."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def process(self, item):
+        key, result = item
+        image_id, label, path, number, box, score, w, h, count = key
+        v = np.asarray(result.inference, dtype=np.float32)
+        if v.shape != (self.dim,) or not np.all(np.isfinite(v)):
+            yield image_id, ("bad", f"bad embedding of region {number} (shape {v.shape} or non-finite)", path, count)
+            return
+        yield image_id, ("ok", {"id": image_id, "landmark_id": label, "vector": v, "region": number,
+                                "box": np.asarray(box, np.float32), "box_score": score, "width": w, "height": h},
+                         path, count)
+
+
+def _failed_regions(item):
+    """A region batch RunInference could not process -> ("bad", reason) per region, keyed by image id."""
+    batch, error = item
+    if isinstance(error, (tuple, list)) and len(error) > 1:
+        error = error[1]
+    for key, _ in batch:
+        yield key[0], ("bad", f"inference failed: {error}"[:500], key[2], key[8])
+
+
+class AssembleRegions(beam.DoFn):
+    """(id, [parts]) -> the image's region rows, all of them, or one dead letter: an image is never written with
+    some of its regions missing."""
+
+    def __init__(self):
+        self.ok = Metrics.counter(NAMESPACE, "images_ok")
+        self.bad = Metrics.counter(NAMESPACE, "dead_extract")
+
+    def process(self, item):
+        image_id, parts = item
+        parts = list(parts)
+        bad = [p for p in parts if p[0] == "bad"]
+        expected = parts[0][3]
+        if bad or len(parts) != expected:
+            self.bad.inc()
+            reason = bad[0][1] if bad else f"{len(parts)} of {expected} regions embedded"
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(image_id, "extract", reason, parts[0][2]))
+            return
+        self.ok.inc()
+        yield from sorted((p[1] for p in parts), key=lambda r: r["region"])
+
+
+class DetectAndEmbed(beam.PTransform):
+    """Manifest rows -> (regional feature rows, dead letters): decode, detect (batched RunInference), crop the
+    full image and the top boxes, embed every crop (batched RunInference), then gather each image's regions."""
+
+    def __init__(self, detect_handler, embed_handler, size: int, dim: int, decode: DecodeConfig, detect_params: dict):
+        super().__init__()
+        self.detect_handler = detect_handler
+        self.embed_handler = embed_handler
+        self.size = size
+        self.dim = dim
+        self.decode = decode
+        self.detect_params = detect_params
+
+    def expand(self, rows):
+        prepared = rows | "Decode" >> beam.ParDo(PrepareImages(keep_image, self.decode)).with_outputs(
+            DEAD, main="images")
+        detected, det_other = prepared.images | "Detect" >> RunInference(
+            KeyedModelHandler(self.detect_handler)).with_exception_handling()
+        crops = detected | "Crop" >> beam.ParDo(CropRegions(self.detect_params, self.size))
+        embedded, emb_other = crops | "Embed" >> RunInference(
+            KeyedModelHandler(self.embed_handler)).with_exception_handling()
+        parts = (embedded | "ToParts" >> beam.ParDo(_ToRegionParts(self.dim)),
+                 emb_other.failed_inferences | "FailedRegions" >> beam.FlatMap(_failed_regions))
+        assembled = (parts | "AllParts" >> beam.Flatten() | "ByImage" >> beam.GroupByKey()
+                     | "Assemble" >> beam.ParDo(AssembleRegions()).with_outputs(DEAD, main="rows"))
+        failed = det_other.failed_inferences | "FailedDetections" >> beam.FlatMap(_failed_batch)
+        dead = (prepared[DEAD], failed, assembled[DEAD]) | "Dead" >> beam.Flatten()
+        return assembled.rows, dead
+
+
 FAILED_BATCH_IMAGES = Metrics.counter(NAMESPACE, "dead_extract")
 
 

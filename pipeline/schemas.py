@@ -5,6 +5,14 @@ Global features (``features-SSSSS-of-NNNNN.parquet``), one row per image:
     landmark_id   int64, nullable       null = no landmark / unknown
     vector        fixed_size_list<float32>[dim], not null
 
+Regional global features (``cairn extract --detector``), one row per region of an image (several per id):
+    id, landmark_id, vector              as above (the id is the parent image's)
+    region        int32                 0 = the full image, 1.. = detected boxes, best first
+    box           fixed_size_list<float32>[4]   (xmin, ymin, xmax, ymax) in pixels of the decoded image
+    box_score     float32               the detector's score (1 for the full image)
+    width, height int32                 size of the decoded image
+  The ``cairn`` metadata has ``regions``: the detector's config and model fingerprint.
+
 Local features (``local-SSSSS-of-NNNNN.parquet``), one row per image:
     id, landmark_id                      as above
     keypoints     list<fixed_size_list<float32>[2]>   (x, y) in pixels of the decoded image
@@ -53,10 +61,27 @@ def _with_metadata(fields: list[pa.Field], schema_name: str, metadata: dict | No
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
-def global_features_schema(dim: int, metadata: dict | None = None) -> pa.Schema:
-    """Schema of global descriptors: id, landmark_id, vector (float32[dim])."""
+REGION_FIELDS = [
+    pa.field("region", pa.int32(), nullable=False),
+    pa.field("box", pa.list_(pa.float32(), 4), nullable=False),
+    pa.field("box_score", pa.float32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+]
+
+
+def global_features_schema(dim: int, metadata: dict | None = None, regional: bool = False) -> pa.Schema:
+    """Schema of global descriptors: id, landmark_id, vector (float32[dim]); with ``regional`` one row per
+    detected region, with its region number, box, score and the image size (``metadata`` should then hold
+    ``regions``)."""
     vector = pa.field("vector", pa.list_(pa.float32(), dim), nullable=False)
-    return _with_metadata([_ID, _LABEL, vector], GLOBAL_FEATURES, {"dim": dim, **(metadata or {})})
+    fields = [_ID, _LABEL, vector] + (REGION_FIELDS if regional else [])
+    return _with_metadata(fields, GLOBAL_FEATURES, {"dim": dim, **(metadata or {})})
+
+
+def is_regional(schema: pa.Schema) -> bool:
+    """True for global features with one row per detected region (several rows per image id)."""
+    return "region" in schema.names
 
 
 def local_features_schema(dim: int, dtype: str = "float32", metadata: dict | None = None) -> pa.Schema:
@@ -135,16 +160,18 @@ def cairn_metadata(schema: pa.Schema) -> dict:
 
 
 def global_features_table(ids: list[str], labels: list[int | None], vectors: np.ndarray,
-                          schema: pa.Schema) -> pa.Table:
-    """Build a global-features table from [N, D] float32 vectors (no per-row Python lists)."""
+                          schema: pa.Schema, extra: pa.Table | None = None) -> pa.Table:
+    """Build a global-features table from [N, D] float32 vectors (no per-row Python lists); the columns of a
+    regional schema after the vector (region, box, ...) are taken from ``extra``."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     dim = schema.field("vector").type.list_size
     if vectors.ndim != 2 or vectors.shape[1] != dim:
         raise ValueError(f"vectors have shape {vectors.shape}, schema expects [N, {dim}]")
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
     column = pa.FixedSizeListArray.from_arrays(flat, dim)
+    rest = [extra.column(name) for name in schema.names[3:]] if len(schema.names) > 3 else []
     return pa.Table.from_arrays(
-        [pa.array(ids, pa.string()), pa.array(labels, pa.int64()), column], schema=schema
+        [pa.array(ids, pa.string()), pa.array(labels, pa.int64()), column, *rest], schema=schema
     )
 
 

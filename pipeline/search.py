@@ -79,8 +79,10 @@ class SearchAndVote(beam.DoFn):
 
         if self.threads:
             limit_threads(self.threads)
+        from index.regions import wrap
+
         index_dir = self.index_dir
-        self.loaded = self.handle.acquire(lambda: _Loaded(VectorIndex.load(index_dir)))
+        self.loaded = self.handle.acquire(lambda: _Loaded(wrap(VectorIndex.load(index_dir))))
 
     def process(self, table: pa.Table):
         import faiss
@@ -150,7 +152,12 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
     from jobs.recognize import check_same_features
 
     index_meta = cfg.load_json(fs.join(index_dir, "index.json")) if fs.exists(fs.join(index_dir, "index.json")) else {}
-    check_same_features(index_meta.get("features") or {}, features_metadata(features, kind), features)
+    query_meta = features_metadata(features, kind)
+    check_same_features(index_meta.get("features") or {}, query_meta, features)
+    if query_meta.get("regions"):
+        raise CairnError(f"{features} holds detected regions (several rows per query image), which the Beam search "
+                         "job does not gather per image yet; use --beam off (a regional database index is fine "
+                         "with whole-image queries)")
     workers = _fit_workers(common.resolve_workers(workers, queries), index_dir, beam_args or [])
     options = pipeline_options(beam_args or [], workers)
     fs.makedirs(out)

@@ -3,13 +3,15 @@
 Everything here is computed from what the run wrote (RUN/run.json, the two manifests, RUN/predictions/<method>.csv,
 RUN/neighbours/<method>.parquet, RUN/work/<method>/costs.json, RUN/dead_letters.csv): no feature is recomputed.
 
-metrics.json (format "cairn-metrics", version 2) holds, per method, four groups with stable keys (README "Outputs"):
+metrics.json (format "cairn-metrics", version 3) holds, per method, five groups with stable keys (README "Outputs"):
 
     quality  gap, accuracy, landmark_accuracy, map_at_100, recall_at_k {"1","5","10","100"}, mean_class_ap
     cost     images_per_second, extract_seconds, train_seconds, index_seconds, search_seconds, verify_seconds,
              dim, bytes_per_image, feature_bytes_per_image, local_feature_bytes_per_image, index_bytes
     counts   queries, queries_with_landmark, predicted, dead_letters
     config   index_factory, vote, params (the method's part of the run's methods_config)
+    detection  ap_50, mean_iou, annotated_images, detections_per_image, regions_per_image (+det methods; null
+             for the others, and ap_50 / mean_iou null without --boxes)
 
 A key that does not apply to a method (vote for a -linear classifier, local_feature_bytes_per_image without
 re-ranking, a cost of a run made before the key existed) is present with null; verify_seconds is 0 without
@@ -37,7 +39,7 @@ from pipeline.submission import read_submission
 from reports import metrics as M
 
 FORMAT = "cairn-metrics"
-VERSION = 2
+VERSION = 3
 RECALL_KS = (1, 5, 10, 100)
 COST_KEYS = ("images_per_second", "extract_seconds", "train_seconds", "index_seconds", "search_seconds",
              "verify_seconds", "dim", "bytes_per_image", "feature_bytes_per_image", "local_feature_bytes_per_image",
@@ -47,7 +49,8 @@ COST_KEYS = ("images_per_second", "extract_seconds", "train_seconds", "index_sec
 PARAMS = {"hog": ("hog",), "sift-bovw": ("bovw",), "sift-vlad": ("vlad",), "sift-bovw+sv": ("bovw", "sv"),
           "hog-linear": ("hog", "classifier"), "sift-vlad-linear": ("vlad", "classifier"), "cnn": ("cnn",),
           "cnn-untrained": ("cnn",), "cnn-pretrained": ("cnn_pretrained",), "cnn+delf": ("cnn", "delf"),
-          "delf+sv": ("delf",)}
+          "delf+sv": ("delf",), "cnn+det": ("cnn", "detect"), "cnn-pretrained+det": ("cnn_pretrained", "detect")}
+DETECTION_KEYS = ("ap_50", "mean_iou", "annotated_images", "detections_per_image", "regions_per_image")
 
 DEFINITIONS = {
     "gap": "Global Average Precision (Google Landmark Recognition): predictions sorted by confidence, "
@@ -67,6 +70,11 @@ DEFINITIONS = {
                        "vector, plus for +sv the local features kept for verification",
     "feature_bytes_per_image": "bytes per image of the Parquet feature files on disk (compressed)",
     "index_bytes": "size of the index files on disk",
+    "ap_50": "detection AP at IoU 0.5 (PASCAL VOC all-point) of the boxes the detector cropped from the queries "
+             "(above its score threshold, at most max_boxes per image) against the annotated boxes (--boxes); a box "
+             "on a query without one is a false positive",
+    "mean_iou": "for each annotated query box, the best IoU of a cropped box of its image, averaged (0 for a miss)",
+    "regions_per_image": "vectors per database image in the index: the full image plus its detected boxes",
 }
 
 
@@ -199,7 +207,56 @@ def method_entry(res: RunResults, m: MethodResult) -> dict:
         "config": {"index_factory": costs.get("index_factory"),
                    "vote": None if m.name.endswith("-linear") else costs.get("vote"),
                    "params": {part: methods_config.get(part) for part in PARAMS.get(m.name, ())}},
+        "detection": method_detection(res, m),
     }
+
+
+def detection_table(m: MethodResult, split: str = "queries"):
+    """The regional features (id, region, box, box_score, width, height) a +det method wrote for ``split``, or
+    None for a method without detection (or a run whose features are gone)."""
+    from jobs.extract import features_prefix
+    from pipeline.parquet_io import find_shards, read_shards
+    from reports.detection import REGION_COLUMNS
+
+    folder = (m.costs.get("regional_features") or {}).get(split)
+    if not folder:
+        return None
+    try:
+        find_shards(features_prefix(folder))
+    except CairnError:
+        return None
+    table, _ = read_shards(features_prefix(folder), columns=REGION_COLUMNS)
+    return table
+
+
+@functools.lru_cache(maxsize=4)
+def _box_set(path: str, manifest_path: str):
+    from pipeline.boxes import read_boxes
+
+    return read_boxes(path, read_manifest(manifest_path))
+
+
+def method_detection(res: RunResults, m: MethodResult) -> dict:
+    """The detection group of a method: AP@0.5 and mean IoU on the queries (with --boxes), detections per query
+    image, regions per database image; every key null for a method without detection."""
+    out = dict.fromkeys(DETECTION_KEYS)
+    table = detection_table(m)
+    if table is None:
+        return out
+    from pipeline.boxes import BoxSet
+    from reports.detection import detection_metrics
+
+    boxes = res.run["config"].get("boxes") or ""
+    box_set = BoxSet()
+    if boxes and fs.exists(boxes):
+        try:
+            box_set = _box_set(boxes, res.queries.source)
+        except CairnError:  # no box of a query image: nothing to score against
+            box_set = BoxSet()
+    found = detection_metrics(table, box_set)
+    out.update({k: found[k] for k in ("ap_50", "mean_iou", "detections_per_image")},
+               annotated_images=found["annotated_images"], regions_per_image=m.costs.get("regions_per_image"))
+    return out
 
 
 def metrics_of(res: RunResults) -> dict:
