@@ -236,7 +236,8 @@ are drawn in blue with circles, deep methods in red with squares. Definitions ar
 </a>.</p>
 <nav><a href="#summary">Summary</a><a href="#cost">Quality vs cost</a><a href="#curves">Curves</a>
 <a href="#classes">Per class</a><a href="#confused">Confusions</a><a href="#grids">Examples</a>
-<a href="#gradcam">Grad-CAM</a><a href="#dead">Dead letters</a><a href="#config">Config</a></nav>
+<a href="#detection">Detection</a><a href="#gradcam">Grad-CAM</a><a href="#dead">Dead letters</a>
+<a href="#config">Config</a></nav>
 """
 
     def summary(self) -> str:
@@ -414,6 +415,87 @@ not (grey for a query without a landmark). Hover a thumbnail for its id and scor
             body = "".join(self._query_block(i) for i in chosen) or "<p>No such query.</p>"
             out.append(f"<h3>{html.escape(title)}: {int(mask.sum())} of {len(mask)} queries</h3>{body}")
         return "".join(out)
+
+    def detection(self) -> str:
+        """Detection AP / IoU per +det method, the GAP it gained or lost over its whole-image method, and query
+        images with the cropped boxes (and the annotated ones) drawn."""
+        from reports.results import detection_table
+
+        head = '<h2 id="detection">Landmark detection</h2>'
+        det = [n for n in self.res.methods if self.metrics["methods"][n]["detection"]["regions_per_image"]]
+        if not det:
+            return (head + "<p>No method of this run detects landmarks (cnn+det, cnn-pretrained+det: "
+                    "<code>cairn compare --boxes FILE</code> or <code>--set detect.detect.model=PATH</code>).</p>")
+        rows = []
+        for n in det:
+            d, q = self.metrics["methods"][n]["detection"], self.metrics["methods"][n]["quality"]
+            base = n.removesuffix("+det")
+            base_gap = self.metrics["methods"][base]["quality"]["gap"] if base in self.metrics["methods"] else None
+            change = "" if base_gap is None else f"{q['gap'] - base_gap:+.3f} (vs {html.escape(base)} {base_gap:.3f})"
+            rows.append(f"<tr><td>{html.escape(n)}</td><td>{_fmt(d['ap_50'], '{:.3f}')}</td>"
+                        f"<td>{_fmt(d['mean_iou'], '{:.3f}')}</td><td>{_fmt(d['annotated_images'], '{:,}')}</td>"
+                        f"<td>{_fmt(d['detections_per_image'], '{:.2f}')}</td>"
+                        f"<td>{_fmt(d['regions_per_image'], '{:.2f}')}</td><td>{q['gap']:.3f}</td><td>{change}</td></tr>")
+        out = [head, """<p>A +det method crops the detector's top boxes (above its score threshold) besides the full
+image, embeds every region, and ranks database images by their best region against the query's best region. AP@0.5
+and mean IoU score the cropped query boxes against the annotated ones (<code>--boxes</code>); "–" without them.</p>
+<table><tr><th>method</th><th>AP@0.5</th><th>mean IoU</th><th>annotated queries</th><th>boxes / query</th>
+<th>vectors / db image</th><th>GAP</th><th>GAP change from cropping</th></tr>""" + "".join(rows) + "</table>"]
+        table = detection_table(self.res.methods[det[0]])
+        if table is not None and self.config.examples:
+            out.append(f"<h3>Boxes on queries ({html.escape(det[0])})</h3><p>Cropped boxes "
+                       '<span class="tag ok">green</span> when they overlap an annotated box by IoU ≥ 0.5, '
+                       '<span class="tag bad">red</span> otherwise, with their scores; annotated boxes in blue.</p>')
+            out.append(self._box_examples(table))
+        return "".join(out)
+
+    def _box_examples(self, table) -> str:
+        from PIL import Image, ImageDraw
+
+        from reports.detection import detections_of
+        from reports.metrics import iou_matrix
+        from reports.results import _box_set
+
+        dets, sizes = detections_of(table)
+        boxes = self.res.run["config"].get("boxes") or ""
+        truth = {}
+        if boxes and fs.exists(boxes):
+            from contextlib import suppress
+
+            from pipeline.errors import CairnError
+
+            with suppress(CairnError):
+                bs = _box_set(boxes, self.res.queries.source)
+                truth = {i: bs.for_image(i, *sizes[i]) for i in sizes}
+        by_image: dict[str, list] = {}
+        for i, score, box in dets:
+            by_image.setdefault(i, []).append((score, box))
+        ids = [q for q in self.res.queries.ids if q in sizes]
+        landmark = [q for q, t in zip(self.res.queries.ids, self.truth, strict=True) if t is not None and q in sizes]
+        other = [q for q in ids if q not in set(landmark)]
+        chosen = landmark[: 2 * self.config.examples] + other[: self.config.examples]
+        figs = []
+        large = Thumbnails(2 * self.config.thumb, self.thumbs.decode)  # boxes need room
+        for q in chosen:
+            img = large.image(self.query_path.get(q, ""))
+            if img is None:
+                continue
+            w, h = sizes[q]
+            sx, sy = img.shape[1] / w, img.shape[0] / h
+            pil = Image.fromarray(img)
+            draw = ImageDraw.Draw(pil)
+            gt = truth.get(q, np.zeros((0, 4), np.float32))
+            for b in gt:
+                draw.rectangle([b[0] * sx, b[1] * sy, b[2] * sx - 1, b[3] * sy - 1], outline=(40, 110, 240), width=2)
+            for score, b in by_image.get(q, []):
+                hit = len(gt) and float(iou_matrix(b[None], gt).max()) >= 0.5
+                colour = (30, 160, 60) if hit else (210, 40, 40)
+                draw.rectangle([b[0] * sx, b[1] * sy, b[2] * sx - 1, b[3] * sy - 1], outline=colour, width=2)
+                draw.text((b[0] * sx + 3, b[1] * sy + 2), f"{score:.2f}", fill=colour)
+            caption = f"{q[:10]}: {len(by_image.get(q, []))} box(es)" + ("" if len(gt) else ", no landmark")
+            figs.append(f'<figure>{_img(_jpeg(np.asarray(pil)), caption, "image/jpeg", "thumb")}'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        return f'<div class="row">{"".join(figs)}</div>' if figs else "<p>No query image could be shown.</p>"
 
     def gradcam(self) -> str:
         head = '<h2 id="gradcam">Grad-CAM: where the deep model looked</h2>'
@@ -613,7 +695,7 @@ def build_report(res: RunResults, metrics: dict, config: ReportConfig = ReportCo
     """The whole report.html as a string."""
     page = Page(res, metrics, config)
     sections = [page.header(), page.summary(), page.cost(), page.curves(), page.classes(), page.confused(),
-                page.grids(), page.gradcam(), page.dead(), page.run_config(), page.definitions()]
+                page.grids(), page.detection(), page.gradcam(), page.dead(), page.run_config(), page.definitions()]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Cairn report: '
             f'{html.escape(res.run_dir)}</title><meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<style>{CSS}</style></head><body>{''.join(sections)}</body></html>\n")
