@@ -237,6 +237,11 @@ def _coerce(text: str, current, where: str):
                     from None
     if isinstance(current, str):
         return text
+    if isinstance(current, tuple) and current and isinstance(current[0], tuple):  # groups: 0.2,0.35;0.55,0.8
+        try:
+            return tuple(tuple(float(t) for t in group.split(",") if t.strip()) for group in text.split(";"))
+        except ValueError:
+            raise CairnError(f"{where}: {text!r} is not groups of numbers, e.g. 0.2,0.35;0.55,0.8") from None
     if isinstance(current, tuple):  # comma-separated numbers, e.g. scales=0.707,1,1.414
         try:
             return tuple(float(t) for t in text.split(",") if t.strip())
@@ -285,6 +290,8 @@ def describe_fields(config=MethodsConfig(), prefix: str = "") -> list[str]:
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             lines += describe_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, tuple) and value and isinstance(value[0], tuple):
+            lines.append(f"{prefix}{f.name}={';'.join(','.join(str(v) for v in g) for g in value)}")
         elif isinstance(value, tuple):
             lines.append(f"{prefix}{f.name}={','.join(str(v) for v in value)}")
         else:

@@ -107,8 +107,8 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         raise CairnError("--num-shards must be between 0 (automatic) and 100000")
     try:
         extractor = make_extractor(method, params)  # validates params early, in the launching process
-    except ValueError as e:
-        raise CairnError(str(e)) from e
+    except (ValueError, OSError) as e:  # a bad parameter, a model file that is not there
+        raise CairnError(f"{method}: {e}") from e
     kind = getattr(extractor, "kind", "global")
     detected = None
     if detect is not None:

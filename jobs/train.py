@@ -302,8 +302,10 @@ def train_detector(manifest: str, boxes: str, out: str, config, decode: DecodeCo
     """Train the landmark detector (config: jobs.classic.DetectMethodConfig) on the images of MANIFEST that have
     boxes in BOXES (CSV by id or image_path, or PASCAL VOC XML; pipeline/boxes.py), and, with ``negatives``, on
     its non-landmark images as images without a box. Writes OUT/model.keras, OUT/history.csv, OUT/checkpoints/
-    while training, OUT/dead_letters.csv (images that could not be decoded, box rows that match nothing) and
-    OUT/train.json."""
+    while training, OUT/dead_letters.csv (images that could not be decoded), OUT/unused_boxes.csv (box rows of no
+    manifest image, or unusable ones, with the reason) and OUT/train.json."""
+    import csv
+    import io
     import os
 
     from tqdm import tqdm
@@ -339,7 +341,7 @@ def train_detector(manifest: str, boxes: str, out: str, config, decode: DecodeCo
         pick = np.sort(np.random.default_rng(tc.seed).choice(len(chosen), config.max_images, replace=False))
         chosen = [chosen[i] for i in pick]
     limit = int(tc.input_size * 1.5)  # crops of half the side or more are resized to input_size: little is lost
-    images, targets, dead = [], [], [DeadLetter("", "boxes", reason, where) for where, reason in box_set.problems]
+    images, targets, dead = [], [], []
     for image_id, path, _ in tqdm(chosen, desc="decode detector images", unit="img", disable=len(chosen) < 500):
         try:
             image = load_image(path, decode)
@@ -366,6 +368,10 @@ def train_detector(manifest: str, boxes: str, out: str, config, decode: DecodeCo
                          f"{fs.join(out, 'dead_letters.csv')}")
     fs.makedirs(out)
     fs.write_text(fs.join(out, "dead_letters.csv"), dead_letters_csv(dead))
+    # box rows of other images (a box file may cover the queries too) or unusable ones, with the reason
+    unused = io.StringIO()
+    csv.writer(unused, lineterminator="\n").writerows([("where", "reason"), *box_set.problems])
+    fs.write_text(fs.join(out, "unused_boxes.csv"), unused.getvalue())
     record = train_model(images, targets, out, tc)
     record.update({"config": requested, "method": "detector",
                    "counts": {"manifest": len(rows.ids), "manifest_rejected": len(rows.dead_letters),

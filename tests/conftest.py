@@ -32,7 +32,8 @@ SMALL_DEMO = ["--classes", "4", "--views", "4", "--workers", "2", "--set", "cnn.
               "--set", "cnn.finetune.epochs=1", "--set", "cnn.finetune.head_epochs=1",
               "--set", "delf.train.input_size=64", "--set", "delf.train.epochs=1",
               "--set", "delf.train.attention_epochs=1", "--set", "delf.max_side=128", "--set", "delf.max_features=100",
-              "--set", "delf.train.pca_images=10"]
+              "--set", "delf.train.pca_images=10", "--set", "detect.train.input_size=96",
+              "--set", "detect.train.epochs=2"]
 PRETRAINED = SHARED / "weights" / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
 ARTIFACTS = Path(os.environ.get("CAIRN_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 

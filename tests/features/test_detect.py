@@ -134,3 +134,58 @@ def test_boxes_from_activation_hand_computed():
     np.testing.assert_allclose(scores, [0.4 / 6.4, 6 / 6.4, 6 / 6.4], rtol=1e-6)
     empty = boxes_from_activation(np.ones((3, 3)), (30, 30))
     assert empty[0].shape == (0, 4)
+
+
+def test_select_regions_threshold_size_and_count():
+    from features.detect import DetectConfig, select_regions
+
+    boxes = np.array([[0, 0, 50, 50], [0, 0, 5, 80], [10, 10, 90, 60], [20, 20, 70, 70]], np.float32)
+    scores = np.array([0.9, 0.95, 0.5, 0.2], np.float32)
+    config = DetectConfig(model="x.keras", score_threshold=0.3, min_side=0.1, max_boxes=2)
+    kept, s = select_regions(boxes, scores, 100, 100, config)
+    # box 1 is too thin (5 px < 10% of 100), box 3 scores below 0.3; best first
+    np.testing.assert_array_equal(kept, boxes[[0, 2]])
+    np.testing.assert_allclose(s, [0.9, 0.5])
+    kept, _ = select_regions(boxes, scores, 100, 100, DetectConfig(model="x.keras", max_boxes=1))
+    np.testing.assert_array_equal(kept, boxes[[0]])
+
+
+def test_crop_box_margin_and_clipping():
+    from features.detect import crop_box
+
+    image = np.arange(10 * 20 * 3, dtype=np.uint8).reshape(10, 20, 3)
+    np.testing.assert_array_equal(crop_box(image, [2, 3, 12, 8]), image[3:8, 2:12])
+    np.testing.assert_array_equal(crop_box(image, [2, 3, 12, 8], margin=0.5), image[0:10, 0:17])  # 5 px, 2.5 px
+    assert crop_box(image, [19.5, 9.5, 30, 30]).shape == (1, 1, 3)  # at the corner: still a pixel
+
+
+def test_regions_full_image_first_and_never_none():
+    from features.detect import DetectConfig, regions_of
+
+    image = np.zeros((40, 60, 3), np.uint8)
+    boxes, scores = np.array([[10, 10, 40, 30]], np.float32), np.array([0.8], np.float32)
+    regions = regions_of(image, boxes, scores, DetectConfig(model="x.keras", margin=0.0))
+    assert [r[0] for r in regions] == [0, 1] and regions[0][2] == 1.0
+    np.testing.assert_array_equal(regions[0][1], [0, 0, 60, 40])
+    assert regions[1][3].shape == (20, 30, 3) and regions[1][2] == pytest.approx(0.8)
+    no_full = DetectConfig(model="x.keras", full_image=False)
+    assert [r[0] for r in regions_of(image, boxes, scores, no_full)] == [1]
+    # no box above the threshold and no full image asked for: the image still gets one region, the whole of it
+    only = regions_of(image, boxes, np.array([0.1], np.float32), no_full)
+    assert [r[0] for r in only] == [0] and only[0][3].shape == image.shape
+    with pytest.raises(ValueError, match="max_boxes"):
+        DetectConfig(full_image=False, max_boxes=0)
+
+
+def test_the_fallback_detector_runs_batched_without_downloads():
+    from features.detect import ActivationDetector, DetectConfig, make_detector
+
+    det = make_detector(DetectConfig(model="activation:none", fallback_size=64, max_boxes=2))
+    assert isinstance(det, ActivationDetector)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), rng.integers(0, 255, (80, 40, 3), dtype=np.uint8)]
+    found = det.detect_images(images)
+    assert len(found) == 2
+    for (boxes, scores), im in zip(found, images, strict=True):
+        assert len(boxes) == len(scores) <= 8
+        assert np.all(boxes[:, [0, 2]] <= im.shape[1] + 1e-3) and np.all(boxes[:, [1, 3]] <= im.shape[0] + 1e-3)

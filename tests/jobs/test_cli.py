@@ -16,7 +16,7 @@ def test_help_lists_every_command_and_method(capsys):
     out = capsys.readouterr().out
     for name in ("synth", "extract", "train", "index", "recognize", "report", "compare", "demo"):
         assert f"  {name}" in out
-    assert "hog" in out and "cnn+delf" in out and "delf+sv" in out and "cnn-pretrained" in out
+    assert "hog" in out and "cnn+delf" in out and "delf+sv" in out and "cnn-pretrained" in out and "cnn+det" in out
 
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
@@ -58,6 +58,14 @@ def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, tiny_synth):
         ([*extract, "--threads-per-worker", "100000000000"], "between 0 (automatic) and 1024"),
         (["demo", "--out", str(tmp_path / "d"), "--classes", "0"], "--classes"),
         (["synth", str(tmp_path / "s"), "--width", "100000"], "--width"),
+        ([*compare, "--methods", "cnn+det"], "need a detector: --boxes FILE"),
+        ([*compare, "--boxes", str(tmp_path / "nope.csv")], "--boxes"),
+        ([*extract, "--method", "cnn", "--param", f"model={tiny_synth / 'x.keras'}"], "CNN model not found"),
+        ([*extract, "--detect", "max_boxes=2"], "needs --detector"),
+        (["train", "--method", "detector", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "m")],
+         "needs --boxes"),
+        (["train", "--method", "detector", "--manifest", str(tiny_synth / "train.csv"), "--boxes",
+          str(tiny_synth / "train.csv"), "--out", str(tmp_path / "m")], "needs id (or image_path) and xmin"),
         (["synth", str(tiny_synth / "train.csv")], "is a file"),
     ]
     for args, message in cases:
@@ -89,9 +97,14 @@ def test_synth_then_demo_end_to_end(small_demo):
     assert "metrics:" in stdout and "hog" in stdout and "cnn-untrained" in stdout and "report.html" in stdout
     run = small_demo / "run"
     for name in ("metrics.json", "report.html", "per_class.csv", "predictions/cnn.csv", "predictions/cnn+delf.csv",
-                 "predictions/delf+sv.csv", "work/delf/model/model.keras", "work/delf/model/pca.npz"):
+                 "predictions/delf+sv.csv", "work/delf/model/model.keras", "work/delf/model/pca.npz",
+                 "predictions/cnn+det.csv", "work/detector/model.keras"):
         assert (run / name).is_file(), name
     import json
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    detection = metrics["methods"]["cnn+det"]["detection"]
+    assert 0 <= detection["ap_50"] <= 1 and detection["annotated_images"] > 0 and detection["regions_per_image"] >= 1
 
     delf = json.loads((run / "work" / "delf" / "local" / "train" / "extract.json").read_text())
     assert delf["counts"]["inputs"] == delf["counts"]["outputs"] + delf["counts"]["dead_letters"]

@@ -15,6 +15,7 @@ GROUPS = {
              "index_bytes"},
     "counts": {"queries", "queries_with_landmark", "predicted", "dead_letters"},
     "config": {"index_factory", "vote", "params"},
+    "detection": {"ap_50", "mean_iou", "annotated_images", "detections_per_image", "regions_per_image"},
 }
 KEYS = set().union(*GROUPS.values())
 
@@ -35,7 +36,7 @@ def run_dir(tmp_path_factory, tiny_synth):
 def test_compare_writes_every_output(run_dir, tiny_synth):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     m = flat(metrics["methods"]["hog"])
-    assert KEYS == set(m) and metrics["format"] == "cairn-metrics" and metrics["version"] == 2
+    assert KEYS == set(m) and metrics["format"] == "cairn-metrics" and metrics["version"] == 3
     assert metrics["methods"]["hog"]["family"] == "baseline" and set(m["recall_at_k"]) == {"1", "5", "10", "100"}
     assert m["params"]["hog"]["hog"]["cell"] and m["verify_seconds"] == 0.0
     assert 0 <= m["gap"] <= 1 and 0 <= m["accuracy"] <= 1 and 0 <= m["map_at_100"] <= 1
