@@ -382,12 +382,11 @@ def detector_metadata(config: DetectConfig) -> dict:
     """What a detection run depends on: its config and the model file's (or folder's) fingerprint."""
     import os
 
+    from features.cnn import file_sha256
     from pipeline import config as cfg
 
     path = config.model[len(ACTIVATION):] if config.fallback else config.model
-    if os.path.isdir(path):
-        path = os.path.join(path, "saved_model.pb")
-    sha = cfg.file_fingerprint(path) if path and os.path.isfile(path) else None
+    sha = file_sha256(path)[:16] if path and os.path.exists(path) else None  # a SavedModel: every file
     return {"config": cfg.to_dict(config), "model_sha256": sha}
 
 

@@ -151,6 +151,10 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
                            "encoder_sha256": cfg.file_fingerprint(encoder_path)},
                 "source": {"method": source.get("method"), "dim": source.get("dim")},
                 "preprocessing": f"{source.get('method')} features encoded by a {header['kind']} encoder"}
+    if source.get("regions"):  # detected regions stay regions: the encoder maps each region's vector
+        if out_kind != "global":
+            raise CairnError(f"{features} holds detected regions; a {header['kind']} encoder cannot keep them")
+        metadata["regions"] = source["regions"]
     config = {"features": fs.absolute(features), "features_fingerprint": features_fingerprint(features),
               "encoder": fs.absolute(encoder_path), "metadata": metadata}
     out_prefix = features_prefix(out, out_kind)
@@ -160,10 +164,6 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     if fs.exists(record_path):
         fs.delete([record_path])
     dim = int(encoder.dim_out if header["kind"] == "pca_whitening" else encoder.dim)
-    if source.get("regions"):  # detected regions stay regions: the encoder maps each region's vector
-        if out_kind != "global":
-            raise CairnError(f"{features} holds detected regions; a {header['kind']} encoder cannot keep them")
-        metadata["regions"] = source["regions"]
     schema = (sparse_features_schema(dim, metadata) if out_kind == "sparse"
               else global_features_schema(dim, metadata, regional=bool(source.get("regions"))))
     fs.makedirs(out)

@@ -218,15 +218,35 @@ def check_detector(detect) -> None:
     if not model:
         raise CairnError("--detector: give a detector: a .keras from `cairn train --method detector`, an Object "
                          "Detection API SavedModel folder, or activation:WEIGHTS (the training-free fallback)")
+    import os
+
+    from features.backbones import BackboneConfig
+    from features.detect import FORMAT, VERSION
+    from features.keras_io import read_metadata
+
     if detect.fallback:
         weights = model[len(ACTIVATION):]
         if weights not in ("", "imagenet") and not fs.exists(weights):
             raise CairnError(f"--detector {model}: the fallback's weights {weights} do not exist (give a MobileNet "
                              "v1 .tflite, a .weights.h5, or activation:imagenet, which downloads)")
+        try:
+            BackboneConfig(detect.fallback_backbone, weights=weights or "imagenet")
+        except ValueError as e:
+            raise CairnError(f"--detector {model}: {e}") from e
         return
     if not fs.exists(model):
         raise CairnError(f"--detector {model}: no such file or folder; train one with `cairn train --method "
                          "detector --manifest M --boxes B --out D` (D/model.keras)")
+    if os.path.isdir(model):
+        if not os.path.exists(os.path.join(model, "saved_model.pb")):
+            raise CairnError(f"--detector {model}: a folder without saved_model.pb; give an Object Detection API "
+                             "SavedModel export or a Cairn detector (.keras)")
+        return
+    try:
+        read_metadata(model, FORMAT, VERSION, "a Cairn detector",
+                      "train one with `cairn train --method detector --manifest M --boxes B --out D`")
+    except ValueError as e:
+        raise CairnError(f"--detector: {e}") from e
 
 
 def detect_config(model: str, items: list[str]):

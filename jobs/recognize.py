@@ -292,7 +292,7 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
                    "verify": None if verify is None else {"db": verify[0], "queries": verify[1],
                                                           "rerank": cfg.to_dict(verify[2])}},
         "counts": {"queries": len(query_ids), "predicted": int((pred >= 0).sum()),
-                   **({"query_regions": regions, "database_regions": index.regions} if regional or
+                   **({"query_regions": regions, "database_regions": getattr(index, "regions", index.ntotal)} if regional or
                       isinstance(index, RegionalIndex) else {})},
         "tuning": tuning,
         "search_seconds": round(search_seconds, 4),

@@ -363,15 +363,22 @@ def train_detector(manifest: str, boxes: str, out: str, config, decode: DecodeCo
         images.append(image)
         targets.append(b)
     positives = sum(1 for b in targets if len(b))
-    if positives == 0:
-        raise CairnError(f"no image of {manifest} with a box in {boxes} could be decoded; see "
-                         f"{fs.join(out, 'dead_letters.csv')}")
     fs.makedirs(out)
     fs.write_text(fs.join(out, "dead_letters.csv"), dead_letters_csv(dead))
     # box rows of other images (a box file may cover the queries too) or unusable ones, with the reason
     unused = io.StringIO()
     csv.writer(unused, lineterminator="\n").writerows([("where", "reason"), *box_set.problems])
     fs.write_text(fs.join(out, "unused_boxes.csv"), unused.getvalue())
+    if positives == 0:
+        raise CairnError(f"no image of {manifest} with a box in {boxes} could be decoded; see "
+                         f"{fs.join(out, 'dead_letters.csv')}")
+    # checkpoints and history of a killed run of another config must not be resumed
+    from models.finetune import _checkpoints_for
+
+    _checkpoints_for(out, requested)
+    resuming = set(os.listdir(os.path.join(out, "checkpoints"))) - {"config.json"}
+    if not resuming and os.path.exists(os.path.join(out, "history.csv")):  # a fresh run starts a fresh history
+        os.remove(os.path.join(out, "history.csv"))
     record = train_model(images, targets, out, tc)
     record.update({"config": requested, "method": "detector",
                    "counts": {"manifest": len(rows.ids), "manifest_rejected": len(rows.dead_letters),

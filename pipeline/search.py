@@ -41,7 +41,11 @@ def use_beam(mode: str, features: str, beam_args: list[str], threshold: int) -> 
 
     if _runner(beam_args) not in LOCAL_RUNNERS:
         return True
+    from jobs.encode import features_metadata
+
     kind = features_kind(features)
+    if kind == "global" and features_metadata(features, kind).get("regions"):
+        return False  # detected regions are gathered per query image in one process (see recognize_beam)
     return kind == "global" and count_rows(features_prefix(features, kind)) >= threshold
 
 

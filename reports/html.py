@@ -131,6 +131,12 @@ def _jpeg(image: np.ndarray, quality: int = 82) -> bytes:
     return buf.getvalue()
 
 
+def _rect(box, sx: float, sy: float) -> list[float]:
+    """A box in thumbnail pixels for PIL's rectangle (inclusive corners; never inverted for a tiny box)."""
+    x0, y0 = box[0] * sx, box[1] * sy
+    return [x0, y0, max(x0, box[2] * sx - 1), max(y0, box[3] * sy - 1)]
+
+
 class Thumbnails:
     """Decoded, shrunk and JPEG-encoded images by path, each made once; a failure is remembered as None."""
 
@@ -486,11 +492,11 @@ and mean IoU score the cropped query boxes against the annotated ones (<code>--b
             draw = ImageDraw.Draw(pil)
             gt = truth.get(q, np.zeros((0, 4), np.float32))
             for b in gt:
-                draw.rectangle([b[0] * sx, b[1] * sy, b[2] * sx - 1, b[3] * sy - 1], outline=(40, 110, 240), width=2)
+                draw.rectangle(_rect(b, sx, sy), outline=(40, 110, 240), width=2)
             for score, b in by_image.get(q, []):
                 hit = len(gt) and float(iou_matrix(b[None], gt).max()) >= 0.5
                 colour = (30, 160, 60) if hit else (210, 40, 40)
-                draw.rectangle([b[0] * sx, b[1] * sy, b[2] * sx - 1, b[3] * sy - 1], outline=colour, width=2)
+                draw.rectangle(_rect(b, sx, sy), outline=colour, width=2)
                 draw.text((b[0] * sx + 3, b[1] * sy + 2), f"{score:.2f}", fill=colour)
             caption = f"{q[:10]}: {len(by_image.get(q, []))} box(es)" + ("" if len(gt) else ", no landmark")
             figs.append(f'<figure>{_img(_jpeg(np.asarray(pil)), caption, "image/jpeg", "thumb")}'

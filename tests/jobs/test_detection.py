@@ -135,6 +135,20 @@ def test_regional_recognition_answers_each_query_once_at_its_best_region_pair(re
 
 
 @pytest.mark.slow
+def test_regional_queries_against_a_whole_image_index(regional, tiny_synth, embedder):
+    from jobs.extract import extract
+    from jobs.index import build_index
+    from jobs.recognize import recognize
+
+    home, _, _, n_queries = regional
+    extract(str(tiny_synth / "train.csv"), str(home / "db-whole"), "cnn", {"model": embedder}, workers=1)
+    build_index(str(home / "db-whole"), str(home / "index-whole"))
+    record = recognize(str(home / "index-whole"), str(home / "q"), str(home / "rec-whole"))
+    assert record["counts"]["queries"] == n_queries and record["counts"]["database_regions"] == 20
+    assert (home / "rec-whole" / "recognize.json").is_file()
+
+
+@pytest.mark.slow
 def test_compare_with_detection_reports_ap_and_the_gap_change(tmp_path, tiny_synth, detector, embedder):
     from jobs.compare import compare
     from tests.jobs.test_compare import GROUPS
@@ -172,6 +186,12 @@ def test_detection_needs_a_detector(tmp_path, tiny_synth, embedder):
         extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), "cnn", {"model": str(tmp_path / "x.keras")})
     with pytest.raises(CairnError, match="not for hog"):
         extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), "hog", detect=DetectConfig(model="activation:none"))
+    with pytest.raises(CairnError, match="reads cairn-detector"):  # the embedding model is not a detector
+        extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), "cnn", {"model": embedder},
+                detect=DetectConfig(model=embedder))
+    with pytest.raises(CairnError, match="saved_model.pb"):
+        extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), "cnn", {"model": embedder},
+                detect=DetectConfig(model=str(tmp_path)))
     with pytest.raises(CairnError, match="needs --detector"):
         detect_config("", ["max_boxes=3"])
     with pytest.raises(CairnError, match="max_boxes"):
