@@ -96,21 +96,19 @@ class RegionalIndex:
         self.labels = inner.labels[first]
         counts = np.bincount(self.row_image) if len(self.row_image) else np.zeros(1, np.int64)
         self.regions_per_image = int(counts.max()) if len(counts) else 1
-        self.config = inner.config
-        self.features_metadata = inner.features_metadata
-        self.factory = inner.factory
-        self.search_params = inner.search_params
-        self.build_info = inner.build_info
         self.nonlandmarks = RegionalIndex(inner.nonlandmarks) if inner.nonlandmarks is not None else None
         self._ids_array = None
+
+    def __getattr__(self, name: str):
+        """What does not depend on images vs regions (config, features_metadata, factory, dim, ...) is the
+        region index's."""
+        if name == "inner":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     @property
     def ntotal(self) -> int:
         return len(self.image_ids)
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
 
     @property
     def regions(self) -> int:

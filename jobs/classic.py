@@ -445,13 +445,12 @@ def detector_for(config: MethodsConfig, ctx: RunContext) -> tuple[object, dict]:
     detect.detect.model, or one trained on the database's boxes (--boxes) in WORK/detector."""
     import dataclasses
 
-    from jobs.extract import check_detector
+    from jobs.extract import check_detector, resolve_detector
     from jobs.train import train
 
     dc = config.detect.detect
     if dc.model:
-        model = dc.model if dc.fallback else fs.absolute(dc.model)
-        detect = dataclasses.replace(dc, model=model)
+        detect = dataclasses.replace(dc, model=resolve_detector(dc.model))
         check_detector(detect)
         return detect, {"train_seconds": 0.0}
     if not ctx.boxes:

@@ -249,6 +249,13 @@ def check_detector(detect) -> None:
         raise CairnError(f"--detector: {e}") from e
 
 
+def resolve_detector(model: str) -> str:
+    """A detector path made absolute (the fallback's ``activation:WEIGHTS`` as given)."""
+    from features.detect import ACTIVATION
+
+    return model if model.startswith(ACTIVATION) else fs.absolute(model)
+
+
 def detect_config(model: str, items: list[str]):
     """The features.detect.DetectConfig of --detector MODEL and --detect FIELD=VALUE items (None without MODEL)."""
     from features.detect import DetectConfig
@@ -258,9 +265,8 @@ def detect_config(model: str, items: list[str]):
         if items:
             raise CairnError("--detect FIELD=VALUE needs --detector MODEL")
         return None
-    model = model if model.startswith("activation:") else fs.absolute(model)
     try:
-        config = DetectConfig(model=model)
+        config = DetectConfig(model=resolve_detector(model))
     except ValueError as e:
         raise CairnError(f"--detector: {e}") from e
     for item in items:

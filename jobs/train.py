@@ -284,19 +284,6 @@ def train_delf(manifest: str, out: str, config, decode: DecodeConfig = DecodeCon
     return record
 
 
-def _boxes_fingerprint(path: str) -> str:
-    """sha256 of a box file, or of a folder's .xml files (names and bytes)."""
-    import hashlib
-    import os
-
-    if not os.path.isdir(path):
-        return cfg.file_fingerprint(path)
-    h = hashlib.sha256()
-    for name in sorted(n for n in os.listdir(path) if n.lower().endswith(".xml")):
-        h.update(name.encode() + b"\0" + fs.read_bytes(os.path.join(path, name)))
-    return h.hexdigest()[:16]
-
-
 def train_detector(manifest: str, boxes: str, out: str, config, decode: DecodeConfig = DecodeConfig(),
                    force: bool = False) -> dict:
     """Train the landmark detector (config: jobs.classic.DetectMethodConfig) on the images of MANIFEST that have
@@ -310,6 +297,7 @@ def train_detector(manifest: str, boxes: str, out: str, config, decode: DecodeCo
 
     from tqdm import tqdm
 
+    from features.cnn import file_sha256
     from models.detector import train_detector as train_model
     from pipeline.boxes import read_boxes, scale_boxes
     from pipeline.errors import DeadLetter, dead_letters_csv
@@ -327,7 +315,7 @@ def train_detector(manifest: str, boxes: str, out: str, config, decode: DecodeCo
     requested = {"method": "detector", "method_config": cfg.to_dict(tc), "negatives": config.negatives,
                  "max_images": config.max_images, "manifest": manifest,
                  "manifest_sha256": manifest_fingerprint(manifest, rows), "boxes": fs.absolute(boxes),
-                 "boxes_sha256": _boxes_fingerprint(boxes), "decode": cfg.to_dict(decode),
+                 "boxes_sha256": file_sha256(fs.absolute(boxes))[:16], "decode": cfg.to_dict(decode),
                  "weights_sha256": cfg.file_fingerprint(weights) if weights not in ("none", "imagenet") else None}
     if (reused := _reusable(out, requested, "model.keras", force)) is not None:
         return reused

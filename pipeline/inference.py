@@ -45,6 +45,18 @@ def _quiet_beam_memory_warning() -> None:
         root.addFilter(_WrongBeamMemoryWarning())
 
 
+def config_params(params: dict) -> dict:
+    """Config fields that went through JSON (lists) back as the tuples the frozen dataclasses hold."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+
+
+def _batch_error(error) -> str:
+    """The message of a RunInference failure (Beam hands over the exception, or a tuple holding it)."""
+    if isinstance(error, (tuple, list)) and len(error) > 1:
+        error = error[1]
+    return f"inference failed: {error}"[:500]
+
+
 class _BatchedHandler(ModelHandler):
     """What Cairn's handlers share: the params of the model object, its thread limits, the batch size, an optional
     ``factory(params, threads)`` (for tests) in place of the subclass's ``build()``."""
@@ -159,7 +171,7 @@ class LocalModelHandler(_BatchedHandler):
     def build(self):
         from features.delf import DelfConfig, DelfExtractor
 
-        params = {k: tuple(v) if isinstance(v, list) else v for k, v in self.params.items()}
+        params = config_params(self.params)
         return DelfExtractor(DelfConfig(**params), threads=self.threads)
 
     def run_inference(self, batch, model, inference_args=None) -> Iterable[PredictionResult]:
@@ -206,7 +218,7 @@ class DetectorModelHandler(_BatchedHandler):
     def build(self):
         from features.detect import DetectConfig, make_detector
 
-        params = {k: tuple(v) if isinstance(v, list) else v for k, v in self.params.items()}
+        params = config_params(self.params)
         return make_detector(DetectConfig(**params))
 
     def run_inference(self, batch, model, inference_args=None) -> Iterable[PredictionResult]:
@@ -232,7 +244,7 @@ class CropRegions(beam.DoFn):
     def setup(self):
         from features.detect import DetectConfig
 
-        params = {k: tuple(v) if isinstance(v, list) else v for k, v in self.detect_params.items()}
+        params = config_params(self.detect_params)
         self.config = DetectConfig(**params)
 
     def process(self, item):
@@ -241,8 +253,13 @@ class CropRegions(beam.DoFn):
 
         (image_id, label, path), result = item
         image = result.example
-        boxes, scores = result.inference
-        regions = regions_of(image, boxes, scores, self.config)
+        try:
+            boxes, scores = result.inference
+            regions = regions_of(image, boxes, scores, self.config)
+        except Exception as e:  # noqa: BLE001 - one odd detection must not stop the job: the image's dead letter
+            yield beam.pvalue.TaggedOutput(DEAD, (image_id, ("bad", f"cropping failed: {type(e).__name__}: {e}"[:500],
+                                                             path, 1)))
+            return
         h, w = image.shape[:2]
         self.regions.inc(len(regions))
         self.detected.update(sum(1 for r in regions if r[0] > 0))
@@ -272,10 +289,9 @@ class _ToRegionParts(beam.DoFn):
 def _failed_regions(item):
     """A region batch RunInference could not process -> ("bad", reason) per region, keyed by image id."""
     batch, error = item
-    if isinstance(error, (tuple, list)) and len(error) > 1:
-        error = error[1]
+    reason = _batch_error(error)
     for key, _ in batch:
-        yield key[0], ("bad", f"inference failed: {error}"[:500], key[2], key[8])
+        yield key[0], ("bad", reason, key[2], key[8])
 
 
 class AssembleRegions(beam.DoFn):
@@ -318,11 +334,12 @@ class DetectAndEmbed(beam.PTransform):
             DEAD, main="images")
         detected, det_other = prepared.images | "Detect" >> RunInference(
             KeyedModelHandler(self.detect_handler)).with_exception_handling()
-        crops = detected | "Crop" >> beam.ParDo(CropRegions(self.detect_params, self.size))
-        embedded, emb_other = crops | "Embed" >> RunInference(
+        crops = detected | "Crop" >> beam.ParDo(CropRegions(self.detect_params, self.size)).with_outputs(
+            DEAD, main="crops")
+        embedded, emb_other = crops.crops | "Embed" >> RunInference(
             KeyedModelHandler(self.embed_handler)).with_exception_handling()
         parts = (embedded | "ToParts" >> beam.ParDo(_ToRegionParts(self.dim)),
-                 emb_other.failed_inferences | "FailedRegions" >> beam.FlatMap(_failed_regions))
+                 emb_other.failed_inferences | "FailedRegions" >> beam.FlatMap(_failed_regions), crops[DEAD])
         assembled = (parts | "AllParts" >> beam.Flatten() | "ByImage" >> beam.GroupByKey()
                      | "Assemble" >> beam.ParDo(AssembleRegions()).with_outputs(DEAD, main="rows"))
         failed = det_other.failed_inferences | "FailedDetections" >> beam.FlatMap(_failed_batch)
@@ -337,9 +354,7 @@ def _failed_batch(item) -> list[DeadLetter]:
     """A batch RunInference could not process -> one dead letter per image in it."""
     batch, error = item
     FAILED_BATCH_IMAGES.inc(len(batch))
-    if isinstance(error, (tuple, list)) and len(error) > 1:
-        error = error[1]
-    reason = f"inference failed: {error}"[:500]
+    reason = _batch_error(error)
     return [DeadLetter(key[0], "extract", reason, key[2]) for key, _ in batch]
 
 

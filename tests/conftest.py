@@ -60,6 +60,18 @@ def small_demo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory) -> str:
+    """A small untrained embedding model (.keras: MobileNet v2, 16-d head, 64 px input), made once per session."""
+    from features.backbones import BackboneConfig
+    from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
+
+    backbone, head = BackboneConfig("mobilenet_v2"), HeadConfig(dim=16)
+    path = str(tmp_path_factory.mktemp("model") / "model.keras")
+    save_embedding_model(build_embedding_model(backbone, head), path, model_metadata(backbone, head, 64))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory) -> Path:
     """A 16-train / 12-query synthetic set, generated once per session."""
     out = tmp_path_factory.mktemp("synth")

@@ -8,18 +8,9 @@ import pytest
 
 from features.backbones import BackboneConfig
 from features.cnn import CnnConfig, CnnExtractor
-from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
 from tests.conftest import shared_path
 
 TFLITE = ("weights", "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    backbone, head = BackboneConfig("mobilenet_v2"), HeadConfig(dim=16)
-    path = str(tmp_path_factory.mktemp("model") / "model.keras")
-    save_embedding_model(build_embedding_model(backbone, head), path, model_metadata(backbone, head, 64))
-    return path
 
 
 def _images(n, seed=0):
@@ -32,8 +23,8 @@ def _images(n, seed=0):
             for _ in range(n)]
 
 
-def test_keras_extractor_batched_equals_one_at_a_time(tiny_model):
-    ex = CnnExtractor(CnnConfig(model=tiny_model))
+def test_keras_extractor_batched_equals_one_at_a_time(tiny_embedder):
+    ex = CnnExtractor(CnnConfig(model=tiny_embedder))
     assert ex.size == 64 and ex.dim == 16 and ex.batched
     images = _images(5)
     xb = np.stack([ex.prepare(im) for im in images])
@@ -60,10 +51,10 @@ class SizeAwareEmbedder:
         return np.hstack([mean / 255.0, np.full_like(mean, xb.shape[1] / 64.0), np.ones_like(mean)]).astype(np.float32)
 
 
-def test_multi_scale_tta_reduces_one_preparation_at_the_largest_scale(tiny_model):
+def test_multi_scale_tta_reduces_one_preparation_at_the_largest_scale(tiny_embedder):
     from features.cnn import resize_square
 
-    tta = CnnExtractor(CnnConfig(model=tiny_model, scales=(0.75, 1.0, 1.5)))
+    tta = CnnExtractor(CnnConfig(model=tiny_embedder, scales=(0.75, 1.0, 1.5)))
     assert tta.prepare_size == 96 and tta.sides == [48, 64, 96]  # 64 x each scale
     tta.embedder = fake = SizeAwareEmbedder()
     images = _images(3, seed=1)
@@ -76,7 +67,7 @@ def test_multi_scale_tta_reduces_one_preparation_at_the_largest_scale(tiny_model
         e = fake.embed(np.stack([resize_square(im, side) for im in xb]))
         total = total + e / np.linalg.norm(e, axis=1, keepdims=True)
     np.testing.assert_allclose(got, total / np.linalg.norm(total, axis=1, keepdims=True), atol=1e-6)
-    plain = CnnExtractor(CnnConfig(model=tiny_model))
+    plain = CnnExtractor(CnnConfig(model=tiny_embedder))
     assert plain.prepare(images[0]).shape == (64, 64, 3) and plain.sides == [64]
 
 
@@ -91,16 +82,16 @@ def test_extractor_errors_are_clear(tmp_path):
         CnnConfig(model="x.keras", device="tpu")
 
 
-def test_device_choice(tiny_model):
+def test_device_choice(tiny_embedder):
     import tensorflow as tf
 
-    cpu = CnnExtractor(CnnConfig(model=tiny_model, device="cpu"))
-    auto = CnnExtractor(CnnConfig(model=tiny_model))
+    cpu = CnnExtractor(CnnConfig(model=tiny_embedder, device="cpu"))
+    auto = CnnExtractor(CnnConfig(model=tiny_embedder))
     xb = np.stack([cpu.prepare(im) for im in _images(2)])
     np.testing.assert_allclose(cpu.embed(xb), auto.embed(xb), atol=1e-4)
     if not tf.config.list_physical_devices("GPU"):
         with pytest.raises(ValueError, match="sees no GPU"):
-            CnnExtractor(CnnConfig(model=tiny_model, device="gpu"))
+            CnnExtractor(CnnConfig(model=tiny_embedder, device="gpu"))
 
 
 def test_unknown_model_files_are_refused(tmp_path):

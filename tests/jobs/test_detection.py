@@ -10,9 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from features.backbones import BackboneConfig
 from features.detect import DetectConfig
-from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
 from jobs.classic import parse_overrides
 from pipeline.errors import CairnError
 
@@ -34,11 +32,8 @@ def detector(tmp_path_factory, tiny_synth):
 
 
 @pytest.fixture(scope="module")
-def embedder(tmp_path_factory):
-    backbone, head = BackboneConfig("mobilenet_v2"), HeadConfig(dim=16)
-    path = str(tmp_path_factory.mktemp("embedder") / "frozen.keras")
-    save_embedding_model(build_embedding_model(backbone, head), path, model_metadata(backbone, head, 48))
-    return path
+def embedder(tiny_embedder):
+    return tiny_embedder
 
 
 @pytest.mark.slow
