@@ -199,7 +199,8 @@ def train_index(index: faiss.Index, sample: np.ndarray, use_gpu: bool = False, g
     try:
         index.train(sample)
     except RuntimeError as e:
-        raise CairnError(f"FAISS could not train the index on {len(sample)} vectors: {_faiss_error(e)}") from e
+        raise CairnError(f"FAISS could not train the index on {len(sample)} vectors: {_faiss_error(e)}; use a "
+                         "factory that needs fewer training vectors (fewer IVF lists, PQ with fewer bits) or Flat") from e
     if ivf is not None and use_gpu:
         ivf.clustering_index = None  # a GPU object must not be serialised with the index
     return index

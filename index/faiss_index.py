@@ -23,6 +23,7 @@ Saved as a folder:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -40,6 +41,7 @@ from index import build as B
 from index.build import gpu_count  # noqa: F401 - part of this module's API
 from pipeline import config as cfg
 from pipeline.errors import CairnError
+from pipeline.parquet_io import write_table
 
 log = logging.getLogger(__name__)
 METRICS = B.METRICS
@@ -302,6 +304,7 @@ class VectorIndex:
 
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
+        invalidate(folder)
         for stale in ("postings.npz",):  # a sparse index built here before
             if os.path.exists(os.path.join(folder, stale)):
                 os.remove(os.path.join(folder, stale))
@@ -312,8 +315,7 @@ class VectorIndex:
         labels = pa.array(self.labels, pa.int64(), mask=self.labels < 0)
         table = pa.table({"faiss_id": np.arange(self.ntotal, dtype=np.int64), "id": self.id_array(),
                           "landmark_id": labels}, schema=ID_TABLE_SCHEMA)
-        pq.write_table(table, os.path.join(folder, ".ids.parquet.tmp"))
-        os.replace(os.path.join(folder, ".ids.parquet.tmp"), os.path.join(folder, "ids.parquet"))
+        write_table(table, os.path.join(folder, "ids.parquet"))
         sub = os.path.join(folder, "nonlandmarks")
         if self.nonlandmarks is not None:
             self.nonlandmarks.save(sub)
@@ -420,6 +422,13 @@ def _gather(parts: list[Part], counts: list[int], rows: np.ndarray, dim: int, pr
     if progress:
         log.info("index: training sample of %d vectors drawn from %d parts", len(rows), len(parts))
     return out
+
+
+def invalidate(folder: str) -> None:
+    """Remove ``folder``'s index.json before its files are rewritten: index.json is written last, so a save
+    killed part-way leaves a folder that no reader or rerun takes for a complete index."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, "index.json"))
 
 
 def _write_index(index: faiss.Index, path: str) -> None:

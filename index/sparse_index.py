@@ -25,9 +25,10 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from features import artifacts
-from index.faiss_index import ID_TABLE_SCHEMA, labels_of_ids
+from index.faiss_index import ID_TABLE_SCHEMA, invalidate, labels_of_ids
 from pipeline import config as cfg
 from pipeline.errors import CairnError
+from pipeline.parquet_io import write_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,7 @@ class SparseIndex:
         from pipeline.fs import makedirs
 
         makedirs(folder)
+        invalidate(folder)
         stale = os.path.join(folder, "index.faiss")  # a dense index built here before
         if os.path.exists(stale):
             os.remove(stale)
@@ -115,8 +117,8 @@ class SparseIndex:
                        {"data": p.data, "indices": p.indices, "indptr": p.indptr, "shape": np.array(p.shape)},
                        cfg.to_dict(self.config))
         labels = [None if v < 0 else int(v) for v in self.labels]
-        pq.write_table(pa.table({"faiss_id": np.arange(self.ntotal, dtype=np.int64), "id": self.image_ids,
-                                 "landmark_id": labels}, schema=ID_TABLE_SCHEMA), os.path.join(folder, "ids.parquet"))
+        write_table(pa.table({"faiss_id": np.arange(self.ntotal, dtype=np.int64), "id": self.image_ids,
+                              "landmark_id": labels}, schema=ID_TABLE_SCHEMA), os.path.join(folder, "ids.parquet"))
         cfg.save_json(os.path.join(folder, "index.json"), {
             "kind": "sparse-inverted-file", "config": cfg.to_dict(self.config), "dim": self.dim,
             "count": self.ntotal, "nnz": int(p.nnz), "features": self.features_metadata,

@@ -511,7 +511,9 @@ BASE = {"hog": "hog", "sift-bovw": "sift-bovw", "sift-vlad": "sift-vlad", "sift-
 
 
 def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
-    """Run ``method`` end to end; returns {"costs", "recognize" (folder), "dead_letters" {split: csv path}}."""
+    """Run ``method`` end to end; returns {"costs", "recognize" (folder), "dead_letters" {split: csv path},
+    "counts" {split: the extraction's record counts (inputs, outputs, dead_letters, dead_by_stage)},
+    "index" (the folder of the index the queries were searched in)}."""
     from jobs.recognize import recognize
     from jobs.train import train
 
@@ -539,6 +541,7 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
                     tune_config=None if classifier else ctx.tune, db_features=fs.join(base["vectors"], "train"))
     return {"costs": _costs(method, base, trained, rec), "recognize": fs.join(home, "recognize"),
             "dead_letters": {split: r["outputs"]["dead_letters"] for split, r in base["extract"].items()},
+            "counts": {split: r["counts"] for split, r in base["extract"].items()}, "index": base["index"],
             "regions": {split: fs.join(base["vectors"], split) for split in base["extract"]}
             if "detector" in base else None}
 

@@ -54,13 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         importlib.import_module(COMMANDS[name][0]).run(argv)
     except CairnError as e:
-        print(f"cairn {name}: error: {e}", file=sys.stderr)
+        print(f"cairn {name}: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, shown with its traceback
+            raise
+        print(f"cairn {name}: error: {e.strerror or e}: {e.filename}; check the path, its permissions and the free "
+              "space there", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cairn {name}: interrupted", file=sys.stderr)
         return 130
     logging.shutdown()
     return 0
+
+
+def one_line(message: str) -> str:
+    """A message on one line: errors from libraries (Beam's option checks) sometimes span several."""
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

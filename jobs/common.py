@@ -39,6 +39,8 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
     for name in ("max_side", "max_pixels", "min_side"):
         if getattr(args, name) < 0:
             raise CairnError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.max_pixels < 1:  # 0 would turn every image into a dead letter
+        raise CairnError("--max-pixels must be >= 1 (the largest width x height accepted, e.g. 64000000)")
     return DecodeConfig(max_side=args.max_side, max_pixels=args.max_pixels, min_side=args.min_side)
 
 

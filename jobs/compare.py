@@ -6,11 +6,14 @@ index, recognise the queries; then score all methods together. Writes to OUT:
     metrics.json                  one entry per method: quality (gap, accuracy, map_at_100, recall_at_k, ...),
                                   cost (images_per_second, bytes_per_image, ...), counts and config
     per_class.csv                 per method and landmark class: accuracy and AP
-    predictions/<method>.csv      Google Landmark Recognition submission format
+    predictions/<method>.csv      Google Landmark Recognition submission format: every query id of the manifest,
+                                  in its order (an empty landmarks cell: no landmark, or a dead letter)
     neighbours/<method>.parquet   top database images per query (query_id, rank, id, score, landmark_id)
     work/<method>/embeddings/     for +det methods: one row per region (full image + detected boxes) with its box
     dead_letters.csv              method,split,id,stage,reason,path for every image a method could not use
     run.json                      the resolved config
+    accounting.json               per method: for each split the manifest rows, images used and dead letters by
+                                  stage (rows = used + dead letters), and the index it searched
     work/<method>/...             intermediate outputs (features, index), reused by reruns with the same config
 """
 
@@ -19,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import shutil
 from dataclasses import dataclass
 
 from index.faiss_index import IndexConfig
@@ -86,24 +88,58 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
                                              "manifest_sha256": fingerprints})
     ctx = RunContext(train, queries, fs.join(out, "work"), decode, workers, threads, tuple(beam_args or ()), vote,
                      neighbours, force, tune=tune, index=index, boxes=boxes)
-    dead_rows = []
+    query_ids = read_manifest(queries).ids
+    dead_rows, accounting = [], {}
     for name in names:
         log.info("compare: method %s", name)
         result = run_method(name, config, ctx)
         cfg.save_json(fs.join(out, "work", name, "costs.json"), result["costs"])
-        for sub, target in (("predictions.csv", f"predictions/{name}.csv"),
-                            ("neighbours.parquet", f"neighbours/{name}.parquet")):
-            fs.makedirs(fs.dirname(fs.join(out, target)))
-            shutil.copyfile(fs.join(result["recognize"], sub), fs.join(out, target))
+        fs.makedirs(fs.join(out, "predictions"))
+        fs.makedirs(fs.join(out, "neighbours"))
+        complete_submission(fs.join(result["recognize"], "predictions.csv"), query_ids,
+                            fs.join(out, "predictions", f"{name}.csv"))
+        fs.write_bytes(fs.join(out, "neighbours", f"{name}.parquet"),
+                       fs.read_bytes(fs.join(result["recognize"], "neighbours.parquet")))
         for split, path in result["dead_letters"].items():
             for d in read_dead_letters(path):
                 dead_rows.append((name, split, *d))
+        accounting[name] = {"splits": result["counts"], "index": result["index"]}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(("method", "split", "id", "stage", "reason", "path"))
     w.writerows(dead_rows)
     fs.write_text(fs.join(out, "dead_letters.csv"), buf.getvalue())
+    cfg.save_json(fs.join(out, "accounting.json"), accounting)
     return write_metrics(out, report, strict=False)
+
+
+def complete_submission(source: str, query_ids: list[str], target: str) -> None:
+    """Copy a submission to ``target`` with a row for every query id, in manifest order: the queries a method
+    could not read (its dead letters) get an empty prediction, so the file is complete for GLR scoring."""
+    from pipeline.submission import format_prediction, read_submission
+
+    answered = read_submission(source)
+    unknown = set(answered) - set(query_ids)
+    if unknown:
+        raise RuntimeError(f"{source} answers {len(unknown)} ids that are not queries (e.g. {sorted(unknown)[0]}). "
+                           "This is a bug; please report it")
+    lines = ["id,landmarks"]
+    for q in query_ids:
+        p = answered.get(q)
+        lines.append(format_prediction(q, p[0], p[1]) if p else format_prediction(q, -1, 0.0))
+    fs.write_text(target, "\n".join(lines) + "\n")
+
+
+def accounting_lines(accounting: dict) -> list[str]:
+    """One line per method and split: manifest rows = images used + dead letters (by stage)."""
+    lines = []
+    for name in sorted(accounting, key=lambda n: list(methods.METHODS).index(n) if n in methods.METHODS else 99):
+        splits = accounting[name]["splits"]
+        for split, c in sorted(splits.items(), key=lambda kv: kv[0] != "train"):
+            stages = ", ".join(f"{k} {v}" for k, v in sorted(c["dead_by_stage"].items())) or "none"
+            lines.append(f"  {name:20s} {split:8s} {c['inputs']:6d} rows = {c['outputs']:6d} used + "
+                         f"{c['dead_letters']:5d} dead letters ({stages})")
+    return lines
 
 
 def build_parser():
@@ -137,6 +173,8 @@ def run(argv=None, test_pipeline=None) -> dict:
                       vote=vote, tune=tune, index=index_config(args), force=args.force, config=config,
                       report=report_config(args), boxes=args.boxes)
     print(summary_table(metrics))
+    print("records (every manifest row is used or a dead letter):")
+    print("\n".join(accounting_lines(cfg.load_json(fs.join(args.out, "accounting.json")))))
     print(f"report:       {fs.join(args.out, 'report.html')}")
     print(f"metrics:      {fs.join(args.out, 'metrics.json')}")
     print(f"predictions:  {fs.join(args.out, 'predictions')}/")

@@ -8,6 +8,10 @@ The deep methods use a MobileNet v1: with --pretrained FILE.tflite (an ImageNet 
 as ../shared/weights/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite, which `make demo` passes when it is
 there) cnn-pretrained embeds with that file and cnn starts its fine-tuning from its weights; without it,
 cnn-pretrained is left out and cnn starts from random weights.
+
+With --bad-inputs the comparison runs on OUT/data/train-bad.csv and queries-bad.csv: the synthetic set with
+every kind of broken or odd input mixed in (see `cairn synth --help`); OUT/data/bad_inputs.csv says what
+each record is, and OUT/run/dead_letters.csv what every method made of it.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import os
 
 from jobs import common, methods
 from jobs.classic import MethodsConfig, parse_overrides
-from jobs.compare import compare
+from jobs.compare import accounting_lines, compare
 from jobs.recognize import add_vote_args, vote_args
 from jobs.report import add_report_args, report_config, summary_table
 from jobs.synth import synth
 from jobs.train import add_set_arg
+from pipeline import config as cfg
 from pipeline.errors import CairnError
 from pipeline.synthetic import SynthConfig
 
@@ -35,6 +40,9 @@ def build_parser():
                    help="methods to compare (default: every built method; cnn-pretrained needs --pretrained)")
     p.add_argument("--pretrained", default="",
                    help="a TFLite MobileNet v1 ImageNet extractor: cnn-pretrained's model and cnn's initial weights")
+    p.add_argument("--bad-inputs", action="store_true",
+                   help="mix every kind of broken or odd input into the set (truncated, CMYK, EXIF-rotated, bombs, "
+                        "missing files, bad manifest rows) and compare on that")
     add_vote_args(p)
     add_set_arg(p)
     add_report_args(p)
@@ -57,10 +65,13 @@ def demo_config(pretrained: str, overrides: list[str]) -> MethodsConfig:
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
     data = os.path.join(args.out, "data")
-    synth(data, SynthConfig(seed=args.seed, classes=args.classes, views=args.views), force=args.force)
+    made = synth(data, SynthConfig(seed=args.seed, classes=args.classes, views=args.views), force=args.force,
+                 bad_inputs=args.bad_inputs)
+    manifests = made["bad_inputs"] if args.bad_inputs else {split: os.path.join(data, f"{split}.csv")
+                                                            for split in ("train", "queries")}
     run_dir = os.path.join(args.out, "run")
     vote, tune = vote_args(args)
-    metrics = compare(os.path.join(data, "train.csv"), os.path.join(data, "queries.csv"), run_dir,
+    metrics = compare(manifests["train"], manifests["queries"], run_dir,
                       args.methods or methods.defaults(bool(args.pretrained), True), workers=args.workers,
                       threads=args.threads_per_worker, beam_args=beam_args, force=args.force,
                       config=demo_config(args.pretrained, args.set), vote=vote, tune=tune,
@@ -68,7 +79,11 @@ def run(argv=None, test_pipeline=None) -> dict:
     print()
     print(summary_table(metrics))
     print()
+    print("records (every manifest row is used or a dead letter):")
+    print("\n".join(accounting_lines(cfg.load_json(os.path.join(run_dir, "accounting.json")))))
     print(f"data:         {data}/ (train.csv, queries.csv, boxes.csv, images/)")
+    if args.bad_inputs:
+        print(f"bad inputs:   {made['bad_inputs']['records']} (what each record is and what a job makes of it)")
     print(f"report:       {os.path.join(run_dir, 'report.html')}  (open it in a browser)")
     print(f"metrics:      {os.path.join(run_dir, 'metrics.json')}")
     print(f"predictions:  {os.path.join(run_dir, 'predictions')}/<method>.csv")

@@ -73,6 +73,7 @@ def sample_descriptors(local_dir: str, out: str, sample_size: int, subset_size: 
     fraction = min(1.0, subset_size / images)
     fs.makedirs(out)
     fs.delete(fs.glob(fs.escape(fs.join(out, "sample")) + "-*") + fs.glob(fs.escape(fs.join(out, "subset")) + "-*"))
+    fs.delete_temp_folders(out)
     metadata = features_metadata(local_dir, "local")
     with fs.FileSystems.open(find_shards(prefix)[0]) as f:
         import pyarrow.parquet as pq
@@ -137,7 +138,7 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     source = features_metadata(features, kind)
     train_path = fs.join(fs.dirname(encoder_path), "train.json")  # written by `cairn train` beside the encoder
     train_record = cfg.load_json(train_path) if fs.exists(train_path) else {}
-    trained_on = train_record.get("features_metadata", {})
+    trained_on = train_record.get("features_metadata") or header.get("meta", {}).get("trained_on") or {}
     if trained_on and (trained_on.get("method"), trained_on.get("config")) != (source.get("method"),
                                                                                source.get("config")):
         raise CairnError(f"{encoder_path} was trained on {trained_on.get('method')} {trained_on.get('config')} "
@@ -168,6 +169,7 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
               else global_features_schema(dim, metadata, regional=bool(source.get("regions"))))
     fs.makedirs(out)
     fs.delete(fs.glob(fs.escape(out_prefix) + "-*"))
+    fs.delete_temp_folders(out)
     workers = common.resolve_workers(workers, images)
     threads = threads or default_threads_per_worker(workers)
     options = pipeline_options(beam_args or [], workers)

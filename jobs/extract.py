@@ -87,6 +87,7 @@ def _clear(out: str) -> None:
     old += fs.glob(fs.escape(paths["manifest"]) + "-*")
     old += [p for p in (paths["dead_letters"], paths["record"]) if fs.exists(p)]
     fs.delete(old)
+    fs.delete_temp_folders(out)  # a killed run's unfinished shards
 
 
 def extract(manifest_path: str, out: str, method: str = "hog", params: dict | None = None,

@@ -17,8 +17,6 @@ import io
 import logging
 import time
 
-import pyarrow.parquet as pq
-
 from index.regions import group_queries, merge_rows
 from index.sparse_index import load_any
 from jobs import common
@@ -33,6 +31,7 @@ from jobs.recognize import (
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
+from pipeline.parquet_io import write_table
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def neighbours(index_dir: str, features: str, out: str, k: int = 100, search_par
     seconds = time.perf_counter() - started
     table = neighbours_table(query_ids, D, I, index)
     fs.makedirs(out)
-    pq.write_table(table, fs.join(out, "neighbours.parquet"))
+    write_table(table, fs.join(out, "neighbours.parquet"))
     if write_csv:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")

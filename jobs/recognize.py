@@ -46,7 +46,7 @@ from jobs import common
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
-from pipeline.parquet_io import read_shards
+from pipeline.parquet_io import read_shards, write_table
 from pipeline.schemas import cairn_metadata, sparse_matrix_of, vectors_of
 from pipeline.submission import write_submission
 
@@ -76,11 +76,21 @@ def neighbours_table(query_ids: list[str], D: np.ndarray, I: np.ndarray, index) 
     }, schema=NEIGHBOURS_SCHEMA)
 
 
-def classify(classifier_path: str, xq: np.ndarray, min_confidence: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """pred [Q] (-1 = none), conf [Q] from a trained classifier's top class and calibrated probability."""
+def classify(classifier_path: str, xq: np.ndarray, min_confidence: float = 0.0,
+             query_meta: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """pred [Q] (-1 = none), conf [Q] from a trained classifier's top class and calibrated probability.
+
+    ``query_meta``: the queries' features metadata, checked against what the classifier was trained on."""
+    from features import artifacts
     from models.classifiers import load_classifier
 
     model = load_classifier(classifier_path)
+    trained = artifacts.trained_on(classifier_path)
+    if trained and query_meta and (trained.get("method"), trained.get("config")) != (query_meta.get("method"),
+                                                                                     query_meta.get("config")):
+        raise CairnError(f"{classifier_path} was trained on {trained.get('method')} {trained.get('config')} "
+                         f"features, but the queries are {query_meta.get('method')} {query_meta.get('config')}; "
+                         "extract the queries like the classifier's training features, or retrain it")
     if xq.shape[1] != model.n_features_in_:
         raise CairnError(f"{classifier_path} was trained on {model.n_features_in_}-d descriptors, the queries are "
                          f"{xq.shape[1]}-d; train and extract with the same method")
@@ -277,14 +287,14 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     if classifier:
         if not isinstance(xq, np.ndarray):
             raise CairnError("--classifier needs dense query descriptors (HoG, VLAD), not BoVW")
-        pred, conf = classify(classifier, xq, vote_config.min_confidence)
+        pred, conf = classify(classifier, xq, vote_config.min_confidence, meta)
     else:
         pred, conf = vote(D, index.labels_of(I), vote_config, sims, class_counts(index.labels))
     decide_seconds = time.perf_counter() - started
     fs.makedirs(out)
     write_submission(fs.join(out, "predictions.csv"), query_ids, pred, conf)
     keep = min(neighbours, I.shape[1])
-    pq.write_table(neighbours_table(query_ids, D[:, :keep], I[:, :keep], index), fs.join(out, "neighbours.parquet"))
+    write_table(neighbours_table(query_ids, D[:, :keep], I[:, :keep], index), fs.join(out, "neighbours.parquet"))
     record = {
         "config": {"index": index_dir, "features": features, "vote": cfg.to_dict(vote_config),
                    "neighbours": neighbours, "classifier": classifier, "search_params": search_params,

@@ -4,6 +4,13 @@ Writes OUT/train.csv and OUT/queries.csv (id,path,landmark_id; empty landmark_id
 OUT/boxes.csv (id,xmin,ymin,xmax,ymax,width,height of the landmark in every image that shows one),
 OUT/images/... and OUT/synth.json. The same seed and flags give byte-identical files.
 Sizes: the defaults make 116 images for the demo; --classes 1000 --views 20 --tail 0 makes 23,024.
+
+With --bad-inputs it also writes OUT/train-bad.csv and OUT/queries-bad.csv: the same rows plus one record of
+each of 33 kinds of broken or odd input per split (truncated, empty and non-image files, CMYK/YCCK JPEGs,
+16-bit and palette PNGs, EXIF orientations 1-8, a decompression bomb, a missing file, odd paths, duplicate
+ids, bad landmark ids, a BOM, CRLF and quoted commas), OUT/bad_inputs.csv saying what each one is and what a
+job should make of it (used, or a dead letter at which stage), and OUT/bad/ with the files
+(pipeline/badinput.py). Run `cairn compare` on those manifests to see how Cairn handles them.
 """
 
 from __future__ import annotations
@@ -47,7 +54,20 @@ def check(config: SynthConfig) -> None:
         raise CairnError("JPEG qualities must satisfy 1 <= --jpeg-quality-min <= --jpeg-quality-max <= 100")
 
 
-def synth(out: str, config: SynthConfig, workers: int = 0, force: bool = False, progress: bool = True) -> dict:
+def synth(out: str, config: SynthConfig, workers: int = 0, force: bool = False, progress: bool = True,
+          bad_inputs: bool = False) -> dict:
+    """Generate (or reuse) the set in ``out``; ``bad_inputs`` adds the bad-input manifests (pipeline/badinput.py)."""
+    summary = _synth(out, config, workers, force, progress)
+    if bad_inputs:
+        from pipeline.badinput import KINDS, add_bad_inputs
+
+        summary = {**summary, "bad_inputs": add_bad_inputs(out, seed=config.seed)}
+        log.info("synth: %d kinds of bad input per split in %s and %s (what each is: %s)", len(KINDS),
+                 summary["bad_inputs"]["train"], summary["bad_inputs"]["queries"], summary["bad_inputs"]["records"])
+    return summary
+
+
+def _synth(out: str, config: SynthConfig, workers: int, force: bool, progress: bool) -> dict:
     check(config)
     if os.path.exists(out) and not os.path.isdir(out):
         raise CairnError(f"{out} is a file; give a folder for the synthetic data set")
@@ -75,10 +95,14 @@ def build_parser():
     p.add_argument("--workers", type=int, default=0, help="processes drawing images (default: one per core)")
     p.add_argument("--force", action="store_true", help="regenerate even if OUT holds the same data set")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--bad-inputs", action="store_true",
+                   help="also write train-bad.csv and queries-bad.csv with every kind of broken or odd input mixed "
+                        "in, and bad_inputs.csv saying what each is")
     return p
 
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, _ = common.parse(build_parser(), argv)
     config = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
-    return synth(args.out, config, args.workers, args.force, progress=not args.no_progress)
+    return synth(args.out, config, args.workers, args.force, progress=not args.no_progress,
+                 bad_inputs=args.bad_inputs)

@@ -102,6 +102,11 @@ def _reusable(out: str, requested: dict, artefact: str, force: bool) -> dict | N
 
 
 def _save_record(out: str, artefact: str, record: dict) -> None:
+    if artefact.endswith(".npz") and record.get("features_metadata"):  # the artefact says what it fits, too
+        from features import artifacts
+
+        path = fs.join(out, artefact)
+        artifacts.annotate(path, artifacts.header(path)["kind"], {"trained_on": record["features_metadata"]})
     record["artefact_sha256"] = cfg.file_fingerprint(fs.join(out, artefact))
     cfg.save_json(fs.join(out, "train.json"), record)
 

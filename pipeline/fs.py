@@ -133,3 +133,20 @@ def size(path: str) -> int:
 def delete(paths: list[str]) -> None:
     if paths:
         FileSystems.delete(paths)
+
+
+def delete_temp_folders(folder: str) -> None:
+    """Remove the ``beam-temp-*`` folders Beam's file sinks leave in ``folder`` when a job is killed before it
+    finalises its shards (on object stores, the objects under those prefixes)."""
+    if has_scheme(folder):
+        delete(glob(join(escape(folder), "beam-temp-*", "*")))
+        return
+    import glob as _glob
+    import os
+    import shutil
+
+    for path in _glob.glob(join(escape(folder), "beam-temp-*")):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)

@@ -55,9 +55,12 @@ def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
     if runner_name(options) not in LOCAL_RUNNERS:
         try:
             return beam.Pipeline(options=options)
-        except ValueError as e:  # unknown runner name
+        except ValueError as e:  # an unknown runner name, or a runner's options incomplete
             from pipeline.errors import CairnError
 
+            if "validation" in str(e).lower():
+                raise CairnError(f"--runner={runner_name(options)} needs more options: {e} (give them as Beam "
+                                 "flags, e.g. --project=P --region=R --temp_location=gs://BUCKET/tmp)") from e
             raise CairnError(f"{e}; use --runner=DirectRunner (default), DataflowRunner, FlinkRunner or "
                              "SparkRunner") from e
     from apache_beam.portability.api import beam_provision_api_pb2

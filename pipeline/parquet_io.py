@@ -43,6 +43,13 @@ def write_table_shards(table: pa.Table, prefix: str, num_shards: int = 1) -> lis
     return paths
 
 
+def write_table(table: pa.Table, path: str, compression: str = "zstd") -> None:
+    """Write one Parquet file atomically (temporary name, then rename): a killed job leaves the old file or none."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression)
+    fs.write_bytes(path, buf.getvalue())
+
+
 def find_shards(prefix: str, suffix: str = ".parquet") -> list[str]:
     """The complete shard set under ``prefix``; raises CairnError if none or if shards are missing."""
     paths = fs.glob(shard_pattern(prefix, suffix))

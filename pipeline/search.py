@@ -168,6 +168,7 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
     listing = "predictions.csv" if predict else "queries.txt"
     stale = fs.glob(fs.escape(fs.join(out, "neighbours")) + "-*") + fs.glob(fs.escape(fs.join(out, listing)) + "*")
     fs.delete(stale)
+    fs.delete_temp_folders(out)
     handle = shared.Shared()
     started = time.perf_counter()
     p = test_pipeline or make_pipeline(options)

@@ -49,11 +49,11 @@ def cairn(*args: str, timeout: int = 900):
 
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory) -> Path:
-    """`cairn demo` run once per session, as `make demo` runs it (with the shared MobileNet when it is there);
-    returns its --out folder."""
+    """`cairn demo --bad-inputs` run once per session, as `make demo` runs it (with the shared MobileNet when it
+    is there) but with every kind of bad input mixed into the set (pipeline/badinput.py); returns its --out."""
     out = tmp_path_factory.mktemp("demo") / "demo"
     pretrained = ["--pretrained", str(PRETRAINED)] if PRETRAINED.is_file() else []
-    result = cairn("demo", "--out", str(out), *SMALL_DEMO, *pretrained)
+    result = cairn("demo", "--out", str(out), "--bad-inputs", *SMALL_DEMO, *pretrained)
     assert result.returncode == 0, result.stderr[-3000:]
     (out / "stdout.txt").write_text(result.stdout)
     return out

@@ -67,6 +67,10 @@ def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, tiny_synth):
         (["train", "--method", "detector", "--manifest", str(tiny_synth / "train.csv"), "--boxes",
           str(tiny_synth / "train.csv"), "--out", str(tmp_path / "m")], "needs id (or image_path) and xmin"),
         (["synth", str(tiny_synth / "train.csv")], "is a file"),
+        ([*extract, "--max-pixels", "0"], "--max-pixels must be >= 1"),
+        (["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tiny_synth / "train.csv" / "sub")],
+         "check the path, its permissions"),
+        ([*extract, "--runner=DataflowRunner"], "--runner=DataflowRunner needs more options"),
     ]
     for args, message in cases:
         result = _cairn(*args)
@@ -109,6 +113,6 @@ def test_synth_then_demo_end_to_end(small_demo):
     delf = json.loads((run / "work" / "delf" / "local" / "train" / "extract.json").read_text())
     assert delf["counts"]["inputs"] == delf["counts"]["outputs"] + delf["counts"]["dead_letters"]
     assert delf["dim"] == 40 and delf["kind"] == "local"  # PCA-projected DELF descriptors
-    again = _cairn("demo", "--out", str(small_demo), *SMALL_DEMO,
+    again = _cairn("demo", "--out", str(small_demo), "--bad-inputs", *SMALL_DEMO,
                    *(["--pretrained", str(PRETRAINED)] if PRETRAINED.is_file() else []))
     assert again.returncode == 0 and "reusing" in again.stderr

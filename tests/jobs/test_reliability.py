@@ -1,0 +1,239 @@
+"""Reliability across the jobs: a killed extraction rerun equals an uninterrupted one; artefacts from elsewhere
+or of another config are refused with one line."""
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import cairn, write_manifest
+
+
+def _features(out) -> dict:
+    """id -> (landmark_id, vector) of every shard of an extraction, and the shard names."""
+    shards = sorted(p.name for p in out.iterdir() if p.name.startswith("features-"))
+    rows = {}
+    for name in shards:
+        t = pq.read_table(out / name)
+        for i, label, v in zip(t.column("id").to_pylist(), t.column("landmark_id").to_pylist(),
+                               t.column("vector").to_pylist(), strict=True):
+            assert i not in rows, f"{i} written twice"
+            rows[i] = (label, np.asarray(v, np.float32))
+    return rows
+
+
+def _wait_for_reader(fifo: str, job: subprocess.Popen, timeout: float = 300) -> int:
+    """Block until the job opens ``fifo`` to read the image behind it; returns our write end (kept open, unwritten,
+    so that the job's read waits for bytes that never come)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended before reading the image it should hang on: {job.stderr.read()}")
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        time.sleep(0.05)
+    raise AssertionError("the job never read the image")
+
+
+@pytest.mark.slow
+def test_a_killed_extraction_rerun_gives_exactly_the_uninterrupted_outputs(tmp_path, tiny_synth):
+    """The job is killed (SIGKILL to its whole process group, workers included) while a worker is stuck reading
+    one image, a named pipe nobody writes to: it is certainly part-way. The rerun must clear what the killed run
+    left (the manifest shards, Beam's temporary folders) and write what an uninterrupted run writes."""
+    import csv
+
+    rows = list(csv.DictReader(open(tiny_synth / "train.csv"))) + list(csv.DictReader(open(tiny_synth / "queries.csv")))
+    images = tmp_path / "images"
+    images.mkdir()
+    fifo = str(images / "stuck.jpg")
+    os.mkfifo(fifo)
+    manifest = [(f"{r['id']}-{rep}", tiny_synth / r["path"], r["landmark_id"]) for rep in range(3) for r in rows]
+    manifest.insert(len(manifest) // 2, ("stuck", fifo, 1))
+    manifest.append(("missing", images / "gone.jpg", 2))  # a dead letter, so that file is compared too
+    path = write_manifest(tmp_path / "m.csv", manifest)
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "jobs.cli", "extract", "--manifest", str(path), "--out", str(out), "--method",
+            "hog", "--workers", "2", "--num-shards", "3"]
+    job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    writer = _wait_for_reader(fifo, job)
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        os.close(writer)
+    assert job.returncode == -signal.SIGKILL
+    assert not (out / "extract.json").exists()  # it did not finish
+    left = sorted(p.name for p in out.iterdir())
+    assert any(n.startswith("manifest-") for n in left), left  # it had started writing
+
+    os.remove(fifo)  # the image is readable now; the rerun and the reference run see the same files
+    shutil.copyfile(tiny_synth / rows[0]["path"], fifo)
+    rerun = cairn("extract", "--manifest", str(path), "--out", str(out), "--method", "hog", "--workers", "2",
+                  "--num-shards", "3")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "reusing" not in rerun.stderr  # nothing of the killed run was taken for a finished one
+    reference = tmp_path / "reference"
+    done = cairn("extract", "--manifest", str(path), "--out", str(reference), "--method", "hog", "--workers", "2",
+                 "--num-shards", "3")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())  # no temp folders
+    a, b = _features(out), _features(reference)
+    assert sorted(a) == sorted(b) and len(a) == len(manifest) - 1
+    for i in a:
+        assert a[i][0] == b[i][0] and np.array_equal(a[i][1], b[i][1]), i
+    assert (out / "dead_letters.csv").read_text() == (reference / "dead_letters.csv").read_text()
+    for name in (p.name for p in reference.iterdir() if p.name.startswith("manifest-")):
+        assert pq.read_table(out / name).equals(pq.read_table(reference / name))
+
+
+@pytest.mark.slow
+def test_every_bad_input_is_used_or_a_dead_letter_in_every_method(small_demo):
+    """`cairn demo --bad-inputs` ran every method on the synthetic set with the whole bad-input corpus mixed into
+    both splits: per method, split and record, the record is in the index (database) or was searched (query),
+    or it is a dead letter with a reason at the stage the corpus expects, never both, never neither."""
+    import csv
+    import json
+
+    from pipeline.manifest import read_manifest
+    from pipeline.submission import read_submission
+    from tests.pipeline.test_badinput import EXPECTED
+
+    data, run = small_demo / "data", small_demo / "run"
+    records = list(csv.DictReader(open(data / "bad_inputs.csv", encoding="utf-8")))
+    assert sorted(r["kind"] for r in records) == sorted(list(EXPECTED) * 2)
+    metrics = json.loads((run / "metrics.json").read_text())
+    accounting = json.loads((run / "accounting.json").read_text())
+    dead = list(csv.DictReader(open(run / "dead_letters.csv", encoding="utf-8")))
+    manifests = {split: read_manifest(str(data / f"{split}-bad.csv")) for split in ("train", "queries")}
+    assert set(accounting) == set(metrics["methods"]) and len(accounting) >= 11  # every method built here
+    printed = (small_demo / "stdout.txt").read_text()
+    for method, acc in accounting.items():
+        for split, m in manifests.items():
+            mine = [d for d in dead if d["method"] == method and d["split"] == split]
+            assert all(d["reason"].strip() for d in mine)
+            c = acc["splits"][split]
+            assert c["inputs"] == m.total_rows == c["outputs"] + c["dead_letters"] and c["dead_letters"] == len(mine)
+            assert f"{method:20s} {split:8s} {c['inputs']:6d} rows = {c['outputs']:6d} used + " in printed
+            assert sorted((d["id"], d["reason"]) for d in mine if d["stage"] == "manifest") == \
+                sorted((d.id, d.reason) for d in m.dead_letters)
+            stage_of = {d["id"]: d["stage"] for d in mine if d["stage"] != "manifest"}
+            assert len(stage_of) == len(mine) - len(m.dead_letters)  # one dead letter per image at most
+            if split == "train":  # the database images in the index (non-landmark ones in its side index)
+                index = Path(acc["index"])
+                used = set(pq.read_table(index / "ids.parquet").column("id").to_pylist())
+                if (index / "nonlandmarks" / "ids.parquet").exists():
+                    used |= set(pq.read_table(index / "nonlandmarks" / "ids.parquet").column("id").to_pylist())
+            else:  # every query has a row in the submission, in manifest order; the readable ones were searched
+                preds = read_submission(str(run / "predictions" / f"{method}.csv"))
+                assert list(preds) == m.ids and all(preds[q] is None for q in stage_of)
+                used = set(pq.read_table(run / "neighbours" / f"{method}.parquet").column("query_id").to_pylist())
+            assert used.isdisjoint(stage_of) and used | set(stage_of) == set(m.ids), (method, split)
+            for r in (r for r in records if r["split"] == split):
+                expected = EXPECTED[r["kind"]]
+                if expected == "ok":
+                    assert r["id"] in used, (method, r)
+                elif expected == "manifest":
+                    assert any(d["id"] == r["id"] and d["stage"] == "manifest" for d in mine), (method, r)
+                else:
+                    assert stage_of.get(r["id"]) == expected, (method, r, stage_of.get(r["id"]))
+    report = (run / "report.html").read_text(encoding="utf-8")
+    assert "decompression-bomb guard" in report and "duplicate id" in report  # the dead letters, with reasons
+
+
+def _one_line_error(result, message: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("cairn")]) == 1
+
+
+@pytest.fixture(scope="module")
+def hog_run(tmp_path_factory, tiny_synth):
+    """HoG features of both splits (64 px), an index over the database, a classifier, and queries at 32 px."""
+    root = tmp_path_factory.mktemp("hog")
+    for split in ("train", "queries"):
+        assert cairn("extract", "--manifest", str(tiny_synth / f"{split}.csv"), "--out", str(root / split),
+                     "--param", "size=64").returncode == 0
+    assert cairn("extract", "--manifest", str(tiny_synth / "queries.csv"), "--out", str(root / "q32"),
+                 "--param", "size=32").returncode == 0
+    assert cairn("index", "--features", str(root / "train"), "--out", str(root / "index")).returncode == 0
+    trained = cairn("train", "--method", "hog-linear", "--features", str(root / "train"), "--out", str(root / "clf"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    return root
+
+
+def test_artefacts_from_another_config_or_place_are_refused_in_one_line(hog_run, tmp_path):
+    import json
+
+    import numpy as np
+
+    from features import artifacts
+
+    r = hog_run
+    # queries extracted otherwise than the database the index holds
+    _one_line_error(cairn("recognize", "--index", str(r / "index"), "--features", str(r / "q32"), "--out",
+                          str(tmp_path / "o")), "extract both with the same method and config")
+    # the classifier records what it was trained on, in the artefact itself
+    assert artifacts.trained_on(str(r / "clf" / "classifier.npz"))["method"] == "hog"
+    # an encoder that is a pickle, or not an encoder at all
+    evil = tmp_path / "encoder.npz"
+    np.savez(evil, centroids=np.array([{"run": "code"}], dtype=object))
+    _one_line_error(cairn("encode", "--features", str(r / "train"), "--encoder", str(evil), "--out",
+                          str(tmp_path / "e")), "it was not written by Cairn")
+    arrays, header = artifacts.load(str(r / "clf" / "classifier.npz"), "classifier")
+    header = json.dumps({**header, "kind": "pca_whitening"}).encode()  # a forged header over a pickle
+    np.savez(evil, mean=np.array([{"run": "code"}], dtype=object), __cairn__=np.frombuffer(header, np.uint8))
+    _one_line_error(cairn("encode", "--features", str(r / "train"), "--encoder", str(evil), "--out",
+                          str(tmp_path / "e")), "not a Cairn artefact (.npz without pickles)")
+    _one_line_error(cairn("encode", "--features", str(r / "train"), "--encoder", str(r / "clf" / "classifier.npz"),
+                          "--out", str(tmp_path / "e")), "classifier")
+    # an index whose files were damaged or disagree
+    broken = tmp_path / "broken"
+    shutil.copytree(r / "index", broken)
+    (broken / "index.faiss").write_bytes(b"not a faiss index")
+    _one_line_error(cairn("recognize", "--index", str(broken), "--features", str(r / "queries"), "--out",
+                          str(tmp_path / "o")), "rebuild the index")
+    shutil.rmtree(broken)
+    shutil.copytree(r / "index", broken)
+    record = json.loads((broken / "index.json").read_text())
+    (broken / "index.json").write_text(json.dumps({**record, "dim": record["dim"] // 2}))
+    _one_line_error(cairn("recognize", "--index", str(broken), "--features", str(r / "queries"), "--out",
+                          str(tmp_path / "o")), "is inconsistent")
+    (broken / "index.json").unlink()  # a save killed before its last file
+    _one_line_error(cairn("recognize", "--index", str(broken), "--features", str(r / "queries"), "--out",
+                          str(tmp_path / "o")), "lacks index.json")
+
+
+def test_a_classifier_refuses_queries_of_another_config(hog_run):
+    from features import artifacts
+    from jobs.recognize import classify
+    from pipeline.errors import CairnError
+
+    path = str(hog_run / "clf" / "classifier.npz")
+    trained = artifacts.trained_on(path)
+    xq = np.zeros((2, artifacts.header(path)["meta"]["n_features_in"]), np.float32)
+    pred, _ = classify(path, xq, 0.0, trained)  # the same config: fine
+    assert pred.shape == (2,)
+    with pytest.raises(CairnError, match="was trained on hog"):
+        classify(path, xq, 0.0, {**trained, "config": {**trained["config"], "size": 32}})
+
+
+def test_a_manifest_without_the_needed_columns_is_one_line_before_any_work(tmp_path, tiny_synth):
+    bad = tmp_path / "m.csv"
+    bad.write_text("id,landmark_id\nimage-1,3\n")
+    _one_line_error(cairn("extract", "--manifest", str(bad), "--out", str(tmp_path / "o")), "needs 'id' and 'path'")
+    _one_line_error(cairn("compare", "--train", str(bad), "--queries", str(tiny_synth / "queries.csv"), "--out",
+                          str(tmp_path / "c"), "--methods", "hog"), "needs 'id' and 'path'")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
