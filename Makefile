@@ -8,12 +8,13 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: setup demo test test-fast bench porto lint browser clean help
+.PHONY: setup demo test test-fast fuzz bench porto lint browser clean help
 
 help:
 	@echo "make setup   create $(VENV) with the pinned dependencies (GPU=1 for the CUDA builds of TF and FAISS)"
 	@echo "make demo    synthetic landmarks + the baseline/deep comparison; outputs in ./demo"
 	@echo "make test    the test suite (CI runs this)"
+	@echo "make fuzz    a longer, fresh fuzzing of the manifest reader and image loader (CI runs a short, fixed one)"
 	@echo "make bench   benchmarks; figures in BENCHMARKS.md and bench/results.json"
 	@echo "make porto   the real-data check on ../shared/data/porto (leave-one-out), into BENCHMARKS.md"
 	@echo "make lint    ruff"
@@ -51,6 +52,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# CI runs 150 examples per fuzz test with a fixed seed; this searches 5,000 new ones per test
+fuzz: setup
+	CAIRN_FUZZ_EXAMPLES=5000 CAIRN_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q tests/pipeline/test_fuzz.py
 
 bench: setup
 	$(BIN)/python -m bench.run

@@ -163,6 +163,8 @@ class VectorIndex:
         on_disk = _decide_on_disk(config.on_disk, index, n, dim, budget)
         if on_disk and folder is None:
             raise CairnError("an on-disk index needs an output folder")
+        if folder is not None:  # the files below replace the folder's: it is no complete index until saved
+            invalidate(folder)
         sequential = not B.mergeable(index)
 
         # 1. train on a seeded sample drawn across all parts

@@ -36,7 +36,7 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
 
 
 def decode_config(args: argparse.Namespace) -> DecodeConfig:
-    for name in ("max_side", "max_pixels", "min_side"):
+    for name in ("max_side", "min_side"):
         if getattr(args, name) < 0:
             raise CairnError(f"--{name.replace('_', '-')} must be >= 0")
     if args.max_pixels < 1:  # 0 would turn every image into a dead letter

@@ -79,8 +79,8 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
         raise CairnError(f"{', '.join(n for n in names if n in methods.NEEDS_BOXES)} need a detector: --boxes FILE "
                          "(the database's landmark boxes, to train one) or --set detect.detect.model=PATH")
     # read both now: a bad manifest fails before any heavy work
-    fingerprints = {split: manifest_fingerprint(path, read_manifest(path))
-                    for split, path in (("train", train), ("queries", queries))}
+    read = {split: read_manifest(path) for split, path in (("train", train), ("queries", queries))}
+    fingerprints = {split: manifest_fingerprint(m.source, m) for split, m in read.items()}
     fs.makedirs(out)
     run_config = CompareConfig(train, queries, tuple(names), decode, vote, tune, index, neighbours, boxes, workers,
                                tuple(beam_args or ()), config)
@@ -88,7 +88,7 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
                                              "manifest_sha256": fingerprints})
     ctx = RunContext(train, queries, fs.join(out, "work"), decode, workers, threads, tuple(beam_args or ()), vote,
                      neighbours, force, tune=tune, index=index, boxes=boxes)
-    query_ids = read_manifest(queries).ids
+    query_ids = read["queries"].ids
     dead_rows, accounting = [], {}
     for name in names:
         log.info("compare: method %s", name)
@@ -98,8 +98,7 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
         fs.makedirs(fs.join(out, "neighbours"))
         complete_submission(fs.join(result["recognize"], "predictions.csv"), query_ids,
                             fs.join(out, "predictions", f"{name}.csv"))
-        fs.write_bytes(fs.join(out, "neighbours", f"{name}.parquet"),
-                       fs.read_bytes(fs.join(result["recognize"], "neighbours.parquet")))
+        fs.copy_file(fs.join(result["recognize"], "neighbours.parquet"), fs.join(out, "neighbours", f"{name}.parquet"))
         for split, path in result["dead_letters"].items():
             for d in read_dead_letters(path):
                 dead_rows.append((name, split, *d))

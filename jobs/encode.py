@@ -26,7 +26,7 @@ from pipeline.encoding import ENCODERS, SUBSET, EncodeBatches, SampleDescriptors
 from pipeline.errors import CairnError
 from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
 from pipeline.parquet_io import SHARD_TEMPLATE, count_rows, find_shards, read_shards, shard_pattern
-from pipeline.schemas import cairn_metadata, global_features_schema, sparse_features_schema
+from pipeline.schemas import cairn_metadata, global_features_schema, same_features, sparse_features_schema
 from pipeline.transforms import Rebatch
 
 log = logging.getLogger(__name__)
@@ -138,9 +138,9 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     source = features_metadata(features, kind)
     train_path = fs.join(fs.dirname(encoder_path), "train.json")  # written by `cairn train` beside the encoder
     train_record = cfg.load_json(train_path) if fs.exists(train_path) else {}
-    trained_on = train_record.get("features_metadata") or header.get("meta", {}).get("trained_on") or {}
-    if trained_on and (trained_on.get("method"), trained_on.get("config")) != (source.get("method"),
-                                                                               source.get("config")):
+    # what the artefact says it was trained on; train.json beside it for encoders from before it said so
+    trained_on = header.get("meta", {}).get("trained_on") or train_record.get("features_metadata") or {}
+    if trained_on and not same_features(trained_on, source):
         raise CairnError(f"{encoder_path} was trained on {trained_on.get('method')} {trained_on.get('config')} "
                          f"features, but {features} holds {source.get('method')} {source.get('config')}; "
                          "extract with the same config or retrain the encoder")
@@ -162,6 +162,10 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     if not force and cfg.check_reusable(record_path, config) and _complete(out_prefix, record_path):
         log.info("encode: reusing %s (same features and encoder; --force recomputes)", out)
         return cfg.load_json(record_path)
+    workers = common.resolve_workers(workers, images)
+    threads = threads or default_threads_per_worker(workers)
+    options = pipeline_options(beam_args or [], workers)
+    p = make_pipeline(options)  # the runner's options are checked before anything is deleted
     if fs.exists(record_path):
         fs.delete([record_path])
     dim = int(encoder.dim_out if header["kind"] == "pca_whitening" else encoder.dim)
@@ -170,11 +174,7 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     fs.makedirs(out)
     fs.delete(fs.glob(fs.escape(out_prefix) + "-*"))
     fs.delete_temp_folders(out)
-    workers = common.resolve_workers(workers, images)
-    threads = threads or default_threads_per_worker(workers)
-    options = pipeline_options(beam_args or [], workers)
     started = time.perf_counter()
-    p = make_pipeline(options)
     _ = (p | "Read" >> beam.io.ReadFromParquetBatched(shard_pattern(in_prefix))
          | "Encode" >> beam.ParDo(EncodeBatches(encoder_path, in_kind, source.get("postprocess", "none"), schema,
                                                 threads))

@@ -128,12 +128,14 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         record = cfg.load_json(paths["record"])
         log.info("extract: reusing %s (same config and manifest; --force recomputes)", out)
         return record
-    fs.makedirs(out)
-    _clear(out)
-
     num_shards = min(num_shards or math.ceil(len(manifest) / ROWS_PER_SHARD), max(1, len(manifest)))
     workers = common.resolve_workers(workers, len(manifest))
     threads = threads or default_threads_per_worker(workers)
+    options = pipeline_options(beam_args or [], workers)
+    runner = runner_name(options)
+    p = test_pipeline or make_pipeline(options)  # the runner's options are checked before anything is deleted
+    fs.makedirs(out)
+    _clear(out)
     if len(manifest):
         write_table_shards(manifest.to_table(), paths["manifest"], num_shards=num_shards)
     if kind == "local":
@@ -141,13 +143,10 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     else:
         meta = {**extractor.metadata(), **({"regions": detected} if detected else {})}
         schema = global_features_schema(extractor.dim, meta, regional=detected is not None)
-    options = pipeline_options(beam_args or [], workers)
-    runner = runner_name(options)
     log.info("extract: %d images (%d rejected by the manifest) with %s on %s (%d worker%s, %d thread%s each)",
              len(manifest), len(manifest.dead_letters), method, runner, workers, "s"[: workers > 1],
              threads, "s"[: threads > 1])
     started = time.perf_counter()
-    p = test_pipeline or make_pipeline(options)
     if len(manifest):
         rows = (
             p

@@ -47,7 +47,7 @@ from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
 from pipeline.parquet_io import read_shards, write_table
-from pipeline.schemas import cairn_metadata, sparse_matrix_of, vectors_of
+from pipeline.schemas import cairn_metadata, same_features, sparse_matrix_of, vectors_of
 from pipeline.submission import write_submission
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ def classify(classifier_path: str, xq: np.ndarray, min_confidence: float = 0.0,
 
     model = load_classifier(classifier_path)
     trained = artifacts.trained_on(classifier_path)
-    if trained and query_meta and (trained.get("method"), trained.get("config")) != (query_meta.get("method"),
-                                                                                     query_meta.get("config")):
+    if trained and query_meta and not same_features(trained, query_meta):
         raise CairnError(f"{classifier_path} was trained on {trained.get('method')} {trained.get('config')} "
                          f"features, but the queries are {query_meta.get('method')} {query_meta.get('config')}; "
                          "extract the queries like the classifier's training features, or retrain it")
@@ -116,7 +115,7 @@ def read_queries(features: str):
 
 def check_same_features(db_meta: dict, meta: dict, features: str) -> None:
     """CairnError when the queries were extracted otherwise than the database the index holds."""
-    if db_meta and meta and (db_meta.get("method"), db_meta.get("config")) != (meta.get("method"), meta.get("config")):
+    if db_meta and meta and not same_features(db_meta, meta):
         raise CairnError(
             f"queries in {features} were extracted with {meta.get('method')} {meta.get('config')} but the index "
             f"holds {db_meta.get('method')} {db_meta.get('config')}; extract both with the same method and config"
@@ -325,7 +324,7 @@ def _verify(index, query_ids, D, I, verify):
     db_local, query_local, rerank_config = verify
     local_meta = features_metadata(db_local, "local")
     query_meta = features_metadata(query_local, "local")
-    if (local_meta.get("method"), local_meta.get("config")) != (query_meta.get("method"), query_meta.get("config")):
+    if not same_features(local_meta, query_meta):
         raise CairnError(f"--verify-queries {query_local} holds {query_meta.get('method')} "
                          f"{query_meta.get('config')} features but --verify-db {db_local} holds "
                          f"{local_meta.get('method')} {local_meta.get('config')}; extract both alike")

@@ -6,7 +6,7 @@ OUT/images/... and OUT/synth.json. The same seed and flags give byte-identical f
 Sizes: the defaults make 116 images for the demo; --classes 1000 --views 20 --tail 0 makes 23,024.
 
 With --bad-inputs it also writes OUT/train-bad.csv and OUT/queries-bad.csv: the same rows plus one record of
-each of 33 kinds of broken or odd input per split (truncated, empty and non-image files, CMYK/YCCK JPEGs,
+each of 36 kinds of broken or odd input per split (truncated, empty and non-image files, CMYK/YCCK JPEGs,
 16-bit and palette PNGs, EXIF orientations 1-8, a decompression bomb, a missing file, odd paths, duplicate
 ids, bad landmark ids, a BOM, CRLF and quoted commas), OUT/bad_inputs.csv saying what each one is and what a
 job should make of it (used, or a dead letter at which stage), and OUT/bad/ with the files

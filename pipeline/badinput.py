@@ -156,8 +156,9 @@ def _rgba(rgb: np.ndarray) -> bytes:
     return _encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG")
 
 
-def image_variants(rgb: np.ndarray) -> dict[str, tuple[str, bytes]]:
-    """kind -> (file extension, encoded bytes) for every kind that is a file, made from ``rgb`` ([H, W, 3] uint8)."""
+def image_variants(rgb: np.ndarray, kinds=None) -> dict[str, tuple[str, bytes]]:
+    """kind -> (file extension, encoded bytes) for every kind that is a file (of ``kinds``, or all), made from
+    ``rgb`` ([H, W, 3] uint8)."""
     img = Image.fromarray(rgb)
     jpeg, png = _encode(img, "JPEG", quality=92), _encode(img, "PNG")
     grey16 = (np.asarray(img.convert("L")).astype(np.uint16) * 257)
@@ -183,7 +184,7 @@ def image_variants(rgb: np.ndarray) -> dict[str, tuple[str, bytes]]:
                                                   compress_level=9)),
         "png-bomb": lambda: (".png", bomb_png()),
     }
-    return {kind: make() for kind, make in makers.items()}
+    return {kind: make() for kind, make in makers.items() if kinds is None or kind in kinds}
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -207,14 +208,14 @@ def _split_records(folder: str, split: str, rows: list[dict], rng: np.random.Gen
 
     picks = rng.choice(len(labelled), size=len(KINDS), replace=True)
     base_of = {kind: labelled[int(i)] for kind, i in zip(KINDS, picks, strict=True)}
-    cache: dict[str, dict] = {}
+    decoded: dict[str, np.ndarray] = {}
     for kind in KINDS:
         base = base_of[kind]
         image_id = f"{split}-{kind}"
-        if base["path"] not in cache:
+        if base["path"] not in decoded:
             with Image.open(os.path.join(folder, base["path"])) as im:
-                cache[base["path"]] = image_variants(np.asarray(im.convert("RGB")))
-        variants = cache[base["path"]]
+                decoded[base["path"]] = np.asarray(im.convert("RGB"))
+        variants = image_variants(decoded[base["path"]], (kind,))
         if kind in variants:
             ext, data = variants[kind]
             path = f"{sub}/{kind}{ext}"

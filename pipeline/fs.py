@@ -88,6 +88,29 @@ def _umask() -> int:
     return 0o022
 
 
+def copy_file(source: str, target: str) -> None:
+    """Copy a file, streamed; a local target appears complete or not at all (temporary name, then rename)."""
+    if has_scheme(source) or has_scheme(target):
+        FileSystems.copy([source], [target])
+        return
+    import os
+    import shutil
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(target))
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 

@@ -35,10 +35,8 @@ def write_table_shards(table: pa.Table, prefix: str, num_shards: int = 1) -> lis
     for i in range(num_shards):
         lo = table.num_rows * i // num_shards
         hi = table.num_rows * (i + 1) // num_shards
-        buf = io.BytesIO()
-        pq.write_table(table.slice(lo, hi - lo), buf, compression="zstd")
         path = shard_name(prefix, i, num_shards)
-        fs.write_bytes(path, buf.getvalue())
+        write_table(table.slice(lo, hi - lo), path)
         paths.append(path)
     return paths
 

@@ -153,6 +153,12 @@ def images_schema(metadata: dict | None = None) -> pa.Schema:
     return _with_metadata(fields, IMAGES, metadata)
 
 
+def same_features(a: dict, b: dict) -> bool:
+    """Whether two features' metadata describe the same extraction (method and config), e.g. a database and
+    its queries, or an encoder's training features and the features it is applied to."""
+    return (a.get("method"), a.get("config")) == (b.get("method"), b.get("config"))
+
+
 def cairn_metadata(schema: pa.Schema) -> dict:
     """The ``cairn`` metadata entry of a schema ({} when absent)."""
     raw = (schema.metadata or {}).get(METADATA_KEY)

@@ -164,6 +164,7 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
                          "with whole-image queries)")
     workers = _fit_workers(common.resolve_workers(workers, queries), index_dir, beam_args or [])
     options = pipeline_options(beam_args or [], workers)
+    p = test_pipeline or make_pipeline(options)  # the runner's options are checked before anything is deleted
     fs.makedirs(out)
     listing = "predictions.csv" if predict else "queries.txt"
     stale = fs.glob(fs.escape(fs.join(out, "neighbours")) + "-*") + fs.glob(fs.escape(fs.join(out, listing)) + "*")
@@ -171,7 +172,6 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
     fs.delete_temp_folders(out)
     handle = shared.Shared()
     started = time.perf_counter()
-    p = test_pipeline or make_pipeline(options)
     results = (p | "Read" >> beam.io.ReadFromParquetBatched(shard_pattern(prefix), columns=["id", "vector"])
                | "SearchAndVote" >> beam.ParDo(
                    SearchAndVote(index_dir, vote_config.k, search_params, vote_config, neighbours, handle,

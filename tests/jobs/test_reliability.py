@@ -198,7 +198,7 @@ def test_artefacts_from_another_config_or_place_are_refused_in_one_line(hog_run,
     _one_line_error(cairn("encode", "--features", str(r / "train"), "--encoder", str(evil), "--out",
                           str(tmp_path / "e")), "not a Cairn artefact (.npz without pickles)")
     _one_line_error(cairn("encode", "--features", str(r / "train"), "--encoder", str(r / "clf" / "classifier.npz"),
-                          "--out", str(tmp_path / "e")), "classifier")
+                          "--out", str(tmp_path / "e")), "holds a 'classifier'")
     # an index whose files were damaged or disagree
     broken = tmp_path / "broken"
     shutil.copytree(r / "index", broken)
