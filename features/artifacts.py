@@ -68,18 +68,9 @@ def load(path: str, kind: str) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, header
 
 
-def annotate(path: str, kind: str, meta: dict) -> None:
-    """Merge ``meta`` into the header's meta of the artefact at ``path`` (rewritten atomically).
-
-    The training jobs record here what an artefact was trained on (``trained_on``: the features' method and
-    config), so that a copy of the file alone still says which features it fits.
-    """
-    arrays, head = load(path, kind)
-    save(path, kind, arrays, head["config"], {**head.get("meta", {}), **meta})
-
-
 def trained_on(path: str) -> dict:
-    """The features (method, config) an artefact was trained on, as its header records; {} when not recorded."""
+    """The features (method, config) an artefact was trained on, as its header records (the training jobs save
+    it there, so that a copy of the file alone says which features it fits); {} when not recorded."""
     return header(path).get("meta", {}).get("trained_on") or {}
 
 

@@ -160,10 +160,11 @@ class PCAWhitening:
         pca.n_samples_ = int(meta.get("n_samples", 0))
         return pca
 
-    def save(self, path: str) -> None:
-        """Write a self-describing ``.npz`` artefact (kind "pca_whitening") to ``path``."""
-        arrays, config, meta = self.state()
-        artifacts.save(path, KIND, arrays, config, meta)
+    def save(self, path: str, meta: dict | None = None) -> None:
+        """Write a self-describing ``.npz`` artefact (kind "pca_whitening") to ``path``; ``meta`` is added to its
+        header (e.g. ``trained_on``)."""
+        arrays, config, own = self.state()
+        artifacts.save(path, KIND, arrays, config, {**(meta or {}), **own})
 
     @classmethod
     def load(cls, path: str) -> PCAWhitening:

@@ -400,10 +400,11 @@ class BoVWEncoder:
     # ------------------------------------------------------------------------------------------------------
     # persistence
 
-    def save(self, path: str) -> None:
-        """One self-contained artefact (kind "bovw"): the vocabulary's centroids, df and idf."""
+    def save(self, path: str, meta: dict | None = None) -> None:
+        """One self-contained artefact (kind "bovw"): the vocabulary's centroids, df and idf; ``meta`` is added to
+        its header (e.g. ``trained_on``)."""
         self._check_params()
-        arrays, meta = {}, {}
+        arrays, meta = {}, dict(meta or {})
         if getattr(self, "df_", None) is not None:
             arrays.update(df=self.df_, idf=self.idf_)
             meta["n_documents"] = self.n_documents_
@@ -549,11 +550,12 @@ class VLADEncoder:
     # ------------------------------------------------------------------------------------------------------
     # persistence
 
-    def save(self, path: str) -> None:
-        """One self-contained artefact (kind "vlad"): the vocabulary's centroids and the PCA's arrays."""
+    def save(self, path: str, meta: dict | None = None) -> None:
+        """One self-contained artefact (kind "vlad"): the vocabulary's centroids and the PCA's arrays; ``meta`` is
+        added to its header (e.g. ``trained_on``)."""
         if self.pca_dim > 0:
             check_fitted(self, "pca_")
-        arrays, meta = {}, {"dim": self.dim}
+        arrays, meta = {}, {**(meta or {}), "dim": self.dim}
         pca = getattr(self, "pca_", None)
         if pca is not None:
             p_arrays, p_config, p_meta = pca.state()

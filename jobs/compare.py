@@ -94,8 +94,6 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
         log.info("compare: method %s", name)
         result = run_method(name, config, ctx)
         cfg.save_json(fs.join(out, "work", name, "costs.json"), result["costs"])
-        fs.makedirs(fs.join(out, "predictions"))
-        fs.makedirs(fs.join(out, "neighbours"))
         complete_submission(fs.join(result["recognize"], "predictions.csv"), query_ids,
                             fs.join(out, "predictions", f"{name}.csv"))
         fs.copy_file(fs.join(result["recognize"], "neighbours.parquet"), fs.join(out, "neighbours", f"{name}.parquet"))
@@ -115,18 +113,18 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
 def complete_submission(source: str, query_ids: list[str], target: str) -> None:
     """Copy a submission to ``target`` with a row for every query id, in manifest order: the queries a method
     could not read (its dead letters) get an empty prediction, so the file is complete for GLR scoring."""
-    from pipeline.submission import format_prediction, read_submission
+    import numpy as np
+
+    from pipeline.submission import read_submission, write_submission
 
     answered = read_submission(source)
     unknown = set(answered) - set(query_ids)
     if unknown:
         raise RuntimeError(f"{source} answers {len(unknown)} ids that are not queries (e.g. {sorted(unknown)[0]}). "
                            "This is a bug; please report it")
-    lines = ["id,landmarks"]
-    for q in query_ids:
-        p = answered.get(q)
-        lines.append(format_prediction(q, p[0], p[1]) if p else format_prediction(q, -1, 0.0))
-    fs.write_text(target, "\n".join(lines) + "\n")
+    rows = [answered.get(q) or (-1, 0.0) for q in query_ids]
+    write_submission(target, query_ids, np.array([p for p, _ in rows], np.int64),
+                     np.array([c for _, c in rows], np.float32))
 
 
 def accounting_lines(accounting: dict) -> list[str]:

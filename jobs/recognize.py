@@ -81,11 +81,10 @@ def classify(classifier_path: str, xq: np.ndarray, min_confidence: float = 0.0,
     """pred [Q] (-1 = none), conf [Q] from a trained classifier's top class and calibrated probability.
 
     ``query_meta``: the queries' features metadata, checked against what the classifier was trained on."""
-    from features import artifacts
     from models.classifiers import load_classifier
 
     model = load_classifier(classifier_path)
-    trained = artifacts.trained_on(classifier_path)
+    trained = model.trained_on_
     if trained and query_meta and not same_features(trained, query_meta):
         raise CairnError(f"{classifier_path} was trained on {trained.get('method')} {trained.get('config')} "
                          f"features, but the queries are {query_meta.get('method')} {query_meta.get('config')}; "

@@ -101,12 +101,12 @@ def _reusable(out: str, requested: dict, artefact: str, force: bool) -> dict | N
     return None
 
 
-def _save_record(out: str, artefact: str, record: dict) -> None:
-    if artefact.endswith(".npz") and record.get("features_metadata"):  # the artefact says what it fits, too
-        from features import artifacts
+def _trained_on(source: dict) -> dict:
+    """What an artefact was trained on: its features' method and config (saved in the artefact and train.json)."""
+    return {"method": source.get("method"), "config": source.get("config")}
 
-        path = fs.join(out, artefact)
-        artifacts.annotate(path, artifacts.header(path)["kind"], {"trained_on": record["features_metadata"]})
+
+def _save_record(out: str, artefact: str, record: dict) -> None:
     record["artefact_sha256"] = cfg.file_fingerprint(fs.join(out, artefact))
     cfg.save_json(fs.join(out, "train.json"), record)
 
@@ -162,10 +162,9 @@ def train_encoder(method: str, features: str, out: str, config, workers: int = 1
         encoder = VLADEncoder(vocabulary, intra_norm=True, power=config.power, pca_dim=pca_dim,
                               whiten=config.whiten, pca_sample=config.pca_sample, seed=voc.seed).fit(sets)
     encoder_seconds = time.perf_counter() - started
-    encoder.save(fs.join(out, "encoder.npz"))
+    encoder.save(fs.join(out, "encoder.npz"), {"trained_on": _trained_on(source)})
     fs.delete([fs.join(out, "sample")])  # the sample is scratch
-    record = {"config": requested, "method": method, "features_metadata": {"method": source.get("method"),
-                                                                          "config": source.get("config")},
+    record = {"config": requested, "method": method, "features_metadata": _trained_on(source),
               "counts": counts, "dim": int(encoder.dim), "inertia": float(vocabulary.inertia_),
               "seconds": {"sample": round(sample_seconds, 3), "kmeans": round(kmeans_seconds, 3),
                           "encoder": round(encoder_seconds, 3)},
@@ -198,9 +197,8 @@ def train_pca(method: str, features: str, out: str, config, expected: dict | Non
     pca.fit(vectors_of(table))
     seconds = time.perf_counter() - started
     fs.makedirs(out)
-    pca.save(fs.join(out, "encoder.npz"))
-    record = {"config": requested, "method": method, "features_metadata": {"method": source.get("method"),
-                                                                          "config": source.get("config")},
+    pca.save(fs.join(out, "encoder.npz"), {"trained_on": _trained_on(source)})
+    record = {"config": requested, "method": method, "features_metadata": _trained_on(source),
               "dim": int(pca.dim_out), "train_seconds": round(seconds, 3)}
     _save_record(out, "encoder.npz", record)
     log.info("train %s: PCA-whitening %d -> %d on %d images in %.2f s", method, pca.n_features_in_, pca.dim_out,
@@ -413,9 +411,8 @@ def train_classifier(method: str, features: str, out: str, config: classic.Class
         raise CairnError(f"{method}: {e}") from e
     seconds = time.perf_counter() - started
     fs.makedirs(out)
-    model.save(fs.join(out, "classifier.npz"))
-    record = {"config": requested, "method": method, "features_metadata": {"method": source.get("method"),
-                                                                          "config": source.get("config")},
+    model.save(fs.join(out, "classifier.npz"), {"trained_on": _trained_on(source)})
+    record = {"config": requested, "method": method, "features_metadata": _trained_on(source),
               "classes": int(len(model.classes_)), "images": int(len(y)), "temperature": float(model.temperature_),
               "calibration": getattr(model, "calibration_", ""), "train_seconds": round(seconds, 3)}
     _save_record(out, "classifier.npz", record)

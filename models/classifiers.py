@@ -307,13 +307,14 @@ class _CalibratedLinear(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
         return {"n_features_in": int(self.n_features_in_), "n_classes": int(len(self.classes_)),
                 "calibration": self.calibration_}
 
-    def save(self, path: str) -> None:
-        """Write the fitted classifier as a Cairn artefact (kind "classifier"; config names the class)."""
+    def save(self, path: str, meta: dict | None = None) -> None:
+        """Write the fitted classifier as a Cairn artefact (kind "classifier"; config names the class); ``meta`` is
+        added to its header (e.g. ``trained_on``: the features it was fitted on)."""
         self._check_fitted()
         arrays = {"classes": self.classes_, "temperature": np.float64(self.temperature_)}
         arrays.update({name: getattr(self, name + "_") for name in self._ARRAYS})
         config = {"estimator": type(self).__name__, "params": self.get_params()}
-        artifacts.save(path, KIND, arrays, config, self._meta())
+        artifacts.save(path, KIND, arrays, config, {**(meta or {}), **self._meta()})
 
     @classmethod
     def load(cls, path: str):
@@ -340,6 +341,7 @@ class _CalibratedLinear(ClassifierMixin, BaseEstimator, metaclass=abc.ABCMeta):
             setattr(model, a + "_", arrays[a])
         model.n_features_in_ = int(arrays[cls._ARRAYS[0]].shape[1])
         model.calibration_ = header.get("meta", {}).get("calibration", "")
+        model.trained_on_ = header.get("meta", {}).get("trained_on") or {}  # the features it was fitted on
         return model
 
 

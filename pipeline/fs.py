@@ -61,6 +61,24 @@ def write_bytes(path: str, data: bytes) -> None:
         with FileSystems.create(path) as f:
             f.write(data)
         return
+    with _atomic_local(path) as f:
+        f.write(data)
+
+
+def copy_file(source: str, target: str) -> None:
+    """Copy a file, streamed; a local target appears complete or not at all (temporary name, then rename)."""
+    if has_scheme(source) or has_scheme(target):
+        FileSystems.copy([source], [target])
+        return
+    import shutil
+
+    with _atomic_local(target) as f, open(source, "rb") as src:
+        shutil.copyfileobj(src, f)
+
+
+@contextlib.contextmanager
+def _atomic_local(path: str):
+    """A binary file object to fill; renamed to the local ``path`` when the block ends, removed if it fails."""
     import os
     import tempfile
 
@@ -70,7 +88,7 @@ def write_bytes(path: str, data: bytes) -> None:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -86,29 +104,6 @@ def _umask() -> int:
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     return 0o022
-
-
-def copy_file(source: str, target: str) -> None:
-    """Copy a file, streamed; a local target appears complete or not at all (temporary name, then rename)."""
-    if has_scheme(source) or has_scheme(target):
-        FileSystems.copy([source], [target])
-        return
-    import os
-    import shutil
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(target))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(target))
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_text(path: str, text: str) -> None:
