@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: setup demo test test-fast fuzz bench porto lint browser clean help
+.PHONY: setup demo test test-fast fuzz bench bench-scale porto lint browser clean help
 
 help:
 	@echo "make setup   create $(VENV) with the pinned dependencies (GPU=1 for the CUDA builds of TF and FAISS)"
@@ -16,6 +16,7 @@ help:
 	@echo "make test    the test suite (CI runs this)"
 	@echo "make fuzz    a longer, fresh fuzzing of the manifest reader and image loader (CI runs a short, fixed one)"
 	@echo "make bench   benchmarks; figures in BENCHMARKS.md and bench/results.json"
+	@echo "make bench-scale  20,000 synthetic images through every method, stage by stage, and cairn plan's projection"
 	@echo "make porto   the real-data check on ../shared/data/porto (leave-one-out), into BENCHMARKS.md"
 	@echo "make lint    ruff"
 	@echo "make browser install Debian's chromium (headless, for the HTML report tests) when it is missing"
@@ -24,16 +25,17 @@ help:
 setup: $(STAMP)
 
 # Re-runs only when the pins change; otherwise `make setup` is a no-op.
-$(STAMP): pyproject.toml requirements.lock requirements-dev.lock requirements-gpu.txt
+$(STAMP): pyproject.toml requirements.lock requirements-dev.lock requirements-dataflow.lock requirements-gpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import sys; assert sys.version_info[:2] == (3, 11), "Cairn needs Python 3.11; set PYTHON=..."'
 ifeq ($(GPU),1)
 	grep -v -E '^(faiss-cpu|tensorflow-cpu|tensorflow_cpu)==' requirements.lock > $(VENV)/requirements-gpu.lock
 	$(PIP) uninstall -y -q faiss-cpu tensorflow-cpu 2>/dev/null || true
-	$(PIP) install -q -r $(VENV)/requirements-gpu.lock -r requirements-dev.lock -r requirements-gpu.txt
+	$(PIP) install -q -r $(VENV)/requirements-gpu.lock -r requirements-dev.lock -r requirements-dataflow.lock \
+		-r requirements-gpu.txt
 else
 	$(PIP) uninstall -y -q faiss-gpu tensorflow 2>/dev/null || true
-	$(PIP) install -q -r requirements.lock -r requirements-dev.lock
+	$(PIP) install -q -r requirements.lock -r requirements-dev.lock -r requirements-dataflow.lock
 endif
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.cairn-setup-gpu*
@@ -59,6 +61,11 @@ fuzz: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# 20,000 synthetic images through every method (about two hours on 2 cores), then `cairn plan`'s projections of
+# that run and of a million images; figures in BENCHMARKS.md (section "scale")
+bench-scale: setup
+	$(BIN)/python -m bench.run --only scale
 
 # leave-one-out retrieval and kNN accuracy of every classic method on the shared Porto photos
 porto: setup

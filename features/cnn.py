@@ -57,7 +57,10 @@ class CnnConfig:
 
 def file_sha256(path: str) -> str:
     """sha256 of a model file, or of every file of a SavedModel folder (names and bytes, in sorted order)."""
+    from pipeline.fs import local_path
+
     h = hashlib.sha256()
+    path = local_path(path)  # a model on gs:// etc.: downloaded once per process
     if os.path.isdir(path):
         for root, dirs, files in os.walk(path):
             dirs.sort()
@@ -131,6 +134,9 @@ def load_embedder(config: CnnConfig, threads: int | None = None):
     model = config.model
     if model.startswith("keras:"):
         return KerasEmbedder(model)
+    from pipeline.fs import local_path
+
+    model = local_path(model)  # a model on gs:// etc.: downloaded once per worker process
     if not os.path.exists(model):
         raise FileNotFoundError(f"CNN model not found: {model}")
     if model.endswith(".keras"):

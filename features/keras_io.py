@@ -43,6 +43,8 @@ def load_with_metadata(path: str, fmt: str, version: int, what: str, hint: str):
     import keras
 
     import features.layers  # noqa: F401 - registers Cairn's layers for deserialisation
+    from pipeline.fs import local_path
 
+    path = local_path(path)  # a model on gs:// etc.: downloaded once per worker process
     metadata = read_metadata(path, fmt, version, what, hint)
     return keras.saving.load_model(path, compile=False, safe_mode=True), metadata

@@ -333,7 +333,11 @@ class VectorIndex:
 
     @classmethod
     def load(cls, folder: str, mmap: bool = False) -> VectorIndex:
-        """Load a saved index; ``mmap`` maps index.faiss instead of reading it (large read-only indices)."""
+        """Load a saved index; ``mmap`` maps index.faiss instead of reading it (large read-only indices). An
+        index folder on a Beam filesystem (gs://...) is downloaded once per process first."""
+        from pipeline.fs import local_path
+
+        folder = local_path(folder)
         paths = [os.path.join(folder, n) for n in ("index.faiss", "ids.parquet", "index.json")]
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:

@@ -144,7 +144,9 @@ def load_any(folder: str):
     index of images (index/regions.py)."""
     from index.faiss_index import VectorIndex
     from index.regions import wrap
+    from pipeline.fs import local_path
 
+    folder = local_path(folder)  # an index on gs:// etc.: downloaded once per process
     record = os.path.join(folder, "index.json")
     if os.path.exists(record) and cfg.load_json(record).get("kind") == "sparse-inverted-file":
         return SparseIndex.load(folder)

@@ -37,7 +37,7 @@ from models.delf import DelfTrainConfig
 from models.detector import DetectorConfig
 from models.finetune import FinetuneConfig
 from pipeline import config as cfg
-from pipeline import fs
+from pipeline import fs, stages
 from pipeline.errors import CairnError
 
 
@@ -336,7 +336,51 @@ def _extract_both(ctx: RunContext, extractor: str, params: dict, folder: str, de
     kw = dict(method=extractor, params=params, decode=ctx.decode, workers=ctx.workers, threads=ctx.threads,
               beam_args=list(ctx.beam_args), force=ctx.force, detect=detect)
     manifests = {"train": ctx.train, "queries": ctx.queries}
-    return {split: extract(manifests[split], fs.join(ctx.work, folder, split), **kw) for split in ctx.splits}
+    records = {}
+    for split in ctx.splits:
+        out = fs.join(ctx.work, folder, split)
+        with stages.stage("extract", out, name=f"extract {extractor}{'+det' if detect else ''}", split=split) as st:
+            records[split] = extract(manifests[split], out, **kw)
+            _beam_stage(st, records[split], split, out)
+    return records
+
+
+def _beam_stage(st: dict, record: dict, split: str, out: str) -> None:
+    """Fill a stage record from a Beam job's record (extract.json, encode.json): per-image work on workers."""
+    counts = record.get("counts", {})
+    st.update(units=int(counts.get("inputs", 0)), images=int(counts.get("outputs", 0)), grows=[[split, None]],
+              parallel=True, cores=int(record.get("workers", 1)) * int(record.get("threads_per_worker", 1)),
+              output_bytes=_tree_bytes(out))
+
+
+def _tree_bytes(folder: str) -> int:
+    """Bytes of the files under a local folder (0 for remote ones: not measured)."""
+    import os
+
+    if fs.has_scheme(folder):
+        return 0
+    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(folder) for n in names)
+
+
+def _train(name: str, out: str, fn, grows: list | None = None, cap=None, units_of=None):
+    """Run a training step (``fn()`` -> its train.json record) as a launcher stage growing with ``grows``. A
+    vocabulary's record splits into its Beam descriptor sampling, k-means (the stage itself, on a capped sample)
+    and the encoder's fit on a subset of images."""
+    with stages.stage("train", out, name=name, grows=grows or [["train", None]], cap=cap) as st:
+        record = fn()
+        st.update(units=int(units_of(record) if units_of else record.get("images", 0) or 0),
+                  images=int(record.get("images", 0) or 0), output_bytes=_tree_bytes(out))
+        parts = record.get("seconds") if isinstance(record.get("seconds"), dict) else None
+        if parts and not st["reused"]:
+            counts = record.get("counts", {})
+            stages.add("sample", fs.join(out, "sample"), parts.get("sample", 0.0), name="descriptor sampling",
+                       units=int(counts.get("images", 0)), images=int(counts.get("images", 0)),
+                       grows=[["train", None]], parallel=True)
+            stages.add("train", fs.join(out, "encoder"), parts.get("encoder", 0.0), name=f"encoder fit, {name}",
+                       units=int(counts.get("subset_images", 0)), grows=[["train", None]])
+            st["minus_seconds"] = float(parts.get("sample", 0.0)) + float(parts.get("encoder", 0.0))
+            st["name"] = f"k-means, {name}"
+    return record
 
 
 def _sift_folder(sift) -> str:
@@ -347,9 +391,14 @@ def _sift_folder(sift) -> str:
 def _encode_both(ctx: RunContext, source: str, encoder: str, folder: str) -> dict:
     from jobs.encode import encode
 
-    return {split: encode(fs.join(source, split), encoder, fs.join(folder, split), workers=ctx.workers,
-                          threads=ctx.threads, beam_args=list(ctx.beam_args), force=ctx.force)
-            for split in ctx.splits}
+    records = {}
+    for split in ctx.splits:
+        out = fs.join(folder, split)
+        with stages.stage("encode", out, name=f"encode ({encoder.rsplit('/', 2)[-2]})", split=split) as st:
+            records[split] = encode(fs.join(source, split), encoder, out, workers=ctx.workers, threads=ctx.threads,
+                                    beam_args=list(ctx.beam_args), force=ctx.force)
+            _beam_stage(st, records[split], split, out)
+    return records
 
 
 def build_base(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
@@ -365,7 +414,8 @@ def build_base(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
         extracted = _extract_both(ctx, "hog", cfg.to_dict(config.hog.hog), "hog")
         vectors, encoded, trained = fs.join(ctx.work, "hog"), None, {"train_seconds": 0.0}
         if config.hog.pca_dim > 0:
-            trained = train("hog", fs.join(vectors, "train"), fs.join(home, "model"), config, force=ctx.force)
+            trained = _train("PCA (hog)", fs.join(home, "model"), lambda: train(
+                "hog", fs.join(vectors, "train"), fs.join(home, "model"), config, force=ctx.force))
             if trained.get("trained", True):  # False: too few images to learn the PCA (logged)
                 encoded = _encode_both(ctx, vectors, fs.join(home, "model", "encoder.npz"), fs.join(home, "pca"))
                 vectors = fs.join(home, "pca")
@@ -374,8 +424,11 @@ def build_base(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
         sift = config.bovw.sift if method == "sift-bovw" else config.vlad.sift
         local = fs.join(ctx.work, _sift_folder(sift))
         extracted = _extract_both(ctx, "sift", cfg.to_dict(sift), _sift_folder(sift))
-        trained = train(method, fs.join(local, "train"), fs.join(home, "model"), config,
-                        workers=max(1, ctx.workers), beam_args=list(ctx.beam_args), force=ctx.force)
+        voc = (config.bovw if method == "sift-bovw" else config.vlad).vocabulary
+        trained = _train(f"vocabulary ({method})", fs.join(home, "model"), lambda: train(
+            method, fs.join(local, "train"), fs.join(home, "model"), config, workers=max(1, ctx.workers),
+            beam_args=list(ctx.beam_args), force=ctx.force), cap=voc.sample_size,
+            units_of=lambda r: r.get("counts", {}).get("descriptors", 0))
         encoded = _encode_both(ctx, local, fs.join(home, "model", "encoder.npz"), fs.join(home, "vectors"))
         vectors = fs.join(home, "vectors")
     indexed = _index(ctx, fs.join(vectors, "train"), fs.join(home, "index"))
@@ -387,7 +440,19 @@ def _index(ctx: RunContext, features: str, out: str) -> dict:
     from index.faiss_index import IndexConfig
     from jobs.index import build_index
 
-    return build_index(features, out, ctx.index or IndexConfig())
+    with stages.stage("index", out, name="index build") as st:
+        record = build_index(features, out, ctx.index or IndexConfig(), beam="auto", beam_args=list(ctx.beam_args),
+                             workers=ctx.workers)
+        st.update(units=record["count"], grows=[["train", None]], output_bytes=record["index_bytes"],
+                  vectors=record["count"], dim=record["dim"], factory=record["factory"])
+        build = cfg.load_json(fs.join(out, "index.json")).get("build", {}) if record["factory"] != \
+            "sparse-inverted-file" else {}
+        if build.get("add_seconds") and not st["reused"]:  # the adds go to Beam workers with a cluster runner
+            stages.add("index", fs.join(out, "add"), build["add_seconds"], name="index adds", units=record["count"],
+                       grows=[["train", None]], parallel=bool(build.get("beam")), cluster_parallel=True)
+            st["minus_seconds"] = float(build["add_seconds"])
+            st["name"] = "index training and merge"
+    return record
 
 
 DEEP = ("cnn", "cnn-untrained", "cnn-pretrained")
@@ -409,7 +474,9 @@ def _deep_model(method: str, config: MethodsConfig, ctx: RunContext) -> tuple[ob
     else:
         mc = config.cnn
         folder = fs.join(ctx.work, "cnn", "model")
-        fine_tuned = train("cnn", ctx.train, folder, config, force=ctx.force, decode=ctx.decode)
+        fine_tuned = _train("fine-tune (cnn)", folder, lambda: train("cnn", ctx.train, folder, config, force=ctx.force,
+                                                                     decode=ctx.decode),
+                            units_of=lambda r: r.get("counts", {}).get("used", 0))
         model = fs.join(folder, "model.keras" if method == "cnn" else "untrained.keras")
         if method == "cnn":
             trained = fine_tuned
@@ -430,7 +497,8 @@ def build_deep(method: str, config: MethodsConfig, ctx: RunContext, detect=None)
     extracted = _extract_both(ctx, "cnn", params, fs.join(method, "embeddings"), detect)
     vectors, encoded = fs.join(ctx.work, method, "embeddings"), None
     if mc.pca_dim > 0:
-        pca = train_pca(method, fs.join(vectors, "train"), fs.join(home, "pca-model"), mc, force=ctx.force)
+        pca = _train(f"PCA ({method})", fs.join(home, "pca-model"), lambda: train_pca(
+            method, fs.join(vectors, "train"), fs.join(home, "pca-model"), mc, force=ctx.force))
         if pca.get("trained", True):  # False: too few images to learn the PCA (logged)
             encoded = _encode_both(ctx, vectors, fs.join(home, "pca-model", "encoder.npz"), fs.join(home, "pca"))
             vectors = fs.join(home, "pca")
@@ -458,7 +526,9 @@ def detector_for(config: MethodsConfig, ctx: RunContext) -> tuple[object, dict]:
                          "database images, to train one), or --set detect.detect.model=PATH (a trained .keras, an "
                          "Object Detection API SavedModel, or activation:WEIGHTS for the training-free fallback)")
     folder = fs.join(ctx.work, "detector")
-    record = train("detector", ctx.train, folder, config, force=ctx.force, decode=ctx.decode, boxes=ctx.boxes)
+    record = _train("detector", folder, lambda: train("detector", ctx.train, folder, config, force=ctx.force,
+                                                      decode=ctx.decode, boxes=ctx.boxes),
+                    cap=config.detect.train.max_images)
     return dataclasses.replace(dc, model=fs.join(folder, "model.keras")), record
 
 
@@ -478,7 +548,9 @@ def build_delf(config: MethodsConfig, ctx: RunContext) -> dict:
     from jobs.train import train
 
     folder = fs.join(ctx.work, "delf", "model")
-    trained = train("delf", ctx.train, folder, config, force=ctx.force, decode=ctx.decode)
+    trained = _train("DELF", folder, lambda: train("delf", ctx.train, folder, config, force=ctx.force,
+                                                   decode=ctx.decode),
+                     units_of=lambda r: r.get("counts", {}).get("used", 0))
     pca = fs.join(folder, "pca.npz") if config.delf.train.pca_dim else ""
     params = cfg.to_dict(config.delf.extraction(fs.join(folder, "model.keras"), pca))
     params = {k: v for k, v in params.items() if k != "device"}
@@ -530,20 +602,43 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     home = fs.join(ctx.work, method)
     classifier, verify, trained = None, None, base["train"]
     if method.endswith("-linear"):
-        trained = train(method, fs.join(base["vectors"], "train"), fs.join(home, "classifier"), config,
-                        force=ctx.force)
+        trained = _train(f"classifier ({method})", fs.join(home, "classifier"), lambda: train(
+            method, fs.join(base["vectors"], "train"), fs.join(home, "classifier"), config, force=ctx.force),
+            grows=[["train", None], ["classes", None]], units_of=lambda r: r.get("images", 0) * r.get("classes", 1))
         classifier = fs.join(home, "classifier", "classifier.npz")
     if method.endswith("+sv") or method == "cnn+delf":
         sv = config.delf.sv if "delf" in method else config.sv
         verify = (fs.join(base["local"], "train"), fs.join(base["local"], "queries"), sv)
-    rec = recognize(base["index"], fs.join(base["vectors"], "queries"), fs.join(home, "recognize"), ctx.vote,
-                    ctx.neighbours, classifier=classifier, verify=verify,
-                    tune_config=None if classifier else ctx.tune, db_features=fs.join(base["vectors"], "train"))
+    with stages.stage("recognize", fs.join(home, "recognize"), name="recognize (vote, I/O)") as st:
+        rec = recognize(base["index"], fs.join(base["vectors"], "queries"), fs.join(home, "recognize"), ctx.vote,
+                        ctx.neighbours, classifier=classifier, verify=verify,
+                        tune_config=None if classifier else ctx.tune, db_features=fs.join(base["vectors"], "train"))
+        _recognize_parts(st, rec, base["indexed"]["count"], home)
     return {"costs": _costs(method, base, trained, rec), "recognize": fs.join(home, "recognize"),
             "dead_letters": {split: r["outputs"]["dead_letters"] for split, r in base["extract"].items()},
             "counts": {split: r["counts"] for split, r in base["extract"].items()}, "index": base["index"],
             "regions": {split: fs.join(base["vectors"], split) for split in base["extract"]}
             if "detector" in base else None}
+
+
+def _recognize_parts(st: dict, rec: dict, database: int, home: str) -> None:
+    """Split a recognition's stage record into its search (queries x database vectors), tuning (held-out
+    database images x database), verification (queries) and the rest (per query)."""
+    queries = int(rec["counts"]["queries"])
+    st.update(units=queries, grows=[["queries", None]])
+    tuning = rec.get("tuning") or {}
+    parts = [("search", "search", rec.get("search_seconds", 0.0), queries * database,  # on workers in a cluster
+              [["queries", None], ["train", None]]),
+             ("verify", "spatial verification", rec.get("verify_seconds", 0.0), queries, [["queries", None]])]
+    if tuning.get("seconds"):
+        held_out = int(tuning.get("queries", 0) or 0)
+        parts.append(("tune", "vote tuning", tuning["seconds"], held_out * database,
+                      [["train", None], ["classes", 2000]]))
+    for kind, name, seconds, units, grows in parts:
+        if seconds:
+            stages.add(kind, fs.join(home, "recognize", kind), seconds, name=name, units=units, grows=grows,
+                       cluster_parallel=kind == "search")
+            st["minus_seconds"] = st.get("minus_seconds", 0.0) + float(seconds)
 
 
 def _costs(method: str, base: dict, trained: dict, rec: dict) -> dict:

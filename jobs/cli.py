@@ -17,6 +17,7 @@ COMMANDS = {
     "report": ("jobs.report", "rebuild a compare run's metrics.json, per_class.csv and report.html from its outputs"),
     "compare": ("jobs.compare", "run and score several methods on the same train and query manifests"),
     "demo": ("jobs.demo", "synth + compare on the built-in synthetic data"),
+    "plan": ("jobs.plan", "project a run's time, storage and index memory from samples measured on this machine"),
 }
 
 
@@ -50,12 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose="--verbose" in argv)
     argv = [a for a in argv[1:] if a != "--verbose"]
     from pipeline.errors import CairnError
+    from pipeline.options import DryRun
 
     try:
         importlib.import_module(COMMANDS[name][0]).run(argv)
     except CairnError as e:
         print(f"cairn {name}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except DryRun as e:
+        print(f"cairn {name}: {e}")
+        return 0
     except OSError as e:
         if e.filename is None:  # not about a path the user gave: a bug, shown with its traceback
             raise

@@ -33,7 +33,7 @@ from jobs.recognize import add_vote_args, vote_args
 from jobs.report import add_report_args, report_config, summary_table, write_metrics
 from jobs.train import add_set_arg
 from pipeline import config as cfg
-from pipeline import fs
+from pipeline import fs, stages
 from pipeline.errors import CairnError, read_dead_letters
 from pipeline.images import DecodeConfig
 from pipeline.manifest import manifest_fingerprint, read_manifest
@@ -107,7 +107,9 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
     w.writerows(dead_rows)
     fs.write_text(fs.join(out, "dead_letters.csv"), buf.getvalue())
     cfg.save_json(fs.join(out, "accounting.json"), accounting)
-    return write_metrics(out, report, strict=False)
+    with stages.stage("report", fs.join(out, "report.html"), name="metrics and report") as st:
+        st.update(units=len(query_ids) * len(names), grows=[["queries", None]])
+        return write_metrics(out, report, strict=False)
 
 
 def complete_submission(source: str, query_ids: list[str], target: str) -> None:

@@ -21,10 +21,16 @@ import apache_beam as beam
 from jobs import common
 from jobs.extract import FEATURE_PREFIX, features_prefix
 from pipeline import config as cfg
-from pipeline import fs
+from pipeline import fs, stages
 from pipeline.encoding import ENCODERS, SUBSET, EncodeBatches, SampleDescriptors, load_encoder
 from pipeline.errors import CairnError
-from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
+from pipeline.options import (
+    default_threads_per_worker,
+    make_pipeline,
+    pipeline_options,
+    run_and_wait,
+    runner_name,
+)
 from pipeline.parquet_io import SHARD_TEMPLATE, count_rows, find_shards, read_shards, shard_pattern
 from pipeline.schemas import cairn_metadata, global_features_schema, same_features, sparse_features_schema
 from pipeline.transforms import Rebatch
@@ -92,7 +98,7 @@ def sample_descriptors(local_dir: str, out: str, sample_size: int, subset_size: 
     _ = parts[SUBSET] | "RebatchSubset" >> Rebatch() | "WriteSubset" >> beam.io.WriteToParquetBatched(
         fs.join(out, "subset"), local_schema, num_shards=max(1, math.ceil(min(images, subset_size) / 20_000)),
         shard_name_template=SHARD_TEMPLATE, file_name_suffix=".parquet")
-    p.run().wait_until_finish()
+    run_and_wait(p)
     return {"images": images, "per_image": per_image, "subset_fraction": fraction,
             "descriptors": count_rows(fs.join(out, "sample")) if fs.glob(shard_pattern(fs.join(out, "sample"))) else 0,
             "subset_images": count_rows(fs.join(out, "subset")) if fs.glob(shard_pattern(fs.join(out, "subset")))
@@ -161,6 +167,7 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     out_prefix = features_prefix(out, out_kind)
     if not force and cfg.check_reusable(record_path, config) and _complete(out_prefix, record_path):
         log.info("encode: reusing %s (same features and encoder; --force recomputes)", out)
+        stages.mark_reused()
         return cfg.load_json(record_path)
     workers = common.resolve_workers(workers, images)
     threads = threads or default_threads_per_worker(workers)
@@ -182,7 +189,7 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
          | "Write" >> beam.io.WriteToParquetBatched(out_prefix, schema, num_shards=max(1, len(find_shards(in_prefix))),
                                                     shard_name_template=SHARD_TEMPLATE, file_name_suffix=".parquet",
                                                     codec="zstd"))
-    p.run().wait_until_finish()
+    run_and_wait(p)
     seconds = time.perf_counter() - started
     written = count_rows(out_prefix) if fs.glob(shard_pattern(out_prefix)) else 0
     if written != images:

@@ -32,7 +32,7 @@ import apache_beam as beam
 from features.registry import EXTRACTORS, make_extractor
 from jobs import common, methods
 from pipeline import config as cfg
-from pipeline import fs
+from pipeline import fs, stages
 from pipeline.errors import CairnError, read_dead_letters
 from pipeline.images import DecodeConfig
 from pipeline.inference import (
@@ -43,7 +43,13 @@ from pipeline.inference import (
     LocalModelHandler,
 )
 from pipeline.manifest import manifest_fingerprint, read_manifest
-from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
+from pipeline.options import (
+    default_threads_per_worker,
+    make_pipeline,
+    pipeline_options,
+    run_and_wait,
+    runner_name,
+)
 from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
 from pipeline.schemas import global_features_schema
 from pipeline.transforms import DEAD, DecodeAndExtract, Rebatch, WriteDeadLetters
@@ -127,6 +133,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config) and _complete(paths):
         record = cfg.load_json(paths["record"])
         log.info("extract: reusing %s (same config and manifest; --force recomputes)", out)
+        stages.mark_reused()
         return record
     num_shards = min(num_shards or math.ceil(len(manifest) / ROWS_PER_SHARD), max(1, len(manifest)))
     workers = common.resolve_workers(workers, len(manifest))
@@ -181,8 +188,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     manifest_dead = p | "ManifestDeadLetters" >> beam.Create(manifest.dead_letters)
     _ = (dead, manifest_dead) | "AllDead" >> beam.Flatten() | "WriteDead" >> WriteDeadLetters(
         paths["dead_letters"])
-    result = p.run()
-    result.wait_until_finish()
+    run_and_wait(p)
     seconds = time.perf_counter() - started
 
     counts = reconcile(manifest.total_rows, paths, regional=detected is not None)

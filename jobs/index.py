@@ -55,20 +55,36 @@ def feature_parts(prefix: str):
     return [load(p) for p in paths], counts, int(dim), metas[0]
 
 
-def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), progress: bool = False) -> dict:
-    """Build and save the index; returns {count, dim, seconds, index_bytes, factory}."""
+def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), progress: bool = False,
+                beam: str = "off", beam_args: list[str] | None = None, workers: int = 0, test_pipeline=None) -> dict:
+    """Build and save the index; returns {count, dim, seconds, index_bytes, factory}.
+
+    ``beam``: "on" adds the vectors on Beam workers (pipeline/index_build.py), "off" here, "auto" on workers
+    when ``beam_args`` name a cluster runner."""
     from jobs.encode import features_kind
 
     kind = features_kind(features)
     if kind == "local":
         raise CairnError(f"{features} holds local features; encode them into one vector per image first "
                          "(`cairn train` + `cairn encode`)")
+    if fs.has_scheme(out):  # FAISS writes local files: build in a local folder, then copy it to the filesystem
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="cairn-index-") as local:
+            record = build_index(features, local, config, progress, beam, beam_args, workers, test_pipeline)
+            fs.upload_folder(local, out)
+        log.info("index: copied to %s (workers load it once per process)", out)
+        return record
     if kind == "sparse":
         return _build_sparse(features, out)
-    if fs.has_scheme(out):
-        raise CairnError(f"--out {out}: FAISS indices are written to a local folder (copy it to {out} after)")
     parts, counts, dim, meta = feature_parts(fs.join(features, "features"))
-    index = VectorIndex.build_parts(parts, counts, dim, config, meta, folder=out, progress=progress)
+    if _on_workers(beam, beam_args):
+        from pipeline.index_build import build_on_workers
+
+        index = build_on_workers(find_shards(fs.join(features, "features")), counts, parts, dim, config, meta, out,
+                                 beam_args, workers, test_pipeline, progress)
+    else:
+        index = VectorIndex.build_parts(parts, counts, dim, config, meta, folder=out, progress=progress)
     index.build_info["source"] = fs.absolute(features)  # the features it was built from (recognition tuning)
     index.save(out)
     size = sum(os.path.getsize(os.path.join(out, n)) for n in ("index.faiss", "index.ivfdata")
@@ -79,6 +95,16 @@ def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), pr
     return {"count": index.ntotal, "dim": index.dim, "seconds": seconds, "index_bytes": size,
             "factory": index.factory, "search_params": index.search_params,
             "nonlandmarks": 0 if index.nonlandmarks is None else index.nonlandmarks.ntotal}
+
+
+def _on_workers(beam: str, beam_args: list[str] | None) -> bool:
+    if beam not in ("auto", "on", "off"):
+        raise CairnError(f"--beam {beam!r}: use auto, on or off")
+    if beam != "auto":
+        return beam == "on"
+    from pipeline.options import LOCAL_RUNNERS, pipeline_options, runner_name
+
+    return runner_name(pipeline_options(list(beam_args or []))) not in LOCAL_RUNNERS
 
 
 def _build_sparse(features: str, out: str) -> dict:
@@ -140,18 +166,24 @@ def index_config(args) -> IndexConfig:
 
 
 def build_parser():
-    p = common.parser("cairn index", __doc__)
+    p = common.parser("cairn index", __doc__, beam=True)
     p.add_argument("--features", required=True, help="folder written by `cairn extract` for the database images")
-    p.add_argument("--out", required=True, help="index folder to write")
+    p.add_argument("--out", required=True, help="index folder to write (local, or gs:// etc.: built in a local "
+                   "temporary folder, then copied)")
+    p.add_argument("--beam", default="auto", choices=["auto", "on", "off"],
+                   help="add the vectors on Beam workers, one feature shard each, and merge here (on); all here "
+                        "(off); auto (default): on workers with a cluster runner (--runner=DataflowRunner ...)")
     add_index_args(p)
+    common.add_worker_args(p)
     return p
 
 
 def run(argv=None, test_pipeline=None) -> dict:
     import sys
 
-    args, _ = common.parse(build_parser(), argv)
-    record = build_index(args.features, args.out, index_config(args), progress=sys.stderr.isatty())
+    args, beam_args = common.parse_beam_job(build_parser(), argv)
+    record = build_index(args.features, args.out, index_config(args), progress=sys.stderr.isatty(), beam=args.beam,
+                         beam_args=beam_args, workers=args.workers, test_pipeline=test_pipeline)
     print(f"index: {record['count']:,} vectors of dim {record['dim']} as {record['factory']} "
           f"({record['index_bytes'] / 1e6:.1f} MB, {record['seconds']:.1f} s) in {args.out}")
     return record

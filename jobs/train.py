@@ -45,7 +45,7 @@ from jobs.encode import (
 )
 from jobs.extract import features_prefix
 from pipeline import config as cfg
-from pipeline import fs
+from pipeline import fs, stages
 from pipeline.errors import CairnError
 from pipeline.images import DecodeConfig
 from pipeline.parquet_io import read_shards
@@ -95,6 +95,7 @@ def _reusable(out: str, requested: dict, artefact: str, force: bool) -> dict | N
         record = cfg.load_json(path)
         if record.get("artefact_sha256") == cfg.file_fingerprint(target):
             log.info("train: reusing %s (same config and features; --force retrains)", out)
+            stages.mark_reused()
             return record
     if fs.exists(path):
         fs.delete([path])

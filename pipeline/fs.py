@@ -67,10 +67,19 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def copy_file(source: str, target: str) -> None:
     """Copy a file, streamed; a local target appears complete or not at all (temporary name, then rename)."""
-    if has_scheme(source) or has_scheme(target):
-        FileSystems.copy([source], [target])
-        return
     import shutil
+
+    if has_scheme(target):
+        if has_scheme(source) and source.split("://")[0] == target.split("://")[0]:
+            FileSystems.copy([source], [target])
+            return
+        with FileSystems.open(source, compression_type="uncompressed") as src, FileSystems.create(target) as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        return
+    if has_scheme(source):
+        with _atomic_local(target) as f, FileSystems.open(source, compression_type="uncompressed") as src:
+            shutil.copyfileobj(src, f, 1 << 22)
+        return
 
     with _atomic_local(target) as f, open(source, "rb") as src:
         shutil.copyfileobj(src, f)
@@ -168,3 +177,64 @@ def delete_temp_folders(folder: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.remove(path)
+
+
+_LOCAL_COPIES: dict[str, str] = {}
+_LOCAL_LOCK = __import__("threading").Lock()
+
+
+def local_path(path: str) -> str:
+    """A local path holding ``path``: the path itself when local; for a file or folder on a Beam filesystem
+    (gs://, s3://, hdfs://), a copy downloaded once per process into the temporary folder (what a worker does
+    with the models and indices a job names: TensorFlow, TFLite and FAISS read local files). Concurrent
+    callers in one process share one download."""
+    if not has_scheme(path):
+        return path
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    base = path.rstrip("/")
+    with _LOCAL_LOCK:
+        if base in _LOCAL_COPIES:
+            return _LOCAL_COPIES[base]
+        name = posixpath.basename(base) or "model"
+        if _is_file(base):
+            files = [(base, name)]
+        else:
+            files = [(f, posixpath.join(name, f[len(base) + 1:])) for f in glob(join(escape(base), "**"))]
+        if not files:
+            from pipeline.errors import CairnError
+
+            raise CairnError(f"{path}: no such file or folder")
+        root = os.path.join(tempfile.gettempdir(), "cairn-models", hashlib.sha1(base.encode()).hexdigest()[:16])
+        staging = f"{root}.part-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        for source, relative in files:
+            copy_file(source, os.path.join(staging, *relative.split("/")))
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(staging, root)
+        _LOCAL_COPIES[base] = os.path.join(root, name)
+        return _LOCAL_COPIES[base]
+
+
+def _is_file(path: str) -> bool:
+    """Whether ``path`` on a Beam filesystem is one file (not a folder prefix)."""
+    matched = FileSystems.match([path])[0].metadata_list
+    return len(matched) == 1 and matched[0].path.rstrip("/") == path.rstrip("/")
+
+
+def upload_folder(local: str, target: str) -> list[str]:
+    """Copy every file under the local folder ``local`` to ``target`` (any Beam filesystem); returns the
+    target paths. Files are written under temporary names first on local targets (write_bytes/copy_file)."""
+    import os
+
+    written = []
+    for root, _, names in os.walk(local):
+        for name in sorted(names):
+            source = os.path.join(root, name)
+            dest = join(target, *os.path.relpath(source, local).split(os.sep))
+            copy_file(source, dest)
+            written.append(dest)
+    return written

@@ -33,12 +33,43 @@ def pipeline_options(beam_args: list[str], workers: int = 1) -> PipelineOptions:
                     '"apache_beam.options.pipeline_options": "ERROR"}')
     options = PipelineOptions(args)
     runner = options.view_as(StandardOptions).runner or DEFAULT_RUNNER
+    if runner not in LOCAL_RUNNERS:
+        package_for_workers(options)
     if runner in LOCAL_RUNNERS:
         direct = options.view_as(DirectOptions)
         if workers > 1 and not any(a.startswith("--direct_num_workers") for a in args):
             direct.direct_num_workers = workers
             direct.direct_running_mode = "multi_processing"
     return options
+
+
+PACKAGING_FLAGS = ("setup_file", "extra_packages", "sdk_container_image")
+SETUP_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+
+
+def package_for_workers(options: PipelineOptions) -> None:
+    """Make sure a cluster's workers get Cairn: unless the user packaged it (``--setup_file``,
+    ``--extra_package`` (a wheel) or ``--sdk_container_image`` (an image with Cairn installed)), Cairn's own
+    setup.py is staged (``--setup_file``): each worker builds and installs Cairn with its dependencies.
+
+    LOOPBACK workers run in this process and need nothing. An installed Cairn without its source tree has no
+    setup.py to stage: then the user must say how workers get it."""
+    from apache_beam.options.pipeline_options import PortableOptions, SetupOptions, WorkerOptions
+
+    given = options.get_all_options(drop_default=True)
+    if any(given.get(flag) for flag in PACKAGING_FLAGS):
+        return
+    if (options.view_as(PortableOptions).environment_type or "").upper() == "LOOPBACK":
+        return
+    if options.view_as(WorkerOptions).sdk_container_image:
+        return
+    if not os.path.isfile(SETUP_FILE):
+        from pipeline.errors import CairnError
+
+        raise CairnError("the workers need Cairn: build a wheel (`pip wheel --no-deps -w dist .` in Cairn's source "
+                         "tree) and pass --extra_package=dist/cairn-0.1.0-py3-none-any.whl, or "
+                         "--sdk_container_image=IMAGE with Cairn installed, or --setup_file=PATH/setup.py")
+    options.view_as(SetupOptions).setup_file = SETUP_FILE
 
 
 def runner_name(options: PipelineOptions) -> str:
@@ -71,3 +102,20 @@ def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
     return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=info), options=options)
+
+
+class DryRun(Exception):  # noqa: N818 - not an error: the job stops after a successful dry run
+    """Raised after a runner's dry run (``--dry_run=true`` on DataflowRunner): the pipeline was built, translated
+    and validated but not run, so there are no outputs to read back."""
+
+
+def run_and_wait(p: beam.Pipeline):
+    """Run ``p`` to the end; returns its result. After a dry run raises :class:`DryRun`."""
+    from apache_beam.options.pipeline_options import TestOptions
+
+    result = p.run()
+    if p.options.view_as(TestOptions).dry_run:
+        raise DryRun(f"dry run: the pipeline was built and validated for --runner={runner_name(p.options)} and not "
+                     "submitted; drop --dry_run to run it")
+    result.wait_until_finish()
+    return result

@@ -143,7 +143,13 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
     from jobs.encode import features_kind
     from jobs.extract import features_prefix
     from jobs.recognize import NEIGHBOURS_SCHEMA
-    from pipeline.options import default_threads_per_worker, make_pipeline, pipeline_options, runner_name
+    from pipeline.options import (
+        default_threads_per_worker,
+        make_pipeline,
+        pipeline_options,
+        run_and_wait,
+        runner_name,
+    )
     from pipeline.parquet_io import SHARD_TEMPLATE, count_rows, find_shards, shard_pattern
 
     kind = features_kind(features)
@@ -182,8 +188,7 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
     _ = results.neighbours | "WriteNeighbours" >> beam.io.WriteToParquetBatched(
         fs.join(out, "neighbours"), NEIGHBOURS_SCHEMA, num_shards=max(1, len(find_shards(prefix))),
         shard_name_template=SHARD_TEMPLATE, file_name_suffix=".parquet", codec="zstd")
-    result = p.run()
-    result.wait_until_finish()
+    run_and_wait(p)
     seconds = time.perf_counter() - started
     lines = fs.read_text(fs.join(out, listing)).splitlines()[1:]
     predicted = sum(1 for line in lines if line.rsplit(",", 1)[-1].strip()) if predict else 0

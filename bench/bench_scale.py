@@ -1,0 +1,232 @@
+"""`make bench-scale`: a synthetic corpus of 20,000 images through every method, stage by stage, and what
+`cairn plan` projected for it.
+
+Steps (each reused when its output is there; ``--fresh`` redoes them):
+1. ``cairn synth`` a set of 16,800 database images over 800 classes (800 of them without a landmark) and
+   3,200 queries (half without one): 20,000 images.
+2. ``measure``: `cairn compare` over every method with the settings below, its stages recorded
+   (pipeline/stages.py): seconds, images/s per core, peak memory, bytes written. Written to
+   OUT/scale-run.json.
+3. ``plan``: `cairn plan` on the same manifests, measured on its own small samples, projecting this run on
+   this machine (1 worker) and a million images over 13,000 classes on 1, 10 and 100 workers. Written to
+   OUT/plan-20k.json and OUT/plan-1m.json.
+4. The BENCHMARKS.md section "scale" from the three (bench/run.py writes the page).
+
+The deep methods use small inputs and one epoch (SETTINGS) so that the run takes about an hour and a half
+on two cores; the figures say per-stage throughput with those settings, not with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import time
+
+from bench.common import ROOT
+
+log = logging.getLogger("bench.scale")
+
+NAME = "scale"
+TITLE = "Scale: 20,000 synthetic images through every method, and cairn plan's projections"
+DESCRIPTION = __doc__.split("\n", 2)[2].strip()
+
+PRETRAINED = os.path.join(os.path.dirname(ROOT), "shared", "weights",
+                          "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite")
+SYNTH = ["--classes", "800", "--views", "20", "--tail", "0", "--queries-per-class", "2",
+         "--non-landmark-queries", "1600", "--non-landmark-train", "800"]
+SETTINGS = ["cnn.finetune.input_size=96", "cnn.finetune.epochs=1", "cnn.finetune.head_epochs=1",
+            "delf.train.input_size=96", "delf.train.epochs=1", "delf.train.attention_epochs=1", "delf.max_side=160",
+            "delf.max_features=200", "detect.train.input_size=96", "detect.train.epochs=1"]
+
+
+def compare_args(data: str, out: str, pretrained: str = PRETRAINED) -> list[str]:
+    """The `cairn compare` arguments of the measured run (and of its `cairn plan`)."""
+    from jobs.demo import demo_config  # noqa: F401  (the same deep-model settings as the demo)
+
+    deep = ["cnn.finetune.backbone.name=mobilenet", "delf.train.backbone.name=mobilenet",
+            "detect.train.backbone.name=mobilenet"]
+    if os.path.isfile(pretrained):
+        p = os.path.abspath(pretrained)
+        deep += [f"cnn.finetune.backbone.weights={p}", f"cnn_pretrained.model={p}",
+                 f"delf.train.backbone.weights={p}", f"detect.train.backbone.weights={p}"]
+    else:
+        deep += ["cnn.finetune.backbone.weights=none", "delf.train.backbone.weights=none",
+                 "detect.train.backbone.weights=none"]
+    sets = [a for s in deep + SETTINGS for a in ("--set", s)]
+    return ["--train", os.path.join(data, "train.csv"), "--queries", os.path.join(data, "queries.csv"),
+            "--boxes", os.path.join(data, "boxes.csv"), "--out", out, *sets, "--runner=DirectRunner"]
+
+
+def measure(data: str, out: str) -> dict:
+    """Run the comparison with its stages recorded; returns (and writes OUT/scale-run.json) the record."""
+    from jobs import compare
+    from jobs.plan import quantities
+    from pipeline import stages
+
+    argv = compare_args(data, os.path.join(out, "run"))
+    started = time.perf_counter()
+    with stages.recording() as ledger:
+        compare.run(argv + ["--force"])
+    seconds = time.perf_counter() - started
+    work = os.path.join(out, "run")
+    for r in ledger:
+        r["key"] = r["key"].replace(work, "RUN")
+    record = {"argv": argv, "seconds": round(seconds, 1), "stages": ledger,
+              "quantities": quantities(os.path.join(data, "train.csv"), os.path.join(data, "queries.csv")),
+              "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "worker_peak_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+              "cpu_count": os.cpu_count()}
+    with open(os.path.join(out, "scale-run.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def plan(data: str, out: str, target: str = "", workers: str = "1") -> dict:
+    """`cairn plan` for the measured run's command line (its samples reused when already measured)."""
+    from jobs import plan as planner
+
+    argv = [a for a in compare_args(data, os.path.join(out, "plan")) if a != "--runner=DirectRunner"]
+    argv += ["--workers", workers, "--reuse", "--runner=DirectRunner"] + (["--target", target] if target else [])
+    return planner.run(argv)
+
+
+KINDS = ("extract", "train", "encode", "index", "search", "tune", "verify", "recognize", "report", "other")
+
+
+def _by_kind(rows: list[dict], key: str = "seconds") -> dict:
+    """Seconds per kind of stage; the descriptor sampling counts as training (it is part of a vocabulary's)."""
+    totals = dict.fromkeys(KINDS, 0.0)
+    for r in rows:
+        kind = "train" if r["kind"] == "sample" else r["kind"]
+        totals[kind if kind in totals else "other"] += float(r.get(key, 0.0))
+    return totals
+
+
+def entries_of(measured: dict, projected: dict, million: dict) -> list[dict]:
+    """The BENCHMARKS.md figures from the measured run and the two plans."""
+    from bench.common import entry
+
+    q = measured["quantities"]
+    cores = measured["cpu_count"]
+    group = (f"Measured: {q['train'] + q['queries']:,} synthetic images ({q['train']:,} database over {q['classes']} "
+             f"classes, {q['queries']:,} queries), every method, DirectRunner on this machine ({cores} cores)")
+    out = []
+    stage_rows = measured["stages"]
+    reference = next((f"{r['name']} {r.get('split', '')} [{_method(r)}]".strip() for r in stage_rows
+                      if r["kind"] == "extract" and r["name"] == "extract hog" and r.get("split") == "train"), None)
+    for r in stage_rows:
+        if r["kind"] not in ("extract", "encode", "train", "index"):
+            continue
+        images = r.get("images") or r.get("units") or 0
+        if r["kind"] in ("train", "index"):
+            images = r.get("images") or (r.get("vectors") or 0)
+        per_core = images / r["seconds"] / max(1, r.get("cores", cores)) if r["seconds"] else None
+        name = f"{r['name']} {r.get('split', '')} [{_method(r)}]".replace("  ", " ")
+        note = (f"{r['seconds']:.1f} s on {r.get('cores', cores)} cores ({'Beam workers' if r['parallel'] else 'launcher'}); "
+                f"peak {r.get('peak_bytes', 0) / 1e6:,.0f} MB"
+                + (f", largest worker {r['worker_peak_bytes'] / 1e6:,.0f} MB" if r.get("worker_peak_bytes") else "")
+                + f"; wrote {r.get('output_bytes', 0) / 1e6:,.1f} MB")
+        out.append(entry(group, name, per_core, "images/s/core", reference if name != reference else None,
+                         note=note, seconds=r["seconds"], peak_bytes=r.get("peak_bytes"),
+                         output_bytes=r.get("output_bytes"), units=r.get("units")))
+    kinds = _by_kind(stage_rows)
+    for kind, seconds in kinds.items():
+        if seconds:
+            out.append(entry(group, f"all {kind} stages", round(seconds, 1), "s", better="lower"))
+    out.append(entry(group, "whole run", measured["seconds"], "s", better="lower",
+                     note=f"peak memory: launcher {measured['peak_bytes'] / 1e9:.2f} GB, largest worker process "
+                          f"{measured['worker_peak_bytes'] / 1e9:.2f} GB"))
+    out.append(entry(group, "bytes written (features, models, indices)",
+                     sum(r.get("output_bytes", 0) for r in stage_rows), "bytes"))
+
+    pgroup = ("cairn plan's projection of the same run on this machine (1 worker), measured on samples of 400 and 200 "
+              "database images; ratio = projected / measured")
+    mine = projected["plans"][0]
+    out.append(entry(pgroup, "measured whole run", measured["seconds"], "s", better=""))
+    out.append(entry(pgroup, "projected whole run", round(mine["total_seconds"], 1), "s", "measured whole run",
+                     better="", note=f"error {100 * (mine['total_seconds'] / measured['seconds'] - 1):+.1f}%"))
+    projected_kinds = _by_kind(mine["stages"])
+    for kind, seconds in kinds.items():
+        if seconds >= 1:
+            out.append(entry(pgroup, f"measured {kind}", round(seconds, 1), "s", better=""))
+            out.append(entry(pgroup, f"projected {kind}", round(projected_kinds[kind], 1), "s", f"measured {kind}",
+                             better=""))
+    run_bytes = sum(r.get("output_bytes", 0) for r in stage_rows)
+    out.append(entry(pgroup, "measured storage", run_bytes, "bytes", better=""))
+    out.append(entry(pgroup, "projected storage", mine["storage_bytes"], "bytes", "measured storage", better=""))
+
+    t = million["plans"][0]["target"]
+    mgroup = (f"cairn plan's projection for {t['train']:,} database images over {t['classes']:,} classes and "
+              f"{t['queries']:,} queries (same methods and settings; 2-core workers like this machine)")
+    first = None
+    for res in million["plans"]:
+        name = f"{res['workers']} worker{'s' if res['workers'] > 1 else ''}: whole run"
+        first = first or name
+        out.append(entry(mgroup, name, round(res["total_seconds"] / 3600, 2), "h",
+                         None if name == first else first, better="lower",
+                         note="; ".join(f"{k} {v / 3600:.1f} h" for k, v in _by_kind(res["stages"]).items() if v > 36)))
+    res = million["plans"][0]
+    out.append(entry(mgroup, "storage (features, models, indices)", res["storage_bytes"], "bytes"))
+    cpu = sum(i["cpu_bytes"] for i in res["indices"])
+    gpu = sum(i["gpu_bytes"] for i in res["indices"])
+    out.append(entry(mgroup, "index memory, CPU (all indices)", cpu, "bytes",
+                     note="; ".join(f"{_method({'key': i['key']})}: {i['factory']}" for i in res["indices"])))
+    out.append(entry(mgroup, "index memory, GPU (all indices)", gpu, "bytes", "index memory, CPU (all indices)",
+                     better="lower"))
+    return out
+
+
+def _method(record: dict) -> str:
+    parts = record["key"].split("/")
+    return parts[2] if len(parts) > 3 and parts[1] == "work" else parts[-1]
+
+
+def run(workdir: str, quick: bool) -> list[dict]:
+    """bench/run.py's entry point: synth (reused), measure (reused when OUT/scale-run.json is there), plan."""
+    data = os.path.join(workdir, "data")
+    if not os.path.exists(os.path.join(data, "train.csv")):
+        from jobs import synth
+
+        sizes = ["--classes", "12", "--views", "6"] if quick else SYNTH
+        synth.run([data, *sizes, "--no-progress"])
+    record_path = os.path.join(workdir, "scale-run.json")
+    if os.path.exists(record_path):
+        with open(record_path, encoding="utf-8") as f:
+            measured = json.load(f)
+        log.info("scale: reusing the measured run in %s (delete it to measure again)", record_path)
+    else:
+        measured = measure(data, workdir)
+    projected = plan(data, workdir)
+    million = plan(data, workdir, target=MILLION, workers="1,10,100")
+    return entries_of(measured, projected, million)
+
+
+MILLION = "train=1000000,classes=13000,queries=120000"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("step", choices=["synth", "measure", "plan"])
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "scale"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data = os.path.join(args.out, "data")
+    if args.step == "synth":
+        from jobs import synth
+
+        synth.run([data, *SYNTH, "--no-progress"])
+    elif args.step == "measure":
+        measure(data, args.out)
+    else:
+        plan(data, args.out)
+        plan(data, args.out, target=MILLION, workers="1,10,100")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

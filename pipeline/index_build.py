@@ -1,0 +1,245 @@
+"""The FAISS index build as a Beam job, for databases whose adds are too slow for one machine.
+
+1. On the launching machine: choose the factory, train the empty index on a seeded sample drawn across the
+   feature shards (index/build.py), and save it (OUT/trained.faiss, and a copy in the staging folder the
+   workers read).
+2. On the workers: one element per feature shard. Each worker process loads the trained index once
+   (``apache_beam.utils.shared.Shared``), reads its shard's vectors, adds them with their global ids (the shard's
+   first row in the database, counted up front from the Parquet footers) and writes the filled copy to the
+   staging folder.
+3. On the launching machine: the filled shards are merged in id order (in memory, or with the inverted lists in
+   one on-disk file for IVF indices above the memory budget), the id table is read from the features' id and
+   landmark_id columns, and the folder is saved as `cairn index` saves it.
+
+The staging folder is OUT/shards on DirectRunner; a cluster's workers cannot write to the launching machine, so
+there it is a folder under the pipeline's --temp_location. Index kinds whose filled copies cannot be merged
+(HNSW graphs, fast-scan IVF lists) are refused; the auto factory takes the plain IVF-PQ choice instead of the
+fast-scan one for a Beam build.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.utils import shared
+
+from pipeline import fs
+from pipeline.errors import CairnError
+
+log = logging.getLogger(__name__)
+
+
+class _Trained:
+    """A weak-referenceable holder of the trained, empty index (what Shared keeps per worker process)."""
+
+    def __init__(self, index):
+        self.index = index
+
+
+class AddShard(beam.DoFn):
+    """(shard number, features path, first global id, rows) -> the filled copy of the trained index, written to
+    the staging folder; yields (shard number, rows added, path)."""
+
+    def __init__(self, trained_path: str, staging: str, shards: int, handle: shared.Shared, threads: int = 0,
+                 use_gpu: bool = False, gpu_float16: bool = True):
+        self.trained_path = trained_path
+        self.staging = staging
+        self.shards = shards
+        self.handle = handle
+        self.threads = threads
+        self.use_gpu = use_gpu
+        self.gpu_float16 = gpu_float16
+        self.trained = None
+
+    def setup(self):
+        import faiss
+
+        from pipeline.resources import limit_threads
+
+        if self.threads:
+            limit_threads(self.threads)
+        path = self.trained_path
+
+        def load():
+            return _Trained(faiss.deserialize_index(np.frombuffer(fs.read_bytes(path), dtype=np.uint8)))
+
+        self.trained = self.handle.acquire(load)
+
+    def process(self, element):
+        import faiss
+        import pyarrow.parquet as pq
+
+        from index import build as B
+        from pipeline.schemas import vectors_of
+
+        number, path, first_id, rows = element
+        if self.threads:
+            faiss.omp_set_num_threads(self.threads)
+        with fs.FileSystems.open(path) as f:
+            xb = vectors_of(pq.read_table(f, columns=["vector"]))
+        if len(xb) != rows:
+            raise CairnError(f"{path} holds {len(xb)} vectors where {rows} were counted; the features changed "
+                             "during the build, rerun it")
+        ids = np.arange(first_id, first_id + rows, dtype=np.int64)
+        filled = B.add_shard(self.trained.index, xb, ids, self.use_gpu, self.gpu_float16)
+        target = shard_path(self.staging, number, self.shards)
+        fs.write_bytes(target, faiss.serialize_index(filled).tobytes())
+        yield number, rows, target
+
+
+def shard_path(staging: str, number: int, shards: int) -> str:
+    return fs.join(staging, f"shard-{number:05d}-of-{shards:05d}.faiss")
+
+
+def staging_folder(out: str, options) -> str:
+    """Where the workers write their filled shards: OUT/shards locally, under --temp_location on a cluster."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    from pipeline.options import LOCAL_RUNNERS, runner_name
+
+    if runner_name(options) in LOCAL_RUNNERS:
+        return os.path.join(out, "shards")
+    temp = options.view_as(GoogleCloudOptions).temp_location
+    if not temp:
+        raise CairnError(f"--runner={runner_name(options)}: the index build's workers write their shards under "
+                         "--temp_location; give one on a filesystem they share (gs://, s3://, hdfs://)")
+    return fs.join(temp, f"cairn-index-{uuid.uuid4().hex[:12]}")
+
+
+def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int, config, meta: dict, out: str,
+                     beam_args: list[str] | None = None, workers: int = 0, test_pipeline=None, progress: bool = False):
+    """Build the index of the feature shards ``paths`` (rows ``counts``, loaders ``parts``) with the adds on
+    Beam workers; returns the VectorIndex (saved by the caller)."""
+    import dataclasses
+
+    import faiss
+    import pyarrow.parquet as pq
+
+    from index import build as B
+    from index.faiss_index import VectorIndex, _decide_on_disk, _gather, _write_index, invalidate
+    from jobs import common
+    from pipeline.options import (
+        default_threads_per_worker,
+        make_pipeline,
+        pipeline_options,
+        run_and_wait,
+        runner_name,
+    )
+    from pipeline.schemas import labels_of
+
+    n = int(sum(counts))
+    if n == 0:
+        raise CairnError("there are no vectors to index; check the features folder")
+    started = time.perf_counter()
+    budget = config.memory_budget or B.available_memory() // 2
+    if config.factory == "auto":
+        factory, search = B.choose_factory(n, dim, budget)
+        if not B.mergeable(B.new_index(factory, dim, config.metric)):
+            factory, search = f"IVF{B.nlist_for(n)},PQ{B._largest_divisor(dim, max(1, dim // 8))}", "nprobe=64"
+            log.info("index: the Beam build merges its shards; %s instead of the fast-scan choice", factory)
+    else:
+        factory, search = config.factory, ""
+    index = B.new_index(factory, dim, config.metric)
+    if not B.mergeable(index):
+        raise CairnError(f"{factory}: filled copies of this index kind (HNSW, fast-scan IVF) cannot be merged, so "
+                         "its adds cannot be spread over workers; build it with --beam off")
+    on_disk = _decide_on_disk(config.on_disk, index, n, dim, budget)
+    workers = common.resolve_workers(workers, n)
+    options = pipeline_options(beam_args or [], workers)
+    p = test_pipeline or make_pipeline(options)  # the runner's options are checked before anything is deleted
+    staging = staging_folder(out, options)
+    os.makedirs(out, exist_ok=True)
+    invalidate(out)
+
+    # 1. train here, on a seeded sample across all shards
+    size = B.train_size_for(index, n, config.train_size)
+    t0 = time.perf_counter()
+    if size:
+        rows = np.sort(np.random.default_rng(config.seed).choice(n, size, replace=False))
+        B.train_index(index, _gather(parts, counts, rows, dim, progress), config.use_gpu, config.gpu_float16,
+                      config.seed)
+    train_seconds = time.perf_counter() - t0
+    _write_index(index, os.path.join(out, "trained.faiss"))
+    if fs.has_scheme(staging):
+        fs.copy_file(os.path.join(out, "trained.faiss"), fs.join(staging, "trained.faiss"))
+        trained_path = fs.join(staging, "trained.faiss")
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        trained_path = os.path.join(out, "trained.faiss")
+
+    # 2. add shard by shard on the workers
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+    elements = [(i, path, first, count) for i, (path, first, count) in enumerate(zip(paths, firsts, counts, strict=True))
+                if count]
+    log.info("index: %s over %d vectors of dim %d; adding %d shards on %s (%d worker%s)", factory, n, dim,
+             len(elements), runner_name(options), workers, "s"[: workers > 1])
+    t0 = time.perf_counter()
+    _ = (p | "Shards" >> beam.Create(elements) | "Spread" >> beam.Reshuffle()
+         | "AddShard" >> beam.ParDo(AddShard(trained_path, staging, len(paths), shared.Shared(),
+                                             default_threads_per_worker(workers), config.use_gpu, config.gpu_float16)))
+    run_and_wait(p)
+    add_seconds = time.perf_counter() - t0
+
+    # 3. merge in id order, here, one shard in memory at a time
+    t0 = time.perf_counter()
+    merged, on_disk_paths = None, []
+    for number, _, first, count in elements:
+        local = fs.local_path(shard_path(staging, number, len(paths)))
+        if on_disk:
+            on_disk_paths.append(local)
+            continue
+        shard = faiss.read_index(local)
+        if shard.ntotal != count:
+            raise CairnError(f"shard {number} holds {shard.ntotal} vectors where {count} were added; rerun the build")
+        if merged is None:
+            merged = shard
+        else:
+            B.merge_into(merged, shard, src_first_id=first)
+        del shard
+    if on_disk:
+        merged = B.merge_on_disk(index, on_disk_paths, os.path.join(out, "index.ivfdata"))
+    if merged is None or merged.ntotal != n:
+        raise CairnError(f"the merged index holds {0 if merged is None else merged.ntotal} vectors where {n} were "
+                         "added; rerun the build")
+    merge_seconds = time.perf_counter() - t0
+    if fs.has_scheme(staging):
+        fs.delete(fs.glob(fs.join(fs.escape(staging), "*")))
+    shutil.rmtree(os.path.join(out, "shards"), ignore_errors=True)
+
+    # the id table, and the non-landmark side index, from the features themselves
+    image_ids, labels, nl_vectors, nl_rows = [], [], [], []
+    for path, first in zip(paths, firsts, strict=True):
+        with fs.FileSystems.open(path) as f:
+            table = pq.read_table(f, columns=["id", "landmark_id"])
+        labs = labels_of(table)
+        image_ids.extend(table.column("id").to_pylist())
+        labels.append(labs)
+        if config.nonlandmark_index and (labs < 0).any():
+            from pipeline.schemas import vectors_of
+
+            with fs.FileSystems.open(path) as f:
+                xb = vectors_of(pq.read_table(f, columns=["vector"]))
+            nl_vectors.append(xb[labs < 0])
+            nl_rows.append(np.nonzero(labs < 0)[0] + first)
+    labels = np.concatenate(labels) if labels else np.empty(0, np.int64)
+    nonlandmarks = None
+    if nl_vectors:
+        rows = np.concatenate(nl_rows)
+        nl_config = dataclasses.replace(config, factory="auto" if config.factory == "auto" else "Flat", search="",
+                                        nonlandmark_index=False, on_disk="off")
+        nonlandmarks = VectorIndex.build(np.concatenate(nl_vectors), [image_ids[r] for r in rows], labels[rows],
+                                         nl_config, meta)
+    info = {"train_size": int(size), "train_seconds": round(train_seconds, 3), "add_seconds": round(add_seconds, 3),
+            "merge_seconds": round(merge_seconds, 3), "seconds": round(time.perf_counter() - started, 3),
+            "shards": len(elements), "on_disk": on_disk, "memory_budget": int(budget), "beam": True,
+            "runner": runner_name(options), "workers": workers}
+    log.info("index: %s over %d vectors (train %.1f s on %d, adds on workers %.1f s, merge %.1f s)", factory, n,
+             train_seconds, size, add_seconds, merge_seconds)
+    return VectorIndex(merged, image_ids, labels, config, meta, factory, config.search or search, nonlandmarks, info)

@@ -1,0 +1,112 @@
+"""Per-stage cost records of a run: what `cairn plan` projects from and `make bench-scale` reports.
+
+A run's stages (an extraction, a training, an encoding, an index build, a search...) are recorded while a
+:func:`recording` is active; otherwise :func:`stage` costs nothing. Each record says how long the stage took,
+its peak memory, the bytes it wrote, the cores it used, whether it runs on Beam workers (``parallel``) or on
+the launching machine, and how its work grows with the size of the data (``grows``):
+
+    units   the stage's amount of work in this run (images, vectors, query x database pairs, ...)
+    grows   [[quantity, cap], ...]: the work is proportional to each quantity (train, queries, classes), each
+            capped at ``cap`` (None: uncapped). A search of every query in a flat index grows with
+            [["queries", None], ["train", None]]; k-means on a capped descriptor sample with [["train", None]]
+            and ``cap`` on the units themselves.
+
+Peak memory is the launching process's high-water mark during the stage (Linux: reset per stage through
+/proc/self/clear_refs) and, for stages run in worker processes, the largest worker's (ru_maxrss of the
+children, which Linux keeps for the whole run, so it is an upper bound for that stage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import time
+
+log = logging.getLogger(__name__)
+
+_LEDGER: list[dict] | None = None
+_OPEN: list[dict] = []  # the stages running now, innermost last
+
+
+@contextlib.contextmanager
+def recording():
+    """Record every stage run inside the block; yields the list the records are appended to."""
+    global _LEDGER
+    previous, _LEDGER = _LEDGER, []
+    try:
+        yield _LEDGER
+    finally:
+        _LEDGER = previous
+
+
+def active() -> bool:
+    return _LEDGER is not None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:  # not Linux, or not permitted: the peak is the process's since it started
+        return False
+
+
+def _peak_bytes() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        log.debug("no /proc/self/status")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _children_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+@contextlib.contextmanager
+def stage(kind: str, key: str, **info):
+    """Time the block as one stage (``kind``: extract, train, encode, index, search, ...; ``key``: what makes it
+    unique, usually its output folder). The block fills the yielded dict: ``units``, ``grows``, ``parallel``,
+    ``cores``, ``output_bytes``, ``images``, ``reused``. A stage already recorded under ``key`` (a shared
+    extraction run again by a second method) and a reused one are not recorded."""
+    record = {"kind": kind, "key": key, "units": 0, "grows": [], "cap": None, "parallel": False,
+              "cores": os.cpu_count() or 1, "output_bytes": 0, "images": 0, "reused": False, **info}
+    if _LEDGER is None or any(r["key"] == key for r in _LEDGER):
+        yield record
+        return
+    _reset_peak()
+    children_before = _children_peak()
+    started = time.perf_counter()
+    _OPEN.append(record)
+    try:
+        yield record
+    finally:
+        _OPEN.remove(record)
+    # parts the stage recorded on their own (stages.add) are not counted twice
+    record["seconds"] = round(time.perf_counter() - started - record.pop("minus_seconds", 0.0), 4)
+    record["peak_bytes"] = _peak_bytes()
+    children = _children_peak()
+    record["worker_peak_bytes"] = children if children > children_before else 0
+    if not record["reused"]:
+        _LEDGER.append(record)
+
+
+def mark_reused() -> None:
+    """Called by a job that reuses its earlier outputs instead of computing them: the stage is not recorded."""
+    if _OPEN:
+        _OPEN[-1]["reused"] = True
+
+
+def add(kind: str, key: str, seconds: float, **info) -> None:
+    """Record a part of a stage that the stage timed itself (e.g. a recognition's search, inside it)."""
+    if _LEDGER is None or any(r["key"] == key for r in _LEDGER):
+        return
+    _LEDGER.append({"kind": kind, "key": key, "units": 0, "grows": [], "cap": None, "parallel": False,
+                    "cores": os.cpu_count() or 1, "output_bytes": 0, "images": 0, "reused": False,
+                    "peak_bytes": 0, "worker_peak_bytes": 0, **info, "seconds": round(float(seconds), 4)})

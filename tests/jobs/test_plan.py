@@ -1,0 +1,156 @@
+"""cairn plan: the samples it measures, the cost model (hand-computed), and the command end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from jobs import plan as P
+from jobs.cli import main
+from pipeline import stages
+from pipeline.errors import CairnError
+from tests.conftest import write_manifest
+
+
+def _stage(kind, key, units, seconds, grows, parallel=False, cores=2, cap=None, output_bytes=0, **kw):
+    return {"kind": kind, "key": key, "name": key, "units": units, "seconds": seconds, "grows": grows,
+            "parallel": parallel, "cores": cores, "cap": cap, "output_bytes": output_bytes, **kw}
+
+
+def _runs():
+    small = {"quantities": {"train": 100, "queries": 50, "classes": 10}, "stages": [
+        _stage("extract", "x", 100, 12.0, [["train", None]], parallel=True, output_bytes=1000),
+        _stage("train", "clf", 1000, 3.0, [["train", None], ["classes", None]]),
+        _stage("train", "voc", 5000, 5.0, [["train", None]], cap=20_000),
+        _stage("search", "s", 100 * 50, 1.0, [["queries", None], ["train", None]]),
+    ]}
+    large = {"quantities": {"train": 200, "queries": 100, "classes": 20}, "stages": [
+        _stage("extract", "x", 200, 22.0, [["train", None]], parallel=True, output_bytes=2000),
+        _stage("train", "clf", 4000, 9.0, [["train", None], ["classes", None]]),
+        _stage("train", "voc", 10_000, 9.0, [["train", None]], cap=20_000),
+        _stage("search", "s", 200 * 100, 0.5, [["queries", None], ["train", None]]),  # noise: faster
+        _stage("report", "r", 100, 4.0, [["queries", None]]),  # only in the larger sample
+    ]}
+    return small, large
+
+
+def test_fit_is_fixed_plus_per_unit_over_the_two_samples():
+    fitted = {f["key"]: f for f in P.fit(*_runs())}
+    assert fitted["x"]["seconds_per_unit"] == pytest.approx(0.1) and fitted["x"]["fixed_seconds"] == pytest.approx(2)
+    assert fitted["clf"]["seconds_per_unit"] == pytest.approx(0.002)
+    assert fitted["clf"]["fixed_seconds"] == pytest.approx(1.0)
+    # no growth seen (noise) or one sample only: all of it per unit, nothing fixed
+    assert fitted["s"]["seconds_per_unit"] == pytest.approx(0.5 / 20_000) and fitted["s"]["fixed_seconds"] == 0
+    assert fitted["r"]["seconds_per_unit"] == pytest.approx(0.04) and fitted["r"]["fixed_seconds"] == 0
+
+
+def test_projection_scales_each_stage_by_what_it_grows_with():
+    small, large = _runs()
+    fitted = P.fit(small, large)
+    want = {"train": 1000, "queries": 400, "classes": 40}
+    one = {r["key"]: r for r in P.project(fitted, large["quantities"], want, workers=1, cores_per_worker=2)}
+    assert one["x"]["units"] == 1000 and one["x"]["seconds"] == pytest.approx(2 + 0.1 * 1000)
+    assert one["x"]["output_bytes"] == 10_000  # features: bytes per image
+    assert one["clf"]["units"] == 4000 * 5 * 2 and one["clf"]["seconds"] == pytest.approx(1 + 0.002 * 40_000)
+    assert one["voc"]["units"] == 20_000  # the descriptor sample is capped
+    assert one["s"]["units"] == 20_000 * 4 * 5
+    assert one["r"]["units"] == 400 and one["r"]["seconds"] == pytest.approx(16)
+    ten = {r["key"]: r for r in P.project(fitted, large["quantities"], want, workers=10, cores_per_worker=4)}
+    assert ten["x"]["seconds"] == pytest.approx(2 + 0.1 * 1000 * 2 / 40)  # Beam stage: 40 cores instead of 2
+    assert ten["clf"]["seconds"] == one["clf"]["seconds"]  # on the launching machine
+    scanned = {r["key"]: r for r in P.project(fitted, large["quantities"], want, 1, 2, search_fraction=0.25)}
+    assert scanned["s"]["seconds"] == pytest.approx(one["s"]["seconds"] * 0.25)
+
+
+def test_ratio_caps_each_quantity():
+    assert P._ratio([["train", None], ["classes", 2000]], {"train": 10, "classes": 100},
+                    {"train": 100, "classes": 13_000}) == pytest.approx(10 * 20)
+    assert P._ratio([], {}, {"train": 5}) == 1.0
+
+
+def test_index_memory_follows_the_auto_factory():
+    small = P.index_memory(1000, 64, 8 << 30)
+    assert small["factory"] == "Flat" and small["cpu_bytes"] == 1000 * 64 * 4 and small["scanned_fraction"] == 1
+    big = P.index_memory(1_000_000, 512, 8 << 30)
+    assert big["factory"] == "IVF4096,PQ64x4fs,Refine(PQ128)"
+    assert big["cpu_bytes"] == 1_000_000 * (32 + 128 + 8) + 4096 * 512 * 4
+    assert big["scanned_fraction"] == pytest.approx(128 / 4096)
+    tight = P.index_memory(1_000_000, 512, 100 << 20)
+    assert tight["factory"] == "IVF4096,PQ64" and tight["cpu_bytes"] == 1_000_000 * (64 + 8) + 4096 * 512 * 4
+
+
+def test_samples_take_whole_classes_and_the_rest_at_the_same_rate(tmp_path):
+    img = tmp_path / "x.jpg"
+    img.write_bytes(b"")
+    train = [(f"t{c}-{i}", img, c) for c in range(10) for i in range(4)] + [(f"n{i}", img, "") for i in range(20)]
+    queries = [(f"q{c}", img, c) for c in range(10)] + [(f"qn{i}", img, "") for i in range(30)]
+    write_manifest(tmp_path / "train.csv", train)
+    write_manifest(tmp_path / "queries.csv", queries)
+    s = P.sample_manifests(str(tmp_path / "train.csv"), str(tmp_path / "queries.csv"), 30, str(tmp_path / "s"))
+    assert s["fraction"] == pytest.approx(0.5)
+    rows = list(csv.DictReader(open(s["train"], encoding="utf-8")))
+    labels = [r["landmark_id"] for r in rows if r["landmark_id"]]
+    assert len(labels) == 20 and all(labels.count(c) == 4 for c in set(labels))  # 5 whole classes
+    assert sum(1 for r in rows if not r["landmark_id"]) == 10
+    q = list(csv.DictReader(open(s["queries"], encoding="utf-8")))
+    assert {r["landmark_id"] for r in q if r["landmark_id"]} == set(labels)
+    assert sum(1 for r in q if not r["landmark_id"]) == 15
+    again = P.sample_manifests(str(tmp_path / "train.csv"), str(tmp_path / "queries.csv"), 30, str(tmp_path / "t"))
+    assert open(again["train"]).read() == open(s["train"]).read()  # seeded
+
+
+def test_stage_records_skip_reused_and_repeated_stages():
+    with stages.recording() as ledger:
+        with stages.stage("extract", "a") as st:
+            st.update(units=3)
+        with stages.stage("extract", "a"):  # the same output again (a shared extraction): not twice
+            pass
+        with stages.stage("train", "b"):
+            stages.mark_reused()
+        with stages.stage("recognize", "c") as st:
+            stages.add("search", "c/search", 0.0, units=9)
+            st["minus_seconds"] = 0.0
+    assert [r["key"] for r in ledger] == ["a", "c/search", "c"]
+    assert ledger[0]["units"] == 3 and ledger[0]["seconds"] >= 0 and ledger[0]["peak_bytes"] > 0
+    with stages.stage("extract", "x") as st:  # not recording: nothing kept, nothing fails
+        st.update(units=1)
+
+
+def test_plan_flags_are_checked(tmp_path, capsys):
+    assert main(["plan", "--manifest", "m.csv", "--queries", "q.csv", "--out", str(tmp_path), "--sample", "5"]) == 2
+    assert "--sample must be at least 20" in capsys.readouterr().err
+    assert main(["plan", "--manifest", "m.csv", "--queries", "q.csv", "--out", str(tmp_path), "--workers", "0"]) == 2
+    assert "--workers '0'" in capsys.readouterr().err
+    with pytest.raises(CairnError, match="train=N"):
+        P.parse_target("images=5", {"train": 1, "queries": 1, "classes": 1})
+    assert P.parse_target("train=1_000_000,classes=13000", {"train": 1, "queries": 2, "classes": 1}) == \
+        {"train": 1_000_000, "queries": 2, "classes": 13_000}
+
+
+@pytest.mark.slow
+def test_plan_end_to_end_on_the_tiny_set(tmp_path, tiny_synth, capsys):
+    out = tmp_path / "plan"
+    argv = ["plan", "--manifest", str(tiny_synth / "train.csv"), "--queries", str(tiny_synth / "queries.csv"),
+            "--out", str(out), "--methods", "hog", "hog-linear", "--sample", "20", "--workers", "1,10",
+            "--target", "train=1000000,classes=13000,queries=100000", "--runner=DirectRunner"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "assumptions:" in printed and "index memory" in printed and "10 worker(s)" in printed
+    record = json.loads((out / "plan.json").read_text())
+    assert [p["workers"] for p in record["plans"]] == [1, 10]
+    one, ten = ({r["key"]: r for r in p["stages"]} for p in record["plans"])
+    extract_train = next(k for k, r in one.items() if r["kind"] == "extract" and r["split"] == "train")
+    assert one[extract_train]["units"] == 1_000_000 and one[extract_train]["parallel"]
+    assert ten[extract_train]["seconds"] < one[extract_train]["seconds"]
+    classifier = next(k for k, r in one.items() if r["kind"] == "train" and "classifier" in r["name"])
+    assert ten[classifier]["seconds"] == one[classifier]["seconds"]  # trained on the launching machine
+    assert record["plans"][0]["indices"][0]["factory"].startswith("IVF")
+    assert {r["kind"] for r in one.values()} >= {"extract", "train", "index", "search", "recognize", "report"}
+    rows = list(csv.DictReader(open(out / "plan.csv", encoding="utf-8")))
+    assert len(rows) == 2 * len(one)
+    measured = out / "work" / "sample-20" / "measured.json"
+    before = measured.stat().st_mtime_ns
+    assert main([*argv, "--reuse"]) == 0
+    assert measured.stat().st_mtime_ns == before  # the samples were not measured again
