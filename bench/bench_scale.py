@@ -1,7 +1,8 @@
 """`make bench-scale`: a synthetic corpus of 20,000 images through every method, stage by stage, and what
 `cairn plan` projected for it.
 
-Steps (each reused when its output is there; ``--fresh`` redoes them):
+Steps (the data set and the measured run are reused when they are there; delete OUT/scale-run.json to measure
+again):
 1. ``cairn synth`` a set of 16,800 database images over 800 classes (800 of them without a landmark) and
    3,200 queries (half without one): 20,000 images.
 2. ``measure``: `cairn compare` over every method with the settings below, its stages recorded
@@ -13,7 +14,8 @@ Steps (each reused when its output is there; ``--fresh`` redoes them):
 4. The BENCHMARKS.md section "scale" from the three (bench/run.py writes the page).
 
 The deep methods use small inputs and one epoch (SETTINGS) so that the run takes about an hour and a half
-on two cores; the figures say per-stage throughput with those settings, not with the defaults.
+on two cores (and cairn plan's two sample runs about 15 minutes more); the figures say per-stage throughput
+with those settings, not with the defaults.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import time
 
@@ -68,9 +71,10 @@ def measure(data: str, out: str) -> dict:
     from pipeline import stages
 
     argv = compare_args(data, os.path.join(out, "run"))
+    shutil.rmtree(os.path.join(out, "run"), ignore_errors=True)  # from scratch, sharing what compare shares
     started = time.perf_counter()
     with stages.recording() as ledger:
-        compare.run(argv + ["--force"])
+        compare.run(argv)
     seconds = time.perf_counter() - started
     work = os.path.join(out, "run")
     for r in ledger:

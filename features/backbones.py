@@ -105,6 +105,10 @@ def build_backbone(config: BackboneConfig):
     constructor, mode, _, kwargs = BACKBONES[config.name]
     app = getattr(keras.applications, constructor)
     weights = config.weights
+    if weights not in ("none", "imagenet"):
+        from pipeline.fs import local_path
+
+        weights = local_path(weights)  # weights on gs:// etc.: downloaded once per process
     if weights not in ("none", "imagenet") and not os.path.exists(weights):
         raise FileNotFoundError(f"backbone weights file not found: {weights}")
     if weights == "imagenet":

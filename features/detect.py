@@ -232,9 +232,13 @@ class SavedModelDetector:
 
 
 def load_any_detector(path: str, **kwargs):
-    """A Cairn detector (.keras) or an Object Detection API SavedModel folder."""
+    """A Cairn detector (.keras) or an Object Detection API SavedModel folder (local, or on a Beam filesystem:
+    downloaded once per process)."""
     import os
 
+    from pipeline.fs import local_path
+
+    path = local_path(path)
     if path.endswith(".keras"):
         return Detector(path, **{k: v for k, v in kwargs.items() if k != "classes"})
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):

@@ -54,7 +54,7 @@ def nlist_for(n: int) -> int:
     return int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
 
 
-def choose_factory(n: int, d: int, memory_budget: int) -> tuple[str, str]:
+def choose_factory(n: int, d: int, memory_budget: int, mergeable_only: bool = False) -> tuple[str, str]:
     """(factory string, default search parameters) for ``n`` vectors of dimension ``d`` whose index may take
     ``memory_budget`` bytes of RAM.
 
@@ -64,15 +64,16 @@ def choose_factory(n: int, d: int, memory_budget: int) -> tuple[str, str]:
       d/4 bytes: 5d/16 + 8 bytes per vector with the id (168 for d=512, a twelfth of the float32 vectors). The
       README's "Indices" section and `make bench` (section "index") give its measured recall and speed on a
       million landmark-shaped vectors beside Flat, IVF-Flat, IVF-PQ and HNSW;
-    - when that does not fit in the budget: ``IVF{nlist},PQ{d/8}`` (d/8 + 8 bytes per vector), whose inverted
-      lists are merged on disk and memory-mapped.
+    - when that does not fit in the budget, or ``mergeable_only`` (an index built from shards filled apart, on
+      Beam workers: fast-scan lists cannot be merged): ``IVF{nlist},PQ{d/8}`` (d/8 + 8 bytes per vector), whose
+      inverted lists are merged on disk and memory-mapped above the budget.
     """
     if n <= EXACT_MAX:
         return "Flat", ""
     nlist = nlist_for(n)
     fast = _largest_divisor(d, max(2, d // 8))
     refine = _largest_divisor(d, max(1, d // 4))
-    if fast % 2 == 0 and n * (fast // 2 + refine + ID_BYTES) + nlist * d * 4 <= memory_budget:
+    if not mergeable_only and fast % 2 == 0 and n * (fast // 2 + refine + ID_BYTES) + nlist * d * 4 <= memory_budget:
         return f"IVF{nlist},PQ{fast}x4fs,Refine(PQ{refine})", DEFAULT_SEARCH
     return f"IVF{nlist},PQ{_largest_divisor(d, max(1, d // 8))}", "nprobe=64"
 

@@ -362,7 +362,7 @@ def _tree_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(folder) for n in names)
 
 
-def _train(name: str, out: str, fn, grows: list | None = None, cap=None, units_of=None):
+def _train(name: str, out: str, fn, grows: list | None = None, cap=None, units_of=None, subset_cap=None):
     """Run a training step (``fn()`` -> its train.json record) as a launcher stage growing with ``grows``. A
     vocabulary's record splits into its Beam descriptor sampling, k-means (the stage itself, on a capped sample)
     and the encoder's fit on a subset of images."""
@@ -377,7 +377,7 @@ def _train(name: str, out: str, fn, grows: list | None = None, cap=None, units_o
                        units=int(counts.get("images", 0)), images=int(counts.get("images", 0)),
                        grows=[["train", None]], parallel=True)
             stages.add("train", fs.join(out, "encoder"), parts.get("encoder", 0.0), name=f"encoder fit, {name}",
-                       units=int(counts.get("subset_images", 0)), grows=[["train", None]])
+                       units=int(counts.get("subset_images", 0)), grows=[["train", None]], cap=subset_cap)
             st["minus_seconds"] = float(parts.get("sample", 0.0)) + float(parts.get("encoder", 0.0))
             st["name"] = f"k-means, {name}"
     return record
@@ -425,10 +425,11 @@ def build_base(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
         local = fs.join(ctx.work, _sift_folder(sift))
         extracted = _extract_both(ctx, "sift", cfg.to_dict(sift), _sift_folder(sift))
         voc = (config.bovw if method == "sift-bovw" else config.vlad).vocabulary
+        subset = config.bovw.idf_sample if method == "sift-bovw" else config.vlad.pca_sample
         trained = _train(f"vocabulary ({method})", fs.join(home, "model"), lambda: train(
             method, fs.join(local, "train"), fs.join(home, "model"), config, workers=max(1, ctx.workers),
             beam_args=list(ctx.beam_args), force=ctx.force), cap=voc.sample_size,
-            units_of=lambda r: r.get("counts", {}).get("descriptors", 0))
+            units_of=lambda r: r.get("counts", {}).get("descriptors", 0), subset_cap=subset)
         encoded = _encode_both(ctx, local, fs.join(home, "model", "encoder.npz"), fs.join(home, "vectors"))
         vectors = fs.join(home, "vectors")
     indexed = _index(ctx, fs.join(vectors, "train"), fs.join(home, "index"))
@@ -442,7 +443,7 @@ def _index(ctx: RunContext, features: str, out: str) -> dict:
 
     with stages.stage("index", out, name="index build") as st:
         record = build_index(features, out, ctx.index or IndexConfig(), beam="auto", beam_args=list(ctx.beam_args),
-                             workers=ctx.workers)
+                             workers=ctx.workers, threads=ctx.threads)
         st.update(units=record["count"], grows=[["train", None]], output_bytes=record["index_bytes"],
                   vectors=record["count"], dim=record["dim"], factory=record["factory"])
         build = cfg.load_json(fs.join(out, "index.json")).get("build", {}) if record["factory"] != \
@@ -528,7 +529,7 @@ def detector_for(config: MethodsConfig, ctx: RunContext) -> tuple[object, dict]:
     folder = fs.join(ctx.work, "detector")
     record = _train("detector", folder, lambda: train("detector", ctx.train, folder, config, force=ctx.force,
                                                       decode=ctx.decode, boxes=ctx.boxes),
-                    cap=config.detect.train.max_images)
+                    cap=config.detect.max_images)
     return dataclasses.replace(dc, model=fs.join(folder, "model.keras")), record
 
 
@@ -627,7 +628,7 @@ def _recognize_parts(st: dict, rec: dict, database: int, home: str) -> None:
     queries = int(rec["counts"]["queries"])
     st.update(units=queries, grows=[["queries", None]])
     tuning = rec.get("tuning") or {}
-    parts = [("search", "search", rec.get("search_seconds", 0.0), queries * database,  # on workers in a cluster
+    parts = [("search", "search", rec.get("search_seconds", 0.0), queries * database,
               [["queries", None], ["train", None]]),
              ("verify", "spatial verification", rec.get("verify_seconds", 0.0), queries, [["queries", None]])]
     if tuning.get("seconds"):
@@ -636,8 +637,7 @@ def _recognize_parts(st: dict, rec: dict, database: int, home: str) -> None:
                       [["train", None], ["classes", 2000]]))
     for kind, name, seconds, units, grows in parts:
         if seconds:
-            stages.add(kind, fs.join(home, "recognize", kind), seconds, name=name, units=units, grows=grows,
-                       cluster_parallel=kind == "search")
+            stages.add(kind, fs.join(home, "recognize", kind), seconds, name=name, units=units, grows=grows)
             st["minus_seconds"] = st.get("minus_seconds", 0.0) + float(seconds)
 
 

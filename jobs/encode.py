@@ -26,6 +26,7 @@ from pipeline.encoding import ENCODERS, SUBSET, EncodeBatches, SampleDescriptors
 from pipeline.errors import CairnError
 from pipeline.options import (
     default_threads_per_worker,
+    dry_run_output,
     make_pipeline,
     pipeline_options,
     run_and_wait,
@@ -77,6 +78,9 @@ def sample_descriptors(local_dir: str, out: str, sample_size: int, subset_size: 
         raise CairnError(f"{local_dir} has no images with local features; nothing to learn a vocabulary from")
     per_image = max(1, math.ceil(sample_size / images))
     fraction = min(1.0, subset_size / images)
+    options = pipeline_options(beam_args or [], workers)
+    p = make_pipeline(options)  # the runner's options are checked before anything is deleted
+    out = dry_run_output(out, options)  # a dry run leaves the outputs alone
     fs.makedirs(out)
     fs.delete(fs.glob(fs.escape(fs.join(out, "sample")) + "-*") + fs.glob(fs.escape(fs.join(out, "subset")) + "-*"))
     fs.delete_temp_folders(out)
@@ -88,8 +92,6 @@ def sample_descriptors(local_dir: str, out: str, sample_size: int, subset_size: 
     import pyarrow as pa
 
     sample_schema = pa.schema([pa.field("descriptor", pa.list_(pa.float32(), metadata["dim"]))])
-    options = pipeline_options(beam_args or [], workers)
-    p = make_pipeline(options)
     parts = (p | "Read" >> beam.io.ReadFromParquetBatched(shard_pattern(prefix))
              | "Sample" >> beam.ParDo(SampleDescriptors(per_image, fraction, seed)).with_outputs(SUBSET, main="d"))
     _ = parts.d | "WriteSample" >> beam.io.WriteToParquetBatched(
@@ -173,6 +175,8 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     threads = threads or default_threads_per_worker(workers)
     options = pipeline_options(beam_args or [], workers)
     p = make_pipeline(options)  # the runner's options are checked before anything is deleted
+    if out != (out := dry_run_output(out, options)):  # a dry run leaves the outputs alone
+        out_prefix, record_path = features_prefix(out, out_kind), fs.join(out, "encode.json")
     if fs.exists(record_path):
         fs.delete([record_path])
     dim = int(encoder.dim_out if header["kind"] == "pca_whitening" else encoder.dim)
@@ -195,7 +199,8 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     if written != images:
         raise RuntimeError(f"encode: {images} input rows but {written} outputs. This is a bug; please report it")
     record = {"config": config, "counts": {"inputs": images, "outputs": written}, "kind": out_kind, "dim": dim,
-              "runner": runner_name(options), "workers": workers, "seconds": round(seconds, 3),
+              "runner": runner_name(options), "workers": workers, "threads_per_worker": threads,
+              "seconds": round(seconds, 3),
               "images_per_second": round(images / seconds, 2) if seconds > 0 else None}
     cfg.save_json(record_path, record)
     log.info("encode: %d images -> %d %s vectors of dim %d in %.1f s", images, written, out_kind, dim, seconds)

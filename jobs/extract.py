@@ -45,6 +45,7 @@ from pipeline.inference import (
 from pipeline.manifest import manifest_fingerprint, read_manifest
 from pipeline.options import (
     default_threads_per_worker,
+    dry_run_output,
     make_pipeline,
     pipeline_options,
     run_and_wait,
@@ -141,6 +142,8 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     options = pipeline_options(beam_args or [], workers)
     runner = runner_name(options)
     p = test_pipeline or make_pipeline(options)  # the runner's options are checked before anything is deleted
+    out = dry_run_output(out, options)  # a dry run writes its manifest shards to a temporary folder instead
+    paths = outputs(out, kind)
     fs.makedirs(out)
     _clear(out)
     if len(manifest):

@@ -56,7 +56,8 @@ def feature_parts(prefix: str):
 
 
 def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), progress: bool = False,
-                beam: str = "off", beam_args: list[str] | None = None, workers: int = 0, test_pipeline=None) -> dict:
+                beam: str = "off", beam_args: list[str] | None = None, workers: int = 0, test_pipeline=None,
+                threads: int = 0) -> dict:
     """Build and save the index; returns {count, dim, seconds, index_bytes, factory}.
 
     ``beam``: "on" adds the vectors on Beam workers (pipeline/index_build.py), "off" here, "auto" on workers
@@ -71,8 +72,12 @@ def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), pr
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="cairn-index-") as local:
-            record = build_index(features, local, config, progress, beam, beam_args, workers, test_pipeline)
-            fs.upload_folder(local, out)
+            record = build_index(features, local, config, progress, beam, beam_args, workers, test_pipeline, threads)
+            # the old index goes first, its record before anything else, and the new record is copied last
+            fs.delete([p for p in (fs.join(out, "index.json"), fs.join(out, "nonlandmarks", "index.json"))
+                       if fs.exists(p)])
+            fs.delete(fs.glob(fs.join(fs.escape(out), "**")))
+            fs.upload_folder(local, out, last=("nonlandmarks/index.json", "index.json"))
         log.info("index: copied to %s (workers load it once per process)", out)
         return record
     if kind == "sparse":
@@ -82,7 +87,7 @@ def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), pr
         from pipeline.index_build import build_on_workers
 
         index = build_on_workers(find_shards(fs.join(features, "features")), counts, parts, dim, config, meta, out,
-                                 beam_args, workers, test_pipeline, progress)
+                                 beam_args, workers, test_pipeline, progress, threads)
     else:
         index = VectorIndex.build_parts(parts, counts, dim, config, meta, folder=out, progress=progress)
     index.build_info["source"] = fs.absolute(features)  # the features it was built from (recognition tuning)
@@ -183,7 +188,8 @@ def run(argv=None, test_pipeline=None) -> dict:
 
     args, beam_args = common.parse_beam_job(build_parser(), argv)
     record = build_index(args.features, args.out, index_config(args), progress=sys.stderr.isatty(), beam=args.beam,
-                         beam_args=beam_args, workers=args.workers, test_pipeline=test_pipeline)
+                         beam_args=beam_args, workers=args.workers, test_pipeline=test_pipeline,
+                         threads=args.threads_per_worker)
     print(f"index: {record['count']:,} vectors of dim {record['dim']} as {record['factory']} "
           f"({record['index_bytes'] / 1e6:.1f} MB, {record['seconds']:.1f} s) in {args.out}")
     return record

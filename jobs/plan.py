@@ -7,18 +7,16 @@ is fitted as fixed + per-unit cost over the two samples, where a unit is what th
 images for extraction, encoding, fine-tuning and index adds; images x classes for the linear classifiers;
 sampled descriptors (capped by the vocabulary's sample size) for k-means; queries x database vectors for the
 search; held-out database images x database vectors for the vote tuning. The fit is then projected to the
-whole manifests (or to --target sizes) on --workers workers:
+whole manifests (or to --target sizes) on --workers workers: the stages that run on Beam workers
+(extraction, encoding, descriptor sampling, and with a cluster the index adds) divide their per-unit time by
+the cluster's cores over the cores they used here; the rest (training, index training and merging, search,
+tuning, the report) runs on the launching machine, assumed as fast as this one.
 
-    stages that run on Beam workers (extraction, encoding, descriptor sampling, the Beam search) divide their
-    per-unit time by the cores of the cluster over the cores they used here; training, index builds, search
-    and reports run on the launching machine, assumed as fast as this one.
-
-Prints, per stage and in all, the projected hours, the storage written (features, indices) and the memory an
-index takes (CPU, or GPU with --device gpu), with every assumption; writes OUT/plan.json and OUT/plan.csv.
-
-Accuracy: on this machine, projected from samples of 400 and 200 database images, the projection of a whole
-run is checked against a measured one (BENCHMARKS.md, section "scale").
+Prints, per stage and in all, the projected time, the storage written (features, models, indices) and the
+memory each index takes (CPU, or GPU with --device gpu), with every assumption; writes OUT/plan.json and
+OUT/plan.csv. The measured run it is checked against is in BENCHMARKS.md (section "scale", `make bench-scale`).
 """
+
 
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ import io
 import logging
 import os
 import random
+import shutil
 import time
 
 from jobs import common
@@ -37,7 +36,7 @@ from pipeline.errors import CairnError
 
 log = logging.getLogger(__name__)
 
-EXCLUDED = ("seconds", "peak_bytes", "worker_peak_bytes", "key")
+EXCLUDED = ("seconds", "peak_bytes", "worker_peak_bytes")
 
 
 def quantities(train: str, queries: str | None) -> dict:
@@ -46,7 +45,7 @@ def quantities(train: str, queries: str | None) -> dict:
 
     db = read_manifest(train)
     q = read_manifest(queries) if queries else None
-    return {"train": db.total_rows, "queries": q.total_rows if q else 0,
+    return {"train": len(db), "queries": len(q) if q else 0,
             "classes": len({label for label in db.labels if label is not None})}
 
 
@@ -97,14 +96,18 @@ def sample_manifests(train: str, queries: str, size: int, folder: str, seed: int
     return out
 
 
-def measure(argv: list[str], train: str, queries: str, size: int, folder: str) -> dict:
-    """Run `cairn compare` ``argv`` on a sample of ``size`` database images with its stages recorded."""
+def measure(argv: list[str], train: str, queries: str, size: int, folder: str, local_workers: int = 0) -> dict:
+    """Run `cairn compare` ``argv`` on a sample of ``size`` database images with its stages recorded, on
+    ``local_workers`` DirectRunner worker processes (0: automatic for the sample's size)."""
     from jobs import compare
     from pipeline import stages
 
     sample = sample_manifests(train, queries, size, fs.join(folder, "manifests"))
-    run_argv = [*argv, "--train", sample["train"], "--queries", sample["queries"], "--out", fs.join(folder, "run"),
-                "--force"]
+    run_dir = fs.join(folder, "run")
+    if fs.is_local_dir(run_dir):  # from scratch, sharing what compare shares (--force would redo shared work)
+        shutil.rmtree(run_dir)
+    run_argv = [*argv, "--train", sample["train"], "--queries", sample["queries"], "--out", run_dir,
+                "--workers", str(local_workers)]
     started = time.perf_counter()
     log_path = fs.join(folder, "compare.log")
     with stages.recording() as ledger, open(log_path, "w", encoding="utf-8") as log_file, \
@@ -145,18 +148,21 @@ def fit(small: dict, large: dict) -> list[dict]:
         x2, t2 = float(r["units"]), float(r["seconds"])
         if s is not None and float(s["units"]) < x2 and t2 > float(s["seconds"]):
             per_unit = (t2 - float(s["seconds"])) / (x2 - float(s["units"]))
-            fixed = max(0.0, t2 - per_unit * x2)
+            fixed = t2 - per_unit * x2
+            if fixed < 0:  # steeper than proportional (noise): proportional through the larger sample
+                per_unit, fixed = t2 / x2, 0.0
         else:  # one point (or no growth seen): all of it per unit, none fixed (the larger estimate)
             per_unit, fixed = (t2 / x2 if x2 else 0.0), (0.0 if x2 else t2)
-        fitted.append({**{k: v for k, v in r.items() if k not in EXCLUDED}, "key": r["key"], "fixed_seconds": fixed,
+        fitted.append({**{k: v for k, v in r.items() if k not in EXCLUDED}, "fixed_seconds": fixed,
                        "seconds_per_unit": per_unit, "measured_seconds": t2,
                        "peak_bytes": r.get("peak_bytes", 0)})
     return fitted
 
 
 def project(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_worker: int,
-            search_fraction: float = 1.0) -> list[dict]:
-    """Seconds and bytes of every fitted stage for the quantities ``want`` on ``workers`` x ``cores_per_worker``."""
+            scanned: dict | None = None) -> list[dict]:
+    """Seconds and bytes of every fitted stage for the quantities ``want`` on ``workers`` x ``cores_per_worker``;
+    ``scanned``: per method, the share of the database its index scans per query (search and tuning)."""
     rows = []
     for f in fitted:
         ratio = _ratio(f["grows"], have, want)
@@ -164,10 +170,10 @@ def project(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_
         if f.get("cap"):
             units = min(units, float(f["cap"]))
         work = f["seconds_per_unit"] * units
-        if f["kind"] == "search":
-            work *= search_fraction
-        # Beam workers: the cores of the cluster over the cores the stage used here. The index adds and the
-        # search run on this machine in a local run and on workers with a cluster runner (--beam auto)
+        if f["kind"] in ("search", "tune"):
+            work *= (scanned or {}).get(_method_of(f["key"]), 1.0)
+        # Beam workers: the cores of the cluster over the cores the stage used here. The index adds run on this
+        # machine in a local run and on workers with a cluster runner (--beam auto)
         parallel = f["parallel"] or (f.get("cluster_parallel", False) and workers > 1)
         if parallel:
             work *= f["cores"] / max(1, workers * cores_per_worker)
@@ -184,67 +190,95 @@ def project(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_
     return rows
 
 
-def index_memory(n: int, d: int, budget: int) -> dict:
-    """Factory Cairn's auto choice takes for ``n`` vectors of dimension ``d`` and the bytes it holds in RAM
-    (CPU) and on a GPU (faiss-gpu: Flat as float32, IVF-PQ codes + ids; fast-scan codes are not on GPUs, the
-    GPU takes IVF-PQ with the same number of 8-bit sub-quantizers as the refinement)."""
-    from index.build import ID_BYTES, _largest_divisor, choose_factory, nlist_for
+def index_memory(n: int, d: int, budget: int, factory: str = "auto", search: str = "",
+                 mergeable_only: bool = False) -> dict:
+    """The factory an index of ``n`` vectors of dimension ``d`` is built with (Cairn's auto choice for the
+    memory budget, the mergeable one for a build on workers, or ``factory`` as given), the bytes it holds in RAM
+    and on a GPU (faiss-gpu: Flat in float16, IVF lists as codes + ids; None where FAISS keeps the kind on the
+    CPU: fast-scan, refinement, HNSW), and the share of vectors a search scans (nprobe / nlist)."""
+    import faiss
 
-    factory, search = choose_factory(n, d, budget)
-    if factory == "Flat":
-        return {"factory": factory, "cpu_bytes": n * d * 4, "gpu_bytes": n * d * 4, "search": search,
-                "scanned_fraction": 1.0}
-    nlist = nlist_for(n)
-    fast = _largest_divisor(d, max(2, d // 8))
-    refine = _largest_divisor(d, max(1, d // 4))
-    m = _largest_divisor(d, max(1, d // 8))
-    centroids = nlist * d * 4
-    nprobe = 128 if "fs" in factory else 64
-    if "fs" in factory:
-        cpu = n * (fast // 2 + refine + ID_BYTES) + centroids
-    else:
-        cpu = n * (m + ID_BYTES) + centroids
-    return {"factory": factory, "cpu_bytes": cpu, "gpu_bytes": n * (refine + ID_BYTES) + centroids,
-            "search": search, "scanned_fraction": min(1.0, nprobe / nlist)}
+    from index.build import ID_BYTES, choose_factory, ivf_of, new_index
+
+    if factory == "auto":
+        factory, search = choose_factory(n, d, budget, mergeable_only)
+    index = new_index(factory, d, "ip")  # empty: its layout only
+    inner = faiss.downcast_index(index)
+    ivf = ivf_of(index)
+    if ivf is None:
+        flat = isinstance(inner, faiss.IndexFlat)
+        return {"factory": factory, "cpu_bytes": n * d * 4 + (0 if flat else n * 2 * 32 * 4),
+                "gpu_bytes": n * d * 2 if flat else None, "search": search, "scanned_fraction": 1.0}
+    code = faiss.downcast_index(ivf).code_size
+    refine = faiss.downcast_index(inner.refine_index).code_size if isinstance(inner, faiss.IndexRefine) else 0
+    centroids = ivf.nlist * d * 4
+    params = dict(item.split("=", 1) for item in search.split(",") if "=" in item)
+    nprobe = float(params.get("nprobe", 1))  # FAISS's default when no search parameter says otherwise
+    on_gpu = not refine and not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
+    return {"factory": factory, "cpu_bytes": n * (code + refine + ID_BYTES) + centroids,
+            "gpu_bytes": n * (code + ID_BYTES) + centroids if on_gpu else None, "search": search,
+            "scanned_fraction": min(1.0, nprobe / ivf.nlist)}
 
 
 def plan(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_worker: int, device: str,
-         memory_budget: int) -> dict:
+         memory_budget: int, factory: str = "auto", search: str = "") -> dict:
     """The projection for ``want`` on ``workers``: stages, totals, storage, index memory, assumptions."""
     indices = []
     for f in fitted:
-        if f["kind"] == "index" and f.get("dim"):
-            n = round(f["vectors"] * _ratio([["train", None]], have, want))
-            indices.append({"key": f["key"], "vectors": n, "dim": f["dim"], **index_memory(n, f["dim"], memory_budget)})
-    fraction = max((i["scanned_fraction"] for i in indices), default=1.0)
-    rows = project(fitted, have, want, workers, cores_per_worker, fraction)
+        if f["kind"] != "index" or not f.get("dim") or "#" in f["key"]:
+            continue
+        n = round(f["vectors"] * _ratio([["train", None]], have, want))
+        if f.get("factory") == "sparse-inverted-file":  # BoVW postings: bytes per image, no FAISS layout
+            size = round(f.get("output_bytes", 0) * _ratio([["train", None]], have, want))
+            indices.append({"key": f["key"], "vectors": n, "dim": f["dim"], "factory": "sparse-inverted-file",
+                            "cpu_bytes": size, "gpu_bytes": None, "search": "", "scanned_fraction": 1.0})
+            continue
+        # with more than one worker the adds run on workers, whose shards need a mergeable index kind
+        indices.append({"key": f["key"], "vectors": n, "dim": f["dim"],
+                        **index_memory(n, f["dim"], memory_budget, factory, search, mergeable_only=workers > 1)})
+    fractions = {_method_of(i["key"]): i["scanned_fraction"] for i in indices}
+    rows = project(fitted, have, want, workers, cores_per_worker, fractions)
     total = sum(r["seconds"] for r in rows)
     storage = sum(r["output_bytes"] for r in rows) + sum(i["cpu_bytes"] for i in indices)
-    memory_key = "gpu_bytes" if device == "gpu" else "cpu_bytes"
+    on_cpu_only = [i for i in indices if i["gpu_bytes"] is None]
+    memory = sum(i["cpu_bytes"] if device == "cpu" or i["gpu_bytes"] is None else i["gpu_bytes"] for i in indices)
     cores_here = os.cpu_count() or 1
     assumptions = [
         f"measured on this machine ({cores_here} cores, {'a GPU' if _has_gpu() else 'no GPU'}) with the run's "
         "methods and parameters on two samples of the manifests; each stage is fixed seconds + seconds per unit",
-        f"Beam stages (extraction, encoding, descriptor sampling; with more than one worker also the index adds "
-        f"and the search, which a cluster runner puts on workers) scale linearly to {workers} worker(s) x "
-        f"{cores_per_worker} cores at this machine's per-core speed; cluster start-up and data transfer are not "
-        "counted",
-        "training (k-means, PCA, classifiers, fine-tuning, DELF, the detector), index training and merging, vote "
-        "tuning and the report run on one launching machine as fast as this one",
-        "k-means learns from at most the vocabulary's sample_size descriptors; the detector from at most its "
-        "max_images; fine-tuning and DELF do the same epochs over every image",
-        "linear classifiers cost images x classes; the search costs queries x database vectors, of which an "
-        f"IVF index scans nprobe/nlist (here {fraction:.3f}) at the flat per-vector cost (an overestimate for "
-        "compressed codes); vote tuning costs held-out images (one per class, at most 2,000) x database vectors",
-        "storage: features and models as written on the samples, scaled by images; indices as Cairn's auto "
-        "factory choice for the projected vector count",
+        f"Beam stages (extraction, encoding, descriptor sampling; with more than one worker also the index adds, "
+        f"which a cluster runner puts on workers) scale linearly to {workers} worker(s) x {cores_per_worker} cores "
+        "at this machine's per-core speed; cluster start-up and data transfer are not counted",
+        "on one launching machine as fast as this one: training (k-means, PCA, classifiers, fine-tuning, DELF, "
+        "the detector), index training and merging, the search, vote tuning, spatial verification and the report",
+        "k-means learns from at most the vocabulary's sample_size descriptors, the encoders from at most their "
+        "idf/PCA image samples, the detector from at most max_images; fine-tuning and DELF do the same epochs "
+        "over every image",
+        "linear classifiers cost images x classes; the search and the vote tuning cost queries (held-out "
+        "images: one per class, at most 2,000) x database vectors, of which an IVF index scans nprobe/nlist at "
+        "the per-vector cost of the exact search measured on the samples (an overestimate for compressed codes)",
+        "the samples' indices are exact (Flat): training an IVF index (k-means on up to max(65,536, 40 x nlist) "
+        "vectors) at the projected size is not in the index stages' time",
+        "storage: features and models as written on the samples, scaled by images; indices by the layout of the "
+        "factory Cairn would build at the projected size",
     ]
-    if device == "gpu" and not _has_gpu():
-        assumptions.append("--device gpu: this machine has no GPU, so the times are CPU times; only the index "
-                           "memory is given for GPUs")
+    if device == "gpu":
+        if not _has_gpu():
+            assumptions.append("--device gpu: this machine has no GPU, so the times are CPU times; only the "
+                               "index memory is given for GPUs")
+        if on_cpu_only:
+            assumptions.append("index memory: " + ", ".join(f"{_method_of(i['key'])} ({i['factory']})"
+                                                             for i in on_cpu_only) +
+                               " stay in CPU memory: FAISS has no GPU version of that kind")
     return {"target": want, "workers": workers, "cores_per_worker": cores_per_worker, "device": device,
             "stages": rows, "total_seconds": total, "storage_bytes": storage, "indices": indices,
-            "index_memory_bytes": sum(i[memory_key] for i in indices), "assumptions": assumptions}
+            "index_memory_bytes": memory, "assumptions": assumptions}
+
+
+def _method_of(key: str) -> str:
+    """The method folder of a stage key (RUN/work/METHOD/...), or the key's last part."""
+    parts = key.split("/")
+    return parts[2] if len(parts) > 3 and parts[1] == "work" else parts[-1]
 
 
 def _has_gpu() -> bool:
@@ -276,16 +310,16 @@ def describe(result: dict) -> str:
     lines.append(f"  {'stage':44s} {'where':8s} {'units':>14s} {'time':>10s} {'written':>10s}")
     for r in sorted(result["stages"], key=lambda r: -r["seconds"]):
         where = "workers" if r["parallel"] else "launcher"
-        parts = r["key"].split("/")
-        label = f"{r['name']} {r['split']}".strip() + (f" [{parts[2]}]" if len(parts) > 3 else "")
+        label = f"{r['name']} {r['split']}".strip() + f" [{_method_of(r['key'])}]"
         lines.append(f"  {label[:44]:44s} {where:8s} {r['units']:14,d} {_human_seconds(r['seconds']):>10s} "
                      f"{_human_bytes(r['output_bytes']):>10s}")
     lines += ["", f"  total time    {_human_seconds(result['total_seconds'])}",
               f"  storage       {_human_bytes(result['storage_bytes'])} (features, models, indices)",
               f"  index memory  {_human_bytes(result['index_memory_bytes'])} ({result['device'].upper()}, all indices)"]
     for i in result["indices"]:
-        lines.append(f"    {i['key']}: {i['vectors']:,} x {i['dim']} as {i['factory']}: CPU "
-                     f"{_human_bytes(i['cpu_bytes'])}, GPU {_human_bytes(i['gpu_bytes'])}")
+        gpu = "CPU only" if i["gpu_bytes"] is None else _human_bytes(i["gpu_bytes"])
+        lines.append(f"    {_method_of(i['key'])}: {i['vectors']:,} x {i['dim']} as {i['factory']}: CPU "
+                     f"{_human_bytes(i['cpu_bytes'])}, GPU {gpu}")
     lines += ["", "assumptions:"] + [f"  - {a}" for a in result["assumptions"]]
     return "\n".join(lines)
 
@@ -309,7 +343,9 @@ def build_parser():
     from jobs.compare import build_parser as compare_parser
 
     p = compare_parser()
-    p.prog, p.description = "cairn plan", __doc__
+    p.prog, p.description, p.allow_abbrev = "cairn plan", __doc__, False
+    p.epilog = ("Beam flags are passed to the sample runs, which run on this machine (DirectRunner); the projection "
+                "is for the runner you will use.")
     for action in p._actions:  # --train is the manifest to plan (alias --manifest); --out is the plan's folder
         if action.dest == "train":
             action.option_strings.append("--manifest")
@@ -318,8 +354,10 @@ def build_parser():
             action.help = "the plan's folder: plan.json, plan.csv and the sample runs (work/)"
         if action.dest == "workers":  # the cluster's workers; the samples run with the automatic local ones
             action.type, action.default = str, "1"
-            action.help = ("workers to project for, comma-separated, e.g. 1,10,100 (default 1: this machine); "
-                           "the samples run on this machine with its automatic DirectRunner workers")
+            action.help = ("PLAN: workers to project for, comma-separated, e.g. 1,10,100 (default 1: this "
+                           "machine); the samples run here with the automatic DirectRunner workers")
+        if action.dest == "force":
+            action.help = "PLAN: measure the samples again even with --reuse"
     g = p.add_argument_group("plan")
     g.add_argument("--sample", type=int, default=400,
                    help="database images of the larger sample (default 400; the smaller has half)")
@@ -329,7 +367,8 @@ def build_parser():
                    help="where the index is searched: the memory figure is for the CPU or a GPU")
     g.add_argument("--target", default="",
                    help="sizes to project instead of the manifests', e.g. train=1000000,classes=13000,queries=100000")
-    g.add_argument("--reuse", action="store_true", help="reuse OUT/work's sample runs when they are there")
+    g.add_argument("--reuse", action="store_true",
+                   help="reuse OUT/work's sample measurements when they were made with the same flags and manifests")
     return p
 
 
@@ -347,26 +386,46 @@ def run(argv=None, test_pipeline=None) -> dict:
         worker_counts = []
     if not worker_counts or min(worker_counts) < 1:
         raise CairnError(f"--workers {args.workers!r}: give worker counts >= 1, e.g. 1,10,100")
+    from pipeline.manifest import manifest_fingerprint
+    from pipeline.options import LOCAL_RUNNERS, pipeline_options, runner_name
+
     compare_argv = _compare_argv(argv)
+    runner = runner_name(pipeline_options(_compare_argv(argv, beam_only=True)))
+    if runner not in LOCAL_RUNNERS:
+        raise CairnError(f"--runner={runner}: cairn plan measures its samples on this machine; give the cluster's "
+                         "size with --workers and --cores-per-worker, and no --runner")
+    if fs.has_scheme(args.out):
+        raise CairnError(f"--out {args.out}: the plan and its sample runs are written to a local folder")
+    # the samples run as the whole run would here: with worker processes when it has enough images for them
+    local_workers = common.resolve_workers(0, quantities(args.train, None)["train"])
     out = args.out
     fs.makedirs(out)
+    source = {"compare_argv": compare_argv, "manifests": [manifest_fingerprint(fs.absolute(m)) for m in
+                                                          (args.train, args.queries)], "workers": local_workers}
     runs = []
     for size in (max(10, args.sample // 2), args.sample):
         folder = fs.join(out, "work", f"sample-{size}")
         record_path = fs.join(folder, "measured.json")
-        if args.reuse and fs.exists(record_path):
+        if args.reuse and not args.force and fs.exists(record_path) and \
+                cfg.load_json(record_path).get("source") == source:
             runs.append(cfg.load_json(record_path))
+            log.info("plan: reusing the sample of %d database images measured in %s", size, folder)
             continue
-        log.info("plan: measuring every stage on a sample of %d database images", size)
-        runs.append(measure(compare_argv, args.train, args.queries, size, folder))
+        log.info("plan: measuring every stage on a sample of %d database images (its compare output: %s)", size,
+                 fs.join(folder, "compare.log"))
+        runs.append({**measure(compare_argv, args.train, args.queries, size, folder, local_workers),
+                     "source": source})
         cfg.save_json(record_path, runs[-1])
     fitted = fit(*runs)
     have = runs[1]["quantities"]
     want = parse_target(args.target, quantities(args.train, args.queries))
     cores = args.cores_per_worker or (os.cpu_count() or 1)
     from index.build import available_memory
+    from jobs.index import index_config
 
-    results = [plan(fitted, have, want, w, cores, args.device, available_memory() // 2) for w in worker_counts]
+    ic = index_config(args)
+    budget = ic.memory_budget or available_memory() // 2
+    results = [plan(fitted, have, want, w, cores, args.device, budget, ic.factory, ic.search) for w in worker_counts]
     record = {"sample_runs": [{k: v for k, v in r.items() if k != "stages"} for r in runs], "fitted": fitted,
               "plans": results}
     cfg.save_json(fs.join(out, "plan.json"), record)
@@ -385,12 +444,13 @@ def run(argv=None, test_pipeline=None) -> dict:
     return record
 
 
-PLAN_ONLY = {"--sample": 1, "--workers": 1, "--cores-per-worker": 1, "--device": 1,
-             "--target": 1, "--reuse": 0, "--train": 1, "--manifest": 1, "--queries": 1, "--out": 1}
+PLAN_ONLY = {"--sample": 1, "--workers": 1, "--cores-per-worker": 1, "--device": 1, "--target": 1, "--reuse": 0,
+             "--force": 0, "--train": 1, "--manifest": 1, "--queries": 1, "--out": 1}
 
 
-def _compare_argv(argv: list[str]) -> list[str]:
-    """The compare arguments of a plan's command line (without the plan's own and the manifests/out)."""
+def _compare_argv(argv: list[str], beam_only: bool = False) -> list[str]:
+    """The compare arguments of a plan's command line (without the plan's own and the manifests/out); with
+    ``beam_only``, the flags that go to Beam (those compare does not know)."""
     out, skip = [], 0
     for a in argv:
         if skip:
@@ -401,5 +461,10 @@ def _compare_argv(argv: list[str]) -> list[str]:
             skip = PLAN_ONLY[name] if "=" not in a else 0
             continue
         out.append(a)
+    if beam_only:
+        from jobs.compare import build_parser as compare_parser
+
+        _, beam = common.parse(compare_parser(), ["--train", "t", "--queries", "q", "--out", "o", *out], beam=True)
+        return beam
     return out
 

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import posixpath
 import re
+import threading
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -58,7 +59,7 @@ def read_text(path: str) -> str:
 def write_bytes(path: str, data: bytes) -> None:
     """Write a whole file. Local writes are atomic (temporary name, then rename)."""
     if has_scheme(path):
-        with FileSystems.create(path) as f:
+        with FileSystems.create(path, compression_type="uncompressed") as f:
             f.write(data)
         return
     with _atomic_local(path) as f:
@@ -73,7 +74,8 @@ def copy_file(source: str, target: str) -> None:
         if has_scheme(source) and source.split("://")[0] == target.split("://")[0]:
             FileSystems.copy([source], [target])
             return
-        with FileSystems.open(source, compression_type="uncompressed") as src, FileSystems.create(target) as dst:
+        with FileSystems.open(source, compression_type="uncompressed") as src, \
+                FileSystems.create(target, compression_type="uncompressed") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
         return
     if has_scheme(source):
@@ -180,14 +182,18 @@ def delete_temp_folders(folder: str) -> None:
 
 
 _LOCAL_COPIES: dict[str, str] = {}
-_LOCAL_LOCK = __import__("threading").Lock()
+_LOCAL_LOCK = threading.Lock()
 
 
 def local_path(path: str) -> str:
     """A local path holding ``path``: the path itself when local; for a file or folder on a Beam filesystem
-    (gs://, s3://, hdfs://), a copy downloaded once per process into the temporary folder (what a worker does
-    with the models and indices a job names: TensorFlow, TFLite and FAISS read local files). Concurrent
-    callers in one process share one download."""
+    (gs://, s3://, hdfs://), a copy downloaded into the temporary folder (what a worker does with the models and
+    indices a job names: TensorFlow, TFLite and FAISS read local files).
+
+    The copy is keyed by the path, sizes and modification times of its files, so a replaced model is downloaded
+    again. Threads of a process share one download; processes of one machine share a finished copy: each
+    downloads into a folder of its own and renames it into place, and the first rename wins (a finished copy
+    is never removed while another process may be reading it)."""
     if not has_scheme(path):
         return path
     import hashlib
@@ -200,41 +206,51 @@ def local_path(path: str) -> str:
         if base in _LOCAL_COPIES:
             return _LOCAL_COPIES[base]
         name = posixpath.basename(base) or "model"
-        if _is_file(base):
-            files = [(base, name)]
-        else:
-            files = [(f, posixpath.join(name, f[len(base) + 1:])) for f in glob(join(escape(base), "**"))]
-        if not files:
+        matched = _matches(base)
+        if len(matched) == 1 and matched[0].path.rstrip("/") == base:
+            entries = [(matched[0], name)]
+        else:  # a folder: every object under it (folder-marker objects, "x/", skipped)
+            entries = [(m, posixpath.join(name, m.path[len(base) + 1:])) for m in _matches(join(escape(base), "**"))
+                       if m.path[len(base) + 1:] and not m.path.endswith("/")]
+        if not entries:
             from pipeline.errors import CairnError
 
             raise CairnError(f"{path}: no such file or folder")
-        root = os.path.join(tempfile.gettempdir(), "cairn-models", hashlib.sha1(base.encode()).hexdigest()[:16])
-        staging = f"{root}.part-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        for source, relative in files:
-            copy_file(source, os.path.join(staging, *relative.split("/")))
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(staging, root)
+        key = hashlib.sha1("\0".join([base] + [f"{m.path}:{m.size_in_bytes}:{m.last_updated_in_seconds}"
+                                               for m, _ in entries]).encode()).hexdigest()[:20]
+        root = os.path.join(tempfile.gettempdir(), "cairn-models", key)
+        if not os.path.isdir(root):
+            staging = f"{root}.part-{os.getpid()}-{threading.get_ident()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            for m, relative in entries:
+                copy_file(m.path, os.path.join(staging, *relative.split("/")))
+            try:
+                os.rename(staging, root)
+            except OSError:  # another process renamed its finished copy into place first: use that one
+                shutil.rmtree(staging, ignore_errors=True)
+                if not os.path.isdir(root):
+                    raise
         _LOCAL_COPIES[base] = os.path.join(root, name)
         return _LOCAL_COPIES[base]
 
 
-def _is_file(path: str) -> bool:
-    """Whether ``path`` on a Beam filesystem is one file (not a folder prefix)."""
-    matched = FileSystems.match([path])[0].metadata_list
-    return len(matched) == 1 and matched[0].path.rstrip("/") == path.rstrip("/")
+def _matches(pattern: str) -> list:
+    """FileMetadata of the objects matching ``pattern`` (none when nothing matches)."""
+    return list(FileSystems.match([pattern])[0].metadata_list)
 
 
-def upload_folder(local: str, target: str) -> list[str]:
-    """Copy every file under the local folder ``local`` to ``target`` (any Beam filesystem); returns the
-    target paths. Files are written under temporary names first on local targets (write_bytes/copy_file)."""
+def upload_folder(local: str, target: str, last: tuple[str, ...] = ()) -> list[str]:
+    """Copy every file under the local folder ``local`` to ``target`` (any Beam filesystem), the files whose
+    relative paths are in ``last`` after all others (an index's record, so that a copy cut short is never taken
+    for a complete one); returns the target paths."""
     import os
 
+    files = sorted(os.path.relpath(os.path.join(root, n), local).replace(os.sep, "/")
+                   for root, _, names in os.walk(local) for n in names)
+    files.sort(key=lambda rel: rel in last)
     written = []
-    for root, _, names in os.walk(local):
-        for name in sorted(names):
-            source = os.path.join(root, name)
-            dest = join(target, *os.path.relpath(source, local).split(os.sep))
-            copy_file(source, dest)
-            written.append(dest)
+    for rel in files:
+        dest = join(target, *rel.split("/"))
+        copy_file(os.path.join(local, *rel.split("/")), dest)
+        written.append(dest)
     return written

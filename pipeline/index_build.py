@@ -98,7 +98,8 @@ def shard_path(staging: str, number: int, shards: int) -> str:
 
 
 def staging_folder(out: str, options) -> str:
-    """Where the workers write their filled shards: OUT/shards locally, under --temp_location on a cluster."""
+    """Where the workers read the trained index and write their filled shards: OUT/shards on DirectRunner, a
+    new folder under --temp_location with a cluster runner (the launching machine's disk is not theirs)."""
     from apache_beam.options.pipeline_options import GoogleCloudOptions
 
     from pipeline.options import LOCAL_RUNNERS, runner_name
@@ -113,25 +114,24 @@ def staging_folder(out: str, options) -> str:
 
 
 def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int, config, meta: dict, out: str,
-                     beam_args: list[str] | None = None, workers: int = 0, test_pipeline=None, progress: bool = False):
+                     beam_args: list[str] | None = None, workers: int = 0, test_pipeline=None, progress: bool = False,
+                     threads: int = 0):
     """Build the index of the feature shards ``paths`` (rows ``counts``, loaders ``parts``) with the adds on
     Beam workers; returns the VectorIndex (saved by the caller)."""
-    import dataclasses
-
-    import faiss
-    import pyarrow.parquet as pq
+    import tempfile
 
     from index import build as B
-    from index.faiss_index import VectorIndex, _decide_on_disk, _gather, _write_index, invalidate
+    from index.faiss_index import _decide_on_disk, _gather, _write_index, invalidate
     from jobs import common
     from pipeline.options import (
+        DryRun,
         default_threads_per_worker,
+        is_dry_run,
         make_pipeline,
         pipeline_options,
         run_and_wait,
         runner_name,
     )
-    from pipeline.schemas import labels_of
 
     n = int(sum(counts))
     if n == 0:
@@ -139,10 +139,7 @@ def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int,
     started = time.perf_counter()
     budget = config.memory_budget or B.available_memory() // 2
     if config.factory == "auto":
-        factory, search = B.choose_factory(n, dim, budget)
-        if not B.mergeable(B.new_index(factory, dim, config.metric)):
-            factory, search = f"IVF{B.nlist_for(n)},PQ{B._largest_divisor(dim, max(1, dim // 8))}", "nprobe=64"
-            log.info("index: the Beam build merges its shards; %s instead of the fast-scan choice", factory)
+        factory, search = B.choose_factory(n, dim, budget, mergeable_only=True)
     else:
         factory, search = config.factory, ""
     index = B.new_index(factory, dim, config.metric)
@@ -153,65 +150,101 @@ def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int,
     workers = common.resolve_workers(workers, n)
     options = pipeline_options(beam_args or [], workers)
     p = test_pipeline or make_pipeline(options)  # the runner's options are checked before anything is deleted
+    if is_dry_run(options):  # its Beam step needs the trained index: the options are all a dry run can check
+        raise DryRun(f"dry run: the options were validated for --runner={runner_name(options)}; the index build's "
+                     "Beam step needs the trained index, so nothing was trained, translated or submitted")
     staging = staging_folder(out, options)
+    remote = staging != os.path.join(out, "shards")
     os.makedirs(out, exist_ok=True)
     invalidate(out)
-
-    # 1. train here, on a seeded sample across all shards
-    size = B.train_size_for(index, n, config.train_size)
-    t0 = time.perf_counter()
-    if size:
-        rows = np.sort(np.random.default_rng(config.seed).choice(n, size, replace=False))
-        B.train_index(index, _gather(parts, counts, rows, dim, progress), config.use_gpu, config.gpu_float16,
-                      config.seed)
-    train_seconds = time.perf_counter() - t0
-    _write_index(index, os.path.join(out, "trained.faiss"))
-    if fs.has_scheme(staging):
-        fs.copy_file(os.path.join(out, "trained.faiss"), fs.join(staging, "trained.faiss"))
+    threads = threads or default_threads_per_worker(workers)
+    try:
+        # 1. train here, on a seeded sample across all shards
+        size = B.train_size_for(index, n, config.train_size)
+        t0 = time.perf_counter()
+        if size:
+            rows = np.sort(np.random.default_rng(config.seed).choice(n, size, replace=False))
+            B.train_index(index, _gather(parts, counts, rows, dim, progress), config.use_gpu, config.gpu_float16,
+                          config.seed)
+        train_seconds = time.perf_counter() - t0
+        _write_index(index, os.path.join(out, "trained.faiss"))
+        if not remote:
+            shutil.rmtree(staging, ignore_errors=True)
+        fs.makedirs(staging)
         trained_path = fs.join(staging, "trained.faiss")
-    else:
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-        trained_path = os.path.join(out, "trained.faiss")
+        fs.copy_file(os.path.join(out, "trained.faiss"), trained_path)
 
-    # 2. add shard by shard on the workers
-    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
-    elements = [(i, path, first, count) for i, (path, first, count) in enumerate(zip(paths, firsts, counts, strict=True))
-                if count]
-    log.info("index: %s over %d vectors of dim %d; adding %d shards on %s (%d worker%s)", factory, n, dim,
-             len(elements), runner_name(options), workers, "s"[: workers > 1])
-    t0 = time.perf_counter()
-    _ = (p | "Shards" >> beam.Create(elements) | "Spread" >> beam.Reshuffle()
-         | "AddShard" >> beam.ParDo(AddShard(trained_path, staging, len(paths), shared.Shared(),
-                                             default_threads_per_worker(workers), config.use_gpu, config.gpu_float16)))
-    run_and_wait(p)
-    add_seconds = time.perf_counter() - t0
+        # 2. add shard by shard on the workers
+        firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        elements = [(i, path, first, count) for i, (path, first, count)
+                    in enumerate(zip(paths, firsts, counts, strict=True)) if count]
+        log.info("index: %s over %d vectors of dim %d; adding %d shards on %s (%d worker%s)", factory, n, dim,
+                 len(elements), runner_name(options), workers, "s"[: workers > 1])
+        t0 = time.perf_counter()
+        _ = (p | "Shards" >> beam.Create(elements) | "Spread" >> beam.Reshuffle()
+             | "AddShard" >> beam.ParDo(AddShard(trained_path, staging, len(paths), shared.Shared(), threads,
+                                                 config.use_gpu, config.gpu_float16)))
+        run_and_wait(p)
+        add_seconds = time.perf_counter() - t0
 
-    # 3. merge in id order, here, one shard in memory at a time
-    t0 = time.perf_counter()
+        # 3. merge in id order, here, one shard in memory at a time (copied from the staging folder first)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="cairn-shards-", dir=out) as local_dir:
+            merged = _merge(elements, staging, len(paths), local_dir, index, on_disk, out)
+        if merged.ntotal != n:
+            raise CairnError(f"the merged index holds {merged.ntotal} vectors where {n} were added; rerun the build")
+        merge_seconds = time.perf_counter() - t0
+    finally:
+        if remote:
+            fs.delete(fs.glob(fs.join(fs.escape(staging), "*")))
+        shutil.rmtree(os.path.join(out, "shards"), ignore_errors=True)
+    info = {"train_size": int(size), "train_seconds": round(train_seconds, 3), "add_seconds": round(add_seconds, 3),
+            "merge_seconds": round(merge_seconds, 3), "shards": len(elements), "on_disk": on_disk,
+            "memory_budget": int(budget), "beam": True, "runner": runner_name(options), "workers": workers}
+    log.info("index: %s over %d vectors (train %.1f s on %d, adds on workers %.1f s, merge %.1f s)", factory, n,
+             train_seconds, size, add_seconds, merge_seconds)
+    return _finish(merged, paths, firsts, config, meta, factory, search, info, started)
+
+
+def _merge(elements: list, staging: str, shards: int, local_dir: str, trained, on_disk: bool, out: str):
+    """The filled shards merged in id order: in memory, or into OUT/index.ivfdata on disk."""
+    import faiss
+
+    from index import build as B
+
     merged, on_disk_paths = None, []
     for number, _, first, count in elements:
-        local = fs.local_path(shard_path(staging, number, len(paths)))
-        if on_disk:
-            on_disk_paths.append(local)
-            continue
-        shard = faiss.read_index(local)
+        source = shard_path(staging, number, shards)
+        local = os.path.join(local_dir, os.path.basename(source))
+        fs.copy_file(source, local)
+        shard = faiss.read_index(local, faiss.IO_FLAG_MMAP) if on_disk else faiss.read_index(local)
         if shard.ntotal != count:
             raise CairnError(f"shard {number} holds {shard.ntotal} vectors where {count} were added; rerun the build")
-        if merged is None:
+        if on_disk:
+            on_disk_paths.append(local)
+        elif merged is None:
             merged = shard
         else:
             B.merge_into(merged, shard, src_first_id=first)
         del shard
+        if not on_disk:
+            os.remove(local)
     if on_disk:
-        merged = B.merge_on_disk(index, on_disk_paths, os.path.join(out, "index.ivfdata"))
-    if merged is None or merged.ntotal != n:
-        raise CairnError(f"the merged index holds {0 if merged is None else merged.ntotal} vectors where {n} were "
-                         "added; rerun the build")
-    merge_seconds = time.perf_counter() - t0
-    if fs.has_scheme(staging):
-        fs.delete(fs.glob(fs.join(fs.escape(staging), "*")))
-    shutil.rmtree(os.path.join(out, "shards"), ignore_errors=True)
+        merged = B.merge_on_disk(trained, on_disk_paths, os.path.join(out, "index.ivfdata"))
+    if merged is None:
+        raise CairnError("no vectors were added; check the features folder")
+    return merged
+
+
+def _finish(merged, paths: list[str], firsts: list[int], config, meta: dict, factory: str, search: str, info: dict,
+            started: float):
+    """The VectorIndex of the merged index: the id table and the non-landmark side index from the features."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from index.faiss_index import VectorIndex
+    from pipeline.schemas import labels_of, vectors_of
 
     # the id table, and the non-landmark side index, from the features themselves
     image_ids, labels, nl_vectors, nl_rows = [], [], [], []
@@ -222,8 +255,6 @@ def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int,
         image_ids.extend(table.column("id").to_pylist())
         labels.append(labs)
         if config.nonlandmark_index and (labs < 0).any():
-            from pipeline.schemas import vectors_of
-
             with fs.FileSystems.open(path) as f:
                 xb = vectors_of(pq.read_table(f, columns=["vector"]))
             nl_vectors.append(xb[labs < 0])
@@ -236,10 +267,5 @@ def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int,
                                         nonlandmark_index=False, on_disk="off")
         nonlandmarks = VectorIndex.build(np.concatenate(nl_vectors), [image_ids[r] for r in rows], labels[rows],
                                          nl_config, meta)
-    info = {"train_size": int(size), "train_seconds": round(train_seconds, 3), "add_seconds": round(add_seconds, 3),
-            "merge_seconds": round(merge_seconds, 3), "seconds": round(time.perf_counter() - started, 3),
-            "shards": len(elements), "on_disk": on_disk, "memory_budget": int(budget), "beam": True,
-            "runner": runner_name(options), "workers": workers}
-    log.info("index: %s over %d vectors (train %.1f s on %d, adds on workers %.1f s, merge %.1f s)", factory, n,
-             train_seconds, size, add_seconds, merge_seconds)
+    info["seconds"] = round(time.perf_counter() - started, 3)
     return VectorIndex(merged, image_ids, labels, config, meta, factory, config.search or search, nonlandmarks, info)

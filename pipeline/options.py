@@ -33,9 +33,10 @@ def pipeline_options(beam_args: list[str], workers: int = 1) -> PipelineOptions:
                     '"apache_beam.options.pipeline_options": "ERROR"}')
     options = PipelineOptions(args)
     runner = options.view_as(StandardOptions).runner or DEFAULT_RUNNER
+    _check_dry_run(options, runner)
     if runner not in LOCAL_RUNNERS:
         package_for_workers(options)
-    if runner in LOCAL_RUNNERS:
+    else:
         direct = options.view_as(DirectOptions)
         if workers > 1 and not any(a.startswith("--direct_num_workers") for a in args):
             direct.direct_num_workers = workers
@@ -52,17 +53,16 @@ def package_for_workers(options: PipelineOptions) -> None:
     ``--extra_package`` (a wheel) or ``--sdk_container_image`` (an image with Cairn installed)), Cairn's own
     setup.py is staged (``--setup_file``): each worker builds and installs Cairn with its dependencies.
 
-    LOOPBACK workers run in this process and need nothing. An installed Cairn without its source tree has no
-    setup.py to stage: then the user must say how workers get it."""
-    from apache_beam.options.pipeline_options import PortableOptions, SetupOptions, WorkerOptions
+    LOOPBACK workers run in this process and an EXTERNAL worker pool has its own environment: neither gets
+    anything staged. An installed Cairn without its source tree has no setup.py to stage: then the user must say
+    how workers get it."""
+    from apache_beam.options.pipeline_options import PortableOptions, SetupOptions
 
     given = options.get_all_options(drop_default=True)
     if any(given.get(flag) for flag in PACKAGING_FLAGS):
         return
-    if (options.view_as(PortableOptions).environment_type or "").upper() == "LOOPBACK":
-        return
-    if options.view_as(WorkerOptions).sdk_container_image:
-        return
+    if (options.view_as(PortableOptions).environment_type or "").upper() in ("LOOPBACK", "EXTERNAL"):
+        return  # LOOPBACK workers are this process; an EXTERNAL worker pool brings its own environment
     if not os.path.isfile(SETUP_FILE):
         from pipeline.errors import CairnError
 
@@ -104,6 +104,46 @@ def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
     return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=info), options=options)
 
 
+def _check_dry_run(options: PipelineOptions, runner: str) -> None:
+    """Beam's --dry_run takes any string (so "false" would be true): read it as a yes/no, for DataflowRunner."""
+    from apache_beam.options.pipeline_options import TestOptions
+
+    test = options.view_as(TestOptions)
+    value = test.dry_run
+    if value in (None, False):
+        return
+    text = str(value).strip().lower()
+    if text in ("false", "0", "no", "off", ""):
+        test.dry_run = False
+        return
+    if text not in ("true", "1", "yes", "on"):
+        from pipeline.errors import CairnError
+
+        raise CairnError(f"--dry_run={value}: use true or false")
+    if runner != "DataflowRunner":
+        from pipeline.errors import CairnError
+
+        raise CairnError(f"--dry_run is DataflowRunner's (it translates and validates a job without submitting it); "
+                         f"--runner={runner} would run the job")
+    test.dry_run = True
+
+
+def is_dry_run(options: PipelineOptions) -> bool:
+    from apache_beam.options.pipeline_options import TestOptions
+
+    return options.view_as(TestOptions).dry_run is True
+
+
+def dry_run_output(out: str, options: PipelineOptions) -> str:
+    """Where a job writes: ``out``, or on a dry run a new local temporary folder, so that a dry run neither
+    touches the user's outputs nor needs access to them."""
+    if not is_dry_run(options):
+        return out
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="cairn-dry-run-")
+
+
 class DryRun(Exception):  # noqa: N818 - not an error: the job stops after a successful dry run
     """Raised after a runner's dry run (``--dry_run=true`` on DataflowRunner): the pipeline was built, translated
     and validated but not run, so there are no outputs to read back."""
@@ -114,7 +154,7 @@ def run_and_wait(p: beam.Pipeline):
     from apache_beam.options.pipeline_options import TestOptions
 
     result = p.run()
-    if p.options.view_as(TestOptions).dry_run:
+    if p.options.view_as(TestOptions).dry_run is True:
         raise DryRun(f"dry run: the pipeline was built and validated for --runner={runner_name(p.options)} and not "
                      "submitted; drop --dry_run to run it")
     result.wait_until_finish()

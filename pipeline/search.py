@@ -145,6 +145,7 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
     from jobs.recognize import NEIGHBOURS_SCHEMA
     from pipeline.options import (
         default_threads_per_worker,
+        dry_run_output,
         make_pipeline,
         pipeline_options,
         run_and_wait,
@@ -171,6 +172,7 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
     workers = _fit_workers(common.resolve_workers(workers, queries), index_dir, beam_args or [])
     options = pipeline_options(beam_args or [], workers)
     p = test_pipeline or make_pipeline(options)  # the runner's options are checked before anything is deleted
+    out = dry_run_output(out, options)  # a dry run leaves the outputs alone
     fs.makedirs(out)
     listing = "predictions.csv" if predict else "queries.txt"
     stale = fs.glob(fs.escape(fs.join(out, "neighbours")) + "-*") + fs.glob(fs.escape(fs.join(out, listing)) + "*")

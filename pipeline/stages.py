@@ -73,11 +73,14 @@ def _children_peak() -> int:
 def stage(kind: str, key: str, **info):
     """Time the block as one stage (``kind``: extract, train, encode, index, search, ...; ``key``: what makes it
     unique, usually its output folder). The block fills the yielded dict: ``units``, ``grows``, ``parallel``,
-    ``cores``, ``output_bytes``, ``images``, ``reused``. A stage already recorded under ``key`` (a shared
-    extraction run again by a second method) and a reused one are not recorded."""
+    ``cores``, ``output_bytes``, ``images``, ``reused``. A stage that reuses earlier outputs (mark_reused) is not
+    recorded; one run again under the same ``key`` is recorded as ``key#2``, ``key#3``, ..."""
+    if _LEDGER is not None:  # the same stage run again (an index rebuilt for a second method): its own record
+        repeats = sum(1 for r in _LEDGER if r["key"].split("#")[0] == key)
+        key = f"{key}#{repeats + 1}" if repeats else key
     record = {"kind": kind, "key": key, "units": 0, "grows": [], "cap": None, "parallel": False,
               "cores": os.cpu_count() or 1, "output_bytes": 0, "images": 0, "reused": False, **info}
-    if _LEDGER is None or any(r["key"] == key for r in _LEDGER):
+    if _LEDGER is None:
         yield record
         return
     _reset_peak()
@@ -90,6 +93,7 @@ def stage(kind: str, key: str, **info):
         _OPEN.remove(record)
     # parts the stage recorded on their own (stages.add) are not counted twice
     record["seconds"] = round(time.perf_counter() - started - record.pop("minus_seconds", 0.0), 4)
+    record["started"], record["ended"] = round(started, 3), round(time.perf_counter(), 3)
     record["peak_bytes"] = _peak_bytes()
     children = _children_peak()
     record["worker_peak_bytes"] = children if children > children_before else 0

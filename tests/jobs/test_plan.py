@@ -60,8 +60,9 @@ def test_projection_scales_each_stage_by_what_it_grows_with():
     ten = {r["key"]: r for r in P.project(fitted, large["quantities"], want, workers=10, cores_per_worker=4)}
     assert ten["x"]["seconds"] == pytest.approx(2 + 0.1 * 1000 * 2 / 40)  # Beam stage: 40 cores instead of 2
     assert ten["clf"]["seconds"] == one["clf"]["seconds"]  # on the launching machine
-    scanned = {r["key"]: r for r in P.project(fitted, large["quantities"], want, 1, 2, search_fraction=0.25)}
+    scanned = {r["key"]: r for r in P.project(fitted, large["quantities"], want, 1, 2, scanned={"s": 0.25})}
     assert scanned["s"]["seconds"] == pytest.approx(one["s"]["seconds"] * 0.25)
+    assert scanned["x"]["seconds"] == one["x"]["seconds"]  # only the search (and tuning) scan an index
 
 
 def test_ratio_caps_each_quantity():
@@ -70,15 +71,22 @@ def test_ratio_caps_each_quantity():
     assert P._ratio([], {}, {"train": 5}) == 1.0
 
 
-def test_index_memory_follows_the_auto_factory():
+def test_index_memory_follows_the_factory_cairn_would_build():
     small = P.index_memory(1000, 64, 8 << 30)
     assert small["factory"] == "Flat" and small["cpu_bytes"] == 1000 * 64 * 4 and small["scanned_fraction"] == 1
+    assert small["gpu_bytes"] == 1000 * 64 * 2  # float16 on the GPU
     big = P.index_memory(1_000_000, 512, 8 << 30)
     assert big["factory"] == "IVF4096,PQ64x4fs,Refine(PQ128)"
     assert big["cpu_bytes"] == 1_000_000 * (32 + 128 + 8) + 4096 * 512 * 4
+    assert big["gpu_bytes"] is None  # fast-scan and refinement stay on the CPU
     assert big["scanned_fraction"] == pytest.approx(128 / 4096)
     tight = P.index_memory(1_000_000, 512, 100 << 20)
     assert tight["factory"] == "IVF4096,PQ64" and tight["cpu_bytes"] == 1_000_000 * (64 + 8) + 4096 * 512 * 4
+    assert tight["gpu_bytes"] == tight["cpu_bytes"] and tight["scanned_fraction"] == pytest.approx(64 / 4096)
+    on_workers = P.index_memory(1_000_000, 512, 8 << 30, mergeable_only=True)  # shards merged: no fast-scan
+    assert on_workers["factory"] == "IVF4096,PQ64"
+    given = P.index_memory(10_000, 64, 8 << 30, factory="IVF100,Flat", search="nprobe=10")
+    assert given["cpu_bytes"] == 10_000 * (64 * 4 + 8) + 100 * 64 * 4 and given["scanned_fraction"] == 0.1
 
 
 def test_samples_take_whole_classes_and_the_rest_at_the_same_rate(tmp_path):
@@ -101,18 +109,18 @@ def test_samples_take_whole_classes_and_the_rest_at_the_same_rate(tmp_path):
     assert open(again["train"]).read() == open(s["train"]).read()  # seeded
 
 
-def test_stage_records_skip_reused_and_repeated_stages():
+def test_stage_records_skip_reused_stages_and_number_repeated_ones():
     with stages.recording() as ledger:
         with stages.stage("extract", "a") as st:
             st.update(units=3)
-        with stages.stage("extract", "a"):  # the same output again (a shared extraction): not twice
+        with stages.stage("extract", "a"):  # the same work again (an index rebuilt for a second method)
             pass
         with stages.stage("train", "b"):
             stages.mark_reused()
         with stages.stage("recognize", "c") as st:
             stages.add("search", "c/search", 0.0, units=9)
             st["minus_seconds"] = 0.0
-    assert [r["key"] for r in ledger] == ["a", "c/search", "c"]
+    assert [r["key"] for r in ledger] == ["a", "a#2", "c/search", "c"]
     assert ledger[0]["units"] == 3 and ledger[0]["seconds"] >= 0 and ledger[0]["peak_bytes"] > 0
     with stages.stage("extract", "x") as st:  # not recording: nothing kept, nothing fails
         st.update(units=1)

@@ -3,9 +3,8 @@
 - DirectRunner with worker processes (multi_processing) against in-process, record for record, for every Beam
   job: extraction (tests/jobs/test_extract.py), descriptor encoding, the index build with its adds on workers,
   and the Beam search + vote;
-- the portable runners' path: FlinkRunner and SparkRunner submitted to Beam's embedded job service (the job API,
-  artifact staging of Cairn's setup.py and the pipeline proto that a Flink or Spark cluster receives; the cluster
-  itself is not reachable here);
+- the portable runners' path: FlinkRunner and SparkRunner submitted to Beam's embedded job service (the job API
+  and the pipeline proto that a Flink or Spark cluster receives; the cluster itself is not reachable here);
 - packaging for workers: the staged sdist holds every package and installs;
 - models and indices on a Beam filesystem other than the local one, downloaded once per process.
 """
@@ -21,6 +20,7 @@ import tarfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 from index.faiss_index import IndexConfig, VectorIndex
 from jobs.classic import parse_overrides
@@ -127,8 +127,9 @@ def test_beam_search_multi_process_equals_in_process(tmp_path, hog):
 
 @pytest.mark.parametrize("runner", ["FlinkRunner", "SparkRunner"])
 def test_portable_runners_give_the_direct_runners_records(tmp_path, tiny_synth, hog, runner):
-    """The job goes through the portable job API that Flink and Spark clusters use (pipeline proto, artifact
-    staging of Cairn's setup.py), run by Beam's embedded job service with LOOPBACK workers."""
+    """The job goes through the portable job API that Flink and Spark clusters use (the pipeline proto, the job
+    service), run by Beam's embedded job service with LOOPBACK workers (which need nothing staged: the staged
+    sdist is checked by the next test)."""
     out = tmp_path / runner
     record = extract(str(tiny_synth / "train.csv"), str(out), workers=1, num_shards=3,
                      beam_args=[f"--runner={runner}", *LOOPBACK])
@@ -141,6 +142,12 @@ def test_portable_runners_give_the_direct_runners_records(tmp_path, tiny_synth, 
     assert built["count"] == local["count"]
     meta = json.loads((tmp_path / "index" / "index.json").read_text())
     assert meta["build"]["beam"] is True and meta["build"]["runner"] == runner
+    a, b = VectorIndex.load(str(tmp_path / "index")), VectorIndex.load(str(tmp_path / "local"))
+    assert sorted(a.image_ids) == sorted(b.image_ids)
+    xq = vectors_of(_table(hog / "queries")[0])
+    ids_a = [[a.image_ids[i] for i in row] for row in a.search(xq, 5)[1]]
+    ids_b = [[b.image_ids[i] for i in row] for row in b.search(xq, 5)[1]]
+    assert ids_a == ids_b  # the same neighbours (the shards hold rows in another order)
 
 
 def test_cluster_runners_stage_cairn_for_their_workers(tmp_path):
@@ -171,72 +178,78 @@ def test_cluster_runners_stage_cairn_for_their_workers(tmp_path):
     assert check.stdout.strip().startswith(str(target))
 
 
+_REMOTE_ROOT: list = []  # the local folder behind cairntest:// in the running test
+_PREFIX = "cairntest://"
+
+
+def _to_local(path):
+    return str(_REMOTE_ROOT[-1] / path[len(_PREFIX):]) if path.startswith(_PREFIX) else path
+
+
+def _to_remote(path):
+    root = str(_REMOTE_ROOT[-1])
+    return _PREFIX + str(path)[len(root) + 1:] if str(path).startswith(root) else path
+
+
+class _ObjectStore(LocalFileSystem):
+    """A Beam filesystem under cairntest:// over a local folder, with an object store's listing (no folders):
+    a stand-in for gs:// or s3://."""
+
+    @classmethod
+    def scheme(cls):
+        return "cairntest"
+
+    def join(self, base, *paths):
+        return "/".join([base.rstrip("/"), *paths])
+
+    def split(self, path):
+        head, _, tail = path.rpartition("/")
+        return head, tail
+
+    def mkdirs(self, path):
+        super().mkdirs(_to_local(path))
+
+    def has_dirs(self):
+        return False
+
+    def match(self, patterns, limits=None):
+        results = super().match([_to_local(p) for p in patterns], limits)
+        for r in results:
+            r.pattern = _to_remote(r.pattern)
+            r.metadata_list = [type(m)(_to_remote(m.path), m.size_in_bytes, m.last_updated_in_seconds)
+                               for m in r.metadata_list if not os.path.isdir(m.path)]
+        return results
+
+    def create(self, path, *a, **kw):
+        os.makedirs(os.path.dirname(_to_local(path)), exist_ok=True)
+        return super().create(_to_local(path), *a, **kw)
+
+    def open(self, path, *a, **kw):
+        return super().open(_to_local(path), *a, **kw)
+
+    def copy(self, sources, destinations):
+        return super().copy([_to_local(x) for x in sources], [_to_local(x) for x in destinations])
+
+    def rename(self, sources, destinations):
+        return super().rename([_to_local(x) for x in sources], [_to_local(x) for x in destinations])
+
+    def exists(self, path):
+        return super().exists(_to_local(path))
+
+    def size(self, path):
+        return super().size(_to_local(path))
+
+    def delete(self, paths):
+        return super().delete([_to_local(x) for x in paths])
+
+
 @pytest.fixture()
 def remote_fs(tmp_path):
-    """A Beam filesystem under the scheme cairntest:// over a local folder (a stand-in for gs:// or s3://)."""
-    from apache_beam.io.localfilesystem import LocalFileSystem
-
     root = tmp_path / "bucket"
     root.mkdir()
-    prefix = "cairntest://"
-
-    def to_local(path):
-        return str(root / path[len(prefix):]) if path.startswith(prefix) else path
-
-    def to_remote(path):
-        return prefix + str(path)[len(str(root)) + 1:] if str(path).startswith(str(root)) else path
-
-    class TestFileSystem(LocalFileSystem):
-        @classmethod
-        def scheme(cls):
-            return "cairntest"
-
-        def join(self, base, *paths):
-            return "/".join([base.rstrip("/"), *paths])
-
-        def split(self, path):
-            head, _, tail = path.rpartition("/")
-            return head, tail
-
-        def mkdirs(self, path):
-            super().mkdirs(to_local(path))
-
-        def has_dirs(self):
-            return False
-
-        def match(self, patterns, limits=None):
-            results = super().match([to_local(p) for p in patterns], limits)
-            for r in results:
-                r.pattern = to_remote(r.pattern)
-                r.metadata_list = [type(m)(to_remote(m.path), m.size_in_bytes, m.last_updated_in_seconds)
-                                   for m in r.metadata_list if not os.path.isdir(m.path)]  # objects, no folders
-            return results
-
-        def create(self, path, *a, **kw):
-            local = to_local(path)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            return super().create(local, *a, **kw)
-
-        def open(self, path, *a, **kw):
-            return super().open(to_local(path), *a, **kw)
-
-        def copy(self, sources, destinations):
-            return super().copy([to_local(s) for s in sources], [to_local(d) for d in destinations])
-
-        def rename(self, sources, destinations):
-            return super().rename([to_local(s) for s in sources], [to_local(d) for d in destinations])
-
-        def exists(self, path):
-            return super().exists(to_local(path))
-
-        def size(self, path):
-            return super().size(to_local(path))
-
-        def delete(self, paths):
-            return super().delete([to_local(p) for p in paths])
-
-    yield prefix, root
-    del TestFileSystem
+    _REMOTE_ROOT.append(root)
+    yield _PREFIX, root
+    _REMOTE_ROOT.pop()
 
 
 def test_index_and_models_on_a_beam_filesystem_are_loaded_once_per_process(tmp_path, hog, remote_fs, monkeypatch):
@@ -283,14 +296,56 @@ def test_dataflow_command_lines_translate_and_validate_offline(tmp_path, tiny_sy
     from jobs.cli import main
 
     out = tmp_path / "extract"
+    extract(str(tiny_synth / "train.csv"), str(out), workers=1)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert main(["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(out), "--method", "hog",
-                 *DATAFLOW]) == 0
+                 "--force", *DATAFLOW]) == 0  # --force: not reused, even on a dry run
     assert "dry run: the pipeline was built and validated for --runner=DataflowRunner" in capsys.readouterr().out
-    assert not list(out.glob("features-*"))  # nothing ran
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the outputs were left alone
     build_index(str(hog / "train"), str(tmp_path / "index"), IndexConfig(factory="Flat"))
     assert main(["recognize", "--index", str(tmp_path / "index"), "--features", str(hog / "queries"), "--out",
                  str(tmp_path / "rec"), "--beam", "on", *DATAFLOW]) == 0
     assert "dry run" in capsys.readouterr().out
+    assert not (tmp_path / "rec").exists()
+    assert main(["index", "--features", str(hog / "train"), "--out", str(tmp_path / "idx"), "--beam", "on",
+                 *DATAFLOW]) == 0
+    assert "nothing was trained" in capsys.readouterr().out and not (tmp_path / "idx").exists()
     assert main(["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(out), "--method", "hog",
-                 "--runner=DataflowRunner", "--dry_run=true", "--project=cairn-test-project"]) == 2
+                 "--force", "--runner=DataflowRunner", "--dry_run=true", "--project=cairn-test-project"]) == 2
     assert "needs more options" in capsys.readouterr().err
+
+
+def _download(path):
+    from pipeline import fs
+
+    fs._LOCAL_COPIES.clear()  # as a fresh worker process
+    return fs.local_path(path)
+
+
+def test_worker_processes_share_one_finished_download(tmp_path, hog, remote_fs, monkeypatch):
+    """Several processes of one machine ask for the same index at once: each gets a complete copy, and a copy
+    in use is never replaced under a reader."""
+    import multiprocessing
+    import tempfile
+
+    prefix, _ = remote_fs
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    build_index(str(hog / "train"), prefix + "indices/shared", IndexConfig(factory="Flat"))
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        folders = pool.map(_download, [prefix + "indices/shared"] * 6)
+    assert len(set(folders)) == 1
+    record = json.loads((tmp_path / "bucket" / "indices" / "shared" / "index.json").read_text())
+    assert VectorIndex.load(folders[0]).ntotal == record["count"] > 0
+    assert folders[0].startswith(str(tmp_path / "tmp" / "cairn-models"))
+    assert len(os.listdir(tmp_path / "tmp" / "cairn-models")) == 1  # one finished copy, no staging left
+
+
+def test_dry_run_is_dataflows_and_leaves_outputs_alone(tmp_path, tiny_synth):
+    from pipeline.options import is_dry_run, pipeline_options
+
+    assert not is_dry_run(pipeline_options(["--runner=DataflowRunner", "--dry_run=false"]))
+    with pytest.raises(CairnError, match="--dry_run is DataflowRunner's"):
+        pipeline_options(["--runner=DirectRunner", "--dry_run=true"])
+    with pytest.raises(CairnError, match="use true or false"):
+        pipeline_options(["--runner=DataflowRunner", "--dry_run=maybe"])
