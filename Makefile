@@ -62,8 +62,8 @@ fuzz: setup
 bench: setup
 	$(BIN)/python -m bench.run
 
-# 20,000 synthetic images through every method (about an hour and a half on 2 cores), then `cairn plan`'s projections of
-# that run and of a million images; figures in BENCHMARKS.md (section "scale")
+# 20,000 synthetic images through every method (about an hour and a half on 2 cores), then `cairn plan`'s
+# projections of that run and of a million images; figures in BENCHMARKS.md (section "scale")
 bench-scale: setup
 	$(BIN)/python -m bench.run --only scale
 

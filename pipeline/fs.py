@@ -247,7 +247,7 @@ def upload_folder(local: str, target: str, last: tuple[str, ...] = ()) -> list[s
 
     files = sorted(os.path.relpath(os.path.join(root, n), local).replace(os.sep, "/")
                    for root, _, names in os.walk(local) for n in names)
-    files.sort(key=lambda rel: rel in last)
+    files.sort(key=lambda rel: last.index(rel) + 1 if rel in last else 0)  # stable: the rest keep their order
     written = []
     for rel in files:
         dest = join(target, *rel.split("/"))

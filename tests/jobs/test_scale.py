@@ -349,3 +349,24 @@ def test_dry_run_is_dataflows_and_leaves_outputs_alone(tmp_path, tiny_synth):
         pipeline_options(["--runner=DirectRunner", "--dry_run=true"])
     with pytest.raises(CairnError, match="use true or false"):
         pipeline_options(["--runner=DataflowRunner", "--dry_run=maybe"])
+
+
+def test_compare_on_a_portable_runner_gives_the_direct_runners_results(tmp_path, tiny_synth):
+    """`cairn compare` unchanged on FlinkRunner (Beam's embedded job service): every Beam step (extraction,
+    descriptor sampling, encoding, the index adds on workers) goes through the portable job API, and the
+    predictions and neighbours are the DirectRunner's."""
+    from jobs.compare import compare
+
+    methods = ["hog", "sift-bovw", "sift-vlad"]
+    args = {"train": str(tiny_synth / "train.csv"), "queries": str(tiny_synth / "queries.csv"), "report": None}
+    direct = compare(out=str(tmp_path / "direct"), method_names=methods, **args)
+    flink = compare(out=str(tmp_path / "flink"), method_names=methods, **args,
+                    beam_args=["--runner=FlinkRunner", *LOOPBACK, f"--temp_location={tmp_path / 'temp'}"])
+    for m in methods:
+        assert (tmp_path / "flink" / "predictions" / f"{m}.csv").read_text() == \
+            (tmp_path / "direct" / "predictions" / f"{m}.csv").read_text(), m
+        a, b = (pq.read_table(tmp_path / run / "neighbours" / f"{m}.parquet") for run in ("direct", "flink"))
+        assert a.column("id").to_pylist() == b.column("id").to_pylist(), m
+        assert direct["methods"][m]["quality"]["gap"] == flink["methods"][m]["quality"]["gap"]
+    built = json.loads((tmp_path / "flink" / "work" / "sift-vlad" / "index" / "index.json").read_text())["build"]
+    assert built["beam"] is True and built["runner"] == "FlinkRunner"
