@@ -16,7 +16,7 @@ help:
 	@echo "make test    the test suite (CI runs this)"
 	@echo "make fuzz    a longer, fresh fuzzing of the manifest reader and image loader (CI runs a short, fixed one)"
 	@echo "make bench   benchmarks; figures in BENCHMARKS.md and bench/results.json"
-	@echo "make bench-scale  20,000 synthetic images through every method, stage by stage, and cairn plan's projection"
+	@echo "make bench-scale  3,200 and 20,000 synthetic images through every method, and cairn plan's projections"
 	@echo "make porto   the real-data check on ../shared/data/porto (leave-one-out), into BENCHMARKS.md"
 	@echo "make lint    ruff"
 	@echo "make browser install Debian's chromium (headless, for the HTML report tests) when it is missing"
@@ -62,8 +62,8 @@ fuzz: setup
 bench: setup
 	$(BIN)/python -m bench.run
 
-# 20,000 synthetic images through every method (about an hour and a half on 2 cores), then `cairn plan`'s
-# projections of that run and of a million images; figures in BENCHMARKS.md (section "scale")
+# 3,200 and 20,000 synthetic images through every method (about an hour and a half on 2 cores), then
+# `cairn plan`'s projections of those runs and of a million images; figures in BENCHMARKS.md (section "scale")
 bench-scale: setup
 	$(BIN)/python -m bench.run --only scale
 
