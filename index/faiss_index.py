@@ -231,13 +231,7 @@ class VectorIndex:
             merged = B.merge_on_disk(trained, shard_paths, os.path.join(folder, "index.ivfdata"))
             shutil.rmtree(os.path.join(folder, "shards"), ignore_errors=True)
         merge_seconds = time.perf_counter() - t0
-        nonlandmarks = None
-        if nl_vectors:
-            rows = np.concatenate(nl_rows)
-            nl_config = dataclasses.replace(config, factory="auto" if config.factory == "auto" else "Flat",
-                                            search="", nonlandmark_index=False, on_disk="off")
-            nonlandmarks = cls.build(np.concatenate(nl_vectors), [image_ids[r] for r in rows], labels[rows],
-                                     nl_config, features_metadata)
+        nonlandmarks = cls.nonlandmark_index(nl_vectors, nl_rows, image_ids, labels, config, features_metadata)
         info = {"train_size": int(size), "train_seconds": round(train_seconds, 3),
                 "add_seconds": round(add_seconds, 3), "merge_seconds": round(merge_seconds, 3),
                 "seconds": round(time.perf_counter() - started, 3), "shards": shard_count, "on_disk": on_disk,
@@ -246,6 +240,19 @@ class VectorIndex:
                  dim, train_seconds, size, add_seconds, merge_seconds)
         return cls(merged, image_ids, labels, config, features_metadata, factory,
                    config.search or default_search, nonlandmarks, info)
+
+    @classmethod
+    def nonlandmark_index(cls, vectors: list[np.ndarray], rows: list[np.ndarray], image_ids: Sequence[str],
+                          labels: np.ndarray, config: IndexConfig, features_metadata: dict | None) -> VectorIndex | None:
+        """The side index of the database's non-landmark images (``vectors`` at global ``rows``, in parts), or
+        None without any: exact unless the main index's factory is automatic, never on disk."""
+        if not vectors:
+            return None
+        rows = np.concatenate(rows)
+        nl_config = dataclasses.replace(config, factory="auto" if config.factory == "auto" else "Flat", search="",
+                                        nonlandmark_index=False, on_disk="off")
+        return cls.build(np.concatenate(vectors), [image_ids[r] for r in rows], labels[rows], nl_config,
+                         features_metadata)
 
     # -----------------------------------------------------------------------------------------------------------
     # searching

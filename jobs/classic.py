@@ -350,7 +350,7 @@ def _beam_stage(st: dict, record: dict, split: str, out: str) -> None:
     counts = record.get("counts", {})
     st.update(units=int(counts.get("inputs", 0)), images=int(counts.get("outputs", 0)), grows=[[split, None]],
               parallel=True, cores=int(record.get("workers", 1)) * int(record.get("threads_per_worker", 1)),
-              output_bytes=_tree_bytes(out))
+              workers=int(record.get("workers", 1)), output_bytes=_tree_bytes(out))
 
 
 def _tree_bytes(folder: str) -> int:
@@ -362,7 +362,8 @@ def _tree_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(folder) for n in names)
 
 
-def _train(name: str, out: str, fn, grows: list | None = None, cap=None, units_of=None, subset_cap=None):
+def _train(name: str, out: str, fn, grows: list | None = None, cap=None, units_of=None, subset_cap=None,
+           pca_cap=None):
     """Run a training step (``fn()`` -> its train.json record) as a launcher stage growing with ``grows``. A
     vocabulary's record splits into its Beam descriptor sampling, k-means (the stage itself, on a capped sample)
     and the encoder's fit on a subset of images."""
@@ -370,6 +371,11 @@ def _train(name: str, out: str, fn, grows: list | None = None, cap=None, units_o
         record = fn()
         st.update(units=int(units_of(record) if units_of else record.get("images", 0) or 0),
                   images=int(record.get("images", 0) or 0), output_bytes=_tree_bytes(out))
+        pca = record.get("pca") if isinstance(record.get("pca"), dict) else None
+        if pca and pca.get("seconds") and not st["reused"]:  # DELF: its PCA learns from a capped image sample
+            stages.add("train", fs.join(out, "pca"), pca["seconds"], name=f"PCA, {name}",
+                       units=int(pca.get("images", 0)), grows=[["train", None]], cap=pca_cap)
+            st["minus_seconds"] = float(pca["seconds"])
         parts = record.get("seconds") if isinstance(record.get("seconds"), dict) else None
         if parts and not st["reused"]:
             counts = record.get("counts", {})
@@ -551,7 +557,7 @@ def build_delf(config: MethodsConfig, ctx: RunContext) -> dict:
     folder = fs.join(ctx.work, "delf", "model")
     trained = _train("DELF", folder, lambda: train("delf", ctx.train, folder, config, force=ctx.force,
                                                    decode=ctx.decode),
-                     units_of=lambda r: r.get("counts", {}).get("used", 0))
+                     units_of=lambda r: r.get("counts", {}).get("used", 0), pca_cap=config.delf.train.pca_images)
     pca = fs.join(folder, "pca.npz") if config.delf.train.pca_dim else ""
     params = cfg.to_dict(config.delf.extraction(fs.join(folder, "model.keras"), pca))
     params = {k: v for k, v in params.items() if k != "device"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -61,11 +62,25 @@ def check_workers(args: argparse.Namespace) -> None:
         raise CairnError("--workers and --threads-per-worker must be between 0 (automatic) and 1024")
 
 
+_SIZE_FACTOR = [1.0]  # `cairn plan`'s samples decide their worker processes as the whole run would
+
+
 def resolve_workers(workers: int, images: int) -> int:
     """0 = automatic: one process per core when there is enough work to pay for their start-up."""
     if workers > 0:
         return workers
-    return (os.cpu_count() or 1) if images >= AUTO_WORKERS_MIN_IMAGES else 1
+    return (os.cpu_count() or 1) if images * _SIZE_FACTOR[-1] >= AUTO_WORKERS_MIN_IMAGES else 1
+
+
+@contextlib.contextmanager
+def sized_as(factor: float):
+    """Inside the block, automatic worker counts are chosen for ``factor`` times the images a job sees: a sample
+    of a corpus then runs each stage in-process or on worker processes as the whole corpus would."""
+    _SIZE_FACTOR.append(float(factor))
+    try:
+        yield
+    finally:
+        _SIZE_FACTOR.pop()
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False):

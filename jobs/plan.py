@@ -96,9 +96,9 @@ def sample_manifests(train: str, queries: str, size: int, folder: str, seed: int
     return out
 
 
-def measure(argv: list[str], train: str, queries: str, size: int, folder: str, local_workers: int = 0) -> dict:
-    """Run `cairn compare` ``argv`` on a sample of ``size`` database images with its stages recorded, on
-    ``local_workers`` DirectRunner worker processes (0: automatic for the sample's size)."""
+def measure(argv: list[str], train: str, queries: str, size: int, folder: str) -> dict:
+    """Run `cairn compare` ``argv`` on a sample of ``size`` database images with its stages recorded. Each stage
+    runs in-process or on worker processes as it would on the whole manifests (common.sized_as)."""
     from jobs import compare
     from pipeline import stages
 
@@ -106,12 +106,11 @@ def measure(argv: list[str], train: str, queries: str, size: int, folder: str, l
     run_dir = fs.join(folder, "run")
     if fs.is_local_dir(run_dir):  # from scratch, sharing what compare shares (--force would redo shared work)
         shutil.rmtree(run_dir)
-    run_argv = [*argv, "--train", sample["train"], "--queries", sample["queries"], "--out", run_dir,
-                "--workers", str(local_workers)]
+    run_argv = [*argv, "--train", sample["train"], "--queries", sample["queries"], "--out", run_dir]
     started = time.perf_counter()
     log_path = fs.join(folder, "compare.log")
     with stages.recording() as ledger, open(log_path, "w", encoding="utf-8") as log_file, \
-            contextlib.redirect_stdout(log_file):  # the sample run's tables: in its folder, not the plan's output
+            contextlib.redirect_stdout(log_file), common.sized_as(1 / sample["fraction"]):  # tables: to the log
         compare.run(run_argv)
     seconds = time.perf_counter() - started
     work = fs.join(folder, "run")
@@ -139,24 +138,43 @@ def _ratio(grows: list, have: dict, want: dict) -> float:
     return r
 
 
+MODEL_VERSION = 2  # of what the sample runs record; older measurements are not reused
+
+
 def fit(small: dict, large: dict) -> list[dict]:
-    """Per stage of the larger sample: fixed seconds and seconds per unit, from both samples."""
-    smaller = {r["key"]: r for r in small["stages"]}
+    """Per stage of the larger sample: fixed seconds and seconds per unit, a least-squares line through its
+    points in both samples, where the database and query splits of one Beam job (one features folder, the same
+    worker processes) pool their points: up to four sizes. A slope that comes out negative (start-up noise
+    above the work) is taken as 0: the stage's time is then fixed."""
+    points: dict[tuple, list[tuple[float, float]]] = {}
+    for run in (small, large):
+        for r in run["stages"]:
+            points.setdefault(_family(r), []).append((float(r["units"]), float(r["seconds"])))
     fitted = []
     for r in large["stages"]:
-        s = smaller.get(r["key"])
-        x2, t2 = float(r["units"]), float(r["seconds"])
-        if s is not None and float(s["units"]) < x2 and t2 > float(s["seconds"]):
-            per_unit = (t2 - float(s["seconds"])) / (x2 - float(s["units"]))
-            fixed = t2 - per_unit * x2
-            if fixed < 0:  # steeper than proportional (noise): proportional through the larger sample
-                per_unit, fixed = t2 / x2, 0.0
-        else:  # one point (or no growth seen): all of it per unit, none fixed (the larger estimate)
-            per_unit, fixed = (t2 / x2 if x2 else 0.0), (0.0 if x2 else t2)
+        xs, ts = zip(*points[_family(r)], strict=True)
+        mx, mt = sum(xs) / len(xs), sum(ts) / len(ts)
+        var = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts, strict=True)) / var if var else 0.0
+        if var == 0 and mx:  # one size only: all of it per unit (the larger estimate)
+            per_unit, fixed = mt / mx, 0.0
+        else:
+            per_unit = max(0.0, slope)
+            fixed = mt - per_unit * mx
+            if fixed < 0:  # steeper than proportional: proportional through the points' mean
+                per_unit, fixed = (mt / mx if mx else 0.0), 0.0
         fitted.append({**{k: v for k, v in r.items() if k not in EXCLUDED}, "fixed_seconds": fixed,
-                       "seconds_per_unit": per_unit, "measured_seconds": t2,
-                       "peak_bytes": r.get("peak_bytes", 0)})
+                       "seconds_per_unit": per_unit, "measured_seconds": float(r["seconds"]),
+                       "points": len(xs), "peak_bytes": r.get("peak_bytes", 0)})
     return fitted
+
+
+def _family(record: dict) -> tuple:
+    """The stages that share a cost line: a Beam job's database and query splits (the same folder and worker
+    processes); every other stage alone."""
+    if record.get("split"):
+        return (record["kind"], record["key"].rsplit("/", 1)[0], record.get("workers"))
+    return (record["kind"], record["key"])
 
 
 def project(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_worker: int,
@@ -396,12 +414,10 @@ def run(argv=None, test_pipeline=None) -> dict:
                          "size with --workers and --cores-per-worker, and no --runner")
     if fs.has_scheme(args.out):
         raise CairnError(f"--out {args.out}: the plan and its sample runs are written to a local folder")
-    # the samples run as the whole run would here: with worker processes when it has enough images for them
-    local_workers = common.resolve_workers(0, quantities(args.train, None)["train"])
     out = args.out
     fs.makedirs(out)
     source = {"compare_argv": compare_argv, "manifests": [manifest_fingerprint(fs.absolute(m)) for m in
-                                                          (args.train, args.queries)], "workers": local_workers}
+                                                          (args.train, args.queries)], "model": MODEL_VERSION}
     runs = []
     for size in (max(10, args.sample // 2), args.sample):
         folder = fs.join(out, "work", f"sample-{size}")
@@ -413,8 +429,7 @@ def run(argv=None, test_pipeline=None) -> dict:
             continue
         log.info("plan: measuring every stage on a sample of %d database images (its compare output: %s)", size,
                  fs.join(folder, "compare.log"))
-        runs.append({**measure(compare_argv, args.train, args.queries, size, folder, local_workers),
-                     "source": source})
+        runs.append({**measure(compare_argv, args.train, args.queries, size, folder), "source": source})
         cfg.save_json(record_path, runs[-1])
     fitted = fit(*runs)
     have = runs[1]["quantities"]

@@ -239,8 +239,6 @@ def _merge(elements: list, staging: str, shards: int, local_dir: str, trained, o
 def _finish(merged, paths: list[str], firsts: list[int], config, meta: dict, factory: str, search: str, info: dict,
             started: float):
     """The VectorIndex of the merged index: the id table and the non-landmark side index from the features."""
-    import dataclasses
-
     import pyarrow.parquet as pq
 
     from index.faiss_index import VectorIndex
@@ -260,12 +258,6 @@ def _finish(merged, paths: list[str], firsts: list[int], config, meta: dict, fac
             nl_vectors.append(xb[labs < 0])
             nl_rows.append(np.nonzero(labs < 0)[0] + first)
     labels = np.concatenate(labels) if labels else np.empty(0, np.int64)
-    nonlandmarks = None
-    if nl_vectors:
-        rows = np.concatenate(nl_rows)
-        nl_config = dataclasses.replace(config, factory="auto" if config.factory == "auto" else "Flat", search="",
-                                        nonlandmark_index=False, on_disk="off")
-        nonlandmarks = VectorIndex.build(np.concatenate(nl_vectors), [image_ids[r] for r in rows], labels[rows],
-                                         nl_config, meta)
+    nonlandmarks = VectorIndex.nonlandmark_index(nl_vectors, nl_rows, image_ids, labels, config, meta)
     info["seconds"] = round(time.perf_counter() - started, 3)
     return VectorIndex(merged, image_ids, labels, config, meta, factory, config.search or search, nonlandmarks, info)

@@ -25,13 +25,19 @@ def _runs():
         _stage("train", "clf", 1000, 3.0, [["train", None], ["classes", None]]),
         _stage("train", "voc", 5000, 5.0, [["train", None]], cap=20_000),
         _stage("search", "s", 100 * 50, 1.0, [["queries", None], ["train", None]]),
+        _stage("tune", "t", 100, 1.0, [["train", None]]),
+        _stage("extract", "q/train", 100, 7.0, [["train", None]], parallel=True, split="train", workers=2),
+        _stage("extract", "q/queries", 20, 3.0, [["queries", None]], parallel=True, split="queries", workers=2),
     ]}
     large = {"quantities": {"train": 200, "queries": 100, "classes": 20}, "stages": [
         _stage("extract", "x", 200, 22.0, [["train", None]], parallel=True, output_bytes=2000),
         _stage("train", "clf", 4000, 9.0, [["train", None], ["classes", None]]),
         _stage("train", "voc", 10_000, 9.0, [["train", None]], cap=20_000),
-        _stage("search", "s", 200 * 100, 0.5, [["queries", None], ["train", None]]),  # noise: faster
+        _stage("search", "s", 200 * 100, 3.0, [["queries", None], ["train", None]]),
+        _stage("tune", "t", 200, 0.5, [["train", None]]),  # noise: faster than in the smaller sample
         _stage("report", "r", 100, 4.0, [["queries", None]]),  # only in the larger sample
+        _stage("extract", "q/train", 200, 12.0, [["train", None]], parallel=True, split="train", workers=2),
+        _stage("extract", "q/queries", 40, 4.0, [["queries", None]], parallel=True, split="queries", workers=2),
     ]}
     return small, large
 
@@ -41,9 +47,15 @@ def test_fit_is_fixed_plus_per_unit_over_the_two_samples():
     assert fitted["x"]["seconds_per_unit"] == pytest.approx(0.1) and fitted["x"]["fixed_seconds"] == pytest.approx(2)
     assert fitted["clf"]["seconds_per_unit"] == pytest.approx(0.002)
     assert fitted["clf"]["fixed_seconds"] == pytest.approx(1.0)
-    # no growth seen (noise) or one sample only: all of it per unit, nothing fixed
-    assert fitted["s"]["seconds_per_unit"] == pytest.approx(0.5 / 20_000) and fitted["s"]["fixed_seconds"] == 0
+    assert fitted["s"]["seconds_per_unit"] == pytest.approx(2 / 15_000)
+    # no growth seen (start-up noise above the work): fixed; one sample only: all of it per unit
+    assert fitted["t"]["seconds_per_unit"] == 0 and fitted["t"]["fixed_seconds"] == pytest.approx(0.75)
     assert fitted["r"]["seconds_per_unit"] == pytest.approx(0.04) and fitted["r"]["fixed_seconds"] == 0
+    # a Beam job's two splits share one line through their four points: t = 2 + 0.05 x
+    for key in ("q/train", "q/queries"):
+        assert fitted[key]["points"] == 4
+        assert fitted[key]["seconds_per_unit"] == pytest.approx(0.05) and fitted[key]["fixed_seconds"] == \
+            pytest.approx(2.0)
 
 
 def test_projection_scales_each_stage_by_what_it_grows_with():
@@ -61,7 +73,8 @@ def test_projection_scales_each_stage_by_what_it_grows_with():
     assert ten["x"]["seconds"] == pytest.approx(2 + 0.1 * 1000 * 2 / 40)  # Beam stage: 40 cores instead of 2
     assert ten["clf"]["seconds"] == one["clf"]["seconds"]  # on the launching machine
     scanned = {r["key"]: r for r in P.project(fitted, large["quantities"], want, 1, 2, scanned={"s": 0.25})}
-    assert scanned["s"]["seconds"] == pytest.approx(one["s"]["seconds"] * 0.25)
+    fixed = {f["key"]: f for f in fitted}["s"]["fixed_seconds"]
+    assert scanned["s"]["seconds"] == pytest.approx(fixed + (one["s"]["seconds"] - fixed) * 0.25)  # the work only
     assert scanned["x"]["seconds"] == one["x"]["seconds"]  # only the search (and tuning) scan an index
 
 
