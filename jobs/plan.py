@@ -138,7 +138,7 @@ def _ratio(grows: list, have: dict, want: dict) -> float:
     return r
 
 
-MODEL_VERSION = 2  # of what the sample runs record; older measurements are not reused
+MODEL_VERSION = 3  # of what the sample runs record; older measurements are not reused
 
 
 def fit(small: dict, large: dict) -> list[dict]:
@@ -147,11 +147,17 @@ def fit(small: dict, large: dict) -> list[dict]:
     worker processes) pool their points: up to four sizes. A slope that comes out negative (start-up noise
     above the work) is taken as 0: the stage's time is then fixed."""
     points: dict[tuple, list[tuple[float, float]]] = {}
+    cpu: dict[tuple, list[tuple[float, float]]] = {}
     for run in (small, large):
         for r in run["stages"]:
             points.setdefault(_family(r), []).append((float(r["units"]), float(r["seconds"])))
+            if r.get("cpu_seconds") is not None:
+                cpu.setdefault(_family(r), []).append((float(r["units"]), float(r["cpu_seconds"])))
     fitted = []
     for r in large["stages"]:
+        if r.get("parallel") and len(cpu.get(_family(r), [])) >= 2:
+            fitted.append(_fit_beam_stage(r, cpu[_family(r)]))
+            continue
         xs, ts = zip(*points[_family(r)], strict=True)
         mx, mt = sum(xs) / len(xs), sum(ts) / len(ts)
         var = sum((x - mx) ** 2 for x in xs)
@@ -167,6 +173,26 @@ def fit(small: dict, large: dict) -> list[dict]:
                        "seconds_per_unit": per_unit, "measured_seconds": float(r["seconds"]),
                        "points": len(xs), "peak_bytes": r.get("peak_bytes", 0)})
     return fitted
+
+
+def _slope(pts: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(slope, mean x, mean y) of the least-squares line through ``pts``."""
+    xs, ys = zip(*pts, strict=True)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return (sum((x - mx) * (y - my) for x, y in pts) / var if var else 0.0), mx, my
+
+
+def _fit_beam_stage(r: dict, cpu_points: list[tuple[float, float]]) -> dict:
+    """A Beam stage: its per-unit cost from its CPU time (core-seconds per unit, the slope over the samples),
+    spread over the cores it ran on; its fixed time is what the larger sample's wall time leaves. The wall time
+    of a small sample depends on how evenly Beam spread it over the workers; its CPU time does not."""
+    slope, _, _ = _slope(cpu_points)
+    per_unit = max(0.0, slope) / max(1, int(r.get("cores", 1)))
+    fixed = max(0.0, float(r["seconds"]) - per_unit * float(r["units"]))
+    return {**{k: v for k, v in r.items() if k not in EXCLUDED}, "fixed_seconds": fixed, "seconds_per_unit": per_unit,
+            "measured_seconds": float(r["seconds"]), "points": len(cpu_points), "from": "cpu",
+            "peak_bytes": r.get("peak_bytes", 0)}
 
 
 def _family(record: dict) -> tuple:

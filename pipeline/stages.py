@@ -11,6 +11,9 @@ the launching machine, and how its work grows with the size of the data (``grows
             [["queries", None], ["train", None]]; k-means on a capped descriptor sample with [["train", None]]
             and ``cap`` on the units themselves.
 
+``cpu_seconds`` is the CPU time the stage used, in this process and in worker processes that ended with it:
+unlike its wall time it does not depend on how evenly Beam spread a small input over the workers.
+
 Peak memory is the launching process's high-water mark during the stage (Linux: reset per stage through
 /proc/self/clear_refs) and, for stages run in worker processes, the largest worker's (ru_maxrss of the
 children, which Linux keeps for the whole run, so it is an upper bound for that stage).
@@ -65,6 +68,12 @@ def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished worker processes (user + system)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _children_peak() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
@@ -85,6 +94,7 @@ def stage(kind: str, key: str, **info):
         return
     _reset_peak()
     children_before = _children_peak()
+    cpu_before = _cpu_seconds()
     started = time.perf_counter()
     _OPEN.append(record)
     try:
@@ -94,6 +104,7 @@ def stage(kind: str, key: str, **info):
     # parts the stage recorded on their own (stages.add) are not counted twice
     record["seconds"] = round(time.perf_counter() - started - record.pop("minus_seconds", 0.0), 4)
     record["started"], record["ended"] = round(started, 3), round(time.perf_counter(), 3)
+    record["cpu_seconds"] = round(_cpu_seconds() - cpu_before, 3)
     record["peak_bytes"] = _peak_bytes()
     children = _children_peak()
     record["worker_peak_bytes"] = children if children > children_before else 0
