@@ -20,7 +20,6 @@ OUT/plan.csv. The measured run it is checked against is in BENCHMARKS.md (sectio
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
@@ -108,10 +107,8 @@ def measure(argv: list[str], train: str, queries: str, size: int, folder: str) -
         shutil.rmtree(run_dir)
     run_argv = [*argv, "--train", sample["train"], "--queries", sample["queries"], "--out", run_dir]
     started = time.perf_counter()
-    log_path = fs.join(folder, "compare.log")
-    with stages.recording() as ledger, open(log_path, "w", encoding="utf-8") as log_file, \
-            contextlib.redirect_stdout(log_file), common.sized_as(1 / sample["fraction"]):  # tables: to the log
-        compare.run(run_argv)
+    with stages.recording() as ledger, common.sized_as(1 / sample["fraction"]):
+        compare.compare_from_args(run_argv)
     seconds = time.perf_counter() - started
     work = fs.join(folder, "run")
     for r in ledger:
@@ -453,8 +450,8 @@ def run(argv=None, test_pipeline=None) -> dict:
             runs.append(cfg.load_json(record_path))
             log.info("plan: reusing the sample of %d database images measured in %s", size, folder)
             continue
-        log.info("plan: measuring every stage on a sample of %d database images (its compare output: %s)", size,
-                 fs.join(folder, "compare.log"))
+        log.info("plan: measuring every stage on a sample of %d database images (its comparison: %s)", size,
+                 fs.join(folder, "run"))
         runs.append({**measure(compare_argv, args.train, args.queries, size, folder), "source": source})
         cfg.save_json(record_path, runs[-1])
     fitted = fit(*runs)

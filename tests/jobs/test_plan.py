@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 
@@ -164,7 +165,11 @@ def test_plan_end_to_end_on_the_tiny_set(tmp_path, tiny_synth, capsys):
     one, ten = ({r["key"]: r for r in p["stages"]} for p in record["plans"])
     extract_train = next(k for k, r in one.items() if r["kind"] == "extract" and r["split"] == "train")
     assert one[extract_train]["units"] == 1_000_000 and one[extract_train]["parallel"]
-    assert ten[extract_train]["seconds"] < one[extract_train]["seconds"]
+    f = next(f for f in record["fitted"] if f["key"] == extract_train)
+    cores = os.cpu_count()
+    for plan_, workers in ((one, 1), (ten, 10)):  # the per-unit work spread over the workers' cores
+        assert plan_[extract_train]["seconds"] == pytest.approx(
+            f["fixed_seconds"] + f["seconds_per_unit"] * 1_000_000 * f["cores"] / (workers * cores))
     classifier = next(k for k, r in one.items() if r["kind"] == "train" and "classifier" in r["name"])
     assert ten[classifier]["seconds"] == one[classifier]["seconds"]  # trained on the launching machine
     assert record["plans"][0]["indices"][0]["factory"].startswith("IVF")
@@ -175,3 +180,19 @@ def test_plan_end_to_end_on_the_tiny_set(tmp_path, tiny_synth, capsys):
     before = measured.stat().st_mtime_ns
     assert main([*argv, "--reuse"]) == 0
     assert measured.stat().st_mtime_ns == before  # the samples were not measured again
+
+
+def test_beam_stages_take_their_per_unit_cost_from_cpu_time():
+    """A small input spread unevenly over the workers makes a Beam stage's wall time noisy; its CPU time is
+    not: the per-unit cost is the CPU slope over the cores, the fixed time what the larger sample's wall leaves."""
+    stage = {"kind": "extract", "name": "extract cnn", "grows": [["train", None]], "parallel": True, "cores": 2,
+             "cap": None, "output_bytes": 0, "split": "train", "workers": 2}
+    small = {"quantities": {"train": 100}, "stages": [
+        {**stage, "key": "e/train", "units": 100, "seconds": 14.0, "cpu_seconds": 12.0}]}
+    large = {"quantities": {"train": 200}, "stages": [
+        {**stage, "key": "e/train", "units": 200, "seconds": 13.0, "cpu_seconds": 16.0}]}  # wall: noise
+    (f,) = P.fit(small, large)
+    assert f["from"] == "cpu" and f["seconds_per_unit"] == pytest.approx(0.04 / 2)
+    assert f["fixed_seconds"] == pytest.approx(13.0 - 0.02 * 200)
+    (row,) = P.project([f], large["quantities"], {"train": 2000}, workers=1, cores_per_worker=2)
+    assert row["seconds"] == pytest.approx(9.0 + 0.02 * 2000)
