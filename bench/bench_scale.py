@@ -165,16 +165,24 @@ def _measured_entries(measured: dict, detailed: bool) -> list[dict]:
         for r in stage_rows:
             if r["kind"] not in ("extract", "encode", "train", "sample", "index"):
                 continue
-            images = r.get("images") or r.get("vectors") or r.get("units") or 0
-            per_core = images / r["seconds"] / max(1, r.get("cores", cores)) if r["seconds"] else None
+            if r["name"].startswith("k-means"):
+                count, unit = r.get("units") or 0, "descriptors/s/core"
+            elif r["kind"] == "index":
+                count, unit = r.get("vectors") or r.get("units") or 0, "vectors/s/core"
+            else:
+                count, unit = r.get("images") or r.get("units") or 0, "images/s/core"
+            per_core = count / r["seconds"] / max(1, r.get("cores", cores)) if r["seconds"] else None
             name = f"{r['name']} {r.get('split', '')} [{_method(r)}]".replace("  ", " ")
             if reference is None and r["kind"] == "extract":
                 reference = name  # the first extraction (hog's): the others' ratios say how much slower
-            note = (f"{r['seconds']:.1f} s on {r.get('cores', cores)} cores "
-                    f"({'Beam workers' if r['parallel'] else 'launcher'}); peak {r.get('peak_bytes', 0) / 1e6:,.0f} MB"
-                    + (f", largest worker {r['worker_peak_bytes'] / 1e6:,.0f} MB" if r.get("worker_peak_bytes")
-                       else "") + f"; wrote {r.get('output_bytes', 0) / 1e6:,.1f} MB")
-            out.append(entry(group, name, per_core, "images/s/core", reference if name != reference else None,
+            memory = [f"peak {r['peak_bytes'] / 1e6:,.0f} MB"] if r.get("peak_bytes") else []
+            if r.get("worker_peak_bytes"):
+                memory.append(f"largest worker process so far {r['worker_peak_bytes'] / 1e6:,.0f} MB")
+            note = "; ".join([f"{r['seconds']:.1f} s on {r.get('cores', cores)} cores "
+                              f"({'Beam workers' if r['parallel'] else 'launcher'})", *memory,
+                              f"wrote {r.get('output_bytes', 0) / 1e6:,.1f} MB"])
+            out.append(entry(group, name, per_core, unit, reference if unit == "images/s/core" and name != reference
+                             else None,
                              note=note, seconds=r["seconds"], peak_bytes=r.get("peak_bytes"),
                              output_bytes=r.get("output_bytes"), units=r.get("units")))
     for kind, seconds in _by_kind(stage_rows).items():
