@@ -127,8 +127,8 @@ def test_stage_records_skip_reused_stages_and_number_repeated_ones():
     with stages.recording() as ledger:
         with stages.stage("extract", "a") as st:
             st.update(units=3)
-        with stages.stage("extract", "a"):  # the same work again (an index rebuilt for a second method)
-            pass
+        with stages.stage("extract", "a") as again:  # the same work again (an index rebuilt for a second method)
+            again.update(units=2)
         with stages.stage("train", "b"):
             stages.mark_reused()
         with stages.stage("recognize", "c") as st:
