@@ -12,7 +12,7 @@ from jobs import plan as P
 from jobs.cli import main
 from pipeline import stages
 from pipeline.errors import CairnError
-from tests.conftest import write_manifest
+from tests.conftest import cairn, write_manifest
 
 
 def _stage(kind, key, units, seconds, grows, parallel=False, cores=2, cap=None, output_bytes=0, **kw):
@@ -152,13 +152,16 @@ def test_plan_flags_are_checked(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_plan_end_to_end_on_the_tiny_set(tmp_path, tiny_synth, capsys):
+def test_plan_end_to_end_on_the_tiny_set(tmp_path, tiny_synth):
+    """`cairn plan` in a subprocess, as a user runs it (its sample runs' Beam pipelines and logging stay out of
+    the test process)."""
     out = tmp_path / "plan"
     argv = ["plan", "--manifest", str(tiny_synth / "train.csv"), "--queries", str(tiny_synth / "queries.csv"),
             "--out", str(out), "--methods", "hog", "hog-linear", "--sample", "20", "--workers", "1,10",
             "--target", "train=1000000,classes=13000,queries=100000", "--runner=DirectRunner"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
+    result = cairn(*argv)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = result.stdout
     assert "assumptions:" in printed and "index memory" in printed and "10 worker(s)" in printed
     record = json.loads((out / "plan.json").read_text())
     assert [p["workers"] for p in record["plans"]] == [1, 10]
@@ -178,7 +181,7 @@ def test_plan_end_to_end_on_the_tiny_set(tmp_path, tiny_synth, capsys):
     assert len(rows) == 2 * len(one)
     measured = out / "work" / "sample-20" / "measured.json"
     before = measured.stat().st_mtime_ns
-    assert main([*argv, "--reuse"]) == 0
+    assert cairn(*argv, "--reuse").returncode == 0
     assert measured.stat().st_mtime_ns == before  # the samples were not measured again
 
 
