@@ -53,8 +53,6 @@ SETTINGS = ["cnn.finetune.input_size=96", "cnn.finetune.epochs=1", "cnn.finetune
 
 def compare_args(data: str, out: str, pretrained: str = PRETRAINED) -> list[str]:
     """The `cairn compare` arguments of the measured run (and of its `cairn plan`)."""
-    from jobs.demo import demo_config  # noqa: F401  (the same deep-model settings as the demo)
-
     deep = ["cnn.finetune.backbone.name=mobilenet", "delf.train.backbone.name=mobilenet",
             "detect.train.backbone.name=mobilenet"]
     if os.path.isfile(pretrained):

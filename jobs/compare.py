@@ -162,15 +162,18 @@ def build_parser():
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    metrics = compare_from_args(argv)
-    args, _ = common.parse_beam_job(build_parser(), argv)
+    args, beam_args = common.parse_beam_job(build_parser(), argv)
+    metrics = _compare_args(args, beam_args)
     _print_summary(args.out, metrics)
     return metrics
 
 
 def compare_from_args(argv=None) -> dict:
     """The comparison a `cairn compare` command line asks for, without printing (`cairn plan`'s samples)."""
-    args, beam_args = common.parse_beam_job(build_parser(), argv)
+    return _compare_args(*common.parse_beam_job(build_parser(), argv))
+
+
+def _compare_args(args, beam_args: list[str]) -> dict:
     config = parse_overrides(args.set)
     names = args.methods or methods.defaults(bool(config.cnn_pretrained.model),
                                              bool(args.boxes or config.detect.detect.model))

@@ -151,10 +151,8 @@ class DryRun(Exception):  # noqa: N818 - not an error: the job stops after a suc
 
 def run_and_wait(p: beam.Pipeline):
     """Run ``p`` to the end; returns its result. After a dry run raises :class:`DryRun`."""
-    from apache_beam.options.pipeline_options import TestOptions
-
     result = p.run()
-    if p.options.view_as(TestOptions).dry_run is True:
+    if is_dry_run(p.options):
         raise DryRun(f"dry run: the pipeline was built and validated for --runner={runner_name(p.options)} and not "
                      "submitted; drop --dry_run to run it")
     result.wait_until_finish()

@@ -84,11 +84,7 @@ def stage(kind: str, key: str, **info):
     unique, usually its output folder). The block fills the yielded dict: ``units``, ``grows``, ``parallel``,
     ``cores``, ``output_bytes``, ``images``, ``reused``. A stage that reuses earlier outputs (mark_reused) is not
     recorded; one run again under the same ``key`` is recorded as ``key#2``, ``key#3``, ..."""
-    if _LEDGER is not None:  # the same stage run again (an index rebuilt for a second method): its own record
-        repeats = sum(1 for r in _LEDGER if r["key"].split("#")[0] == key)
-        key = f"{key}#{repeats + 1}" if repeats else key
-    record = {"kind": kind, "key": key, "units": 0, "grows": [], "cap": None, "parallel": False,
-              "cores": os.cpu_count() or 1, "output_bytes": 0, "images": 0, "reused": False, **info}
+    record = _record(kind, key, info)
     if _LEDGER is None:
         yield record
         return
@@ -119,9 +115,18 @@ def mark_reused() -> None:
 
 
 def add(kind: str, key: str, seconds: float, **info) -> None:
-    """Record a part of a stage that the stage timed itself (e.g. a recognition's search, inside it)."""
-    if _LEDGER is None or any(r["key"] == key for r in _LEDGER):
-        return
-    _LEDGER.append({"kind": kind, "key": key, "units": 0, "grows": [], "cap": None, "parallel": False,
-                    "cores": os.cpu_count() or 1, "output_bytes": 0, "images": 0, "reused": False,
-                    "peak_bytes": 0, "worker_peak_bytes": 0, **info, "seconds": round(float(seconds), 4)})
+    """Record a part of a stage that the stage timed itself (e.g. a recognition's search, inside it); a part
+    of a stage run again is numbered as the stage is."""
+    if _LEDGER is not None:
+        _LEDGER.append({**_record(kind, key, info), "peak_bytes": 0, "worker_peak_bytes": 0,
+                        "seconds": round(float(seconds), 4)})
+
+
+def _record(kind: str, key: str, info: dict) -> dict:
+    """A new stage record; a ``key`` already recorded (the same work again, e.g. an index rebuilt for a second
+    method) becomes ``key#2``, ``key#3``, ..."""
+    if _LEDGER is not None:
+        repeats = sum(1 for r in _LEDGER if r["key"].split("#")[0] == key)
+        key = f"{key}#{repeats + 1}" if repeats else key
+    return {"kind": kind, "key": key, "units": 0, "grows": [], "cap": None, "parallel": False,
+            "cores": os.cpu_count() or 1, "output_bytes": 0, "images": 0, "reused": False, **info}
