@@ -363,14 +363,17 @@ def _tree_bytes(folder: str) -> int:
 
 
 def _train(name: str, out: str, fn, grows: list | None = None, cap=None, units_of=None, subset_cap=None,
-           pca_cap=None):
+           pca_cap=None, probe_of=None):
     """Run a training step (``fn()`` -> its train.json record) as a launcher stage growing with ``grows``. A
     vocabulary's record splits into its Beam descriptor sampling, k-means (the stage itself, on a capped sample)
-    and the encoder's fit on a subset of images."""
+    and the encoder's fit on a subset of images. ``probe_of(record)``: the kernel cairn plan times at the
+    target's shape instead of extrapolating the sample's time (jobs/plan.py, probe_seconds)."""
     with stages.stage("train", out, name=name, grows=grows or [["train", None]], cap=cap) as st:
         record = fn()
         st.update(units=int(units_of(record) if units_of else record.get("images", 0) or 0),
                   images=int(record.get("images", 0) or 0), output_bytes=_tree_bytes(out))
+        if probe_of is not None and (probe := probe_of(record)):
+            st["probe"] = probe
         pca = record.get("pca") if isinstance(record.get("pca"), dict) else None
         if pca and pca.get("seconds") and not st["reused"]:  # DELF: its PCA learns from a capped image sample
             stages.add("train", fs.join(out, "pca"), pca["seconds"], name=f"PCA, {name}",
@@ -609,9 +612,17 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     home = fs.join(ctx.work, method)
     classifier, verify, trained = None, None, base["train"]
     if method.endswith("-linear"):
+        cc = config.classifier
+        # softmax: SGD steps of batch x dim x classes, priced by cairn plan at the target's classes (probe);
+        # nearest class mean: one pass over the images
+        softmax = cc.kind == "softmax"
         trained = _train(f"classifier ({method})", fs.join(home, "classifier"), lambda: train(
             method, fs.join(base["vectors"], "train"), fs.join(home, "classifier"), config, force=ctx.force),
-            grows=[["train", None], ["classes", None]], units_of=lambda r: r.get("images", 0) * r.get("classes", 1))
+            grows=[["train", None], ["classes", None]] if softmax else [["train", None]],
+            units_of=lambda r: r.get("images", 0) * (r.get("classes", 1) if softmax else 1),
+            probe_of=lambda r: {"kernel": "softmax-step", "dim": int(r.get("dim", 0)), "batch": cc.batch_size,
+                                "epochs": cc.epochs, "train_share": 1 - cc.validation_fraction}
+            if softmax and r.get("dim") else None)
         classifier = fs.join(home, "classifier", "classifier.npz")
     if method.endswith("+sv") or method == "cnn+delf":
         sv = config.delf.sv if "delf" in method else config.sv
@@ -620,7 +631,8 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
         rec = recognize(base["index"], fs.join(base["vectors"], "queries"), fs.join(home, "recognize"), ctx.vote,
                         ctx.neighbours, classifier=classifier, verify=verify,
                         tune_config=None if classifier else ctx.tune, db_features=fs.join(base["vectors"], "train"))
-        _recognize_parts(st, rec, base["indexed"]["count"], home)
+        _recognize_parts(st, rec, base["indexed"]["count"], home,
+                         classes=int(trained.get("classes", 0) or 0) if classifier else None)
     return {"costs": _costs(method, base, trained, rec), "recognize": fs.join(home, "recognize"),
             "dead_letters": {split: r["outputs"]["dead_letters"] for split, r in base["extract"].items()},
             "counts": {split: r["counts"] for split, r in base["extract"].items()}, "index": base["index"],
@@ -628,14 +640,16 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
             if "detector" in base else None}
 
 
-def _recognize_parts(st: dict, rec: dict, database: int, home: str) -> None:
-    """Split a recognition's stage record into its search (queries x database vectors), tuning (held-out
-    database images x database), verification (queries) and the rest (per query)."""
+def _recognize_parts(st: dict, rec: dict, database: int, home: str, classes: int | None = None) -> None:
+    """Split a recognition's stage record into its search (queries x database vectors, or with a classifier
+    queries x its ``classes``), tuning (held-out database images x database), verification (queries) and the
+    rest (per query)."""
     queries = int(rec["counts"]["queries"])
     st.update(units=queries, grows=[["queries", None]])
     tuning = rec.get("tuning") or {}
-    parts = [("search", "search", rec.get("search_seconds", 0.0), queries * database,
-              [["queries", None], ["train", None]]),
+    searched = (queries * classes, [["queries", None], ["classes", None]]) if classes else \
+        (queries * database, [["queries", None], ["train", None]])
+    parts = [("search", "search", rec.get("search_seconds", 0.0), *searched),
              ("verify", "spatial verification", rec.get("verify_seconds", 0.0), queries, [["queries", None]])]
     if tuning.get("seconds"):
         held_out = int(tuning.get("queries", 0) or 0)

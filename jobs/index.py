@@ -23,7 +23,7 @@ from index.faiss_index import IndexConfig, VectorIndex
 from jobs import common
 from pipeline import fs
 from pipeline.errors import CairnError
-from pipeline.parquet_io import find_shards, read_shards
+from pipeline.parquet_io import find_shards, read_file, read_shards
 from pipeline.schemas import cairn_metadata, labels_of, vectors_of
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def feature_parts(prefix: str):
     def load(path):
         def part():
             with fs.FileSystems.open(path) as f:
-                table = pq.read_table(f)
+                table = read_file(f)
             return vectors_of(table), table.column("id").to_pylist(), labels_of(table)
         return part
 

@@ -1,12 +1,13 @@
 """cairn plan: what a comparison run will cost, before it runs, measured on samples of its own manifests.
 
 Runs `cairn compare` (the same methods, --set parameters and boxes) on two samples of the manifests on this
-machine, SAMPLE and SAMPLE/2 database images (whole classes, the non-landmark images at the same rate, the
-queries at the same rate as the database), with every stage recorded (pipeline/stages.py). Each stage's time
-is fitted as fixed + per-unit cost over the two samples, where a unit is what the stage's work grows with:
-images for extraction, encoding, fine-tuning and index adds; images x classes for the linear classifiers;
-sampled descriptors (capped by the vocabulary's sample size) for k-means; queries x database vectors for the
-search; held-out database images x database vectors for the vote tuning. The fit is then projected to the
+machine, each in a process of its own: SAMPLE and SAMPLE/2 database images (whole classes, the non-landmark
+images at the same rate, the queries at the same rate as the database), with every stage recorded
+(pipeline/stages.py). Each stage's time is fitted as fixed + per-unit cost over the two samples, where a unit
+is what the stage's work grows with: images for extraction, encoding, fine-tuning and index adds; SGD steps
+timed at the target's shape for the softmax classifiers; sampled descriptors (capped by the vocabulary's sample
+size) for k-means; queries x database vectors for the search (queries x classes for a classifier); held-out
+database images x database vectors for the vote tuning. The fit is then projected to the
 whole manifests (or to --target sizes) on --workers workers: the stages that run on Beam workers
 (extraction, encoding, descriptor sampling, and with a cluster the index adds) divide their per-unit time by
 the cluster's cores over the cores they used here; the rest (training, index training and merging, search,
@@ -23,9 +24,11 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 import random
 import shutil
+import sys
 import time
 
 from jobs import common
@@ -96,29 +99,60 @@ def sample_manifests(train: str, queries: str, size: int, folder: str, seed: int
 
 
 def measure(argv: list[str], train: str, queries: str, size: int, folder: str) -> dict:
-    """Run `cairn compare` ``argv`` on a sample of ``size`` database images with its stages recorded. Each stage
-    runs in-process or on worker processes as it would on the whole manifests (common.sized_as)."""
-    from jobs import compare
-    from pipeline import stages
+    """Run `cairn compare` ``argv`` on a sample of ``size`` database images with its stages recorded, in a process
+    of its own as the real run would be: each sample then pays the same start-up (imports, the first TensorFlow
+    graph), which would otherwise fall on the first sample only and tilt the fitted lines. Each stage runs
+    in-process or on worker processes as it would on the whole manifests (common.sized_as)."""
+    import subprocess
 
     sample = sample_manifests(train, queries, size, fs.join(folder, "manifests"))
     run_dir = fs.join(folder, "run")
     if fs.is_local_dir(run_dir):  # from scratch, sharing what compare shares (--force would redo shared work)
         shutil.rmtree(run_dir)
-    run_argv = [*argv, "--train", sample["train"], "--queries", sample["queries"], "--out", run_dir]
+    spec = {"argv": [*argv, "--train", sample["train"], "--queries", sample["queries"], "--out", run_dir],
+            "factor": 1 / sample["fraction"], "result": fs.join(folder, "stages.json"),
+            "verbose": log.isEnabledFor(logging.DEBUG)}
+    spec_path = fs.join(folder, "sample-run.json")
+    cfg.save_json(spec_path, spec)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
-    with stages.recording() as ledger, common.sized_as(1 / sample["fraction"]):
-        compare.compare_from_args(run_argv)
+    with open(fs.join(folder, "compare.log"), "w", encoding="utf-8") as stdout:  # its summary; logs go to stderr
+        done = subprocess.run([sys.executable, "-c", "import sys; from jobs.plan import _measure_child; "
+                               "sys.exit(_measure_child(sys.argv[1]))", spec_path], stdout=stdout, env=env,
+                              check=False)
     seconds = time.perf_counter() - started
-    work = fs.join(folder, "run")
+    if done.returncode != 0:
+        raise CairnError(f"the comparison on the sample of {size} database images failed (exit {done.returncode}); "
+                         f"see its messages above and {fs.join(folder, 'compare.log')}")
+    ledger = cfg.load_json(spec["result"])["stages"]
     for r in ledger:
-        r["key"] = r["key"].replace(work, "RUN")
+        r["key"] = r["key"].replace(run_dir, "RUN")
     other = seconds - sum(r["seconds"] for r in ledger)
-    ledger.append({"kind": "other", "key": "RUN/other", "name": "compare's own work (manifests, copies)",
-                   "units": 1, "grows": [["train", None]], "cap": None, "parallel": False, "cores": os.cpu_count(),
+    ledger.append({"kind": "other", "key": "RUN/other", "name": "compare's own work (start-up, manifests, copies)",
+                   "units": 1, "grows": [], "cap": None, "parallel": False, "cores": os.cpu_count(),
                    "output_bytes": 0, "seconds": round(max(0.0, other), 3)})
     return {"quantities": quantities(sample["train"], sample["queries"]), "seconds": round(seconds, 2),
             "stages": ledger}
+
+
+def _measure_child(spec_path: str) -> int:
+    """The sample run's own process (see measure): compare with its stages recorded into spec["result"]."""
+    from jobs import compare
+    from jobs.cli import one_line
+    from jobs.logs import setup_logging
+    from pipeline import stages
+
+    spec = cfg.load_json(spec_path)
+    setup_logging(verbose=bool(spec.get("verbose")))
+    try:
+        with stages.recording() as ledger, common.sized_as(float(spec["factor"])):
+            compare.compare_from_args(spec["argv"])
+    except CairnError as e:
+        print(f"cairn plan: the sample run failed: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    cfg.save_json(spec["result"], {"stages": ledger})
+    return 0
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -135,7 +169,7 @@ def _ratio(grows: list, have: dict, want: dict) -> float:
     return r
 
 
-MODEL_VERSION = 3  # of what the sample runs record; older measurements are not reused
+MODEL_VERSION = 5  # of what the sample runs record; older measurements are not reused
 
 
 def fit(small: dict, large: dict) -> list[dict]:
@@ -152,6 +186,13 @@ def fit(small: dict, large: dict) -> list[dict]:
                 cpu.setdefault(_family(r), []).append((float(r["units"]), float(r["cpu_seconds"])))
     fitted = []
     for r in large["stages"]:
+        if r.get("probe"):  # its work is timed at the target's shape: the sample's time beyond it is fixed
+            fitted.append({**{k: v for k, v in r.items() if k not in EXCLUDED},
+                           "fixed_seconds": max(0.0, float(r["seconds"]) - probe_seconds(r["probe"],
+                                                                                         large["quantities"])),
+                           "seconds_per_unit": 0.0, "measured_seconds": float(r["seconds"]), "points": 1,
+                           "from": "probe", "peak_bytes": r.get("peak_bytes", 0)})
+            continue
         if r.get("parallel") and len(cpu.get(_family(r), [])) >= 2:
             fitted.append(_fit_beam_stage(r, cpu[_family(r)]))
             continue
@@ -192,6 +233,26 @@ def _fit_beam_stage(r: dict, cpu_points: list[tuple[float, float]]) -> dict:
             "peak_bytes": r.get("peak_bytes", 0)}
 
 
+_STEP_SECONDS: dict[tuple, float] = {}
+
+
+def probe_seconds(probe: dict, quantities: dict) -> float:
+    """Seconds of a stage's kernel at ``quantities``, timed on this machine at that shape. The one kernel:
+    "softmax-step", a softmax classifier's SGD (epochs x train_share x images / batch steps of batch x dim x
+    classes + 1, the non-landmark images being a class of their own); a step at 13,000 classes runs BLAS at
+    another speed than at a sample's twenty, so it is timed, not extrapolated."""
+    if probe.get("kernel") != "softmax-step":
+        raise CairnError(f"cairn plan: unknown cost probe {probe.get('kernel')!r} (measured by another version?); "
+                         "measure the samples again with --force")
+    from models.classifiers import softmax_step_seconds
+
+    shape = (int(probe["batch"]), int(probe["dim"]), int(quantities.get("classes", 0)) + 1)
+    if shape not in _STEP_SECONDS:
+        _STEP_SECONDS[shape] = softmax_step_seconds(*shape)
+    steps = int(probe["epochs"]) * math.ceil(float(probe["train_share"]) * quantities.get("train", 0) / shape[0])
+    return steps * _STEP_SECONDS[shape]
+
+
 def _family(record: dict) -> tuple:
     """The stages that share a cost line: a Beam job's database and query splits (the same folder and worker
     processes); every other stage alone."""
@@ -211,7 +272,9 @@ def project(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_
         if f.get("cap"):
             units = min(units, float(f["cap"]))
         work = f["seconds_per_unit"] * units
-        if f["kind"] in ("search", "tune"):
+        if f.get("probe"):
+            work = probe_seconds(f["probe"], want)
+        if f["kind"] in ("search", "tune") and any(name == "train" for name, _ in f["grows"]):  # an index's scan
             work *= (scanned or {}).get(_method_of(f["key"]), 1.0)
         # Beam workers: the cores of the cluster over the cores the stage used here. The index adds run on this
         # machine in a local run and on workers with a cluster runner (--beam auto)
@@ -295,11 +358,14 @@ def plan(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_wor
         "k-means learns from at most the vocabulary's sample_size descriptors, the encoders from at most their "
         "idf/PCA image samples, the detector from at most max_images; fine-tuning and DELF do the same epochs "
         "over every image",
-        "linear classifiers cost images x classes; the search and the vote tuning cost queries (held-out "
+        "a softmax classifier costs epochs x images / batch SGD steps, each timed here at the target's classes and "
+        "dimension; its scoring costs queries x classes. The search and the vote tuning cost queries (held-out "
         "images: one per class, at most 2,000) x database vectors, of which an IVF index scans nprobe/nlist at "
         "the per-vector cost of the exact search measured on the samples (an overestimate for compressed codes)",
         "the samples' indices are exact (Flat): training an IVF index (k-means on up to max(65,536, 40 x nlist) "
         "vectors) at the projected size is not in the index stages' time",
+        "compare's own work outside the stages (start-up, reading manifests, copying outputs) takes as long as on the "
+        "larger sample",
         "storage: features and models as written on the samples, scaled by images; indices by the layout of the "
         "factory Cairn would build at the projected size",
     ]
@@ -414,8 +480,6 @@ def build_parser():
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    import sys
-
     argv = list(sys.argv[2:] if argv is None else argv)
     p = build_parser()
     args, _ = common.parse(p, argv, beam=True)

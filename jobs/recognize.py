@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from index.faiss_index import VectorIndex
 from index.recognize import (
@@ -46,7 +45,7 @@ from jobs import common
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
-from pipeline.parquet_io import read_shards, write_table
+from pipeline.parquet_io import read_file, read_shards, write_table
 from pipeline.schemas import cairn_metadata, same_features, sparse_matrix_of, vectors_of
 from pipeline.submission import write_submission
 
@@ -183,7 +182,7 @@ def read_rows(features: str, wanted: list[str], with_owner: bool = False):
     wanted_arr = pa.array(wanted, pa.string())
     for path in find_shards(features_prefix(features, kind)):
         with fs.FileSystems.open(path) as f:
-            t = pq.read_table(f)
+            t = read_file(f)
         meta = meta or cairn_metadata(t.schema)
         tables.append(t.filter(pc.is_in(t.column("id"), value_set=wanted_arr)))
     table = pa.concat_tables(tables)

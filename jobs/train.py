@@ -414,7 +414,8 @@ def train_classifier(method: str, features: str, out: str, config: classic.Class
     fs.makedirs(out)
     model.save(fs.join(out, "classifier.npz"), {"trained_on": _trained_on(source)})
     record = {"config": requested, "method": method, "features_metadata": _trained_on(source),
-              "classes": int(len(model.classes_)), "images": int(len(y)), "temperature": float(model.temperature_),
+              "classes": int(len(model.classes_)), "images": int(len(y)), "dim": int(X.shape[1]),
+              "temperature": float(model.temperature_),
               "calibration": getattr(model, "calibration_", ""), "train_seconds": round(seconds, 3)}
     _save_record(out, "classifier.npz", record)
     log.info("train %s: %s on %d images x %d classes in %.1f s (temperature %.3f)", method, config.kind, len(y),

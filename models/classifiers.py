@@ -415,6 +415,58 @@ def _adam(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, buf: np.nd
     p -= buf
 
 
+def _adam_state(W: np.ndarray, b: np.ndarray) -> dict:
+    """Adam's moments for the weights and biases, and a scratch buffer like W."""
+    return {"mW": np.zeros_like(W), "vW": np.zeros_like(W), "buf": np.empty_like(W), "mb": np.zeros_like(b),
+            "vb": np.zeros_like(b)}
+
+
+def _sgd_step(xb: np.ndarray, yb: np.ndarray, W: np.ndarray, b: np.ndarray, state: dict,
+              adjust: np.ndarray | None, lr: np.float32, wd: np.float32, t: int) -> float:
+    """One mini-batch step of the softmax classifier (W, b and ``state`` updated in place, ``t`` the 1-based
+    step number); returns the batch's summed cross-entropy."""
+    n = len(yb)
+    z = xb @ W.T
+    z += b
+    if adjust is not None:
+        z += adjust
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)  # z is now P [n, C]
+    p_true = z[np.arange(n), yb]
+    loss = float(-np.log(np.maximum(p_true, 1e-30)).sum(dtype=np.float64))
+    z[np.arange(n), yb] -= 1.0
+    z *= np.float32(1.0 / n)  # dL/dlogits
+    gW = z.T @ xb
+    gb = z.sum(axis=0)
+    step = lr * np.float32(math.sqrt(1.0 - 0.999 ** t) / (1.0 - 0.9 ** t))
+    if wd > 0:  # decoupled weight decay (AdamW), on the weights only
+        W *= 1 - lr * wd
+    _adam(W, gW, state["mW"], state["vW"], state["buf"], step)
+    _adam(b, gb, state["mb"], state["vb"], None, step)
+    return loss
+
+
+def softmax_step_seconds(batch: int, dim: int, classes: int, repeats: int = 3, seed: int = 0) -> float:
+    """Seconds one training step of :class:`SoftmaxClassifier` takes on this machine at this shape (a batch of
+    ``batch`` rows of ``dim`` features, ``classes`` classes): the median of ``repeats`` steps on random data,
+    after one untimed step. `cairn plan` prices a classifier at the target's class count with it, since a
+    sample's few classes say little about the BLAS speed at 13,000."""
+    import time
+
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((batch, dim), dtype=np.float32)
+    y = rng.integers(0, classes, batch)
+    W, b = np.zeros((classes, dim), np.float32), np.zeros(classes, np.float32)
+    state = _adam_state(W, b)
+    times = []
+    for t in range(1, repeats + 2):
+        started = time.perf_counter()
+        _sgd_step(X, y, W, b, state, None, np.float32(1e-2), np.float32(1e-4), t)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times[1:]))
+
+
 class SoftmaxClassifier(_CalibratedLinear):
     """Multinomial logistic regression (linear softmax) trained with mini-batch Adam in numpy float32.
 
@@ -515,8 +567,7 @@ class SoftmaxClassifier(_CalibratedLinear):
             adjust = (self.class_balance * np.log(prior / prior.sum())).astype(np.float32)
 
         lr, wd = np.float32(self.learning_rate), np.float32(self.weight_decay)
-        mW, vW, buf = np.zeros_like(W), np.zeros_like(W), np.empty_like(W)
-        mb, vb = np.zeros_like(b), np.zeros_like(b)
+        state = _adam_state(W, b)
         bs = int(self.batch_size)
         steps_per_epoch = math.ceil(len(train) / bs)
         t = 0
@@ -528,27 +579,8 @@ class SoftmaxClassifier(_CalibratedLinear):
             total = 0.0
             for lo in range(0, len(order), bs):
                 rows = order[lo:lo + bs]
-                xb, yb = X[rows], y_index[rows]
-                n = len(rows)
-                z = xb @ W.T
-                z += b
-                if adjust is not None:
-                    z += adjust
-                z -= z.max(axis=1, keepdims=True)
-                np.exp(z, out=z)
-                z /= z.sum(axis=1, keepdims=True)  # z is now P [n, C]
-                p_true = z[np.arange(n), yb]
-                total += float(-np.log(np.maximum(p_true, 1e-30)).sum(dtype=np.float64))
-                z[np.arange(n), yb] -= 1.0
-                z *= np.float32(1.0 / n)  # dL/dlogits
-                gW = z.T @ xb
-                gb = z.sum(axis=0)
                 t += 1
-                step = lr * np.float32(math.sqrt(1.0 - 0.999 ** t) / (1.0 - 0.9 ** t))
-                if wd > 0:  # decoupled weight decay (AdamW), on the weights only
-                    W *= 1 - lr * wd
-                _adam(W, gW, mW, vW, buf, step)
-                _adam(b, gb, mb, vb, None, step)
+                total += _sgd_step(X[rows], y_index[rows], W, b, state, adjust, lr, wd, t)
                 bar.update(1)
             losses.append(total / len(train))
             if self.verbose:

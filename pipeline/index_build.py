@@ -73,16 +73,16 @@ class AddShard(beam.DoFn):
 
     def process(self, element):
         import faiss
-        import pyarrow.parquet as pq
 
         from index import build as B
+        from pipeline.parquet_io import read_file
         from pipeline.schemas import vectors_of
 
         number, path, first_id, rows = element
         if self.threads:
             faiss.omp_set_num_threads(self.threads)
         with fs.FileSystems.open(path) as f:
-            xb = vectors_of(pq.read_table(f, columns=["vector"]))
+            xb = vectors_of(read_file(f, columns=["vector"]))
         if len(xb) != rows:
             raise CairnError(f"{path} holds {len(xb)} vectors where {rows} were counted; the features changed "
                              "during the build, rerun it")
@@ -239,22 +239,21 @@ def _merge(elements: list, staging: str, shards: int, local_dir: str, trained, o
 def _finish(merged, paths: list[str], firsts: list[int], config, meta: dict, factory: str, search: str, info: dict,
             started: float):
     """The VectorIndex of the merged index: the id table and the non-landmark side index from the features."""
-    import pyarrow.parquet as pq
-
     from index.faiss_index import VectorIndex
+    from pipeline.parquet_io import read_file
     from pipeline.schemas import labels_of, vectors_of
 
     # the id table, and the non-landmark side index, from the features themselves
     image_ids, labels, nl_vectors, nl_rows = [], [], [], []
     for path, first in zip(paths, firsts, strict=True):
         with fs.FileSystems.open(path) as f:
-            table = pq.read_table(f, columns=["id", "landmark_id"])
+            table = read_file(f, columns=["id", "landmark_id"])
         labs = labels_of(table)
         image_ids.extend(table.column("id").to_pylist())
         labels.append(labs)
         if config.nonlandmark_index and (labs < 0).any():
             with fs.FileSystems.open(path) as f:
-                xb = vectors_of(pq.read_table(f, columns=["vector"]))
+                xb = vectors_of(read_file(f, columns=["vector"]))
             nl_vectors.append(xb[labs < 0])
             nl_rows.append(np.nonzero(labs < 0)[0] + first)
     labels = np.concatenate(labels) if labels else np.empty(0, np.int64)

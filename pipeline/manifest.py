@@ -192,11 +192,11 @@ def read_csv_manifest(path: str) -> Manifest:
 
 def read_parquet_manifest(path: str) -> Manifest:
     """Read a Parquet manifest with the CSV manifest's columns."""
-    import pyarrow.parquet as pq
+    from pipeline.parquet_io import read_file
 
     try:
         with fs.FileSystems.open(path) as f:
-            table = pq.read_table(f)
+            table = read_file(f)
     except Exception as e:  # noqa: BLE001
         raise ManifestError(f"cannot read Parquet manifest {path}: {e}. Check the path and the file.") from e
     id_col, path_col, label_col = _pick_columns(table.column_names, path)

@@ -62,12 +62,21 @@ def find_shards(prefix: str, suffix: str = ".parquet") -> list[str]:
     return paths
 
 
+def read_file(f, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file from an open file object (a Beam filesystem's), read synchronously by its own reader.
+    Not ``pq.read_table(f)``: that scans through Arrow's dataset layer, whose pool threads can drop the last
+    reference to the Python file after the read returns; when that happens while the interpreter exits (a job
+    that fails right after reading), the thread needs the GIL that is gone and the process aborts ("terminate
+    called without an active exception")."""
+    return pq.ParquetFile(f).read(columns=columns)
+
+
 def read_shards(prefix: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
     """Read every shard under ``prefix`` into one table; returns (table, cairn metadata)."""
     tables, metas = [], []
     for path in find_shards(prefix):
         with fs.FileSystems.open(path) as f:
-            t = pq.read_table(f, columns=columns)
+            t = read_file(f, columns=columns)
         tables.append(t)
         metas.append(cairn_metadata(t.schema))
     if any(m != metas[0] for m in metas[1:]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import zlib
@@ -17,6 +18,18 @@ from pipeline.synthetic import SynthConfig, generate
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINY = SynthConfig(seed=7, classes=4, views=4, tail=0.0, min_views=4, queries_per_class=2, non_landmark_queries=4,
                    non_landmark_train=4, width=160, height=120)
+
+
+@pytest.fixture(autouse=True)
+def _cli_logging_removed():
+    """A test that runs the CLI in this process (jobs.cli.main -> jobs.logs.setup_logging) leaves a root handler
+    on the stderr it captured, closed when the test ends; later tests would log into it ("I/O operation on closed
+    file"). Remove that handler after each test (pytest's own handlers are subclasses and stay)."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
 
 
 def shared_path(*parts: str) -> Path:

@@ -79,6 +79,32 @@ def test_projection_scales_each_stage_by_what_it_grows_with():
     assert scanned["x"]["seconds"] == one["x"]["seconds"]  # only the search (and tuning) scan an index
 
 
+def test_a_softmax_classifier_is_priced_by_its_steps_timed_at_the_target_shape(monkeypatch):
+    """The sample's time beyond its own SGD steps is fixed; the target's steps are epochs x images x train share /
+    batch, each at the step time of (batch, dim, classes + 1) (prefilled here: no timing in a test)."""
+    monkeypatch.setattr(P, "_STEP_SECONDS", {(100, 8, 21): 0.01, (100, 8, 41): 0.05})
+    probe = {"kernel": "softmax-step", "dim": 8, "batch": 100, "epochs": 3, "train_share": 0.9}
+    small, large = _runs()
+    for run, seconds in ((small, 2.0), (large, 4.0)):
+        run["stages"].append(_stage("train", "soft", 0, seconds, [["train", None], ["classes", None]], probe=probe))
+    fitted = {f["key"]: f for f in P.fit(small, large)}
+    # the larger sample: 3 x ceil(0.9 x 200 / 100) = 6 steps of 0.01 s at 20 + 1 classes
+    assert fitted["soft"]["fixed_seconds"] == pytest.approx(4.0 - 6 * 0.01)
+    assert fitted["soft"]["from"] == "probe" and fitted["soft"]["seconds_per_unit"] == 0
+    want = {"train": 1000, "queries": 400, "classes": 40}
+    rows = {r["key"]: r for r in P.project(list(fitted.values()), large["quantities"], want, 1, 2)}
+    assert rows["soft"]["seconds"] == pytest.approx(4.0 - 0.06 + 3 * 9 * 0.05)  # ceil(900 / 100) = 9 steps
+    with pytest.raises(CairnError, match="unknown cost probe"):
+        P.probe_seconds({"kernel": "nope"}, want)
+
+
+def test_the_step_probe_times_real_steps_at_the_shape_it_is_given():
+    from models.classifiers import softmax_step_seconds
+
+    seconds = softmax_step_seconds(batch=16, dim=4, classes=3, repeats=2)
+    assert 0 < seconds < float("inf")
+
+
 def test_ratio_caps_each_quantity():
     assert P._ratio([["train", None], ["classes", 2000]], {"train": 10, "classes": 100},
                     {"train": 100, "classes": 13_000}) == pytest.approx(10 * 20)
