@@ -9,7 +9,7 @@ measure again):
 2. ``measure``: `cairn compare` over every method with the settings below (DirectRunner, the automatic
    worker processes), its stages recorded (pipeline/stages.py): seconds, images/s per core, peak memory,
    bytes written. Written to OUT/SET/scale-run.json.
-3. ``plan``: `cairn plan` on the same manifests and flags, measured on its own samples of 400 and 200
+3. ``plan``: `cairn plan` on the same manifests and flags, measured on its own samples of 800 and 200
    database images, projecting the set's run on this machine (1 worker); for "20k" also a million images
    over 13,000 classes and 120,000 queries on 1, 10 and 100 workers.
 4. BENCHMARKS.md's section "scale" from them (bench/run.py writes the page).

@@ -642,8 +642,8 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
 
 def _recognize_parts(st: dict, rec: dict, database: int, home: str, classes: int | None = None) -> None:
     """Split a recognition's stage record into its search (queries x database vectors, or with a classifier
-    queries x its ``classes``), tuning (held-out database images x database), verification (queries) and the
-    rest (per query)."""
+    queries x its ``classes``), tuning (held-out database images), verification (queries) and the rest (per
+    query)."""
     queries = int(rec["counts"]["queries"])
     st.update(units=queries, grows=[["queries", None]])
     tuning = rec.get("tuning") or {}
@@ -653,8 +653,9 @@ def _recognize_parts(st: dict, rec: dict, database: int, home: str, classes: int
              ("verify", "spatial verification", rec.get("verify_seconds", 0.0), queries, [["queries", None]])]
     if tuning.get("seconds"):
         held_out = int(tuning.get("queries", 0) or 0)
-        parts.append(("tune", "vote tuning", tuning["seconds"], held_out * database,
-                      [["train", None], ["classes", 2000]]))
+        # the vote grid over the held-out images' neighbour lists: per held-out image (their own search of the
+        # database is one query batch, small beside the grid)
+        parts.append(("tune", "vote tuning", tuning["seconds"], held_out, [["classes", 2000]]))
     for kind, name, seconds, units, grows in parts:
         if seconds:
             stages.add(kind, fs.join(home, "recognize", kind), seconds, name=name, units=units, grows=grows)

@@ -1,13 +1,13 @@
 """cairn plan: what a comparison run will cost, before it runs, measured on samples of its own manifests.
 
 Runs `cairn compare` (the same methods, --set parameters and boxes) on two samples of the manifests on this
-machine, each in a process of its own: SAMPLE and SAMPLE/2 database images (whole classes, the non-landmark
+machine, each in a process of its own: SAMPLE and SAMPLE/4 database images (whole classes, the non-landmark
 images at the same rate, the queries at the same rate as the database), with every stage recorded
 (pipeline/stages.py). Each stage's time is fitted as fixed + per-unit cost over the two samples, where a unit
 is what the stage's work grows with: images for extraction, encoding, fine-tuning and index adds; SGD steps
 timed at the target's shape for the softmax classifiers; sampled descriptors (capped by the vocabulary's sample
 size) for k-means; queries x database vectors for the search (queries x classes for a classifier); held-out
-database images x database vectors for the vote tuning. The fit is then projected to the
+database images for the vote tuning. The fit is then projected to the
 whole manifests (or to --target sizes) on --workers workers: the stages that run on Beam workers
 (extraction, encoding, descriptor sampling, and with a cluster the index adds) divide their per-unit time by
 the cluster's cores over the cores they used here; the rest (training, index training and merging, search,
@@ -169,7 +169,7 @@ def _ratio(grows: list, have: dict, want: dict) -> float:
     return r
 
 
-MODEL_VERSION = 5  # of what the sample runs record; older measurements are not reused
+MODEL_VERSION = 6  # of what the sample runs record; older measurements are not reused
 
 
 def fit(small: dict, large: dict) -> list[dict]:
@@ -264,7 +264,7 @@ def _family(record: dict) -> tuple:
 def project(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_worker: int,
             scanned: dict | None = None) -> list[dict]:
     """Seconds and bytes of every fitted stage for the quantities ``want`` on ``workers`` x ``cores_per_worker``;
-    ``scanned``: per method, the share of the database its index scans per query (search and tuning)."""
+    ``scanned``: per method, the share of the database its index scans per query (the search)."""
     rows = []
     for f in fitted:
         ratio = _ratio(f["grows"], have, want)
@@ -274,7 +274,7 @@ def project(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_
         work = f["seconds_per_unit"] * units
         if f.get("probe"):
             work = probe_seconds(f["probe"], want)
-        if f["kind"] in ("search", "tune") and any(name == "train" for name, _ in f["grows"]):  # an index's scan
+        if f["kind"] == "search" and any(name == "train" for name, _ in f["grows"]):  # an index's scan
             work *= (scanned or {}).get(_method_of(f["key"]), 1.0)
         # Beam workers: the cores of the cluster over the cores the stage used here. The index adds run on this
         # machine in a local run and on workers with a cluster runner (--beam auto)
@@ -359,9 +359,10 @@ def plan(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_wor
         "idf/PCA image samples, the detector from at most max_images; fine-tuning and DELF do the same epochs "
         "over every image",
         "a softmax classifier costs epochs x images / batch SGD steps, each timed here at the target's classes and "
-        "dimension; its scoring costs queries x classes. The search and the vote tuning cost queries (held-out "
-        "images: one per class, at most 2,000) x database vectors, of which an IVF index scans nprobe/nlist at "
-        "the per-vector cost of the exact search measured on the samples (an overestimate for compressed codes)",
+        "dimension; its scoring costs queries x classes. The search costs queries x database vectors, of which an "
+        "IVF index scans nprobe/nlist at the per-vector cost of the exact search measured on the samples (an "
+        "overestimate for compressed codes); the vote tuning costs per held-out image (one per class, at most "
+        "2,000)",
         "the samples' indices are exact (Flat): training an IVF index (k-means on up to max(65,536, 40 x nlist) "
         "vectors) at the projected size is not in the index stages' time",
         "compare's own work outside the stages (start-up, reading manifests, copying outputs) takes as long as on the "
@@ -466,8 +467,9 @@ def build_parser():
         if action.dest == "force":
             action.help = "PLAN: measure the samples again even with --reuse"
     g = p.add_argument_group("plan")
-    g.add_argument("--sample", type=int, default=400,
-                   help="database images of the larger sample (default 400; the smaller has half)")
+    g.add_argument("--sample", type=int, default=800,
+                   help="database images of the larger sample (default 800; the smaller has a quarter: the wider "
+                        "the two sizes lie apart, the less start-up noise tilts the fitted per-image costs)")
     g.add_argument("--cores-per-worker", type=int, default=0,
                    help="cores of each worker (default: this machine's)")
     g.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
@@ -506,7 +508,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     source = {"compare_argv": compare_argv, "manifests": [manifest_fingerprint(fs.absolute(m)) for m in
                                                           (args.train, args.queries)], "model": MODEL_VERSION}
     runs = []
-    for size in (max(10, args.sample // 2), args.sample):
+    for size in (max(10, args.sample // 4), args.sample):
         folder = fs.join(out, "work", f"sample-{size}")
         record_path = fs.join(folder, "measured.json")
         if args.reuse and not args.force and fs.exists(record_path) and \

@@ -76,7 +76,7 @@ def test_projection_scales_each_stage_by_what_it_grows_with():
     scanned = {r["key"]: r for r in P.project(fitted, large["quantities"], want, 1, 2, scanned={"s": 0.25})}
     fixed = {f["key"]: f for f in fitted}["s"]["fixed_seconds"]
     assert scanned["s"]["seconds"] == pytest.approx(fixed + (one["s"]["seconds"] - fixed) * 0.25)  # the work only
-    assert scanned["x"]["seconds"] == one["x"]["seconds"]  # only the search (and tuning) scan an index
+    assert scanned["x"]["seconds"] == one["x"]["seconds"]  # only the search scans an index
 
 
 def test_a_softmax_classifier_is_priced_by_its_steps_timed_at_the_target_shape(monkeypatch):
