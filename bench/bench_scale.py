@@ -15,7 +15,7 @@ measure again):
 4. BENCHMARKS.md's section "scale" from them (bench/run.py writes the page).
 
 The deep methods use small inputs and one epoch (SETTINGS) so that the runs take about an hour and a half on
-two cores (and each cairn plan's two sample runs about 5 minutes more); the figures say per-stage throughput
+two cores (and each cairn plan's two sample runs about 10 minutes more); the figures say per-stage throughput
 with those settings, not with the defaults.
 """
 
@@ -101,7 +101,8 @@ def plan(data: str, out: str, target: str = "", workers: str = "1") -> dict:
     return planner.run(argv)
 
 
-KINDS = ("extract", "train", "encode", "index", "search", "tune", "verify", "recognize", "report", "other")
+KINDS = ("extract", "train", "encode", "index", "search", "classify", "tune", "verify", "recognize", "report",
+         "other")
 
 
 def _by_kind(rows: list[dict], key: str = "seconds") -> dict:

@@ -363,12 +363,14 @@ def _tree_bytes(folder: str) -> int:
 
 
 def _train(name: str, out: str, fn, grows: list | None = None, cap=None, units_of=None, subset_cap=None,
-           pca_cap=None, probe_of=None):
+           pca_cap=None, probe_of=None, output_grows: list | None = None):
     """Run a training step (``fn()`` -> its train.json record) as a launcher stage growing with ``grows``. A
     vocabulary's record splits into its Beam descriptor sampling, k-means (the stage itself, on a capped sample)
     and the encoder's fit on a subset of images. ``probe_of(record)``: the kernel cairn plan times at the
-    target's shape instead of extrapolating the sample's time (jobs/plan.py, probe_seconds)."""
-    with stages.stage("train", out, name=name, grows=grows or [["train", None]], cap=cap) as st:
+    target's shape instead of extrapolating the sample's time (jobs/plan.py, probe_seconds); ``output_grows``:
+    what the artefact's size grows with (default: nothing, but a classifier's grows with its classes)."""
+    with stages.stage("train", out, name=name, grows=grows or [["train", None]], cap=cap,
+                      output_grows=output_grows or []) as st:
         record = fn()
         st.update(units=int(units_of(record) if units_of else record.get("images", 0) or 0),
                   images=int(record.get("images", 0) or 0), output_bytes=_tree_bytes(out))
@@ -621,8 +623,8 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
             grows=[["train", None], ["classes", None]] if softmax else [["train", None]],
             units_of=lambda r: r.get("images", 0) * (r.get("classes", 1) if softmax else 1),
             probe_of=lambda r: {"kernel": "softmax-step", "dim": int(r.get("dim", 0)), "batch": cc.batch_size,
-                                "epochs": cc.epochs, "train_share": 1 - cc.validation_fraction}
-            if softmax and r.get("dim") else None)
+                                "epochs": cc.epochs, "validation_fraction": cc.validation_fraction}
+            if softmax and r.get("dim") else None, output_grows=[["classes", None]])
         classifier = fs.join(home, "classifier", "classifier.npz")
     if method.endswith("+sv") or method == "cnn+delf":
         sv = config.delf.sv if "delf" in method else config.sv
@@ -641,21 +643,23 @@ def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
 
 
 def _recognize_parts(st: dict, rec: dict, database: int, home: str, classes: int | None = None) -> None:
-    """Split a recognition's stage record into its search (queries x database vectors, or with a classifier
-    queries x its ``classes``), tuning (held-out database images), verification (queries) and the rest (per
+    """Split a recognition's stage record into its search (queries x database vectors), a classifier's scoring
+    (queries x its ``classes``), tuning (held-out database images), verification (queries) and the rest (per
     query)."""
     queries = int(rec["counts"]["queries"])
     st.update(units=queries, grows=[["queries", None]])
     tuning = rec.get("tuning") or {}
-    searched = (queries * classes, [["queries", None], ["classes", None]]) if classes else \
-        (queries * database, [["queries", None], ["train", None]])
-    parts = [("search", "search", rec.get("search_seconds", 0.0), *searched),
+    parts = [("search", "search", rec.get("search_seconds", 0.0), queries * database,
+              [["queries", None], ["train", None]]),
              ("verify", "spatial verification", rec.get("verify_seconds", 0.0), queries, [["queries", None]])]
     if tuning.get("seconds"):
         held_out = int(tuning.get("queries", 0) or 0)
         # the vote grid over the held-out images' neighbour lists: per held-out image (their own search of the
         # database is one query batch, small beside the grid)
         parts.append(("tune", "vote tuning", tuning["seconds"], held_out, [["classes", 2000]]))
+    if classes:  # the search above still runs (the neighbour lists); the labels come from the classifier
+        parts.append(("classify", "classifier scoring", rec.get("decide_seconds", 0.0), queries * classes,
+                      [["queries", None], ["classes", None]]))
     for kind, name, seconds, units, grows in parts:
         if seconds:
             stages.add(kind, fs.join(home, "recognize", kind), seconds, name=name, units=units, grows=grows)

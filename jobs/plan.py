@@ -7,11 +7,11 @@ images at the same rate, the queries at the same rate as the database), with eve
 is what the stage's work grows with: images for extraction, encoding, fine-tuning and index adds; SGD steps
 timed at the target's shape for the softmax classifiers; sampled descriptors (capped by the vocabulary's sample
 size) for k-means; queries x database vectors for the search (queries x classes for a classifier); held-out
-database images for the vote tuning. The fit is then projected to the
-whole manifests (or to --target sizes) on --workers workers: the stages that run on Beam workers
-(extraction, encoding, descriptor sampling, and with a cluster the index adds) divide their per-unit time by
-the cluster's cores over the cores they used here; the rest (training, index training and merging, search,
-tuning, the report) runs on the launching machine, assumed as fast as this one.
+database images for the vote tuning. The fit is then projected to the whole manifests (or to --target sizes)
+on --workers workers: the stages that run on Beam workers (extraction, encoding, descriptor sampling, and with
+a cluster the index adds) divide their per-unit time by the cluster's cores over the cores they used here; the
+rest (training, index training and merging, search, tuning, the report) runs on the launching machine, assumed
+as fast as this one.
 
 Prints, per stage and in all, the projected time, the storage written (features, models, indices) and the
 memory each index takes (CPU, or GPU with --device gpu), with every assumption; writes OUT/plan.json and
@@ -114,15 +114,17 @@ def measure(argv: list[str], train: str, queries: str, size: int, folder: str) -
             "verbose": log.isEnabledFor(logging.DEBUG)}
     spec_path = fs.join(folder, "sample-run.json")
     cfg.save_json(spec_path, spec)
+    if os.path.exists(spec["result"]):  # a result must come from this run
+        os.remove(spec["result"])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
-    with open(fs.join(folder, "compare.log"), "w", encoding="utf-8") as stdout:  # its summary; logs go to stderr
+    with open(fs.join(folder, "compare.log"), "w", encoding="utf-8") as stdout:  # its stdout; logs go to stderr
         done = subprocess.run([sys.executable, "-c", "import sys; from jobs.plan import _measure_child; "
                                "sys.exit(_measure_child(sys.argv[1]))", spec_path], stdout=stdout, env=env,
                               check=False)
     seconds = time.perf_counter() - started
-    if done.returncode != 0:
+    if done.returncode != 0 or not os.path.exists(spec["result"]):
         raise CairnError(f"the comparison on the sample of {size} database images failed (exit {done.returncode}); "
                          f"see its messages above and {fs.join(folder, 'compare.log')}")
     ledger = cfg.load_json(spec["result"])["stages"]
@@ -148,11 +150,20 @@ def _measure_child(spec_path: str) -> int:
     try:
         with stages.recording() as ledger, common.sized_as(float(spec["factor"])):
             compare.compare_from_args(spec["argv"])
-    except CairnError as e:
+    except (CairnError, OSError) as e:
+        if isinstance(e, OSError) and e.filename is None:  # not about a path: a bug, with its traceback
+            raise
         print(f"cairn plan: the sample run failed: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     cfg.save_json(spec["result"], {"stages": ledger})
-    return 0
+    # the results are saved: leave without finalising the interpreter, where a library thread still letting go
+    # of a file could abort the process and lose them
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -169,7 +180,7 @@ def _ratio(grows: list, have: dict, want: dict) -> float:
     return r
 
 
-MODEL_VERSION = 6  # of what the sample runs record; older measurements are not reused
+MODEL_VERSION = 7  # of what the sample runs record; older measurements are not reused
 
 
 def fit(small: dict, large: dict) -> list[dict]:
@@ -234,23 +245,29 @@ def _fit_beam_stage(r: dict, cpu_points: list[tuple[float, float]]) -> dict:
 
 
 _STEP_SECONDS: dict[tuple, float] = {}
+PROBE_CLASSES = 20_000
 
 
 def probe_seconds(probe: dict, quantities: dict) -> float:
     """Seconds of a stage's kernel at ``quantities``, timed on this machine at that shape. The one kernel:
-    "softmax-step", a softmax classifier's SGD (epochs x train_share x images / batch steps of batch x dim x
+    "softmax-step", a softmax classifier's SGD (epochs x its training rows / batch steps of batch x dim x
     classes + 1, the non-landmark images being a class of their own); a step at 13,000 classes runs BLAS at
-    another speed than at a sample's twenty, so it is timed, not extrapolated."""
+    another speed than at a sample's twenty, so it is timed, not extrapolated. The rest of the stage (reading
+    the features, calibration, saving) is taken as fixed."""
     if probe.get("kernel") != "softmax-step":
         raise CairnError(f"cairn plan: unknown cost probe {probe.get('kernel')!r} (measured by another version?); "
                          "measure the samples again with --force")
-    from models.classifiers import softmax_step_seconds
+    from models.classifiers import softmax_step_seconds, training_rows
 
-    shape = (int(probe["batch"]), int(probe["dim"]), int(quantities.get("classes", 0)) + 1)
+    classes = int(quantities.get("classes", 0)) + 1
+    # above PROBE_CLASSES the step is timed there and scaled: the matmuls are linear in the classes by then, and
+    # the plan's own process need not hold a 100k-class weight matrix and its Adam moments
+    shape = (int(probe["batch"]), int(probe["dim"]), min(classes, PROBE_CLASSES))
     if shape not in _STEP_SECONDS:
         _STEP_SECONDS[shape] = softmax_step_seconds(*shape)
-    steps = int(probe["epochs"]) * math.ceil(float(probe["train_share"]) * quantities.get("train", 0) / shape[0])
-    return steps * _STEP_SECONDS[shape]
+    rows = training_rows(int(quantities.get("train", 0)), classes, float(probe["validation_fraction"]))
+    steps = int(probe["epochs"]) * math.ceil(rows / shape[0])
+    return steps * _STEP_SECONDS[shape] * classes / shape[2]
 
 
 def _family(record: dict) -> tuple:
@@ -284,7 +301,7 @@ def project(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_
         if f["kind"] in ("extract", "encode"):  # features: bytes per image
             written = f.get("output_bytes", 0) * ratio
         elif f["kind"] == "train":  # models: fixed size, but a classifier's grows with its classes
-            written = f.get("output_bytes", 0) * _ratio([g for g in f["grows"] if g[0] == "classes"], have, want)
+            written = f.get("output_bytes", 0) * _ratio(f.get("output_grows") or [], have, want)
         else:  # indices: see index_memory
             written = 0
         rows.append({"name": f["name"], "kind": f["kind"], "split": f.get("split", ""), "key": f["key"],
@@ -359,14 +376,15 @@ def plan(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_wor
         "idf/PCA image samples, the detector from at most max_images; fine-tuning and DELF do the same epochs "
         "over every image",
         "a softmax classifier costs epochs x images / batch SGD steps, each timed here at the target's classes and "
-        "dimension; its scoring costs queries x classes. The search costs queries x database vectors, of which an "
+        "dimension (the rest of its stage is fixed); its scoring costs queries x classes. The search costs "
+        "queries x database vectors, of which an "
         "IVF index scans nprobe/nlist at the per-vector cost of the exact search measured on the samples (an "
         "overestimate for compressed codes); the vote tuning costs per held-out image (one per class, at most "
-        "2,000)",
+        "2,000): its reading and search of the database are not scaled with the database",
         "the samples' indices are exact (Flat): training an IVF index (k-means on up to max(65,536, 40 x nlist) "
         "vectors) at the projected size is not in the index stages' time",
         "compare's own work outside the stages (start-up, reading manifests, copying outputs) takes as long as on the "
-        "larger sample",
+        "samples (their mean)",
         "storage: features and models as written on the samples, scaled by images; indices by the layout of the "
         "factory Cairn would build at the projected size",
     ]

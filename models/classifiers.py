@@ -129,6 +129,12 @@ def calibration_rows(n_classes: int) -> int:
     return max(MIN_CALIBRATION_ROWS, CALIBRATION_ELEMENTS // max(n_classes, 1))
 
 
+def training_rows(n: int, n_classes: int, fraction: float) -> int:
+    """About how many of ``n`` rows a classifier trains on once the calibration rows are held out (as
+    holdout_split draws them, assuming every class has two examples or more): cairn plan's step count."""
+    return n - min(math.ceil(fraction * n), calibration_rows(n_classes))
+
+
 def holdout_split(y_index: np.ndarray, fraction: float, max_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train [n] int64, held_out [m] int64) row numbers.
 

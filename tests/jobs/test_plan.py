@@ -83,12 +83,12 @@ def test_a_softmax_classifier_is_priced_by_its_steps_timed_at_the_target_shape(m
     """The sample's time beyond its own SGD steps is fixed; the target's steps are epochs x images x train share /
     batch, each at the step time of (batch, dim, classes + 1) (prefilled here: no timing in a test)."""
     monkeypatch.setattr(P, "_STEP_SECONDS", {(100, 8, 21): 0.01, (100, 8, 41): 0.05})
-    probe = {"kernel": "softmax-step", "dim": 8, "batch": 100, "epochs": 3, "train_share": 0.9}
+    probe = {"kernel": "softmax-step", "dim": 8, "batch": 100, "epochs": 3, "validation_fraction": 0.1}
     small, large = _runs()
     for run, seconds in ((small, 2.0), (large, 4.0)):
         run["stages"].append(_stage("train", "soft", 0, seconds, [["train", None], ["classes", None]], probe=probe))
     fitted = {f["key"]: f for f in P.fit(small, large)}
-    # the larger sample: 3 x ceil(0.9 x 200 / 100) = 6 steps of 0.01 s at 20 + 1 classes
+    # the larger sample: 3 x ceil((200 - 10% held out) / 100) = 6 steps of 0.01 s at 20 + 1 classes
     assert fitted["soft"]["fixed_seconds"] == pytest.approx(4.0 - 6 * 0.01)
     assert fitted["soft"]["from"] == "probe" and fitted["soft"]["seconds_per_unit"] == 0
     want = {"train": 1000, "queries": 400, "classes": 40}
@@ -96,6 +96,34 @@ def test_a_softmax_classifier_is_priced_by_its_steps_timed_at_the_target_shape(m
     assert rows["soft"]["seconds"] == pytest.approx(4.0 - 0.06 + 3 * 9 * 0.05)  # ceil(900 / 100) = 9 steps
     with pytest.raises(CairnError, match="unknown cost probe"):
         P.probe_seconds({"kernel": "nope"}, want)
+    # above PROBE_CLASSES the step is timed there and scaled by the classes
+    monkeypatch.setattr(P, "PROBE_CLASSES", 30)
+    monkeypatch.setattr(P, "_STEP_SECONDS", {(100, 8, 30): 0.03})
+    assert P.probe_seconds(probe, want) == pytest.approx(3 * 9 * 0.03 * 41 / 30)
+    # at 13,000 classes the held-out calibration rows are capped: nearly every row trains
+    from models.classifiers import calibration_rows, training_rows
+
+    assert training_rows(1_000_000, 13_001, 0.1) == 1_000_000 - calibration_rows(13_001)
+
+
+def test_recognition_splits_into_search_classifier_scoring_tuning_and_verification():
+    from jobs.classic import _recognize_parts
+
+    rec = {"counts": {"queries": 10}, "search_seconds": 1.0, "verify_seconds": 0.0, "decide_seconds": 0.5,
+           "tuning": {"seconds": 2.0, "queries": 4}}
+    with stages.recording() as ledger:
+        with stages.stage("recognize", "m/recognize", name="recognize") as st:
+            _recognize_parts(st, rec, database=100, home="m", classes=7)
+    parts = {r["kind"]: r for r in ledger}
+    assert parts["search"]["units"] == 10 * 100 and parts["search"]["grows"] == [["queries", None], ["train", None]]
+    assert parts["classify"]["units"] == 10 * 7 and parts["classify"]["grows"] == [["queries", None],
+                                                                                    ["classes", None]]
+    assert parts["tune"]["units"] == 4 and parts["tune"]["grows"] == [["classes", 2000]]
+    assert "verify" not in parts  # no time, no part
+    # a plain kNN method: no classifier part
+    with stages.recording() as ledger, stages.stage("recognize", "n/recognize", name="recognize") as st:
+        _recognize_parts(st, {**rec, "tuning": None}, database=100, home="n")
+    assert {r["kind"] for r in ledger} == {"search", "recognize"}
 
 
 def test_the_step_probe_times_real_steps_at_the_shape_it_is_given():
@@ -201,6 +229,13 @@ def test_plan_end_to_end_on_the_tiny_set(tmp_path, tiny_synth):
             f["fixed_seconds"] + f["seconds_per_unit"] * 1_000_000 * f["cores"] / (workers * cores))
     classifier = next(k for k, r in one.items() if r["kind"] == "train" and "classifier" in r["name"])
     assert ten[classifier]["seconds"] == one[classifier]["seconds"]  # trained on the launching machine
+    fitted = {f["key"]: f for f in record["fitted"]}
+    assert fitted[classifier]["from"] == "probe" and fitted[classifier]["probe"]["kernel"] == "softmax-step"
+    assert one[classifier]["output_bytes"] > 1000 * fitted[classifier]["output_bytes"]  # C x D weights
+    scoring = next(k for k, r in one.items() if r["kind"] == "classify")  # queries x classes
+    have = record["sample_runs"][1]["quantities"]
+    assert one[scoring]["units"] == round(fitted[scoring]["units"] * 100_000 / have["queries"] * 13_000 /
+                                          have["classes"])
     assert record["plans"][0]["indices"][0]["factory"].startswith("IVF")
     assert {r["kind"] for r in one.values()} >= {"extract", "train", "index", "search", "recognize", "report"}
     rows = list(csv.DictReader(open(out / "plan.csv", encoding="utf-8")))
