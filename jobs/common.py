@@ -62,20 +62,26 @@ def check_workers(args: argparse.Namespace) -> None:
         raise CairnError("--workers and --threads-per-worker must be between 0 (automatic) and 1024")
 
 
-_SIZE_FACTOR = [1.0]  # `cairn plan`'s samples decide their worker processes as the whole run would
+_SIZE_FACTOR = [1.0]  # `cairn plan`'s samples decide as the whole run would (worker processes, whether to PCA)
 
 
 def resolve_workers(workers: int, images: int) -> int:
     """0 = automatic: one process per core when there is enough work to pay for their start-up."""
     if workers > 0:
         return workers
-    return (os.cpu_count() or 1) if images * _SIZE_FACTOR[-1] >= AUTO_WORKERS_MIN_IMAGES else 1
+    return (os.cpu_count() or 1) if images * size_factor() >= AUTO_WORKERS_MIN_IMAGES else 1
+
+
+def size_factor() -> float:
+    """How many times more images the run being sampled has than the job sees (1 outside `sized_as`)."""
+    return _SIZE_FACTOR[-1]
 
 
 @contextlib.contextmanager
 def sized_as(factor: float):
-    """Inside the block, automatic worker counts are chosen for ``factor`` times the images a job sees: a sample
-    of a corpus then runs each stage in-process or on worker processes as the whole corpus would."""
+    """Inside the block, the decisions that depend on the number of images are taken for ``factor`` times the
+    images a job sees: a sample of a corpus then runs each stage in-process or on worker processes, and learns a
+    PCA or keeps the raw descriptor (jobs.train.whitening_dim), as the whole corpus would."""
     _SIZE_FACTOR.append(float(factor))
     try:
         yield

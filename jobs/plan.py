@@ -180,7 +180,7 @@ def _ratio(grows: list, have: dict, want: dict) -> float:
     return r
 
 
-MODEL_VERSION = 7  # of what the sample runs record; older measurements are not reused
+MODEL_VERSION = 8  # of what the sample runs record; older measurements are not reused
 
 
 def fit(small: dict, large: dict) -> list[dict]:

@@ -63,8 +63,11 @@ def whitening_dim(requested: int, samples: int, what: str, min_per_dim: int = 0)
     fewer than ``min_per_dim`` images per dimension there is no PCA. In any case PCA-whitening learned on N
     samples can whiten at most N - 1 directions, and whitening nearly all of them maps the training set onto a
     regular simplex (every pair equally far apart), so at most N / 2 dimensions are kept.
+
+    Inside `common.sized_as` (a `cairn plan` sample) the images-per-dimension rule is applied to the whole run's
+    images, so that the sample learns its PCA (on what it has) when the whole run would.
     """
-    if min_per_dim and samples < min_per_dim * requested:
+    if min_per_dim and samples * common.size_factor() < min_per_dim * requested:
         log.warning("train %s: %d images are too few to learn PCA-whitening to %d dimensions (%d per dimension "
                     "needed: pca_min_images); keeping the raw descriptor. Set pca_min_images=0 to whiten anyway",
                     what, samples, requested, min_per_dim)

@@ -133,6 +133,21 @@ def test_the_step_probe_times_real_steps_at_the_shape_it_is_given():
     assert 0 < seconds < float("inf")
 
 
+def test_a_sample_learns_its_pca_when_the_whole_run_would():
+    """VLAD's PCA needs 10 images per dimension: a sample of 800 of 2,600 images must learn it as the whole run
+    does (a sample that keeps the raw 8,192-d VLAD prices the wrong index and classifier), on what it has."""
+    from jobs.common import sized_as
+    from jobs.train import whitening_dim
+
+    assert whitening_dim(256, 800, "t", min_per_dim=10) == 0
+    with sized_as(2600 / 800):
+        assert whitening_dim(256, 800, "t", min_per_dim=10) == 256
+    with sized_as(2600 / 300):
+        assert whitening_dim(256, 300, "t", min_per_dim=10) == 150  # at most half the images it learns from
+    with sized_as(2000 / 800):  # the whole run has too few as well
+        assert whitening_dim(256, 800, "t", min_per_dim=10) == 0
+
+
 def test_ratio_caps_each_quantity():
     assert P._ratio([["train", None], ["classes", 2000]], {"train": 10, "classes": 100},
                     {"train": 100, "classes": 13_000}) == pytest.approx(10 * 20)
