@@ -594,6 +594,11 @@ BASE = {"hog": "hog", "sift-bovw": "sift-bovw", "sift-vlad": "sift-vlad", "sift-
         "hog-linear": "hog", "sift-vlad-linear": "sift-vlad", **{m: m for m in DEEP}}
 
 
+def index_owner(method: str) -> str:
+    """The method whose index ``method`` searches (WORK/<owner>/index): its base method's, cnn's for cnn+delf."""
+    return "cnn" if method == "cnn+delf" else BASE.get(method, method)
+
+
 def run_method(method: str, config: MethodsConfig, ctx: RunContext) -> dict:
     """Run ``method`` end to end; returns {"costs", "recognize" (folder), "dead_letters" {split: csv path},
     "counts" {split: the extraction's record counts (inputs, outputs, dead_letters, dead_by_stage)},

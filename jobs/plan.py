@@ -281,7 +281,8 @@ def _family(record: dict) -> tuple:
 def project(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_worker: int,
             scanned: dict | None = None) -> list[dict]:
     """Seconds and bytes of every fitted stage for the quantities ``want`` on ``workers`` x ``cores_per_worker``;
-    ``scanned``: per method, the share of the database its index scans per query (the search)."""
+    ``scanned``: per method owning an index, the share of the database the index scans per query (the search,
+    also of the methods that search another's index: hog-linear hog's, cnn+delf cnn's...)."""
     rows = []
     for f in fitted:
         ratio = _ratio(f["grows"], have, want)
@@ -292,7 +293,9 @@ def project(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_
         if f.get("probe"):
             work = probe_seconds(f["probe"], want)
         if f["kind"] == "search" and any(name == "train" for name, _ in f["grows"]):  # an index's scan
-            work *= (scanned or {}).get(_method_of(f["key"]), 1.0)
+            from jobs.classic import index_owner
+
+            work *= (scanned or {}).get(index_owner(_method_of(f["key"])), 1.0)
         # Beam workers: the cores of the cluster over the cores the stage used here. The index adds run on this
         # machine in a local run and on workers with a cluster runner (--beam auto)
         parallel = f["parallel"] or (f.get("cluster_parallel", False) and workers > 1)

@@ -148,6 +148,16 @@ def test_a_sample_learns_its_pca_when_the_whole_run_would():
         assert whitening_dim(256, 800, "t", min_per_dim=10) == 0
 
 
+def test_a_method_searching_another_methods_index_scans_as_that_index_does():
+    stage = {"kind": "search", "name": "search", "grows": [["queries", None], ["train", None]], "parallel": False,
+             "cores": 2, "cap": None, "output_bytes": 0, "fixed_seconds": 0.0, "seconds_per_unit": 1.0, "units": 10}
+    fitted = [{**stage, "key": f"RUN/work/{m}/recognize/search"} for m in ("hog", "hog-linear", "cnn+delf", "x")]
+    same = {"train": 1, "queries": 1}
+    rows = {r["key"].split("/")[2]: r["seconds"] for r in P.project(fitted, same, same, 1, 2,
+                                                                     scanned={"hog": 0.5, "cnn": 0.25})}
+    assert rows == {"hog": 5.0, "hog-linear": 5.0, "cnn+delf": 2.5, "x": 10.0}
+
+
 def test_ratio_caps_each_quantity():
     assert P._ratio([["train", None], ["classes", 2000]], {"train": 10, "classes": 100},
                     {"train": 100, "classes": 13_000}) == pytest.approx(10 * 20)
