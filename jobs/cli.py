@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS = {
@@ -74,10 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `cairn` command: :func:`main`, then :func:`leave`. Uncaught exceptions (bugs) still end with their
+    traceback."""
+    leave(main())
+
+
+def leave(code: int) -> None:
+    """Exit with ``code`` without finalising the interpreter, once every output is written and closed. Native
+    threads of the libraries (Arrow's pools, gRPC's) may still hold Python objects then; one letting go of its
+    object while the interpreter is torn down needs the GIL that is gone, and the process aborts ("terminate
+    called without an active exception", exit 134) after a job that succeeded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def one_line(message: str) -> str:
     """A message on one line: errors from libraries (Beam's option checks) sometimes span several."""
     return "; ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -141,7 +141,7 @@ def measure(argv: list[str], train: str, queries: str, size: int, folder: str) -
 def _measure_child(spec_path: str) -> int:
     """The sample run's own process (see measure): compare with its stages recorded into spec["result"]."""
     from jobs import compare
-    from jobs.cli import one_line
+    from jobs.cli import leave, one_line
     from jobs.logs import setup_logging
     from pipeline import stages
 
@@ -158,12 +158,7 @@ def _measure_child(spec_path: str) -> int:
     except KeyboardInterrupt:
         return 130
     cfg.save_json(spec["result"], {"stages": ledger})
-    # the results are saved: leave without finalising the interpreter, where a library thread still letting go
-    # of a file could abort the process and lose them
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(0)
+    leave(0)  # as the cairn command does: no interpreter finalisation, where a library thread could abort it
 
 
 # -----------------------------------------------------------------------------------------------------------
