@@ -163,17 +163,6 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    metrics = _compare_args(args, beam_args)
-    _print_summary(args.out, metrics)
-    return metrics
-
-
-def compare_from_args(argv=None) -> dict:
-    """The comparison a `cairn compare` command line asks for, without printing (`cairn plan`'s samples)."""
-    return _compare_args(*common.parse_beam_job(build_parser(), argv))
-
-
-def _compare_args(args, beam_args: list[str]) -> dict:
     config = parse_overrides(args.set)
     names = args.methods or methods.defaults(bool(config.cnn_pretrained.model),
                                              bool(args.boxes or config.detect.detect.model))
@@ -182,15 +171,12 @@ def _compare_args(args, beam_args: list[str]) -> dict:
                       workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args,
                       vote=vote, tune=tune, index=index_config(args), force=args.force, config=config,
                       report=report_config(args), boxes=args.boxes)
-    return metrics
-
-
-def _print_summary(out: str, metrics: dict) -> None:
     print(summary_table(metrics))
     print("records (every manifest row is used or a dead letter):")
-    print("\n".join(accounting_lines(cfg.load_json(fs.join(out, "accounting.json")))))
-    print(f"report:       {fs.join(out, 'report.html')}")
-    print(f"metrics:      {fs.join(out, 'metrics.json')}")
-    print(f"predictions:  {fs.join(out, 'predictions')}/")
-    print(f"neighbours:   {fs.join(out, 'neighbours')}/")
-    print(f"dead letters: {fs.join(out, 'dead_letters.csv')}")
+    print("\n".join(accounting_lines(cfg.load_json(fs.join(args.out, "accounting.json")))))
+    print(f"report:       {fs.join(args.out, 'report.html')}")
+    print(f"metrics:      {fs.join(args.out, 'metrics.json')}")
+    print(f"predictions:  {fs.join(args.out, 'predictions')}/")
+    print(f"neighbours:   {fs.join(args.out, 'neighbours')}/")
+    print(f"dead letters: {fs.join(args.out, 'dead_letters.csv')}")
+    return metrics

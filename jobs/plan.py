@@ -119,7 +119,7 @@ def measure(argv: list[str], train: str, queries: str, size: int, folder: str) -
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
-    with open(fs.join(folder, "compare.log"), "w", encoding="utf-8") as stdout:  # its stdout; logs go to stderr
+    with open(fs.join(folder, "compare.log"), "w", encoding="utf-8") as stdout:  # its tables; logs go to stderr
         done = subprocess.run([sys.executable, "-c", "import sys; from jobs.plan import _measure_child; "
                                "sys.exit(_measure_child(sys.argv[1]))", spec_path], stdout=stdout, env=env,
                               check=False)
@@ -139,7 +139,8 @@ def measure(argv: list[str], train: str, queries: str, size: int, folder: str) -
 
 
 def _measure_child(spec_path: str) -> int:
-    """The sample run's own process (see measure): compare with its stages recorded into spec["result"]."""
+    """The sample run's own process (see measure): compare with its stages recorded into spec["result"] (its
+    printed summary goes to the sample's compare.log)."""
     from jobs import compare
     from jobs.cli import leave, one_line
     from jobs.logs import setup_logging
@@ -149,7 +150,7 @@ def _measure_child(spec_path: str) -> int:
     setup_logging(verbose=bool(spec.get("verbose")))
     try:
         with stages.recording() as ledger, common.sized_as(float(spec["factor"])):
-            compare.compare_from_args(spec["argv"])
+            compare.run(spec["argv"])
     except (CairnError, OSError) as e:
         if isinstance(e, OSError) and e.filename is None:  # not about a path: a bug, with its traceback
             raise
@@ -193,34 +194,34 @@ def fit(small: dict, large: dict) -> list[dict]:
     fitted = []
     for r in large["stages"]:
         if r.get("probe"):  # its work is timed at the target's shape: the sample's time beyond it is fixed
-            fitted.append({**{k: v for k, v in r.items() if k not in EXCLUDED},
-                           "fixed_seconds": max(0.0, float(r["seconds"]) - probe_seconds(r["probe"],
-                                                                                         large["quantities"])),
-                           "seconds_per_unit": 0.0, "measured_seconds": float(r["seconds"]), "points": 1,
-                           "from": "probe", "peak_bytes": r.get("peak_bytes", 0)})
+            fixed = max(0.0, float(r["seconds"]) - probe_seconds(r["probe"], large["quantities"]))
+            fitted.append(_fitted(r, fixed, 0.0, 1, "probe"))
             continue
         if r.get("parallel") and len(cpu.get(_family(r), [])) >= 2:
             fitted.append(_fit_beam_stage(r, cpu[_family(r)]))
             continue
-        xs, ts = zip(*points[_family(r)], strict=True)
-        mx, mt = sum(xs) / len(xs), sum(ts) / len(ts)
-        var = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts, strict=True)) / var if var else 0.0
-        if var == 0 and mx:  # one size only: all of it per unit (the larger estimate)
+        pts = points[_family(r)]
+        slope, mx, mt = _slope(pts)
+        if len({x for x, _ in pts}) == 1 and mx:  # one size only: all of it per unit (the larger estimate)
             per_unit, fixed = mt / mx, 0.0
         else:
             per_unit = max(0.0, slope)
             fixed = mt - per_unit * mx
             if fixed < 0:  # steeper than proportional: proportional through the points' mean
                 per_unit, fixed = (mt / mx if mx else 0.0), 0.0
-        fitted.append({**{k: v for k, v in r.items() if k not in EXCLUDED}, "fixed_seconds": fixed,
-                       "seconds_per_unit": per_unit, "measured_seconds": float(r["seconds"]),
-                       "points": len(xs), "peak_bytes": r.get("peak_bytes", 0)})
+        fitted.append(_fitted(r, fixed, per_unit, len(pts), "wall"))
     return fitted
 
 
+def _fitted(r: dict, fixed: float, per_unit: float, points: int, source: str) -> dict:
+    """A stage's record with its fitted line (``source``: wall time, CPU time or a probe)."""
+    return {**{k: v for k, v in r.items() if k not in EXCLUDED}, "fixed_seconds": fixed,
+            "seconds_per_unit": per_unit, "measured_seconds": float(r["seconds"]), "points": points,
+            "from": source, "peak_bytes": r.get("peak_bytes", 0)}
+
+
 def _slope(pts: list[tuple[float, float]]) -> tuple[float, float, float]:
-    """(slope, mean x, mean y) of the least-squares line through ``pts``."""
+    """(slope, mean x, mean y) of the least-squares line through ``pts`` (slope 0 when every x is the same)."""
     xs, ys = zip(*pts, strict=True)
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
@@ -234,9 +235,7 @@ def _fit_beam_stage(r: dict, cpu_points: list[tuple[float, float]]) -> dict:
     slope, _, _ = _slope(cpu_points)
     per_unit = max(0.0, slope) / max(1, int(r.get("cores", 1)))
     fixed = max(0.0, float(r["seconds"]) - per_unit * float(r["units"]))
-    return {**{k: v for k, v in r.items() if k not in EXCLUDED}, "fixed_seconds": fixed, "seconds_per_unit": per_unit,
-            "measured_seconds": float(r["seconds"]), "points": len(cpu_points), "from": "cpu",
-            "peak_bytes": r.get("peak_bytes", 0)}
+    return _fitted(r, fixed, per_unit, len(cpu_points), "cpu")
 
 
 _STEP_SECONDS: dict[tuple, float] = {}
@@ -375,10 +374,10 @@ def plan(fitted: list[dict], have: dict, want: dict, workers: int, cores_per_wor
         "over every image",
         "a softmax classifier costs epochs x images / batch SGD steps, each timed here at the target's classes and "
         "dimension (the rest of its stage is fixed); its scoring costs queries x classes. The search costs "
-        "queries x database vectors, of which an "
-        "IVF index scans nprobe/nlist at the per-vector cost of the exact search measured on the samples (an "
-        "overestimate for compressed codes); the vote tuning costs per held-out image (one per class, at most "
-        "2,000): its reading and search of the database are not scaled with the database",
+        "queries x database vectors, of which an IVF index scans nprobe/nlist at the per-vector cost of the "
+        "exact search measured on the samples (an overestimate for compressed codes); the vote tuning costs per "
+        "held-out image (one per class, at most 2,000): its reading and search of the database are not scaled "
+        "with the database",
         "the samples' indices are exact (Flat): training an IVF index (k-means on up to max(65,536, 40 x nlist) "
         "vectors) at the projected size is not in the index stages' time",
         "compare's own work outside the stages (start-up, reading manifests, copying outputs) takes as long as on the "

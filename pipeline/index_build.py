@@ -239,23 +239,23 @@ def _merge(elements: list, staging: str, shards: int, local_dir: str, trained, o
 def _finish(merged, paths: list[str], firsts: list[int], config, meta: dict, factory: str, search: str, info: dict,
             started: float):
     """The VectorIndex of the merged index: the id table and the non-landmark side index from the features."""
+    import pyarrow.parquet as pq
+
     from index.faiss_index import VectorIndex
-    from pipeline.parquet_io import read_file
     from pipeline.schemas import labels_of, vectors_of
 
-    # the id table, and the non-landmark side index, from the features themselves
+    # the id table, and the non-landmark side index, from the features themselves (vectors only where needed)
     image_ids, labels, nl_vectors, nl_rows = [], [], [], []
     for path, first in zip(paths, firsts, strict=True):
         with fs.FileSystems.open(path) as f:
-            table = read_file(f, columns=["id", "landmark_id"])
-        labs = labels_of(table)
+            shard = pq.ParquetFile(f)  # synchronous reads, as parquet_io.read_file
+            table = shard.read(columns=["id", "landmark_id"])
+            labs = labels_of(table)
+            if config.nonlandmark_index and (labs < 0).any():
+                nl_vectors.append(vectors_of(shard.read(columns=["vector"]))[labs < 0])
+                nl_rows.append(np.nonzero(labs < 0)[0] + first)
         image_ids.extend(table.column("id").to_pylist())
         labels.append(labs)
-        if config.nonlandmark_index and (labs < 0).any():
-            with fs.FileSystems.open(path) as f:
-                xb = vectors_of(read_file(f, columns=["vector"]))
-            nl_vectors.append(xb[labs < 0])
-            nl_rows.append(np.nonzero(labs < 0)[0] + first)
     labels = np.concatenate(labels) if labels else np.empty(0, np.int64)
     nonlandmarks = VectorIndex.nonlandmark_index(nl_vectors, nl_rows, image_ids, labels, config, meta)
     info["seconds"] = round(time.perf_counter() - started, 3)
