@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from features.backbones import PREPROCESSING
 from features.base import l2_normalize
+from features.preprocessing import PREPROCESSING
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 non-maximum suppression.
 
 Boxes are [N, 4] float32 (xmin, ymin, xmax, ymax) in continuous pixel coordinates (area = (xmax - xmin) x
-(ymax - ymin)), as in reports/metrics.py.
+(ymax - ymin)), as in features/boxes.py.
 
 The detector is single-stage (SSD / RetinaNet style): anchors of several scales and aspect ratios tile the cells
 of the backbone's stride-16 and stride-32 feature maps, and per anchor a head predicts an objectness logit and
@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from features.boxes import iou_matrix
 
 VARIANCES = (0.1, 0.1, 0.2, 0.2)  # SSD's scaling of the (cx, cy, w, h) offsets: unit-variance targets
 
@@ -97,8 +99,6 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.5, max_o
     """Greedy non-maximum suppression: indices of the kept boxes, best score first. A box is dropped when its IoU
     with an already kept, higher-scoring box exceeds ``iou_threshold``, or its score is below ``score_threshold``
     (ties in score: the lower index first)."""
-    from reports.metrics import iou_matrix
-
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     scores = np.asarray(scores, np.float32).reshape(-1)
     order = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] >= score_threshold]

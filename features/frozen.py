@@ -19,8 +19,8 @@ import warnings
 
 import numpy as np
 
-from features.backbones import preprocess
 from features.base import l2_normalize
+from features.preprocessing import preprocess
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from features.backbones import preprocess_affine
+from features.preprocessing import preprocess_affine
 
 
 @keras.saving.register_keras_serializable(package="cairn")
 class Preprocess(keras.layers.Layer):
     """RGB in 0..255 -> the input range a backbone was trained with (keras.applications' modes, defined once in
-    features/backbones.preprocess_affine)."""
+    features/preprocessing.preprocess_affine)."""
 
     def __init__(self, mode: str = "tf", **kwargs):
         super().__init__(**kwargs)

@@ -28,9 +28,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from features.backbones import PREPROCESSING
 from features.detect import DetectConfig
 from features.hog import HogConfig
+from features.preprocessing import PREPROCESSING
 from features.sift import SiftConfig
 from features.verify import RerankConfig, VerifyConfig
 from models.delf import DelfTrainConfig

@@ -34,7 +34,7 @@ from jobs.report import add_report_args, report_config, summary_table, write_met
 from jobs.train import add_set_arg
 from pipeline import config as cfg
 from pipeline import fs, stages
-from pipeline.errors import CairnError, read_dead_letters
+from pipeline.errors import CairnError, parse_dead_letters
 from pipeline.images import DecodeConfig
 from pipeline.manifest import manifest_fingerprint, read_manifest
 from reports.html import ReportConfig
@@ -98,7 +98,7 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
                             fs.join(out, "predictions", f"{name}.csv"))
         fs.copy_file(fs.join(result["recognize"], "neighbours.parquet"), fs.join(out, "neighbours", f"{name}.parquet"))
         for split, path in result["dead_letters"].items():
-            for d in read_dead_letters(path):
+            for d in parse_dead_letters(fs.read_text(path)):
                 dead_rows.append((name, split, *d))
         accounting[name] = {"splits": result["counts"], "index": result["index"]}
     buf = io.StringIO()

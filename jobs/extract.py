@@ -33,7 +33,7 @@ from features.registry import EXTRACTORS, make_extractor
 from jobs import common, methods
 from pipeline import config as cfg
 from pipeline import fs, stages
-from pipeline.errors import CairnError, read_dead_letters
+from pipeline.errors import CairnError, parse_dead_letters
 from pipeline.images import DecodeConfig
 from pipeline.inference import (
     DetectAndEmbed,
@@ -312,7 +312,7 @@ def reconcile(inputs: int, paths: dict[str, str], regional: bool = False) -> dic
                                "please report it")
         extra = {"regions": len(ids), "detected_boxes": sum(1 for _, r in pairs if r > 0)}
         ids = list(dict.fromkeys(ids))
-    dead = read_dead_letters(paths["dead_letters"])
+    dead = parse_dead_letters(fs.read_text(paths["dead_letters"]))
     by_stage: dict[str, int] = {}
     for d in dead:
         by_stage[d.stage] = by_stage.get(d.stage, 0) + 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.backbones import BackboneConfig
+from features.boxes import iou_matrix
 from features.detect import encode_boxes
 
 
@@ -25,8 +26,6 @@ def assign_anchors(anchors: np.ndarray, boxes: np.ndarray, positive_iou: float =
     """(labels [A] int8: 1 positive, 0 negative, -1 ignored; matched [A] int64: the box of each anchor, -1 for
     none; targets [A, 4] float32: encoded boxes of the positives, 0 elsewhere) for [A, 4] anchors and [N, 4]
     ground-truth boxes of one image."""
-    from reports.metrics import iou_matrix
-
     if not 0 <= negative_iou <= positive_iou <= 1:
         raise ValueError("need 0 <= negative_iou <= positive_iou <= 1")
     a = len(anchors)

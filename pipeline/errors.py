@@ -45,11 +45,9 @@ class DeadLetter(NamedTuple):
         return buf.getvalue()
 
 
-def read_dead_letters(path: str) -> list[DeadLetter]:
-    """Read a dead-letter CSV written by a job (header ``id,stage,reason,path``)."""
-    from pipeline.fs import read_text
-
-    rows = list(csv.DictReader(io.StringIO(read_text(path))))
+def parse_dead_letters(text: str) -> list[DeadLetter]:
+    """The dead letters of a CSV document written by a job (header ``id,stage,reason,path``)."""
+    rows = list(csv.DictReader(io.StringIO(text)))
     return [DeadLetter(r["id"], r["stage"], r["reason"], r.get("path", "")) for r in rows]
 
 

@@ -10,6 +10,8 @@ import threading
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.errors import CairnError
+
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -124,8 +126,6 @@ def write_text(path: str, text: str) -> None:
 def check_output_folder(path: str) -> None:
     """Refuse output folders that Beam's file sinks cannot finalise: they glob their own output paths."""
     if any(c in path for c in "*?[]"):
-        from pipeline.errors import CairnError
-
         raise CairnError(f"output folder {path!r} contains *, ? or [ ], which Beam's file sinks read as wildcards; "
                          "choose an --out without them")
 
@@ -134,8 +134,6 @@ def makedirs(path: str) -> None:
     """Create a local output folder (cloud filesystems have no folders); a file in the way is a user error."""
     if not has_scheme(path):
         import os
-
-        from pipeline.errors import CairnError
 
         if os.path.exists(path) and not os.path.isdir(path):
             raise CairnError(f"{path} is a file, but an output folder is needed there; give another --out")
@@ -213,9 +211,7 @@ def local_path(path: str) -> str:
             entries = [(m, posixpath.join(name, m.path[len(base) + 1:])) for m in _matches(join(escape(base), "**"))
                        if m.path[len(base) + 1:] and not m.path.endswith("/")]
         if not entries:
-            from pipeline.errors import CairnError
-
-            raise CairnError(f"{path}: no such file or folder")
+                raise CairnError(f"{path}: no such file or folder")
         key = hashlib.sha1("\0".join([base] + [f"{m.path}:{m.size_in_bytes}:{m.last_updated_in_seconds}"
                                                for m, _ in entries]).encode()).hexdigest()[:20]
         root = os.path.join(tempfile.gettempdir(), "cairn-models", key)

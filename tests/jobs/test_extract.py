@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jobs.extract import extract, run
-from pipeline.errors import CairnError, read_dead_letters
+from pipeline.errors import CairnError, parse_dead_letters
 from pipeline.parquet_io import read_shards
 from pipeline.schemas import cairn_metadata, vectors_of
 from tests.conftest import write_manifest
@@ -28,7 +28,7 @@ def test_multi_process_run_reconciles_every_record(tmp_path, tiny_synth, bad_ima
     assert record["workers"] == 2 and record["runner"] == "DirectRunner"
 
     table, meta = read_shards(str(out / "features"))
-    dead = read_dead_letters(str(out / "dead_letters.csv"))
+    dead = parse_dead_letters((out / "dead_letters.csv").read_text())
     feature_ids = set(table.column("id").to_pylist())
     dead_by_id = {(d.id, d.stage): d for d in dead}
     expected_ok = {r["id"] for r in good} | {f"bad-{n}" for n, (_, e) in bad_images.items() if e == "ok"}
