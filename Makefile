@@ -18,7 +18,7 @@ help:
 	@echo "make bench   benchmarks; figures in BENCHMARKS.md and bench/results.json"
 	@echo "make bench-scale  3,200 and 20,000 synthetic images through every method, and cairn plan's projections"
 	@echo "make porto   the real-data check on ../shared/data/porto (leave-one-out), into BENCHMARKS.md"
-	@echo "make lint    ruff"
+	@echo "make lint    ruff, and the import contracts of the layers (import-linter; README \"Layout\")"
 	@echo "make browser install Debian's chromium (headless, for the HTML report tests) when it is missing"
 	@echo "make clean   remove outputs and caches (keeps $(VENV)); 'make clean-all' removes it too"
 
@@ -73,6 +73,7 @@ porto: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 # headless Chromium for tests/reports (skipped there without it unless CAIRN_REQUIRE_BROWSER=1); apt as root or sudo
 browser:

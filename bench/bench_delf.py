@@ -64,11 +64,12 @@ def _model(workdir: str, manifest: str) -> tuple[str, str]:
 def run(workdir: str, quick: bool) -> list[dict]:
     from features.delf import DelfConfig, DelfExtractor
     from features.verify import VerifyConfig, verify
-    from jobs.extract import extract, features_prefix
+    from pipeline.featuresets import features_prefix
     from pipeline.images import load_image
     from pipeline.manifest import read_manifest
     from pipeline.parquet_io import find_shards, read_shards
     from pipeline.resources import limit_threads
+    from pipeline.stages.extract import extract
 
     threads = os.cpu_count() or 1
     limit_threads(threads)

@@ -158,9 +158,10 @@ def _beam(workdir: str, group: str, paths: list[str], labels: np.ndarray, folds:
     """The extraction Beam job with and without --detector: images/s, and the regional retrieval mAP."""
     from bench.bench_extract import _write_manifest
     from features.detect import DetectConfig
-    from jobs.extract import extract, features_prefix
+    from pipeline.featuresets import features_prefix
     from pipeline.parquet_io import read_shards
     from pipeline.schemas import vectors_of
+    from pipeline.stages.extract import extract
 
     ids = [f"p{i:04d}" for i in range(len(paths))]
     params = {"model": os.path.abspath(TFLITE), "batch_size": 32}

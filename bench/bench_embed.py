@@ -33,7 +33,7 @@ BATCH = 32
 
 def _images(folder: str, n: int, seed: int = 3) -> str:
     """``n`` 640x480 JPEGs of a synthetic landmark set and a manifest of them."""
-    from jobs.synth import synth
+    from pipeline.stages.synth import synth
     from pipeline.synthetic import SynthConfig
 
     per_class = 8
@@ -49,11 +49,11 @@ def run(workdir: str, quick: bool) -> list[dict]:
     from features.backbones import BackboneConfig
     from features.cnn import resize_square
     from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
-    from jobs.extract import extract
     from models.finetune import FinetuneConfig, finetune
     from pipeline.images import load_image
     from pipeline.manifest import read_manifest
     from pipeline.resources import limit_threads
+    from pipeline.stages.extract import extract
 
     threads = os.cpu_count() or 1
     limit_threads(threads)

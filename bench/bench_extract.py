@@ -2,7 +2,7 @@
 
 Reference: one process, one thread, ``load_image`` then the extractor's ``extract`` (HoG: OpenCV's
 HOGDescriptor; SIFT: OpenCV's SIFT detectAndCompute, capped and RootSIFT-ready) for each path. Measured:
-``jobs.extract.extract`` on DirectRunner with 1 worker (in this process) and 2 worker processes, one thread
+``pipeline.stages.extract.extract`` on DirectRunner with 1 worker (in this process) and 2 worker processes, one thread
 each. A job's time includes pipeline start-up, which dominates small runs, so the same job is also timed on
 a 4-image manifest; (N - 4) / (T_N - T_4) estimates the throughput once the pipeline is running.
 """
@@ -28,7 +28,7 @@ DESCRIPTION = (
     "`pipeline.images.load_image(path, DecodeConfig())` then the extractor's `extract(img)` for each image "
     "(`features.hog.HogExtractor`, or `features.sift.SiftExtractor`: the bare OpenCV SIFT call plus the "
     "response cap and the keypoint rescaling). SIFT rows also pay for packing the keypoints into Arrow. "
-    "Measured: the Beam job `jobs.extract.extract(manifest, out, method=..., threads=1, "
+    "Measured: the Beam job `pipeline.stages.extract.extract(manifest, out, method=..., threads=1, "
     "force=True)` called in-process with `workers=1`, and with `workers=2` (DirectRunner multi-processing, "
     "one thread per worker). The job's time is the whole `extract()` call: manifest validation, the "
     "pipeline (read, decode + HoG, Parquet and dead-letter writes) and the final reconciliation. "
@@ -118,7 +118,7 @@ def bare_loop(paths: list[str], desc: str, method: str = "hog") -> int:
 def _beam_runs(manifest: str, tiny: str, out: str, workers: int, n: int, repeats: int, beam_args: list[str],
                method: str = "hog") -> dict:
     """Time the extract job on the full and the tiny manifest; returns times and the fitted rates."""
-    from jobs.extract import extract
+    from pipeline.stages.extract import extract
 
     def job(path: str, dest: str) -> dict:
         record = extract(path, dest, method=method, workers=workers, threads=1, beam_args=beam_args, force=True)

@@ -27,7 +27,7 @@ DESCRIPTION = (
     "Every photo of ../shared/data/porto queries the other 483. mAP@100: Google Landmark Retrieval's "
     "definition (reports/metrics.py) with the photo itself removed from its neighbours; kNN accuracy: the "
     "vote of the 10 nearest other photos (index/recognize.vote). Methods run through the jobs of "
-    "`cairn compare` (jobs/classic.py) with their default parameters except where the row says; "
+    "`cairn compare` (pipeline/run/recipes.py) with their default parameters except where the row says; "
     "sift-bovw+sv re-ranks the top 20 by RANSAC (features/verify.py). Ratios are against chance "
     "(the expected mAP@100 of a random ranking, and the chance that a random other photo shows the same landmark). "
     "PCA-whitening is learned on the same 484 photos (labels unused); rows with other whitening dimensions show "
@@ -84,7 +84,7 @@ def leave_one_out(index_dir: str, vectors_dir: str, rerank=None) -> dict:
     """LOO figures of one method from its built index (the database queries itself)."""
     from index.recognize import VoteConfig, vote
     from index.sparse_index import load_any
-    from jobs.recognize import read_queries
+    from pipeline.stages.lookup import read_queries
     from reports.metrics import mean_average_precision_at_k
 
     index = load_any(index_dir)
@@ -122,12 +122,12 @@ def leave_one_out(index_dir: str, vectors_dir: str, rerank=None) -> dict:
 def run(workdir: str, quick: bool) -> list[dict]:
     from features.sift import prepare_descriptors
     from index.recognize import VoteConfig
-    from jobs import classic
-    from jobs.encode import features_metadata
-    from jobs.extract import features_prefix
     from pipeline import config as cfg
     from pipeline import fs
+    from pipeline.featuresets import features_metadata, features_prefix
     from pipeline.images import DecodeConfig
+    from pipeline.run import methods, recipes
+    from pipeline.run.settings import parse_overrides
 
     os.makedirs(workdir, exist_ok=True)
     manifest = _porto_manifest(workdir, quick)
@@ -136,17 +136,17 @@ def run(workdir: str, quick: bool) -> list[dict]:
         reason = "../shared/data/porto/labels.csv not found (the shared Porto photos are not on this machine)"
         log.warning("porto: skipped: %s", reason)
         return [skipped(group, "every method", reason)]
-    ctx = classic.RunContext(manifest, manifest, os.path.join(workdir, "work"), DecodeConfig(), workers=2, threads=1,
+    ctx = recipes.RunContext(manifest, manifest, os.path.join(workdir, "work"), DecodeConfig(), workers=2, threads=1,
                              beam_args=tuple(offline_beam_args(workdir)), vote=VoteConfig(), splits=("train",))
     entries: list[dict] = []
     chance = None
     group = f"Porto leave-one-out ({'quick subset' if quick else 'all photos'})"
     vectors: dict[str, str] = {}  # default-config method -> its database vectors, for the classifiers
     for name, method, overrides in METHODS:
-        config = classic.parse_overrides(overrides)
-        base_name = classic.BASE[method]
+        config = parse_overrides(overrides)
+        base_name = methods.index_owner(method)
         log.info("porto: %s", name)
-        base = classic.build_base(base_name, config, ctx)
+        base = methods.METHODS[base_name].build(config, ctx)
         if not overrides:
             vectors[method] = fs.join(base["vectors"], "train")
         rerank = None
@@ -182,7 +182,7 @@ def run(workdir: str, quick: bool) -> list[dict]:
     entries += _deep(ctx, group)
     entries += _delf(ctx, group, workdir, quick)
     for method in ("hog-linear", "sift-vlad-linear"):
-        accuracy, seconds = cross_validated_accuracy(vectors[classic.BASE[method]])
+        accuracy, seconds = cross_validated_accuracy(vectors[methods.index_owner(method)])
         entries.append(entry(group, f"{method}: 5-fold accuracy", round(accuracy, 4), "accuracy",
                              "chance: kNN accuracy", note="classifier (models/classifiers.py, default "
                              "classifier config), stratified 5-fold cross-validation", train_seconds=seconds))
@@ -197,11 +197,11 @@ def cross_validated_accuracy(vectors_dir: str, folds: int = 5) -> tuple[float, f
 
     from sklearn.model_selection import StratifiedKFold
 
-    from jobs.classic import ClassifierConfig
-    from jobs.extract import features_prefix
-    from jobs.train import make_classifier
+    from pipeline.featuresets import features_prefix
     from pipeline.parquet_io import read_shards
+    from pipeline.run.settings import ClassifierConfig
     from pipeline.schemas import labels_of, vectors_of
+    from pipeline.stages.train import make_classifier
 
     table, _ = read_shards(features_prefix(vectors_dir, "global"))
     X, y = vectors_of(table), labels_of(table)
@@ -282,13 +282,15 @@ def _delf(ctx, group: str, workdir: str, quick: bool) -> list[dict]:
     import dataclasses
 
     from features.backbones import BackboneConfig
-    from jobs import classic
-    from jobs.extract import extract, features_prefix
-    from jobs.synth import synth
     from models.delf import DelfTrainConfig, fit_pca, train_delf
     from pipeline import config as cfg
     from pipeline import fs
+    from pipeline.featuresets import features_prefix
     from pipeline.manifest import read_manifest
+    from pipeline.run import recipes
+    from pipeline.run.settings import parse_overrides
+    from pipeline.stages.extract import extract
+    from pipeline.stages.synth import synth
     from pipeline.synthetic import SynthConfig
 
     if not os.path.exists(TFLITE):
@@ -296,7 +298,7 @@ def _delf(ctx, group: str, workdir: str, quick: bool) -> list[dict]:
     synthetic = os.path.join(workdir, "delf-synthetic")
     synth(synthetic, SynthConfig(seed=11, classes=16, views=12, min_views=6, queries_per_class=0,
                                  non_landmark_queries=0, non_landmark_train=0))
-    method = classic.parse_overrides([])
+    method = parse_overrides([])
     train_config = DelfTrainConfig(backbone=BackboneConfig("mobilenet", weights=os.path.abspath(TFLITE)), epochs=0,
                                    attention_epochs=8 if quick else 20, pca_dim=0)
     folder = os.path.join(workdir, "delf-model")
@@ -311,8 +313,8 @@ def _delf(ctx, group: str, workdir: str, quick: bool) -> list[dict]:
               if k != "device"}
     record = extract(ctx.train, os.path.join(workdir, "delf-local"), "delf", params, workers=1,
                      beam_args=list(ctx.beam_args))
-    config = classic.parse_overrides([f"cnn_pretrained.model={os.path.abspath(TFLITE)}"])
-    base = classic.build_deep("cnn-pretrained", config, ctx)
+    config = parse_overrides([f"cnn_pretrained.model={os.path.abspath(TFLITE)}"])
+    base = recipes.cnn_pretrained(config, ctx)
     prefix = features_prefix(os.path.join(workdir, "delf-local"), "local")
     plain = leave_one_out(base["index"], fs.join(base["vectors"], "train"))
     r = leave_one_out(base["index"], fs.join(base["vectors"], "train"),
@@ -343,17 +345,18 @@ def _deep(ctx, group: str) -> list[dict]:
     fine-tuned on 4/5 of the photos measured on the other fifth (5 folds)."""
     from sklearn.model_selection import StratifiedKFold
 
-    from jobs import classic
-    from jobs.extract import features_prefix
     from models.finetune import train_head_on_vectors
     from pipeline import fs
+    from pipeline.featuresets import features_prefix
     from pipeline.parquet_io import read_shards
+    from pipeline.run import recipes
+    from pipeline.run.settings import parse_overrides
     from pipeline.schemas import labels_of, vectors_of
 
     if not os.path.exists(TFLITE):
         return [skipped(group, "cnn-pretrained", f"{TFLITE} not found")]
-    config = classic.parse_overrides([f"cnn_pretrained.model={os.path.abspath(TFLITE)}"])
-    base = classic.build_deep("cnn-pretrained", config, ctx)
+    config = parse_overrides([f"cnn_pretrained.model={os.path.abspath(TFLITE)}"])
+    base = recipes.cnn_pretrained(config, ctx)
     r = leave_one_out(base["index"], fs.join(base["vectors"], "train"))
     table, _ = read_shards(features_prefix(fs.join(base["vectors"], "train"), "global"))
     X, y = vectors_of(table), labels_of(table)

@@ -7,7 +7,7 @@ measure again):
    queries (half without one); "20k" is 16,800 database images over 800 classes (800 without a landmark) and
    3,200 queries (half without one).
 2. ``measure``: `cairn compare` over every method with the settings below (DirectRunner, the automatic
-   worker processes), its stages recorded (pipeline/stages.py): seconds, images/s per core, peak memory,
+   worker processes), its stages recorded (pipeline/run/ledger.py): seconds, images/s per core, peak memory,
    bytes written. Written to OUT/SET/scale-run.json.
 3. ``plan``: `cairn plan` on the same manifests and flags, measured on its own samples of 800 and 200
    database images, projecting the set's run on this machine (1 worker); for "20k" also a million images
@@ -70,8 +70,8 @@ def compare_args(data: str, out: str, pretrained: str = PRETRAINED) -> list[str]
 def measure(data: str, out: str) -> dict:
     """Run the comparison with its stages recorded; returns (and writes OUT/scale-run.json) the record."""
     from jobs import compare
-    from jobs.plan import quantities
-    from pipeline import stages
+    from pipeline.run import ledger as stages
+    from pipeline.run.plan import quantities
 
     argv = compare_args(data, os.path.join(out, "run"))
     shutil.rmtree(os.path.join(out, "run"), ignore_errors=True)  # from scratch, sharing what compare shares
@@ -222,7 +222,7 @@ def _projection_entries(measured: dict, projected: dict) -> list[dict]:
 
 
 def _method(record: dict) -> str:
-    from jobs.plan import _method_of
+    from pipeline.run.plan import _method_of
 
     return _method_of(record["key"])
 

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from features.frozen import tflite_interpreter
+from pipeline.errors import CairnError
+from pipeline.fs import local_path
+
 # name -> (keras.applications constructor name, preprocessing mode, feature channels, builder kwargs)
 BACKBONES = {
     "resnet50": ("ResNet50", "caffe", 2048, {}),
@@ -77,8 +81,6 @@ def build_backbone(config: BackboneConfig):
     app = getattr(keras.applications, constructor)
     weights = config.weights
     if weights not in ("none", "imagenet"):
-        from pipeline.fs import local_path
-
         weights = local_path(weights)  # weights on gs:// etc.: downloaded once per process
     if weights not in ("none", "imagenet") and not os.path.exists(weights):
         raise FileNotFoundError(f"backbone weights file not found: {weights}")
@@ -86,8 +88,6 @@ def build_backbone(config: BackboneConfig):
         try:
             net = app(include_top=False, weights="imagenet", input_shape=(None, None, 3), **kwargs)
         except Exception as e:  # noqa: BLE001 - Keras raises a bare Exception when the download fails
-            from pipeline.errors import CairnError
-
             raise CairnError(
                 f"could not get the ImageNet weights of {config.name} (Keras downloads them once into "
                 f"~/.keras/models): {e}. Offline, give a local weights file instead (weights=FILE.weights.h5, or "
@@ -118,8 +118,6 @@ def tflite_mobilenet_v1_weights(path: str) -> dict[str, tuple[np.ndarray, np.nda
     scale and zero point, biases int32 with a scale. Kernels come back in Keras' layout: Conv2D
     [kh, kw, in, out], DepthwiseConv2D [kh, kw, C, 1].
     """
-    from features.frozen import tflite_interpreter
-
     interpreter = tflite_interpreter(path)
     tensors = {t["name"]: t for t in interpreter.get_tensor_details()}
 

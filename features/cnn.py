@@ -28,8 +28,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from features.backbones import BackboneConfig
 from features.base import l2_normalize
+from features.embedding import HeadConfig, build_embedding_model, load_embedding_model, model_metadata
+from features.frozen import SavedModelEmbedder, TFLiteEmbedder
 from features.preprocessing import PREPROCESSING
+from pipeline import config as cfg
+from pipeline.fs import local_path
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,6 @@ class CnnConfig:
 
 def file_sha256(path: str) -> str:
     """sha256 of a model file, or of every file of a SavedModel folder (names and bytes, in sorted order)."""
-    from pipeline.fs import local_path
-
     h = hashlib.sha256()
     path = local_path(path)  # a model on gs:// etc.: downloaded once per process
     if os.path.isdir(path):
@@ -93,15 +96,10 @@ class KerasEmbedder:
         import tensorflow as tf
 
         if path.startswith("keras:"):
-            from features.backbones import BackboneConfig
-            from features.embedding import HeadConfig, build_embedding_model, model_metadata
-
             backbone, head = BackboneConfig(path.split(":", 1)[1], weights="imagenet"), HeadConfig(dim=0)
             self.model = build_embedding_model(backbone, head)
             self.info = model_metadata(backbone, head, 224)
         else:
-            from features.embedding import load_embedding_model
-
             self.model, self.info = load_embedding_model(path)
         self.input_size = int(self.info["input_size"])
         self.dim = int(self.info["dim"])
@@ -134,14 +132,12 @@ def load_embedder(config: CnnConfig, threads: int | None = None):
     model = config.model
     if model.startswith("keras:"):
         return KerasEmbedder(model)
-    from pipeline.fs import local_path
 
     model = local_path(model)  # a model on gs:// etc.: downloaded once per worker process
     if not os.path.exists(model):
         raise FileNotFoundError(f"CNN model not found: {model}")
     if model.endswith(".keras"):
         return KerasEmbedder(model)
-    from features.frozen import SavedModelEmbedder, TFLiteEmbedder
 
     if model.endswith(".tflite"):
         return TFLiteEmbedder(model, config.preprocessing, threads)
@@ -199,7 +195,5 @@ class CnnExtractor:
         return self.embed(self.prepare(image)[None])[0]
 
     def metadata(self) -> dict:
-        from pipeline import config as cfg
-
         return {"method": self.name, "dim": self.dim, "config": cfg.to_dict(self.config), "input_size": self.size,
                 "model": self.embedder.metadata(), "model_sha256": self.model_sha256}

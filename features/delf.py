@@ -26,9 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from features import artifacts
+from features.backbones import build_backbone
 from features.base import l2_normalize
+from features.cnn import file_sha256, placement
 from features.keras_io import load_with_metadata, save_with_metadata
 from features.local import LocalFeatures
+from features.pca import PCAWhitening
+from pipeline import config as cfg
+from pipeline.schemas import local_features_schema
 
 FORMAT = "cairn-delf-model"
 VERSION = 1
@@ -149,7 +155,6 @@ def build_delf_model(backbone, layer: str = "", attention_dim: int = 512):
     model, the layer name). ``backbone`` is a features.backbones.BackboneConfig."""
     import keras
 
-    from features.backbones import build_backbone
     from features.layers import Preprocess
 
     layer = layer or DEFAULT_LAYERS[backbone.name]
@@ -252,7 +257,6 @@ class DelfExtractor:
     def __init__(self, config: DelfConfig, threads: int | None = None):
         if not config.model:
             raise ValueError("delf needs a model (--param model=...): a .keras file from `cairn train --method delf`")
-        from features.cnn import file_sha256, placement
 
         self.config = config
         self._place = placement(config.device)
@@ -261,8 +265,6 @@ class DelfExtractor:
         self.rf = tuple(ReceptiveField(**r) for r in self.meta["receptive_field"])
         self.pca = None
         if config.pca:
-            from features.pca import PCAWhitening
-
             self.pca = PCAWhitening.load(config.pca)
         self.dim = self.pca.dim_out if self.pca is not None else int(self.meta["dim"])
         self.model_sha256 = file_sha256(config.model)
@@ -333,13 +335,9 @@ class DelfExtractor:
         return self.extract_batch([self.prepare(image)], [(w, h)])[0]
 
     def schema(self):
-        from pipeline.schemas import local_features_schema
-
         return local_features_schema(self.dim, "float32", self.metadata())
 
     def metadata(self) -> dict:
-        from pipeline import config as cfg
-
         return {"method": self.name, "dim": self.dim, "config": cfg.to_dict(self.config),
                 "model": {k: v for k, v in self.meta.items() if k != "history"}, "model_sha256": self.model_sha256,
                 "pca_sha256": self.pca_sha256, "postprocess": "none"}
@@ -356,7 +354,7 @@ class AttentionPooling:
     L2-normalised) descriptors, L2-normalised; the aggregation DELF's attention was trained with. Nothing is
     learned (``fit`` records the dimension), so it follows scikit-learn's contract trivially."""
 
-    weighted = True  # transform takes the attention scores too (pipeline/encoding.py passes them)
+    weighted = True  # transform takes the attention scores too (pipeline/stages/encoding.py passes them)
 
     def __init__(self, dim: int = 0):
         self.dim = dim
@@ -383,13 +381,9 @@ class AttentionPooling:
         return l2_normalize(out)
 
     def save(self, path: str) -> None:
-        from features import artifacts
-
         artifacts.save(path, POOL_KIND, {}, {"dim": self.dim}, {})
 
     @classmethod
     def load(cls, path: str) -> AttentionPooling:
-        from features import artifacts
-
         _, header = artifacts.load(path, POOL_KIND)
         return cls(int(header["config"]["dim"]))

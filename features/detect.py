@@ -17,7 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from features.backbones import BackboneConfig, build_backbone
 from features.boxes import iou_matrix
+from features.cnn import file_sha256
+from features.keras_io import load_with_metadata, save_with_metadata
+from pipeline import config as cfg
+from pipeline.fs import local_path
 
 VARIANCES = (0.1, 0.1, 0.2, 0.2)  # SSD's scaling of the (cx, cy, w, h) offsets: unit-variance targets
 
@@ -121,15 +126,11 @@ VERSION = 1
 
 def save_detector(model, path: str, metadata: dict) -> None:
     """Write the detector to ``path`` (.keras) with cairn.json (backbone, input size, anchor layout) inside."""
-    from features.keras_io import save_with_metadata
-
     save_with_metadata(model, path, {"format": FORMAT, "version": VERSION, **metadata}, "a detector")
 
 
 def load_detector(path: str):
     """(keras.Model, metadata) of an exported detector, loaded in Keras' safe mode."""
-    from features.keras_io import load_with_metadata
-
     return load_with_metadata(path, FORMAT, VERSION, "a Cairn detector", "train one with models/detector.py")
 
 
@@ -236,8 +237,6 @@ def load_any_detector(path: str, **kwargs):
     downloaded once per process)."""
     import os
 
-    from pipeline.fs import local_path
-
     path = local_path(path)
     if path.endswith(".keras"):
         return Detector(path, **{k: v for k, v in kwargs.items() if k != "classes"})
@@ -284,8 +283,6 @@ class ActivationDetector:
 
     def __init__(self, backbone, size: int = 320, thresholds: tuple[float, ...] = (0.3, 0.5, 0.7),
                  iou_threshold: float = 0.5, max_boxes: int = 5):
-        from features.backbones import build_backbone
-
         self.model = build_backbone(backbone)
         self.size, self.thresholds = size, thresholds
         self.iou_threshold, self.max_boxes = iou_threshold, max_boxes
@@ -372,8 +369,6 @@ def make_detector(config: DetectConfig):
         raise ValueError("no detector given: a .keras from `cairn train --method detector`, a SavedModel folder, "
                          "or activation:WEIGHTS for the training-free fallback")
     if config.fallback:
-        from features.backbones import BackboneConfig
-
         weights = config.model[len(ACTIVATION):] or "imagenet"
         return ActivationDetector(BackboneConfig(config.fallback_backbone, weights=weights), config.fallback_size,
                                   iou_threshold=config.iou_threshold, max_boxes=4 * max(1, config.max_boxes))
@@ -385,9 +380,6 @@ def make_detector(config: DetectConfig):
 def detector_metadata(config: DetectConfig) -> dict:
     """What a detection run depends on: its config and the model file's (or folder's) fingerprint."""
     import os
-
-    from features.cnn import file_sha256
-    from pipeline import config as cfg
 
     path = config.model[len(ACTIVATION):] if config.fallback else config.model
     sha = file_sha256(path)[:16] if path and os.path.exists(path) else None  # a SavedModel: every file

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from features.backbones import BackboneConfig, build_backbone, channels, preprocessing
 from features.keras_io import load_with_metadata, read_metadata, save_with_metadata
+from pipeline import config as cfg
 
 FORMAT = "cairn-embedding-model"
 VERSION = 1
@@ -63,8 +64,6 @@ def build_embedding_model(backbone: BackboneConfig, head: HeadConfig):
 
 def model_metadata(backbone: BackboneConfig, head: HeadConfig, input_size: int, **extra) -> dict:
     """What an exported embedding model says about itself (stored as cairn.json in the .keras file)."""
-    from pipeline import config as cfg
-
     return {"format": FORMAT, "version": VERSION, "backbone": cfg.to_dict(backbone), "head": cfg.to_dict(head),
             "input_size": int(input_size), "preprocessing": preprocessing(backbone.name), "input": "RGB 0..255",
             "dim": embedding_dim(backbone, head), **extra}

@@ -21,14 +21,13 @@ import numpy as np
 
 from features.base import l2_normalize
 from features.preprocessing import preprocess
+from pipeline.fs import local_path
 
 log = logging.getLogger(__name__)
 
 
 def tflite_interpreter(path: str, threads: int | None = None):
     """A TFLite interpreter for ``path``: LiteRT's (ai_edge_litert) when installed, else TensorFlow's."""
-    from pipeline.fs import local_path
-
     path = local_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TFLite model not found: {path}")

@@ -10,6 +10,8 @@ import json
 import os
 import zipfile
 
+from pipeline.fs import local_path
+
 METADATA_MEMBER = "cairn.json"
 
 
@@ -43,7 +45,6 @@ def load_with_metadata(path: str, fmt: str, version: int, what: str, hint: str):
     import keras
 
     import features.layers  # noqa: F401 - registers Cairn's layers for deserialisation
-    from pipeline.fs import local_path
 
     path = local_path(path)  # a model on gs:// etc.: downloaded once per worker process
     metadata = read_metadata(path, fmt, version, what, hint)

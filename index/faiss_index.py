@@ -41,7 +41,9 @@ from index import build as B
 from index.build import gpu_count  # noqa: F401 - part of this module's API
 from pipeline import config as cfg
 from pipeline.errors import CairnError
+from pipeline.fs import local_path
 from pipeline.parquet_io import write_table
+from pipeline.schemas import labels_of
 
 log = logging.getLogger(__name__)
 METRICS = B.METRICS
@@ -153,14 +155,8 @@ class VectorIndex:
         from tqdm import tqdm
 
         n = int(sum(counts))
-        if n == 0:
-            raise CairnError("there are no vectors to index; check the features folder")
         started = time.perf_counter()
-        budget = config.memory_budget or B.available_memory() // 2
-        factory, default_search = ((B.choose_factory(n, dim, budget)) if config.factory == "auto"
-                                   else (config.factory, ""))
-        index = B.new_index(factory, dim, config.metric)
-        on_disk = _decide_on_disk(config.on_disk, index, n, dim, budget)
+        index, factory, default_search, budget, on_disk = empty_index(n, dim, config)
         if on_disk and folder is None:
             raise CairnError("an on-disk index needs an output folder")
         if folder is not None:  # the files below replace the folder's: it is no complete index until saved
@@ -168,14 +164,7 @@ class VectorIndex:
         sequential = not B.mergeable(index)
 
         # 1. train on a seeded sample drawn across all parts
-        size = B.train_size_for(index, n, config.train_size)
-        t0 = time.perf_counter()
-        if size:
-            rows = np.sort(np.random.default_rng(config.seed).choice(n, size, replace=False))
-            sample = _gather(parts, counts, rows, dim, progress)
-            B.train_index(index, sample, config.use_gpu, config.gpu_float16, config.seed)
-            del sample
-        train_seconds = time.perf_counter() - t0
+        size, train_seconds = train_on_sample(index, parts, counts, dim, config, progress)
         trained = faiss.clone_index(index)
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
@@ -342,8 +331,6 @@ class VectorIndex:
     def load(cls, folder: str, mmap: bool = False) -> VectorIndex:
         """Load a saved index; ``mmap`` maps index.faiss instead of reading it (large read-only indices). An
         index folder on a Beam filesystem (gs://...) is downloaded once per process first."""
-        from pipeline.fs import local_path
-
         folder = local_path(folder)
         paths = [os.path.join(folder, n) for n in ("index.faiss", "ids.parquet", "index.json")]
         missing = [p for p in paths if not os.path.exists(p)]
@@ -367,7 +354,6 @@ class VectorIndex:
         faiss_ids = table.column("faiss_id").to_numpy()
         if not np.array_equal(faiss_ids, np.arange(len(faiss_ids))):
             raise CairnError(f"id table of {folder} is not in faiss-id order; rebuild the index")
-        from pipeline.schemas import labels_of
 
         sub = os.path.join(folder, "nonlandmarks")
         nonlandmarks = cls.load(sub) if meta.get("nonlandmarks") else None
@@ -398,6 +384,36 @@ def apply_search_params(index: faiss.Index, params: str, on_gpu: bool = False) -
             raise CairnError(f"search parameter {name}={value} does not apply to this index "
                              f"({type(faiss.downcast_index(index)).__name__}): {B._faiss_error(e)}. "
                              "IVF indices take nprobe, HNSW efSearch, Refine k_factor_rf") from e
+
+
+def empty_index(n: int, dim: int, config: IndexConfig, mergeable_only: bool = False):
+    """(untrained empty index, factory, its default search parameters, memory budget, on-disk lists) of an index
+    of ``n`` vectors of ``dim`` under ``config`` (factory "auto": chosen from the size and the budget;
+    ``mergeable_only``: among the kinds whose filled shards can be merged)."""
+    if n == 0:
+        raise CairnError("there are no vectors to index; check the features folder")
+    budget = config.memory_budget or B.available_memory() // 2
+    if config.factory == "auto":
+        factory, search = B.choose_factory(n, dim, budget, mergeable_only=mergeable_only)
+    else:
+        factory, search = config.factory, ""
+    index = B.new_index(factory, dim, config.metric)
+    return index, factory, search, budget, _decide_on_disk(config.on_disk, index, n, dim, budget)
+
+
+def train_on_sample(index, parts: list[Part], counts: list[int], dim: int, config: IndexConfig,
+                    progress: bool = False) -> tuple[int, float]:
+    """Train ``index`` on a seeded sample of the vectors drawn across all ``parts`` (rows ``counts``);
+    returns (sample size, seconds). Kinds that learn nothing take no sample."""
+    n = int(sum(counts))
+    size = B.train_size_for(index, n, config.train_size)
+    t0 = time.perf_counter()
+    if size:
+        rows = np.sort(np.random.default_rng(config.seed).choice(n, size, replace=False))
+        sample = _gather(parts, counts, rows, dim, progress)
+        B.train_index(index, sample, config.use_gpu, config.gpu_float16, config.seed)
+        del sample
+    return size, time.perf_counter() - t0
 
 
 def _decide_on_disk(mode: str, index: faiss.Index, n: int, dim: int, budget: int) -> bool:

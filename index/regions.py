@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from index.faiss_index import VectorIndex, labels_of_ids
+
 
 def factorize(ids) -> tuple[np.ndarray, np.ndarray]:
     """(codes [N]: the number of each row's id, in order of first appearance; first [G]: each id's first row)."""
@@ -123,8 +125,6 @@ class RegionalIndex:
         return best_per_group(D, I, self.row_image, k, larger_is_better=self.config.metric != "l2")
 
     def labels_of(self, I: np.ndarray) -> np.ndarray:
-        from index.faiss_index import labels_of_ids
-
         return labels_of_ids(self.labels, I)
 
     def ids_of(self, I: np.ndarray) -> list[list[str]]:
@@ -140,8 +140,6 @@ class RegionalIndex:
 
 def wrap(index):
     """``index`` as a RegionalIndex when it holds regions, else unchanged."""
-    from index.faiss_index import VectorIndex
-
     if isinstance(index, VectorIndex) and is_regional(index.features_metadata):
         return RegionalIndex(index)
     return index

@@ -25,10 +25,13 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from features import artifacts
-from index.faiss_index import ID_TABLE_SCHEMA, invalidate, labels_of_ids
+from index.faiss_index import ID_TABLE_SCHEMA, VectorIndex, invalidate, labels_of_ids
+from index.regions import wrap
 from pipeline import config as cfg
 from pipeline.errors import CairnError
+from pipeline.fs import local_path, makedirs
 from pipeline.parquet_io import write_table
+from pipeline.schemas import labels_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +108,6 @@ class SparseIndex:
         return int(p.data.nbytes + p.indices.nbytes + p.indptr.nbytes)
 
     def save(self, folder: str) -> None:
-        from pipeline.fs import makedirs
-
         makedirs(folder)
         invalidate(folder)
         stale = os.path.join(folder, "index.faiss")  # a dense index built here before
@@ -126,8 +127,6 @@ class SparseIndex:
 
     @classmethod
     def load(cls, folder: str) -> SparseIndex:
-        from pipeline.schemas import labels_of
-
         arrays, _ = artifacts.load(os.path.join(folder, "postings.npz"), "sparse_index")
         shape = tuple(int(v) for v in arrays["shape"])
         postings = sp.csc_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape)
@@ -142,10 +141,6 @@ class SparseIndex:
 def load_any(folder: str):
     """A VectorIndex or a SparseIndex, whichever ``folder`` holds; an index of detected regions comes as an
     index of images (index/regions.py)."""
-    from index.faiss_index import VectorIndex
-    from index.regions import wrap
-    from pipeline.fs import local_path
-
     folder = local_path(folder)  # an index on gs:// etc.: downloaded once per process
     record = os.path.join(folder, "index.json")
     if os.path.exists(record) and cfg.load_json(record).get("kind") == "sparse-inverted-file":

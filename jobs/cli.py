@@ -7,6 +7,10 @@ import logging
 import os
 import sys
 
+from jobs.logs import setup_logging
+from pipeline.errors import CairnError, DryRun
+from pipeline.run.methods import describe
+
 COMMANDS = {
     "synth": ("jobs.synth", "generate the synthetic landmark data set (train.csv, queries.csv, boxes.csv)"),
     "extract": ("jobs.extract", "Beam job: manifest -> descriptors in sharded Parquet, with dead letters"),
@@ -23,8 +27,6 @@ COMMANDS = {
 
 
 def usage() -> str:
-    from jobs.methods import describe
-
     lines = ["usage: cairn COMMAND [--help] [ARGS]", "", "Landmark recognition and image retrieval as batch jobs.",
              "", "commands:"]
     lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
@@ -47,12 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"cairn: unknown command {name!r}; commands: {', '.join(COMMANDS)} (cairn --help)", file=sys.stderr)
         return 2
-    from jobs.logs import setup_logging
 
     setup_logging(verbose="--verbose" in argv)
     argv = [a for a in argv[1:] if a != "--verbose"]
-    from pipeline.errors import CairnError
-    from pipeline.options import DryRun
 
     try:
         importlib.import_module(COMMANDS[name][0]).run(argv)

@@ -1,14 +1,25 @@
-"""Argument handling shared by the jobs: Cairn flags are parsed here, everything else goes to Beam."""
+"""What the `cairn` commands share: flag groups, their parsing into configs, and the tables they print.
+
+Cairn's flags are parsed here; everything else goes to Beam. A command module (jobs/<command>.py) parses its
+flags with these, calls one function of the layers below and prints; command modules never import each other.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import math
 import sys
 
+from index.build import parse_memory
+from index.faiss_index import IndexConfig
+from index.recognize import TuneConfig, VoteConfig
 from pipeline.errors import CairnError
 from pipeline.images import DecodeConfig
+from pipeline.options import AUTO_WORKERS_MIN_IMAGES
+from pipeline.run import methods
+from pipeline.run.settings import describe_settings, parse_overrides
+from pipeline.stages.lookup import BEAM_MIN_QUERIES
+from reports.html import ReportConfig
 
 BEAM_EPILOG = (
     "Any other --flag is passed to Apache Beam, e.g. --runner=DataflowRunner --project=P --region=R "
@@ -45,9 +56,6 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
     return DecodeConfig(max_side=args.max_side, max_pixels=args.max_pixels, min_side=args.min_side)
 
 
-AUTO_WORKERS_MIN_IMAGES = 1000  # below this, worker processes cost more to start than they save
-
-
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism (DirectRunner)")
     g.add_argument("--workers", type=int, default=0,
@@ -60,33 +68,6 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 def check_workers(args: argparse.Namespace) -> None:
     if not (0 <= args.workers <= 1024 and 0 <= args.threads_per_worker <= 1024):
         raise CairnError("--workers and --threads-per-worker must be between 0 (automatic) and 1024")
-
-
-_SIZE_FACTOR = [1.0]  # `cairn plan`'s samples decide as the whole run would (worker processes, whether to PCA)
-
-
-def resolve_workers(workers: int, images: int) -> int:
-    """0 = automatic: one process per core when there is enough work to pay for their start-up."""
-    if workers > 0:
-        return workers
-    return (os.cpu_count() or 1) if images * size_factor() >= AUTO_WORKERS_MIN_IMAGES else 1
-
-
-def size_factor() -> float:
-    """How many times more images the run being sampled has than the job sees (1 outside `sized_as`)."""
-    return _SIZE_FACTOR[-1]
-
-
-@contextlib.contextmanager
-def sized_as(factor: float):
-    """Inside the block, the decisions that depend on the number of images are taken for ``factor`` times the
-    images a job sees: a sample of a corpus then runs each stage in-process or on worker processes, and learns a
-    PCA or keeps the raw descriptor (jobs.train.whitening_dim), as the whole corpus would."""
-    _SIZE_FACTOR.append(float(factor))
-    try:
-        yield
-    finally:
-        _SIZE_FACTOR.pop()
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False):
@@ -120,3 +101,168 @@ def parse_beam_job(p: argparse.ArgumentParser, argv: list[str] | None):
     check_workers(args)
     return args, beam_args
 
+
+def add_set_arg(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="NAME.FIELD=VALUE",
+                   help="change a method parameter, e.g. bovw.vocabulary.k=4096 (repeatable). Parameters and "
+                        "defaults:\n  " + "\n  ".join(describe_settings()))
+
+
+def add_vote_args(p) -> None:
+    """Recognition flags shared by `cairn recognize` and `cairn compare`."""
+    d, t = VoteConfig(), TuneConfig()
+    g = p.add_argument_group("recognition from neighbours")
+    g.add_argument("--k", type=int, default=d.k, help=f"neighbours that vote (default {d.k})")
+    g.add_argument("--min-confidence", type=float, default=d.min_confidence,
+                   help="predict no landmark below this confidence (default 0; tuned when tuning)")
+    g.add_argument("--aggregate", default=d.aggregate, choices=["sum", "max"],
+                   help="a class's score: sum or max of its neighbours' similarities (default sum; tuned)")
+    g.add_argument("--class-norm", type=float, default=d.class_norm,
+                   help="divide a class's sum by min(its images, k) ** this, for the long tail (0..1, default 0; "
+                        "tuned)")
+    g.add_argument("--nonlandmark-weight", type=float, default=d.nonlandmark_weight,
+                   help="confidence -= this x mean similarity to the nearest known non-landmark database images "
+                        "(database rows without a landmark_id; default 0; tuned)")
+    g.add_argument("--nonlandmark-k", type=int, default=d.nonlandmark_k,
+                   help=f"non-landmark images averaged into that penalty (default {d.nonlandmark_k})")
+    g.add_argument("--no-tune", action="store_true",
+                   help="do not tune aggregate, class norm, penalty and threshold on held-out database images "
+                        f"(tuning holds out one image of up to {t.landmark_queries:,} classes and "
+                        f"{t.nonlandmark_share * 100:.0f}%% of the non-landmark images)")
+
+
+def vote_args(args) -> tuple[VoteConfig, TuneConfig | None]:
+    if not (math.isfinite(args.min_confidence) and 0 <= args.min_confidence <= 1):
+        raise CairnError("--min-confidence must be a number between 0 and 1")
+    for flag in ("k", "nonlandmark_k"):
+        if getattr(args, flag) < 1:
+            raise CairnError(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        vc = VoteConfig(k=args.k, min_confidence=args.min_confidence, aggregate=args.aggregate,
+                        class_norm=args.class_norm, nonlandmark_k=args.nonlandmark_k,
+                        nonlandmark_weight=args.nonlandmark_weight)
+    except ValueError as e:
+        raise CairnError(f"recognition flags: {e}") from e
+    return vc, None if args.no_tune else TuneConfig()
+
+
+def add_query_args(p) -> None:
+    """The flags `cairn recognize` and `cairn neighbours` share: index, queries, output, search, Beam."""
+    p.add_argument("--index", required=True, help="index folder from `cairn index`")
+    p.add_argument("--features", required=True, help="query folder from `cairn extract`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--search-params", default=None,
+                   help="FAISS search parameters for this run, e.g. nprobe=128 or efSearch=256 "
+                        "(default: those stored with the index)")
+    p.add_argument("--beam", choices=["auto", "on", "off"], default="auto",
+                   help="search as a Beam job that loads the index once per worker (auto: for "
+                        f"{BEAM_MIN_QUERIES:,}+ queries or a --runner other than DirectRunner)")
+    add_worker_args(p)
+
+
+def add_index_args(p) -> None:
+    """The index-building flags (shared with `cairn compare`)."""
+    d = IndexConfig()
+    g = p.add_argument_group("index")
+    g.add_argument("--factory", default=d.factory,
+                   help="FAISS index_factory string (Flat, IVF4096,PQ64, HNSW32,Flat, ...) or auto (default): "
+                        "chosen from the vector count, dimension and --memory-budget")
+    g.add_argument("--metric", default=d.metric, choices=["ip", "l2"],
+                   help="ip: inner product = cosine on the L2-normalised descriptors (default); l2: Euclidean")
+    g.add_argument("--search-params", default=d.search,
+                   help="default search parameters stored with the index, FAISS syntax: nprobe=64 (IVF), "
+                        "efSearch=128 (HNSW), k_factor_rf=16 (Refine); default: the auto choice's")
+    g.add_argument("--memory-budget", default="0",
+                   help="RAM the index may take, e.g. 4G (default: half of the available RAM); an IVF index "
+                        "above it is merged with its inverted lists on disk")
+    g.add_argument("--train-size", type=int, default=d.train_size,
+                   help="vectors the index trains on (default: 40 per IVF list, at least 65,536)")
+    g.add_argument("--shard-size", type=int, default=d.shard_size,
+                   help=f"vectors added per shard before merging (default {d.shard_size:,})")
+    g.add_argument("--on-disk", default=d.on_disk, choices=["auto", "on", "off"],
+                   help="IVF inverted lists in OUT/index.ivfdata, memory-mapped (default auto: above the budget)")
+    g.add_argument("--gpu", action="store_true", help="train, add and search on GPUs when FAISS sees some "
+                   "(falls back to the CPU, with a log line, without one or for kinds the GPU lacks)")
+
+
+def index_config(args) -> IndexConfig:
+    try:
+        return IndexConfig(factory=args.factory.strip(), metric=args.metric, search=args.search_params.strip(),
+                           memory_budget=parse_memory(args.memory_budget), train_size=args.train_size,
+                           shard_size=args.shard_size, on_disk=args.on_disk, use_gpu=args.gpu)
+    except ValueError as e:
+        raise CairnError(f"index flags: {e}") from e
+
+
+def add_report_args(p) -> None:
+    g = p.add_argument_group("report")
+    d = ReportConfig()
+    g.add_argument("--baseline", default=d.baseline,
+                   help="baseline method of the report's query grids (default: the baseline with the best GAP)")
+    g.add_argument("--deep", default=d.deep,
+                   help="deep method of the query grids and Grad-CAM (default: the deep method with the best GAP)")
+    g.add_argument("--examples", type=int, default=d.examples, help=f"queries per grid (default {d.examples})")
+    g.add_argument("--gradcam", type=int, default=d.gradcam,
+                   help=f"Grad-CAM examples (default {d.gradcam}; 0 = none, which skips loading TensorFlow)")
+
+
+def report_config(args) -> ReportConfig:
+    try:
+        return ReportConfig(baseline=args.baseline, deep=args.deep, examples=args.examples, gradcam=args.gradcam)
+    except ValueError as e:
+        raise CairnError(f"report: {e}") from None
+
+
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `cairn compare` (and of the runs `cairn plan` measures)."""
+    p.add_argument("--train", required=True, help="database manifest (CSV id,path,landmark_id; Parquet; or folder)")
+    p.add_argument("--queries", required=True, help="query manifest (empty landmark_id = no landmark)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"methods to compare (default: every method built: {' '.join(methods.available())}; "
+                        "cnn-pretrained only with --set cnn_pretrained.model=PATH)")
+    p.add_argument("--boxes", default="",
+                   help="landmark boxes of the images (CSV id,xmin,ymin,xmax,ymax[,width,height], or image_path "
+                        "instead of id, or PASCAL VOC XML): cnn+det and cnn-pretrained+det train their detector on the "
+                        "database's boxes, and the queries' boxes score its detections (AP@0.5, mean IoU)")
+    add_vote_args(p)
+    add_index_args(p)
+    add_set_arg(p)
+    add_report_args(p)
+    add_beam_job_args(p)
+
+
+def compare_kwargs(args, beam_args: list[str]) -> dict:
+    """pipeline.run.compare.compare's arguments from parsed compare flags."""
+    config = parse_overrides(args.set)
+    names = args.methods or methods.defaults(bool(config.cnn_pretrained.model),
+                                             bool(args.boxes or config.detect.detect.model))
+    vote, tune = vote_args(args)
+    return dict(train=args.train, queries=args.queries, out=args.out, method_names=names,
+                decode=decode_config(args), workers=args.workers, threads=args.threads_per_worker,
+                beam_args=beam_args, vote=vote, tune=tune, index=index_config(args), force=args.force,
+                config=config, report=report_config(args), boxes=args.boxes)
+
+
+def summary_table(metrics: dict) -> str:
+    width = max([14] + [len(name) + 2 for name in metrics["methods"]])
+    head = f"{'method':<{width}}{'GAP':>8}{'acc':>8}{'lm-acc':>8}{'mAP@100':>9}{'img/s':>9}{'bytes/img':>11}"
+    rows = [head, "-" * len(head)]
+    for name, m in metrics["methods"].items():
+        q, c = m["quality"], m["cost"]
+        rows.append(f"{name:<{width}}{q['gap']:>8.3f}{q['accuracy']:>8.3f}{q['landmark_accuracy']:>8.3f}"
+                    f"{q['map_at_100']:>9.3f}{c.get('images_per_second') or 0:>9.1f}"
+                    f"{c.get('bytes_per_image') or 0:>11,}")
+    return "\n".join(rows)
+
+
+def accounting_lines(accounting: dict) -> list[str]:
+    """One line per method and split: manifest rows = images used + dead letters (by stage)."""
+    lines = []
+    for name in sorted(accounting, key=lambda n: list(methods.METHODS).index(n) if n in methods.METHODS else 99):
+        splits = accounting[name]["splits"]
+        for split, c in sorted(splits.items(), key=lambda kv: kv[0] != "train"):
+            stages = ", ".join(f"{k} {v}" for k, v in sorted(c["dead_by_stage"].items())) or "none"
+            lines.append(f"  {name:20s} {split:8s} {c['inputs']:6d} rows = {c['outputs']:6d} used + "
+                         f"{c['dead_letters']:5d} dead letters ({stages})")
+    return lines

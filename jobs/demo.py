@@ -18,15 +18,9 @@ from __future__ import annotations
 
 import os
 
-from jobs import common, methods
-from jobs.classic import MethodsConfig, parse_overrides
-from jobs.compare import accounting_lines, compare
-from jobs.recognize import add_vote_args, vote_args
-from jobs.report import add_report_args, report_config, summary_table
-from jobs.synth import synth
-from jobs.train import add_set_arg
+from jobs import common
 from pipeline import config as cfg
-from pipeline.errors import CairnError
+from pipeline.run.demo import demo
 from pipeline.synthetic import SynthConfig
 
 
@@ -43,44 +37,27 @@ def build_parser():
     p.add_argument("--bad-inputs", action="store_true",
                    help="mix every kind of broken or odd input into the set (truncated, CMYK, EXIF-rotated, bombs, "
                         "missing files, bad manifest rows) and compare on that")
-    add_vote_args(p)
-    add_set_arg(p)
-    add_report_args(p)
+    common.add_vote_args(p)
+    common.add_set_arg(p)
+    common.add_report_args(p)
     common.add_beam_job_args(p, decode=False)
     return p
 
 
-def demo_config(pretrained: str, overrides: list[str]) -> MethodsConfig:
-    """The demo's method parameters: a MobileNet v1 for the deep methods (from ``pretrained`` when given)."""
-    if pretrained and not os.path.isfile(pretrained):
-        raise CairnError(f"--pretrained {pretrained}: no such file")
-    path = os.path.abspath(pretrained) if pretrained else ""
-    deep = ["cnn.finetune.backbone.name=mobilenet", f"cnn.finetune.backbone.weights={path or 'none'}",
-            f"cnn_pretrained.model={path}", "delf.train.backbone.name=mobilenet",
-            f"delf.train.backbone.weights={path or 'none'}", "detect.train.backbone.name=mobilenet",
-            f"detect.train.backbone.weights={path or 'none'}", "detect.train.input_size=224"]
-    return parse_overrides(deep + list(overrides))
-
-
 def run(argv=None, test_pipeline=None) -> dict:
+    """``test_pipeline``: a function that gives a new test pipeline for each of the run's Beam jobs."""
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    data = os.path.join(args.out, "data")
-    made = synth(data, SynthConfig(seed=args.seed, classes=args.classes, views=args.views), force=args.force,
-                 bad_inputs=args.bad_inputs)
-    manifests = made["bad_inputs"] if args.bad_inputs else {split: os.path.join(data, f"{split}.csv")
-                                                            for split in ("train", "queries")}
-    run_dir = os.path.join(args.out, "run")
-    vote, tune = vote_args(args)
-    metrics = compare(manifests["train"], manifests["queries"], run_dir,
-                      args.methods or methods.defaults(bool(args.pretrained), True), workers=args.workers,
-                      threads=args.threads_per_worker, beam_args=beam_args, force=args.force,
-                      config=demo_config(args.pretrained, args.set), vote=vote, tune=tune,
-                      report=report_config(args), boxes=os.path.join(data, "boxes.csv"))
+    vote, tune = common.vote_args(args)
+    made, metrics = demo(args.out, SynthConfig(seed=args.seed, classes=args.classes, views=args.views),
+                         args.methods, args.pretrained, args.set, args.bad_inputs, workers=args.workers,
+                         threads=args.threads_per_worker, beam_args=beam_args, force=args.force, vote=vote,
+                         tune=tune, report=common.report_config(args), test_pipeline=test_pipeline)
+    data, run_dir = os.path.join(args.out, "data"), os.path.join(args.out, "run")
     print()
-    print(summary_table(metrics))
+    print(common.summary_table(metrics))
     print()
     print("records (every manifest row is used or a dead letter):")
-    print("\n".join(accounting_lines(cfg.load_json(os.path.join(run_dir, "accounting.json")))))
+    print("\n".join(common.accounting_lines(cfg.load_json(os.path.join(run_dir, "accounting.json")))))
     print(f"data:         {data}/ (train.csv, queries.csv, boxes.csv, images/)")
     if args.bad_inputs:
         print(f"bad inputs:   {made['bad_inputs']['records']} (what each record is and what a job makes of it)")

@@ -22,309 +22,14 @@ config replaces them.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
-import time
-from dataclasses import dataclass, field
 
-import apache_beam as beam
-
-from features.registry import EXTRACTORS, make_extractor
-from jobs import common, methods
+from features.detect import DetectConfig
+from features.registry import EXTRACTORS
+from jobs import common
 from pipeline import config as cfg
-from pipeline import fs, stages
-from pipeline.errors import CairnError, parse_dead_letters
-from pipeline.images import DecodeConfig
-from pipeline.inference import (
-    DetectAndEmbed,
-    DetectorModelHandler,
-    EmbeddingModelHandler,
-    EmbedImages,
-    LocalModelHandler,
-)
-from pipeline.manifest import manifest_fingerprint, read_manifest
-from pipeline.options import (
-    default_threads_per_worker,
-    dry_run_output,
-    make_pipeline,
-    pipeline_options,
-    run_and_wait,
-    runner_name,
-)
-from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
-from pipeline.schemas import global_features_schema
-from pipeline.transforms import DEAD, DecodeAndExtract, Rebatch, WriteDeadLetters
-
-log = logging.getLogger(__name__)
-ROWS_PER_SHARD = 20_000
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """What an extraction run computes; outputs are reused only when this is equal."""
-
-    manifest: str  # the manifest, as an absolute path (relative image paths resolve against its folder)
-    manifest_sha256: str  # fingerprint of the manifest's content
-    method: str  # descriptor name (features/registry.py)
-    extractor: dict = field(default_factory=dict)  # the extractor's metadata: dim, config, preprocessing
-    decode: DecodeConfig = DecodeConfig()  # image decoding and validation
-    detect: dict | None = None  # --detector: the detector's config and model fingerprint (None: whole images)
-
-
-FEATURE_PREFIX = {"global": "features", "local": "local", "sparse": "sparse"}  # shard name per feature kind
-
-
-def features_prefix(out: str, kind: str = "global") -> str:
-    """Where a job writes features of ``kind`` under OUT (shards ``<prefix>-SSSSS-of-NNNNN.parquet``)."""
-    return fs.join(out, FEATURE_PREFIX[kind])
-
-
-def outputs(out: str, kind: str = "global") -> dict[str, str]:
-    return {
-        "features": features_prefix(out, kind),
-        "manifest": fs.join(out, "manifest"),
-        "dead_letters": fs.join(out, "dead_letters.csv"),
-        "record": fs.join(out, "extract.json"),
-    }
-
-
-def _clear(out: str) -> None:
-    paths = outputs(out)
-    old = [p for kind in FEATURE_PREFIX for p in fs.glob(fs.escape(features_prefix(out, kind)) + "-*")]
-    old += fs.glob(fs.escape(paths["manifest"]) + "-*")
-    old += [p for p in (paths["dead_letters"], paths["record"]) if fs.exists(p)]
-    fs.delete(old)
-    fs.delete_temp_folders(out)  # a killed run's unfinished shards
-
-
-def extract(manifest_path: str, out: str, method: str = "hog", params: dict | None = None,
-            decode: DecodeConfig = DecodeConfig(), workers: int = 0, threads: int = 0, num_shards: int = 0,
-            beam_args: list[str] | None = None, force: bool = False, test_pipeline=None, detect=None) -> dict:
-    """Run the extraction job; returns the record written to OUT/extract.json.
-
-    ``workers`` 0 picks DirectRunner worker processes automatically; ``threads`` 0 gives each cores / workers.
-    ``detect`` (features.detect.DetectConfig): embed the full image and each detected landmark region, one row
-    per region (cnn only).
-    """
-    if method not in EXTRACTORS:
-        methods.check([method])  # names the issue that builds a planned method
-        raise CairnError(f"method {method!r} is not an extractor (a method that needs its own pipeline); "
-                         f"extractors: {', '.join(sorted(EXTRACTORS))}; use `cairn compare --methods {method}`")
-    fs.check_output_folder(out)
-    if not 0 <= num_shards <= 100_000:
-        raise CairnError("--num-shards must be between 0 (automatic) and 100000")
-    try:
-        extractor = make_extractor(method, params)  # validates params early, in the launching process
-    except (ValueError, OSError) as e:  # a bad parameter, a model file that is not there
-        raise CairnError(f"{method}: {e}") from e
-    kind = getattr(extractor, "kind", "global")
-    detected = None
-    if detect is not None:
-        from features.detect import detector_metadata
-
-        if kind != "global" or not getattr(extractor, "batched", False):
-            raise CairnError(f"--detector crops regions for embedding extractors (cnn), not for {method}")
-        check_detector(detect)
-        detected = detector_metadata(detect)
-    manifest_path = fs.absolute(manifest_path)
-    manifest = read_manifest(manifest_path)
-    paths = outputs(out, kind)
-    fingerprint = manifest_fingerprint(manifest_path, manifest)
-    config = cfg.to_dict(ExtractConfig(manifest_path, fingerprint, method, extractor.metadata(), decode, detected))
-    if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config) and _complete(paths):
-        record = cfg.load_json(paths["record"])
-        log.info("extract: reusing %s (same config and manifest; --force recomputes)", out)
-        stages.mark_reused()
-        return record
-    num_shards = min(num_shards or math.ceil(len(manifest) / ROWS_PER_SHARD), max(1, len(manifest)))
-    workers = common.resolve_workers(workers, len(manifest))
-    threads = threads or default_threads_per_worker(workers)
-    options = pipeline_options(beam_args or [], workers)
-    runner = runner_name(options)
-    p = test_pipeline or make_pipeline(options)  # the runner's options are checked before anything is deleted
-    out = dry_run_output(out, options)  # a dry run writes its manifest shards to a temporary folder instead
-    paths = outputs(out, kind)
-    fs.makedirs(out)
-    _clear(out)
-    if len(manifest):
-        write_table_shards(manifest.to_table(), paths["manifest"], num_shards=num_shards)
-    if kind == "local":
-        schema = extractor.schema()
-    else:
-        meta = {**extractor.metadata(), **({"regions": detected} if detected else {})}
-        schema = global_features_schema(extractor.dim, meta, regional=detected is not None)
-    log.info("extract: %d images (%d rejected by the manifest) with %s on %s (%d worker%s, %d thread%s each)",
-             len(manifest), len(manifest.dead_letters), method, runner, workers, "s"[: workers > 1],
-             threads, "s"[: threads > 1])
-    started = time.perf_counter()
-    if len(manifest):
-        rows = (
-            p
-            | "ReadManifest" >> beam.io.ReadFromParquet(shard_pattern(paths["manifest"]))
-            | "Spread" >> beam.Reshuffle()
-        )
-    else:
-        rows = p | "NoRows" >> beam.Create([])
-    if detected is not None:  # detect, crop the regions, embed each, gather them per image
-        handlers = (DetectorModelHandler(cfg.to_dict(detect), threads, detect.batch_size),
-                    EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size))
-        features, dead = rows | "DetectAndEmbed" >> DetectAndEmbed(*handlers, extractor.prepare_size, extractor.dim,
-                                                                   decode, cfg.to_dict(detect))
-    elif getattr(extractor, "batched", False) and kind == "local":  # DELF: pyramid + attention, batched by shape
-        handler = LocalModelHandler(params or {}, threads, extractor.config.batch_size)
-        features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_function(), extractor.dim, decode,
-                                                       local_schema=schema)
-    elif getattr(extractor, "batched", False):  # CNN: decode + resize, then batched inference with RunInference
-        handler = EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size)
-        features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_size, extractor.dim, decode)
-    else:
-        results = rows | "DecodeAndExtract" >> beam.ParDo(
-            DecodeAndExtract(method, params or {}, decode, threads)).with_outputs(DEAD, main="features")
-        features, dead = results.features, results[DEAD]
-    write = beam.io.WriteToParquet  # dict rows, buffered into row groups by the sink
-    if kind == "local":  # one-row Arrow tables: batch them into row groups first
-        features, write = features | "Rebatch" >> Rebatch(), beam.io.WriteToParquetBatched
-    _ = features | "WriteFeatures" >> write(
-        paths["features"], schema, num_shards=num_shards, shard_name_template=SHARD_TEMPLATE,
-        file_name_suffix=".parquet", codec="zstd",
-    )
-    manifest_dead = p | "ManifestDeadLetters" >> beam.Create(manifest.dead_letters)
-    _ = (dead, manifest_dead) | "AllDead" >> beam.Flatten() | "WriteDead" >> WriteDeadLetters(
-        paths["dead_letters"])
-    run_and_wait(p)
-    seconds = time.perf_counter() - started
-
-    counts = reconcile(manifest.total_rows, paths, regional=detected is not None)
-    record = {
-        "config": config,
-        "counts": counts,
-        "runner": runner,
-        "workers": workers,
-        "threads_per_worker": threads,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(counts["outputs"] / seconds, 2) if seconds > 0 else None,
-        "dim": extractor.dim,
-        "kind": kind,
-        "regional": detected is not None,
-        "label_names": {str(k): v for k, v in sorted(manifest.label_names.items())},
-        "outputs": {k: v for k, v in paths.items() if k != "record"},
-    }
-    cfg.save_json(paths["record"], record)
-    log.info("extract: %d inputs = %d features + %d dead letters (%s); %.1f s, %.1f images/s",
-             counts["inputs"], counts["outputs"], counts["dead_letters"], _by_stage(counts), seconds,
-             record["images_per_second"] or 0)
-    if detected is not None:
-        log.info("extract: %d regions, %d of them detected boxes (%.2f per image)", counts["regions"],
-                 counts["detected_boxes"], counts["detected_boxes"] / max(1, counts["outputs"]))
-    return record
-
-
-def check_detector(detect) -> None:
-    """CairnError unless the detector of a features.detect.DetectConfig can be found."""
-    from features.detect import ACTIVATION
-
-    model = detect.model
-    if not model:
-        raise CairnError("--detector: give a detector: a .keras from `cairn train --method detector`, an Object "
-                         "Detection API SavedModel folder, or activation:WEIGHTS (the training-free fallback)")
-    import os
-
-    from features.backbones import BackboneConfig
-    from features.detect import FORMAT, VERSION
-    from features.keras_io import read_metadata
-
-    if detect.fallback:
-        weights = model[len(ACTIVATION):]
-        if weights not in ("", "imagenet") and not fs.exists(weights):
-            raise CairnError(f"--detector {model}: the fallback's weights {weights} do not exist (give a MobileNet "
-                             "v1 .tflite, a .weights.h5, or activation:imagenet, which downloads)")
-        try:
-            BackboneConfig(detect.fallback_backbone, weights=weights or "imagenet")
-        except ValueError as e:
-            raise CairnError(f"--detector {model}: {e}") from e
-        return
-    if not fs.exists(model):
-        raise CairnError(f"--detector {model}: no such file or folder; train one with `cairn train --method "
-                         "detector --manifest M --boxes B --out D` (D/model.keras)")
-    if os.path.isdir(model):
-        if not os.path.exists(os.path.join(model, "saved_model.pb")):
-            raise CairnError(f"--detector {model}: a folder without saved_model.pb; give an Object Detection API "
-                             "SavedModel export or a Cairn detector (.keras)")
-        return
-    try:
-        read_metadata(model, FORMAT, VERSION, "a Cairn detector",
-                      "train one with `cairn train --method detector --manifest M --boxes B --out D`")
-    except ValueError as e:
-        raise CairnError(f"--detector: {e}") from e
-
-
-def resolve_detector(model: str) -> str:
-    """A detector path made absolute (the fallback's ``activation:WEIGHTS`` as given)."""
-    from features.detect import ACTIVATION
-
-    return model if model.startswith(ACTIVATION) else fs.absolute(model)
-
-
-def detect_config(model: str, items: list[str]):
-    """The features.detect.DetectConfig of --detector MODEL and --detect FIELD=VALUE items (None without MODEL)."""
-    from features.detect import DetectConfig
-    from jobs.classic import override
-
-    if not model:
-        if items:
-            raise CairnError("--detect FIELD=VALUE needs --detector MODEL")
-        return None
-    try:
-        config = DetectConfig(model=resolve_detector(model))
-    except ValueError as e:
-        raise CairnError(f"--detector: {e}") from e
-    for item in items:
-        name, eq, text = item.partition("=")
-        if not eq:
-            raise CairnError(f"--detect {item!r}: expected FIELD=VALUE, e.g. max_boxes=3")
-        config = override(config, name.strip(), text.strip(), where=f"--detect {name.strip()}")
-    return config
-
-
-def _complete(paths: dict[str, str]) -> bool:
-    """True when a previous run's outputs are all there (a complete shard set and the dead letters)."""
-    try:
-        find_shards(paths["features"])
-    except CairnError:
-        return False
-    return fs.exists(paths["dead_letters"])
-
-
-def _by_stage(counts: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(counts["dead_by_stage"].items())) or "none"
-
-
-def reconcile(inputs: int, paths: dict[str, str], regional: bool = False) -> dict:
-    """Check inputs = outputs + dead letters with no id twice; returns the counts or raises. ``regional``: rows
-    are regions, several per image; an image counts once, and must have exactly one region row per number."""
-    table, _ = read_shards(paths["features"], columns=["id", "region"] if regional else ["id"])
-    ids = table.column("id").to_pylist()
-    extra = {}
-    if regional:
-        pairs = list(zip(ids, table.column("region").to_pylist(), strict=True))
-        if len(set(pairs)) != len(pairs):
-            raise RuntimeError(f"a region of an image is written twice under {paths['features']}. This is a bug; "
-                               "please report it")
-        extra = {"regions": len(ids), "detected_boxes": sum(1 for _, r in pairs if r > 0)}
-        ids = list(dict.fromkeys(ids))
-    dead = parse_dead_letters(fs.read_text(paths["dead_letters"]))
-    by_stage: dict[str, int] = {}
-    for d in dead:
-        by_stage[d.stage] = by_stage.get(d.stage, 0) + 1
-    counts = {"inputs": inputs, "outputs": len(ids), "dead_letters": len(dead), "dead_by_stage": by_stage, **extra}
-    seen = set(ids)
-    twice = len(ids) - len(seen) + sum(1 for d in dead if d.id and d.stage != "manifest" and d.id in seen)
-    if inputs != len(ids) + len(dead) or twice:
-        raise RuntimeError(
-            f"record counts do not reconcile: {inputs} inputs, {len(ids)} outputs, {len(dead)} dead letters, "
-            f"{twice} ids in more than one place. This is a bug; please report it with {paths['features']}."
-        )
-    return counts
+from pipeline.errors import CairnError
+from pipeline.run import methods
+from pipeline.stages.extract import ROWS_PER_SHARD, extract, resolve_detector
 
 
 def build_parser():
@@ -337,8 +42,6 @@ def build_parser():
                    help="an extractor parameter, e.g. max_features=500 for sift or size=64 for hog (repeatable); "
                         "fields: " + "; ".join(f"{n}: " + ", ".join(f.name for f in dataclasses.fields(c))
                                               for n, (_, c) in sorted(EXTRACTORS.items())))
-    from features.detect import DetectConfig
-
     d = DetectConfig()
     g = p.add_argument_group("landmark detection (cnn)")
     g.add_argument("--detector", default="",
@@ -359,22 +62,31 @@ def build_parser():
 
 def extractor_params(method: str, items: list[str]) -> dict:
     """--param FIELD=VALUE items as the extractor's config fields, converted to their types."""
-    from jobs.classic import override
-
     if method not in EXTRACTORS:
         return {}
-    config = EXTRACTORS[method][1]()
-    for item in items:
-        name, eq, text = item.partition("=")
-        if not eq:
-            raise CairnError(f"--param {item!r}: expected FIELD=VALUE, e.g. max_features=500")
-        config = override(config, name.strip(), text.strip(), where=f"--param {name.strip()}")
+    config = cfg.apply_settings(EXTRACTORS[method][1](), items, "--param", "max_features=500")
     return {k: v for k, v in cfg.to_dict(config).items() if k in {i.partition("=")[0].strip() for i in items}}
+
+
+def detect_config(model: str, items: list[str]) -> DetectConfig | None:
+    """The features.detect.DetectConfig of --detector MODEL and --detect FIELD=VALUE items (None without MODEL)."""
+    if not model:
+        if items:
+            raise CairnError("--detect FIELD=VALUE needs --detector MODEL")
+        return None
+    try:
+        config = DetectConfig(model=resolve_detector(model))
+    except ValueError as e:
+        raise CairnError(f"--detector: {e}") from e
+    return cfg.apply_settings(config, items, "--detect", "max_boxes=3")
 
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
+    if args.method not in EXTRACTORS:
+        methods.check([args.method])  # an unknown name is told apart from a method that is no extractor
     params = extractor_params(args.method, args.param)
-    return extract(args.manifest, args.out, args.method, params, decode=common.decode_config(args), workers=args.workers,
-                   threads=args.threads_per_worker, num_shards=args.num_shards, beam_args=beam_args,
-                   force=args.force, test_pipeline=test_pipeline, detect=detect_config(args.detector, args.detect))
+    return extract(args.manifest, args.out, args.method, params, decode=common.decode_config(args),
+                   workers=args.workers, threads=args.threads_per_worker, num_shards=args.num_shards,
+                   beam_args=beam_args, force=args.force, test_pipeline=test_pipeline,
+                   detect=detect_config(args.detector, args.detect))

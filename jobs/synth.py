@@ -16,16 +16,11 @@ job should make of it (used, or a dead letter at which stage), and OUT/bad/ with
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
-import shutil
 
 from jobs import common
-from pipeline import config as cfg
-from pipeline.errors import CairnError
-from pipeline.synthetic import SynthConfig, generate
+from pipeline.stages.synth import synth
+from pipeline.synthetic import SynthConfig
 
-log = logging.getLogger(__name__)
 _HELP = {
     "seed": "random seed; everything is derived from it",
     "classes": "landmark classes",
@@ -40,50 +35,6 @@ _HELP = {
     "jpeg_quality_min": "lowest JPEG quality",
     "jpeg_quality_max": "highest JPEG quality",
 }
-
-
-def check(config: SynthConfig) -> None:
-    """Raise CairnError for sizes the generator cannot make."""
-    if min(config.classes, config.views, config.min_views) < 1:
-        raise CairnError("--classes, --views and --min-views must be >= 1")
-    if min(config.queries_per_class, config.non_landmark_queries, config.non_landmark_train) < 0 or config.tail < 0:
-        raise CairnError("--queries-per-class, --non-landmark-queries, --non-landmark-train and --tail must be >= 0")
-    if not (32 <= config.width <= 8192 and 32 <= config.height <= 8192):
-        raise CairnError("--width and --height must be between 32 and 8192 pixels")
-    if not 1 <= config.jpeg_quality_min <= config.jpeg_quality_max <= 100:
-        raise CairnError("JPEG qualities must satisfy 1 <= --jpeg-quality-min <= --jpeg-quality-max <= 100")
-
-
-def synth(out: str, config: SynthConfig, workers: int = 0, force: bool = False, progress: bool = True,
-          bad_inputs: bool = False) -> dict:
-    """Generate (or reuse) the set in ``out``; ``bad_inputs`` adds the bad-input manifests (pipeline/badinput.py)."""
-    summary = _synth(out, config, workers, force, progress)
-    if bad_inputs:
-        from pipeline.badinput import KINDS, add_bad_inputs
-
-        summary = {**summary, "bad_inputs": add_bad_inputs(out, seed=config.seed)}
-        log.info("synth: %d kinds of bad input per split in %s and %s (what each is: %s)", len(KINDS),
-                 summary["bad_inputs"]["train"], summary["bad_inputs"]["queries"], summary["bad_inputs"]["records"])
-    return summary
-
-
-def _synth(out: str, config: SynthConfig, workers: int, force: bool, progress: bool) -> dict:
-    check(config)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CairnError(f"{out} is a file; give a folder for the synthetic data set")
-    record = os.path.join(out, "synth.json")
-    if not force and cfg.check_reusable(record, cfg.to_dict(config)):
-        log.info("synth: %s already holds this data set (same config); --force regenerates", out)
-        return cfg.load_json(record)
-    if os.path.isdir(out) and os.listdir(out):
-        if not os.path.exists(record) and not force:
-            raise CairnError(f"{out} is not empty and holds no synthetic data set; pick an empty folder or --force")
-        shutil.rmtree(os.path.join(out, "images"), ignore_errors=True)
-    summary = generate(out, config, workers=workers, progress=progress)
-    c = summary["counts"]
-    log.info("synth: %d train images over %d classes, %d queries (%d with a landmark) in %s", c["train"],
-             config.classes, c["queries"], c["queries_with_landmark"], out)
-    return summary
 
 
 def build_parser():

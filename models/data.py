@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.cnn import resize_square
+from pipeline import config as cfg
 from pipeline.errors import DeadLetter
 from pipeline.images import DecodeConfig, ImageError, load_image
 
@@ -76,8 +77,6 @@ def build_cache(records: list[tuple[str, str, int]], size: int, decode: DecodeCo
     decoding reuses it instead of decoding everything again.
     """
     from tqdm import tqdm
-
-    from pipeline import config as cfg
 
     if mode not in ("memory", "disk"):
         raise ValueError(f"cache must be 'memory' or 'disk', not {mode!r}")

@@ -25,9 +25,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.backbones import BackboneConfig
-from models.data import AugmentConfig
+from features.delf import (
+    DelfConfig,
+    DelfExtractor,
+    attention_layers,
+    build_delf_model,
+    receptive_field,
+    save_delf_model,
+)
+from features.pca import PCAWhitening
+from models.data import AugmentConfig, training_dataset
+from models.finetune import labelled_cache, read_stage_history, step_timer
 from pipeline import config as cfg
-from pipeline.images import DecodeConfig
+from pipeline.errors import CairnError
+from pipeline.images import DecodeConfig, ImageError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +98,6 @@ def build_training_models(config: DelfTrainConfig, classes: int):
     {"image"} to [B, classes] logits and share the DELF model's layers."""
     import keras
 
-    from features.delf import build_delf_model, receptive_field
-
     delf, app, layer = build_delf_model(config.backbone, config.layer, config.attention_dim)
     rf = receptive_field(app, layer)
     image = keras.Input((config.input_size, config.input_size, 3), name="image")
@@ -104,8 +113,6 @@ def build_training_models(config: DelfTrainConfig, classes: int):
 
 def _set_trainable(delf, stage: int, frozen_batchnorm: bool) -> None:
     import keras
-
-    from features.delf import attention_layers
 
     trunk = next(layer for layer in delf.layers if layer.name.startswith("trunk_"))
     trunk.trainable = stage == 1
@@ -126,11 +133,6 @@ def train_delf(records: list[tuple[str, str, int | None]], out: str, config: Del
     import dataclasses
 
     import keras
-
-    from features.delf import DelfConfig, save_delf_model
-    from models.data import training_dataset
-    from models.finetune import labelled_cache, read_stage_history, step_timer
-    from pipeline.errors import CairnError
 
     started = time.perf_counter()
     classes, labelled, cache = labelled_cache(records, out, config.input_size, decode, config.cache, threads,
@@ -211,11 +213,6 @@ def fit_pca(model_path: str, records: list[tuple[str, str, int | None]], out: st
             extract, decode: DecodeConfig) -> dict:
     """Learn the descriptors' PCA from the DELF features of up to ``config.pca_images`` database images (a seeded
     sample); writes the artefact to ``out``. Returns what it learned from."""
-    from features.delf import DelfExtractor
-    from features.pca import PCAWhitening
-    from pipeline.errors import CairnError
-    from pipeline.images import ImageError, load_image
-
     started = time.perf_counter()
     rng = np.random.default_rng(config.seed)
     chosen = rng.permutation(len(records))[: config.pca_images]

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from features.backbones import BackboneConfig
+from features.backbones import BackboneConfig, build_backbone
 from features.boxes import iou_matrix
-from features.detect import encode_boxes
+from features.detect import anchors_per_cell, encode_boxes, generate_anchors, save_detector
+from pipeline import config as cfg
 
 
 def assign_anchors(anchors: np.ndarray, boxes: np.ndarray, positive_iou: float = 0.5,
@@ -151,8 +152,6 @@ class DetectorConfig:
             raise ValueError("epochs and batch_size must be >= 1")
 
     def anchors(self) -> np.ndarray:
-        from features.detect import generate_anchors
-
         return generate_anchors((self.input_size, self.input_size), (16, 32), self.scales, self.ratios)
 
 
@@ -165,8 +164,6 @@ def build_detector(config: DetectorConfig):
     4 encoded box offsets, anchors in features.detect.generate_anchors order."""
     import keras
 
-    from features.backbones import build_backbone
-    from features.detect import anchors_per_cell
     from features.layers import Preprocess
 
     backbone = _backbone(config)
@@ -263,9 +260,6 @@ def train_detector(images: list[np.ndarray], boxes: list[np.ndarray], out: str,
     import time
 
     import keras
-
-    from features.detect import save_detector
-    from pipeline import config as cfg
 
     if not images:
         raise ValueError("no training images with boxes")

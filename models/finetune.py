@@ -34,9 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.backbones import BackboneConfig
-from features.embedding import HeadConfig
-from models.data import AugmentConfig
+from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
+from models.data import AugmentConfig, build_cache, evaluation_dataset, training_dataset
 from pipeline import config as cfg
+from pipeline.errors import CairnError
 from pipeline.images import DecodeConfig
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,6 @@ def build_training_model(config: FinetuneConfig, classes: int):
     """(embedding model, training model {"image", "label"} -> [B, classes] logits)."""
     import keras
 
-    from features.embedding import build_embedding_model
     from models.heads import make_head
 
     embedding = build_embedding_model(config.backbone, config.head)
@@ -246,8 +246,6 @@ def export(embedding, path: str, config: FinetuneConfig, metadata: dict) -> None
     initial weights: they are replaced) and given its weights; a float32 one is saved as it is."""
     import dataclasses
 
-    from features.embedding import build_embedding_model, model_metadata, save_embedding_model
-
     plain = embedding
     if any(layer.compute_dtype != "float32" for layer in embedding.layers):
         with _dtype_policy("float32"):
@@ -261,9 +259,6 @@ def labelled_cache(records: list[tuple[str, str, int | None]], out: str, input_s
     """(sorted classes, labelled records, ImageCache of them with class indices) for training on ``records``:
     the records without a landmark left out, every image decoded once at 1.15 x ``input_size`` (the random crops'
     margin) into OUT/cache or memory. CairnError when fewer than 2 landmarks are there, or left after decoding."""
-    from models.data import build_cache
-    from pipeline.errors import CairnError
-
     labelled = [(i, p, y) for i, p, y in records if y is not None]
     classes = sorted({y for _, _, y in labelled})
     if len(classes) < 2:
@@ -286,9 +281,6 @@ def finetune(records: list[tuple[str, str, int | None]], out: str, config: Finet
     """
     import keras
     import tensorflow as tf
-
-    from models.data import evaluation_dataset, training_dataset
-    from pipeline.errors import CairnError
 
     started = time.perf_counter()
     classes, labelled, cache = labelled_cache(records, out, config.input_size, decode, config.cache, threads,

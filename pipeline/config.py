@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from pipeline import fs
+from pipeline.errors import CairnError
 
 
 def to_dict(config: Any) -> dict:
@@ -53,3 +54,84 @@ def check_reusable(record_path: str, requested: dict) -> bool:
     except (ValueError, OSError):
         return False
     return stored == requested
+
+
+def _coerce(text: str, current, where: str):
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise CairnError(f"{where}: {text!r} is not a boolean (true/false)")
+    for typ in (int, float):
+        if isinstance(current, typ):
+            try:
+                return typ(text)
+            except ValueError:
+                raise CairnError(f"{where}: {text!r} is not {'an integer' if typ is int else 'a number'}") \
+                    from None
+    if isinstance(current, str):
+        return text
+    if isinstance(current, tuple) and current and isinstance(current[0], tuple):  # groups: 0.2,0.35;0.55,0.8
+        try:
+            return tuple(tuple(float(t) for t in group.split(",") if t.strip()) for group in text.split(";"))
+        except ValueError:
+            raise CairnError(f"{where}: {text!r} is not groups of numbers, e.g. 0.2,0.35;0.55,0.8") from None
+    if isinstance(current, tuple):  # comma-separated numbers, e.g. scales=0.707,1,1.414
+        try:
+            return tuple(float(t) for t in text.split(",") if t.strip())
+        except ValueError:
+            raise CairnError(f"{where}: {text!r} is not a comma-separated list of numbers") from None
+    raise CairnError(f"{where}: this field cannot be set from the command line")
+
+
+def override(config, path: str, text: str, where: str = ""):
+    """``config`` with the field at dotted ``path`` set to ``text`` converted to the field's type."""
+    where = where or f"--set {path}"
+    head, _, rest = path.partition(".")
+    names = [f.name for f in dataclasses.fields(config)]
+    if head not in names:
+        raise CairnError(f"{where}: {type(config).__name__} has no field {head!r}; fields: {', '.join(names)}")
+    current = getattr(config, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise CairnError(f"{where}: {head} is a value, not a group")
+        value = override(current, rest, text, where)
+    elif dataclasses.is_dataclass(current):
+        raise CairnError(f"{where}: {head} is a group; give one of its fields, e.g. {path}."
+                         f"{dataclasses.fields(current)[0].name}=...")
+    else:
+        value = _coerce(text, current, where)
+    try:
+        return dataclasses.replace(config, **{head: value})
+    except (ValueError, TypeError) as e:
+        raise CairnError(f"{where}: {e}") from e
+
+
+def apply_settings(config, items: list[str] | None, flag: str, example: str, form: str = "FIELD"):
+    """``config`` with each ``FIELD=VALUE`` item of a repeatable ``flag`` (--set, --param, --detect) applied in
+    order, each value converted to its field's type (dotted paths reach nested configs); ``form`` and
+    ``example`` show what an item looks like in the error for a malformed one."""
+    for item in items or []:
+        path, eq, text = item.partition("=")
+        if not eq or not path.strip():
+            raise CairnError(f"{flag} {item!r}: expected {form}=VALUE, e.g. {example}")
+        path = path.strip()
+        config = override(config, path, text.strip(), where=f"{flag} {path}")
+    return config
+
+
+def describe_fields(config, prefix: str = "") -> list[str]:
+    """Every settable field as ``name=default`` lines (for --help)."""
+    lines = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, tuple) and value and isinstance(value[0], tuple):
+            lines.append(f"{prefix}{f.name}={';'.join(','.join(str(v) for v in g) for g in value)}")
+        elif isinstance(value, tuple):
+            lines.append(f"{prefix}{f.name}={','.join(str(v) for v in value)}")
+        else:
+            lines.append(f"{prefix}{f.name}={value}")
+    return lines

@@ -30,6 +30,11 @@ class ConfigMismatchError(CairnError):
     """A stored artefact was made with a different configuration than the one requested."""
 
 
+class DryRun(Exception):  # noqa: N818 - not an error: the job stops after a successful dry run
+    """Raised after a runner's dry run (``--dry_run=true`` on DataflowRunner): the pipeline was built, translated
+    and validated but not run, so there are no outputs to read back."""
+
+
 class DeadLetter(NamedTuple):
     """One record a job could not process."""
 

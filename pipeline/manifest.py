@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import DeadLetter, ManifestError
+from pipeline.parquet_io import read_file
 
 NO_LANDMARK = -1  # label used in numpy arrays for "no landmark / unknown"; manifests only hold ids >= 0
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -192,8 +194,6 @@ def read_csv_manifest(path: str) -> Manifest:
 
 def read_parquet_manifest(path: str) -> Manifest:
     """Read a Parquet manifest with the CSV manifest's columns."""
-    from pipeline.parquet_io import read_file
-
     try:
         with fs.FileSystems.open(path) as f:
             table = read_file(f)
@@ -250,8 +250,6 @@ def manifest_fingerprint(path: str, manifest: Manifest | None = None) -> str:
 
     ``manifest`` is the already-read manifest of ``path``, to avoid listing a folder twice.
     """
-    from pipeline import config as cfg
-
     if fs.is_local_dir(path):
         return cfg.fingerprint(list((manifest or read_folder_manifest(path)).records()))
     return cfg.file_fingerprint(path)

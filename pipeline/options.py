@@ -10,13 +10,44 @@ for batch pipelines: same semantics, no download, and it honours ``direct_num_wo
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from pipeline.errors import CairnError, DryRun
+
 DEFAULT_RUNNER = "DirectRunner"
 LOCAL_RUNNERS = ("DirectRunner", "direct", "SwitchingDirectRunner", "FnApiRunner")
+
+
+AUTO_WORKERS_MIN_IMAGES = 1000  # below this, worker processes cost more to start than they save
+_SIZE_FACTOR = [1.0]  # `cairn plan`'s samples decide as the whole run would (worker processes, whether to PCA)
+
+
+def resolve_workers(workers: int, images: int) -> int:
+    """0 = automatic: one process per core when there is enough work to pay for their start-up."""
+    if workers > 0:
+        return workers
+    return (os.cpu_count() or 1) if images * size_factor() >= AUTO_WORKERS_MIN_IMAGES else 1
+
+
+def size_factor() -> float:
+    """How many times more images the run being sampled has than the job sees (1 outside `sized_as`)."""
+    return _SIZE_FACTOR[-1]
+
+
+@contextlib.contextmanager
+def sized_as(factor: float):
+    """Inside the block, the decisions that depend on the number of images are taken for ``factor`` times the
+    images a job sees: a sample of a corpus then runs each stage in-process or on worker processes, and learns a
+    PCA or keeps the raw descriptor (pipeline/stages/train.py, whitening_dim), as the whole corpus would."""
+    _SIZE_FACTOR.append(float(factor))
+    try:
+        yield
+    finally:
+        _SIZE_FACTOR.pop()
 
 
 def pipeline_options(beam_args: list[str], workers: int = 1) -> PipelineOptions:
@@ -64,8 +95,6 @@ def package_for_workers(options: PipelineOptions) -> None:
     if (options.view_as(PortableOptions).environment_type or "").upper() in ("LOOPBACK", "EXTERNAL"):
         return  # LOOPBACK workers are this process; an EXTERNAL worker pool brings its own environment
     if not os.path.isfile(SETUP_FILE):
-        from pipeline.errors import CairnError
-
         raise CairnError("the workers need Cairn: build a wheel (`pip wheel --no-deps -w dist .` in Cairn's source "
                          "tree) and pass --extra_package=dist/cairn-0.1.0-py3-none-any.whl, or "
                          "--sdk_container_image=IMAGE with Cairn installed, or --setup_file=PATH/setup.py")
@@ -87,7 +116,6 @@ def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
         try:
             return beam.Pipeline(options=options)
         except ValueError as e:  # an unknown runner name, or a runner's options incomplete
-            from pipeline.errors import CairnError
 
             if "validation" in str(e).lower():
                 raise CairnError(f"--runner={runner_name(options)} needs more options: {e} (give them as Beam "
@@ -117,12 +145,8 @@ def _check_dry_run(options: PipelineOptions, runner: str) -> None:
         test.dry_run = False
         return
     if text not in ("true", "1", "yes", "on"):
-        from pipeline.errors import CairnError
-
         raise CairnError(f"--dry_run={value}: use true or false")
     if runner != "DataflowRunner":
-        from pipeline.errors import CairnError
-
         raise CairnError(f"--dry_run is DataflowRunner's (it translates and validates a job without submitting it); "
                          f"--runner={runner} would run the job")
     test.dry_run = True
@@ -142,11 +166,6 @@ def dry_run_output(out: str, options: PipelineOptions) -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix="cairn-dry-run-")
-
-
-class DryRun(Exception):  # noqa: N818 - not an error: the job stops after a successful dry run
-    """Raised after a runner's dry run (``--dry_run=true`` on DataflowRunner): the pipeline was built, translated
-    and validated but not run, so there are no outputs to read back."""
 
 
 def run_and_wait(p: beam.Pipeline):

@@ -17,16 +17,27 @@ import html
 import io
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
+from features.cnn import resize_square
+from features.embedding import load_embedding_model
 from pipeline import config as cfg
 from pipeline import fs
+from pipeline.errors import CairnError
+from pipeline.featuresets import features_prefix
+from pipeline.images import DecodeConfig, ImageError, load_image
+from pipeline.parquet_io import find_shards
+from pipeline.schemas import vectors_of
 from reports import metrics as M
 from reports import plots
-from reports.results import RunResults
+from reports.detection import detections_of
+from reports.gradcam import grad_cam, overlay
+from reports.metrics import iou_matrix
+from reports.results import RunResults, _box_set, detection_table
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +157,6 @@ class Thumbnails:
     def image(self, path: str) -> np.ndarray | None:
         from PIL import Image
 
-        from pipeline.images import ImageError, load_image
-
         try:
             img = Image.fromarray(load_image(path, self.decode))
         except (ImageError, OSError, ValueError) as e:
@@ -167,8 +176,6 @@ class Page:
     """Builds the report's sections from a run's results."""
 
     def __init__(self, res: RunResults, metrics: dict, config: ReportConfig):
-        from pipeline.images import DecodeConfig
-
         self.res, self.metrics, self.config = res, metrics, config
         self.families = {name: m.family for name, m in res.methods.items()}
         self.truth = res.truth
@@ -199,8 +206,6 @@ class Page:
         c = self.config
         for name in (c.baseline, c.deep):
             if name and name not in self.res.methods:
-                from pipeline.errors import CairnError
-
                 raise CairnError(f"method {name!r} is not in this run; its methods: {', '.join(self.res.methods)}")
         baseline = c.baseline or self._best("baseline", exclude=c.deep)
         deep = c.deep or self._best("deep", exclude=baseline)
@@ -425,8 +430,6 @@ not (grey for a query without a landmark). Hover a thumbnail for its id and scor
     def detection(self) -> str:
         """Detection AP / IoU per +det method, the GAP it gained or lost over its whole-image method, and query
         images with the cropped boxes (and the annotated ones) drawn."""
-        from reports.results import detection_table
-
         head = '<h2 id="detection">Landmark detection</h2>'
         det = [n for n in self.res.methods if self.metrics["methods"][n]["detection"]["regions_per_image"]]
         if not det:
@@ -435,7 +438,7 @@ not (grey for a query without a landmark). Hover a thumbnail for its id and scor
         rows = []
         for n in det:
             d, q = self.metrics["methods"][n]["detection"], self.metrics["methods"][n]["quality"]
-            base = n.removesuffix("+det")
+            base = self.res.methods[n].variant_of
             base_gap = self.metrics["methods"][base]["quality"]["gap"] if base in self.metrics["methods"] else None
             change = "" if base_gap is None else f"{q['gap'] - base_gap:+.3f} (vs {html.escape(base)} {base_gap:.3f})"
             rows.append(f"<tr><td>{html.escape(n)}</td><td>{_fmt(d['ap_50'], '{:.3f}')}</td>"
@@ -458,17 +461,11 @@ and mean IoU score the cropped query boxes against the annotated ones (<code>--b
     def _box_examples(self, table) -> str:
         from PIL import Image, ImageDraw
 
-        from reports.detection import detections_of
-        from reports.metrics import iou_matrix
-        from reports.results import _box_set
-
         dets, sizes = detections_of(table)
         boxes = self.res.run["config"].get("boxes") or ""
         truth = {}
         if boxes and fs.exists(boxes):
             from contextlib import suppress
-
-            from pipeline.errors import CairnError
 
             with suppress(CairnError):
                 bs = _box_set(boxes, self.res.queries.source)
@@ -521,7 +518,8 @@ and mean IoU score the cropped query boxes against the annotated ones (<code>--b
         """(method, .keras model path, its extractor record) of the deep method to explain, if there is one."""
         candidates = [self.deep] + [n for n in self.res.methods if n != self.deep]
         for name in candidates:
-            if name not in ("cnn", "cnn-untrained", "cnn-pretrained"):
+            m = self.res.methods.get(name)
+            if m is None or not m.keras_embedding:
                 continue
             record = fs.join(self.res.run_dir, "work", name, "embeddings", "train", "extract.json")
             if not fs.exists(record):
@@ -530,19 +528,13 @@ and mean IoU score the cropped query boxes against the annotated ones (<code>--b
             model = extractor["config"].get("model", "")
             if not model.endswith(".keras"):
                 continue
-            if not fs.exists(model) and name != "cnn-pretrained":  # recorded relative to where the run started
+            if not fs.exists(model) and not os.path.isabs(model):  # recorded relative to where the run started
                 model = fs.join(self.res.run_dir, "work", "cnn", "model", model.rsplit("/", 1)[-1])
             if fs.exists(model):
                 return name, model, extractor
         return None
 
     def _gradcam_examples(self, name: str, path: str, extractor: dict) -> str:
-        from features.cnn import resize_square
-        from features.embedding import load_embedding_model
-        from jobs.extract import features_prefix
-        from pipeline.images import ImageError, load_image
-        from reports.gradcam import grad_cam, overlay
-
         m = self.res.methods[name]
         # the landmark each query is explained against: the method's answer, or where it answered nothing, the
         # landmark of its nearest database image that shows one (what it looked most like)
@@ -674,9 +666,6 @@ def class_centroids(prefix: str, labels: set[int]) -> dict[int, np.ndarray]:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from pipeline.parquet_io import find_shards
-    from pipeline.schemas import vectors_of
 
     sums: dict[int, np.ndarray] = {}
     counts: Counter = Counter()

@@ -30,13 +30,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from jobs import methods as method_registry
 from pipeline import config as cfg
 from pipeline import fs
+from pipeline.boxes import BoxSet, read_boxes
 from pipeline.errors import CairnError
+from pipeline.featuresets import features_prefix
 from pipeline.manifest import Manifest, manifest_fingerprint, read_manifest
+from pipeline.parquet_io import find_shards, read_shards
 from pipeline.submission import read_submission
 from reports import metrics as M
+from reports.detection import REGION_COLUMNS, detection_metrics
 
 FORMAT = "cairn-metrics"
 VERSION = 3
@@ -45,11 +48,6 @@ COST_KEYS = ("images_per_second", "extract_seconds", "train_seconds", "index_sec
              "verify_seconds", "dim", "bytes_per_image", "feature_bytes_per_image", "local_feature_bytes_per_image",
              "index_bytes")
 
-# which parts of MethodsConfig (jobs/classic.py) each method uses
-PARAMS = {"hog": ("hog",), "sift-bovw": ("bovw",), "sift-vlad": ("vlad",), "sift-bovw+sv": ("bovw", "sv"),
-          "hog-linear": ("hog", "classifier"), "sift-vlad-linear": ("vlad", "classifier"), "cnn": ("cnn",),
-          "cnn-untrained": ("cnn",), "cnn-pretrained": ("cnn_pretrained",), "cnn+delf": ("cnn", "delf"),
-          "delf+sv": ("delf",), "cnn+det": ("cnn", "detect"), "cnn-pretrained+det": ("cnn_pretrained", "detect")}
 DETECTION_KEYS = ("ap_50", "mean_iou", "annotated_images", "detections_per_image", "regions_per_image")
 
 DEFINITIONS = {
@@ -89,6 +87,10 @@ class MethodResult:
     conf: list[float]  # its confidence (0 where none)
     neighbours: dict[str, list[tuple[str, float, int | None]]]  # query id -> [(database id, score, landmark)]
     costs: dict = field(default_factory=dict)  # RUN/work/<method>/costs.json
+    sections: tuple[str, ...] = ()  # the parts of the run's methods_config the method reads (shown with it)
+    classifier: bool = False  # it answers with a classifier (the kNN vote does not apply to it)
+    keras_embedding: bool = False  # its vectors come from a Keras embedding model (Grad-CAM can explain it)
+    variant_of: str = ""  # the method it changes one thing of (its detection section compares with it)
 
     def right(self, truth: list[int | None]) -> np.ndarray:
         """[Q] bool: the query was answered right (the landmark, or nothing for a no-landmark query)."""
@@ -133,8 +135,11 @@ def _read_neighbours(path: str) -> dict[str, list[tuple[str, float, int | None]]
     return {q: [(i, float(s), lab) for _, i, s, lab in sorted(v)] for q, v in rows.items()}
 
 
-def load_run(run_dir: str) -> RunResults:
-    """Read a compare run; raises CairnError saying what is missing or stale."""
+def load_run(run_dir: str, methods: dict[str, dict] | None = None) -> RunResults:
+    """Read a compare run; raises CairnError saying what is missing or stale. ``methods``: what each method is
+    ({name: {"family", "summary", "sections", "classifier", "keras_embedding", "variant_of"}}; pipeline/run/methods.py's
+    descriptions); a method it does not describe counts as a baseline without summary."""
+    methods = methods or {}
     run_path = fs.join(run_dir, "run.json")
     if not fs.exists(run_path):
         raise CairnError(f"{run_dir} has no run.json; give the --out folder of a `cairn compare` run")
@@ -157,13 +162,15 @@ def load_run(run_dir: str) -> RunResults:
                 raise CairnError(f"{path} is missing: method {name} did not finish; rerun `cairn compare` "
                                  f"(it reuses what is done)")
         preds = read_submission(pred_path)
-        info = method_registry.METHODS.get(name)
+        info = methods.get(name, {})
         costs_path = fs.join(run_dir, "work", name, "costs.json")
         results[name] = MethodResult(
-            name, info.family if info else "baseline", info.summary if info else "",
+            name, info.get("family", "baseline"), info.get("summary", ""),
             [preds[q][0] if preds.get(q) else None for q in queries.ids],
             [preds[q][1] if preds.get(q) else 0.0 for q in queries.ids],
-            _read_neighbours(nb_path), cfg.load_json(costs_path) if fs.exists(costs_path) else {})
+            _read_neighbours(nb_path), cfg.load_json(costs_path) if fs.exists(costs_path) else {},
+            tuple(info.get("sections", ())), bool(info.get("classifier")), bool(info.get("keras_embedding")),
+            info.get("variant_of", ""))
     dead_path = fs.join(run_dir, "dead_letters.csv")
     dead = list(csv.DictReader(io.StringIO(fs.read_text(dead_path)))) if fs.exists(dead_path) else []
     return RunResults(run_dir, run, train, queries, results, dead)
@@ -205,8 +212,8 @@ def method_entry(res: RunResults, m: MethodResult) -> dict:
                    "predicted": sum(p is not None for p in m.pred), "dead_letters": costs.get("dead_letters")},
         # a classifier method answers with its classifier: the kNN vote does not apply to it
         "config": {"index_factory": costs.get("index_factory"),
-                   "vote": None if m.name.endswith("-linear") else costs.get("vote"),
-                   "params": {part: methods_config.get(part) for part in PARAMS.get(m.name, ())}},
+                   "vote": None if m.classifier else costs.get("vote"),
+                   "params": {part: methods_config.get(part) for part in m.sections}},
         "detection": method_detection(res, m),
     }
 
@@ -214,10 +221,6 @@ def method_entry(res: RunResults, m: MethodResult) -> dict:
 def detection_table(m: MethodResult, split: str = "queries"):
     """The regional features (id, region, box, box_score, width, height) a +det method wrote for ``split``, or
     None for a method without detection (or a run whose features are gone)."""
-    from jobs.extract import features_prefix
-    from pipeline.parquet_io import find_shards, read_shards
-    from reports.detection import REGION_COLUMNS
-
     folder = (m.costs.get("regional_features") or {}).get(split)
     if not folder:
         return None
@@ -231,8 +234,6 @@ def detection_table(m: MethodResult, split: str = "queries"):
 
 @functools.lru_cache(maxsize=4)
 def _box_set(path: str, manifest_path: str):
-    from pipeline.boxes import read_boxes
-
     return read_boxes(path, read_manifest(manifest_path))
 
 
@@ -243,8 +244,6 @@ def method_detection(res: RunResults, m: MethodResult) -> dict:
     table = detection_table(m)
     if table is None:
         return out
-    from pipeline.boxes import BoxSet
-    from reports.detection import detection_metrics
 
     boxes = res.run["config"].get("boxes") or ""
     box_set = BoxSet()

@@ -209,8 +209,9 @@ def test_matching_and_ransac_recover_a_known_homography(matcher):
 def test_the_beam_job_extracts_delf_features_and_dead_letters_bad_images(tiny_delf, tmp_path):
     from PIL import Image
 
-    from jobs.extract import extract, features_prefix
+    from pipeline.featuresets import features_prefix
     from pipeline.parquet_io import read_shards
+    from pipeline.stages.extract import extract
     from tests.conftest import write_manifest
 
     path, pca_path, images, _ = tiny_delf

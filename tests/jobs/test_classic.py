@@ -1,7 +1,7 @@
 import pytest
 
-from jobs.classic import MethodsConfig, describe_fields, parse_overrides
 from pipeline.errors import CairnError
+from pipeline.run.settings import MethodsConfig, describe_settings, parse_overrides
 
 
 def test_overrides_convert_to_the_field_types():
@@ -29,7 +29,7 @@ def test_bad_overrides_say_what_is_wrong(item, message):
 
 
 def test_every_field_is_listed_for_help():
-    lines = describe_fields()
+    lines = describe_settings()
     assert "bovw.vocabulary.k=1024" in lines and "vlad.pca_dim=256" in lines and "sv.top_k=20" in lines
     for line in lines:  # every listed default can be given back unchanged
         path, _, value = line.partition("=")

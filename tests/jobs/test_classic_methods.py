@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.classic import parse_overrides
-from jobs.compare import compare
+from pipeline.run.compare import compare
+from pipeline.run.settings import parse_overrides
 from pipeline.submission import read_submission
 from tests.jobs.test_compare import flat
 
@@ -85,9 +85,9 @@ def test_local_features_and_vectors_are_written_in_row_groups_not_one_per_image(
 
 
 def test_verification_refuses_query_features_extracted_differently(classic_run, tiny_synth, tmp_path):
-    from jobs.extract import extract
-    from jobs.recognize import recognize
     from pipeline.errors import CairnError
+    from pipeline.stages.extract import extract
+    from pipeline.stages.recognize import recognize
 
     work = classic_run / "work"
     local = next((work / "local").iterdir())

@@ -4,8 +4,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.compare import compare
-from jobs.report import write_metrics
+from pipeline.run.compare import compare
+from pipeline.run.compare import report as write_metrics
 from pipeline.submission import read_submission
 
 GROUPS = {

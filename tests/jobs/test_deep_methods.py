@@ -1,5 +1,5 @@
-"""cnn-pretrained end to end through `cairn compare`, with PCA-whitening of the embeddings (jobs/classic.py
-build_deep). The fine-tuned methods run in tests/jobs/test_cli.py's demo test."""
+"""cnn-pretrained end to end through `cairn compare`, with PCA-whitening of the embeddings (pipeline/run/recipes.py
+embeddings). The fine-tuned methods run in tests/jobs/test_cli.py's demo test."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from features.backbones import BackboneConfig
 from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
-from jobs.classic import parse_overrides
-from jobs.compare import compare
+from pipeline.run.compare import compare
+from pipeline.run.settings import parse_overrides
 from tests.jobs.test_compare import KEYS, flat
 
 

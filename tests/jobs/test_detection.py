@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.detect import DetectConfig
-from jobs.classic import parse_overrides
 from pipeline.errors import CairnError
+from pipeline.run.settings import parse_overrides
 
 FAST = ["detect.train.backbone.name=mobilenet_v2", "detect.train.input_size=64", "detect.train.epochs=2",
         "detect.train.batch_size=4"]
@@ -21,7 +21,7 @@ FAST = ["detect.train.backbone.name=mobilenet_v2", "detect.train.input_size=64",
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory, tiny_synth):
     """A detector trained on the tiny set's database boxes (plus one box row that matches no image)."""
-    from jobs.train import train
+    from pipeline.run.trainers import train
 
     home = tmp_path_factory.mktemp("detector")
     boxes = home / "boxes.csv"
@@ -40,7 +40,7 @@ def embedder(tiny_embedder):
 def test_train_detector_job_counts_and_reuse(detector, tiny_synth, caplog):
     import logging
 
-    from jobs.train import train
+    from pipeline.run.trainers import train
 
     home, record = detector
     counts = record["counts"]
@@ -60,7 +60,7 @@ def test_train_detector_job_counts_and_reuse(detector, tiny_synth, caplog):
 @pytest.fixture(scope="module")
 def regional(tmp_path_factory, tiny_synth, detector, embedder):
     """Regional query and database features of the tiny set (the queries with one corrupt image added)."""
-    from jobs.extract import extract
+    from pipeline.stages.extract import extract
 
     home = tmp_path_factory.mktemp("regional")
     queries = home / "queries.csv"
@@ -106,8 +106,8 @@ def test_extract_with_a_detector_writes_every_region_and_reconciles(regional):
 
 @pytest.mark.slow
 def test_regional_recognition_answers_each_query_once_at_its_best_region_pair(regional):
-    from jobs.index import build_index
-    from jobs.recognize import recognize
+    from pipeline.stages.index import build_index
+    from pipeline.stages.recognize import recognize
     from pipeline.submission import read_submission
 
     home, _, _, n_queries = regional
@@ -131,9 +131,9 @@ def test_regional_recognition_answers_each_query_once_at_its_best_region_pair(re
 
 @pytest.mark.slow
 def test_regional_queries_against_a_whole_image_index(regional, tiny_synth, embedder):
-    from jobs.extract import extract
-    from jobs.index import build_index
-    from jobs.recognize import recognize
+    from pipeline.stages.extract import extract
+    from pipeline.stages.index import build_index
+    from pipeline.stages.recognize import recognize
 
     home, _, _, n_queries = regional
     extract(str(tiny_synth / "train.csv"), str(home / "db-whole"), "cnn", {"model": embedder}, workers=1)
@@ -145,7 +145,7 @@ def test_regional_queries_against_a_whole_image_index(regional, tiny_synth, embe
 
 @pytest.mark.slow
 def test_compare_with_detection_reports_ap_and_the_gap_change(tmp_path, tiny_synth, detector, embedder):
-    from jobs.compare import compare
+    from pipeline.run.compare import compare
     from tests.jobs.test_compare import GROUPS
 
     config = parse_overrides([f"cnn_pretrained.model={embedder}", "detect.detect.score_threshold=0.0",
@@ -169,8 +169,9 @@ def test_compare_with_detection_reports_ap_and_the_gap_change(tmp_path, tiny_syn
 
 
 def test_detection_needs_a_detector(tmp_path, tiny_synth, embedder):
-    from jobs.compare import compare
-    from jobs.extract import detect_config, extract
+    from jobs.extract import detect_config
+    from pipeline.run.compare import compare
+    from pipeline.stages.extract import extract
 
     with pytest.raises(CairnError, match="need a detector"):
         compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(tmp_path / "r"), ["cnn+det"])

@@ -4,10 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from jobs.extract import extract, run
+from jobs.extract import run
 from pipeline.errors import CairnError, parse_dead_letters
 from pipeline.parquet_io import read_shards
 from pipeline.schemas import cairn_metadata, vectors_of
+from pipeline.stages.extract import extract
 from tests.conftest import write_manifest
 
 
@@ -72,7 +73,9 @@ def test_rerun_reuses_only_with_the_same_config(tmp_path, tiny_synth, caplog):
     first = extract(manifest, out, workers=1)
     caplog.set_level("INFO")
     again = extract(manifest, out, workers=1)
-    assert again == first and "reusing" in caplog.text
+    assert again.pop("cost") == {"reused": True} and "reusing" in caplog.text  # a reused stage costs nothing
+    assert first.pop("cost")["units"] == 20  # the first run's cost: its 20 input rows
+    assert again == first
     changed = extract(manifest, out, workers=1, params={"size": 64, "cell": 16})
     assert changed["dim"] != first["dim"]
     _, meta = read_shards(out + "/features")
@@ -86,8 +89,10 @@ def test_unknown_method_and_bad_flags_are_user_errors(tmp_path, tiny_synth):
         extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), method="delf+sv")
     with pytest.raises(CairnError, match="delf needs a model"):
         extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), method="delf")
-    with pytest.raises(CairnError, match="unknown method 'surf'"):
+    with pytest.raises(CairnError, match="'surf' is not an extractor"):  # the stage knows its extractors
         extract(str(tiny_synth / "train.csv"), str(tmp_path / "o"), method="surf")
+    with pytest.raises(CairnError, match="unknown method 'surf'"):  # the command also knows every method
+        run(["--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"), "--method", "surf"])
     with pytest.raises(CairnError, match="--max-side"):
         run(["--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"), "--max-side", "-1"])
 

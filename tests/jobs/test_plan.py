@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from jobs import plan as P
 from jobs.cli import main
-from pipeline import stages
 from pipeline.errors import CairnError
+from pipeline.run import ledger as stages
+from pipeline.run import plan as P
 from tests.conftest import cairn, write_manifest
 
 
@@ -107,13 +107,13 @@ def test_a_softmax_classifier_is_priced_by_its_steps_timed_at_the_target_shape(m
 
 
 def test_recognition_splits_into_search_classifier_scoring_tuning_and_verification():
-    from jobs.classic import _recognize_parts
+    from pipeline.stages.recognize import recognize_cost
 
     rec = {"counts": {"queries": 10}, "search_seconds": 1.0, "verify_seconds": 0.0, "decide_seconds": 0.5,
            "tuning": {"seconds": 2.0, "queries": 4}}
     with stages.recording() as ledger:
         with stages.stage("recognize", "m/recognize", name="recognize") as st:
-            _recognize_parts(st, rec, database=100, home="m", classes=7)
+            stages.record(st, recognize_cost(rec, database=100, classes=7), "m/recognize")
     parts = {r["kind"]: r for r in ledger}
     assert parts["search"]["units"] == 10 * 100 and parts["search"]["grows"] == [["queries", None], ["train", None]]
     assert parts["classify"]["units"] == 10 * 7 and parts["classify"]["grows"] == [["queries", None],
@@ -122,7 +122,7 @@ def test_recognition_splits_into_search_classifier_scoring_tuning_and_verificati
     assert "verify" not in parts  # no time, no part
     # a plain kNN method: no classifier part
     with stages.recording() as ledger, stages.stage("recognize", "n/recognize", name="recognize") as st:
-        _recognize_parts(st, {**rec, "tuning": None}, database=100, home="n")
+        stages.record(st, recognize_cost({**rec, "tuning": None}, database=100), "n/recognize")
     assert {r["kind"] for r in ledger} == {"search", "recognize"}
 
 
@@ -136,8 +136,8 @@ def test_the_step_probe_times_real_steps_at_the_shape_it_is_given():
 def test_a_sample_learns_its_pca_when_the_whole_run_would():
     """VLAD's PCA needs 10 images per dimension: a sample of 800 of 2,600 images must learn it as the whole run
     does (a sample that keeps the raw 8,192-d VLAD prices the wrong index and classifier), on what it has."""
-    from jobs.common import sized_as
-    from jobs.train import whitening_dim
+    from pipeline.options import sized_as
+    from pipeline.stages.train import whitening_dim
 
     assert whitening_dim(256, 800, "t", min_per_dim=10) == 0
     with sized_as(2600 / 800):
@@ -208,8 +208,8 @@ def test_stage_records_skip_reused_stages_and_number_repeated_ones():
             st.update(units=3)
         with stages.stage("extract", "a") as again:  # the same work again (an index rebuilt for a second method)
             again.update(units=2)
-        with stages.stage("train", "b"):
-            stages.mark_reused()
+        with stages.stage("train", "b") as st:
+            stages.record(st, {"reused": True}, "b")
         with stages.stage("recognize", "c") as st:
             stages.add("search", "c/search", 0.0, units=9)
             st["minus_seconds"] = 0.0

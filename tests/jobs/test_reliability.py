@@ -218,8 +218,8 @@ def test_artefacts_from_another_config_or_place_are_refused_in_one_line(hog_run,
 
 def test_a_classifier_refuses_queries_of_another_config(hog_run):
     from features import artifacts
-    from jobs.recognize import classify
     from pipeline.errors import CairnError
+    from pipeline.stages.recognize import classify
 
     path = str(hog_run / "clf" / "classifier.npz")
     trained = artifacts.trained_on(path)

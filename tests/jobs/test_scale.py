@@ -23,14 +23,14 @@ import pytest
 from apache_beam.io.localfilesystem import LocalFileSystem
 
 from index.faiss_index import IndexConfig, VectorIndex
-from jobs.classic import parse_overrides
-from jobs.encode import encode
-from jobs.extract import extract
-from jobs.index import build_index
-from jobs.train import train
 from pipeline.errors import CairnError
 from pipeline.parquet_io import read_shards, write_table_shards
+from pipeline.run.settings import parse_overrides
+from pipeline.run.trainers import train
 from pipeline.schemas import vectors_of
+from pipeline.stages.encode import encode
+from pipeline.stages.extract import extract
+from pipeline.stages.index import build_index
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def test_unmergeable_index_kinds_are_refused_on_workers(tmp_path, hog):
 
 def test_beam_search_multi_process_equals_in_process(tmp_path, hog):
     from index.recognize import VoteConfig
-    from pipeline.search import recognize_beam
+    from pipeline.stages.search import recognize_beam
 
     build_index(str(hog / "train"), str(tmp_path / "index"), IndexConfig(factory="Flat"))
     outs = {}
@@ -171,7 +171,7 @@ def test_cluster_runners_stage_cairn_for_their_workers(tmp_path):
     target = tmp_path / "installed"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
                     str(target), str(sdists[0])], check=True, timeout=300)
-    check = subprocess.run([sys.executable, "-c", "import jobs.cli, pipeline.index_build, pipeline.options as o; "
+    check = subprocess.run([sys.executable, "-c", "import jobs.cli, pipeline.stages.index_build, pipeline.options as o; "
                             "print(o.__file__)"], cwd=str(tmp_path), env={"PYTHONPATH": str(target)},
                            capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stderr
@@ -355,7 +355,7 @@ def test_compare_on_a_portable_runner_gives_the_direct_runners_results(tmp_path,
     """`cairn compare` unchanged on FlinkRunner (Beam's embedded job service): every Beam step (extraction,
     descriptor sampling, encoding, the index adds on workers) goes through the portable job API, and the
     predictions and neighbours are the DirectRunner's."""
-    from jobs.compare import compare
+    from pipeline.run.compare import compare
 
     methods = ["hog", "sift-bovw", "sift-vlad"]
     args = {"train": str(tiny_synth / "train.csv"), "queries": str(tiny_synth / "queries.csv"), "report": None}

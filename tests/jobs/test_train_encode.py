@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs import classic
-from jobs.encode import encode, iter_subset, read_sample, sample_descriptors
-from jobs.extract import extract, features_prefix
-from jobs.train import train
 from pipeline.errors import CairnError
+from pipeline.featuresets import features_prefix
 from pipeline.parquet_io import read_shards
+from pipeline.run import settings as classic
+from pipeline.run.trainers import train
 from pipeline.schemas import sparse_matrix_of, vectors_of
+from pipeline.stages.encode import encode, iter_subset, read_sample, sample_descriptors
+from pipeline.stages.extract import extract
 from tests.conftest import write_manifest
 
 SMALL = classic.parse_overrides(["bovw.vocabulary.k=32", "vlad.vocabulary.k=4", "vlad.pca_dim=6", "vlad.pca_min_images=0",
@@ -115,3 +116,35 @@ def test_too_few_images_for_pca_whitening_keep_the_raw_vlad(local, tmp_path):
     config = classic.parse_overrides(["vlad.vocabulary.k=4", "vlad.vocabulary.niter=5", "vlad.pca_dim=6"])
     record = train("sift-vlad", str(local / "sift"), str(tmp_path / "m"), config)  # 21 images < 10 x 6
     assert record["dim"] == 4 * 128
+
+
+def test_every_beam_job_runs_in_the_test_pipeline_it_is_given(local, tiny_synth, tmp_path):
+    """`cairn train`, `cairn encode` and `cairn compare` give their Beam jobs the test pipeline they are handed
+    (compare, which runs several, a new one from the function it is handed)."""
+    from jobs import encode as encode_job
+    from jobs import train as train_job
+    from pipeline.options import make_pipeline, pipeline_options
+    from pipeline.run.compare import compare
+
+    ran = []
+
+    def pipeline():
+        p = make_pipeline(pipeline_options([], 1))
+        run = p.run
+
+        def counted(*args, **kwargs):
+            ran.append(p)
+            return run(*args, **kwargs)
+
+        p.run = counted
+        return p
+
+    train_job.run(["--method", "sift-bovw", "--features", str(local / "sift"), "--out", str(tmp_path / "m"),
+                   "--set", "bovw.vocabulary.k=32", "--set", "bovw.vocabulary.niter=5"], test_pipeline=pipeline())
+    assert len(ran) == 1  # the descriptor sampling
+    encode_job.run(["--features", str(local / "sift"), "--encoder", str(tmp_path / "m" / "encoder.npz"), "--out",
+                    str(tmp_path / "v")], test_pipeline=pipeline())
+    assert len(ran) == 2 and (tmp_path / "v" / "encode.json").exists()
+    compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(tmp_path / "run"), ["hog"],
+            workers=1, report=None, test_pipeline=pipeline)
+    assert len(ran) == 4 and len(set(map(id, ran))) == 4  # each extraction (database, queries) its own pipeline

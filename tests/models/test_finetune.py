@@ -1,5 +1,5 @@
 """Fine-tuning: the input pipeline's pieces, and a tiny end-to-end run with export and resume (models/data.py,
-models/finetune.py, jobs/train.py --method cnn)."""
+models/finetune.py, pipeline/stages/train.py, cairn train --method cnn)."""
 
 from __future__ import annotations
 
@@ -116,11 +116,11 @@ def test_train_cnn_exports_models_and_resumes(tmp_path, tiny_synth, caplog):
     import dataclasses
     import logging
 
-    from jobs.classic import MethodsConfig
-    from jobs.extract import extract
-    from jobs.train import train
     from pipeline.parquet_io import read_shards
+    from pipeline.run.settings import MethodsConfig
+    from pipeline.run.trainers import train
     from pipeline.schemas import vectors_of
+    from pipeline.stages.extract import extract
 
     config = dataclasses.replace(MethodsConfig(), cnn=dataclasses.replace(MethodsConfig().cnn, finetune=TINY_FT))
     out = tmp_path / "model"

@@ -1,4 +1,4 @@
-"""The RunInference model handler with a fake model inside a Beam TestPipeline (pipeline/inference.py)."""
+"""The RunInference model handler with a fake model inside a Beam TestPipeline (pipeline/stages/inference.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.images import DecodeConfig
-from pipeline.inference import EmbeddingModelHandler, EmbedImages
+from pipeline.stages.inference import EmbeddingModelHandler, EmbedImages
 
 
 class FakeModel:

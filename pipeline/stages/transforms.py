@@ -12,6 +12,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from features.local import local_features_table
+from features.registry import make_extractor
 from pipeline.errors import DeadLetter
 from pipeline.images import DecodeConfig, ImageError, load_image
 from pipeline.resources import limit_threads
@@ -38,8 +40,6 @@ class DecodeAndExtract(beam.DoFn):
         self.failed = {stage: Metrics.counter(NAMESPACE, f"dead_{stage}") for stage in ("read", "decode", "extract")}
 
     def setup(self):
-        from features.registry import make_extractor
-
         limit_threads(self.threads)
         self.extractor = make_extractor(self.method, self.params)
         self.local = getattr(self.extractor, "kind", "global") == "local"
@@ -61,8 +61,6 @@ class DecodeAndExtract(beam.DoFn):
         try:
             output = self.extractor.extract(image)
             if self.local:
-                from features.local import local_features_table
-
                 output.validate(self.extractor.dim)
                 table = local_features_table([row["id"]], [row["landmark_id"]], [output], self.schema)
         except Exception as e:  # noqa: BLE001 - any extractor failure is this record's, not the job's

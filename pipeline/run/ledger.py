@@ -1,4 +1,4 @@
-"""Per-stage cost records of a run: what `cairn plan` projects from and `make bench-scale` reports.
+"""The ledger of a run's stages: what `cairn plan` projects from and `make bench-scale` reports.
 
 A run's stages (an extraction, a training, an encoding, an index build, a search...) are recorded while a
 :func:`recording` is active; otherwise :func:`stage` costs nothing. Each record says how long the stage took,
@@ -13,6 +13,9 @@ the launching machine, and how its work grows with the size of the data (``grows
 
 ``cpu_seconds`` is the CPU time the stage used, in this process and in worker processes that ended with it:
 unlike its wall time it does not depend on how evenly Beam spread a small input over the workers.
+
+A stage body reports its own work (its ``cost``: pipeline/stages/costs.py); :func:`record` turns it into the
+ledger's terms, where a quantity is one of the run's sizes: "train" (database images), "queries", "classes".
 
 Peak memory is the launching process's high-water mark during the stage (Linux: reset per stage through
 /proc/self/clear_refs) and, for stages run in worker processes, the largest worker's (ru_maxrss of the
@@ -30,7 +33,6 @@ import time
 log = logging.getLogger(__name__)
 
 _LEDGER: list[dict] | None = None
-_OPEN: list[dict] = []  # the stages running now, innermost last
 
 
 @contextlib.contextmanager
@@ -82,36 +84,27 @@ def _children_peak() -> int:
 def stage(kind: str, key: str, **info):
     """Time the block as one stage (``kind``: extract, train, encode, index, search, ...; ``key``: what makes it
     unique, usually its output folder). The block fills the yielded dict: ``units``, ``grows``, ``parallel``,
-    ``cores``, ``output_bytes``, ``images``, ``reused``. A stage that reuses earlier outputs (mark_reused) is not
-    recorded; one run again under the same ``key`` is recorded as ``key#2``, ``key#3``, ..."""
-    record = _record(kind, key, info)
+    ``cores``, ``output_bytes``, ``images``, ``reused`` (:func:`record` fills them from the stage's cost). A stage
+    that reused earlier outputs is not recorded; one run again under the same ``key`` is recorded as ``key#2``,
+    ``key#3``, ..."""
+    rec = _record(kind, key, info)
     if _LEDGER is None:
-        yield record
+        yield rec
         return
     _reset_peak()
     children_before = _children_peak()
     cpu_before = _cpu_seconds()
     started = time.perf_counter()
-    _OPEN.append(record)
-    try:
-        yield record
-    finally:
-        _OPEN.remove(record)
-    # parts the stage recorded on their own (stages.add) are not counted twice
-    record["seconds"] = round(time.perf_counter() - started - record.pop("minus_seconds", 0.0), 4)
-    record["started"], record["ended"] = round(started, 3), round(time.perf_counter(), 3)
-    record["cpu_seconds"] = round(_cpu_seconds() - cpu_before, 3)
-    record["peak_bytes"] = _peak_bytes()
+    yield rec
+    # parts the stage recorded on their own (add) are not counted twice
+    rec["seconds"] = round(time.perf_counter() - started - rec.pop("minus_seconds", 0.0), 4)
+    rec["started"], rec["ended"] = round(started, 3), round(time.perf_counter(), 3)
+    rec["cpu_seconds"] = round(_cpu_seconds() - cpu_before, 3)
+    rec["peak_bytes"] = _peak_bytes()
     children = _children_peak()
-    record["worker_peak_bytes"] = children if children > children_before else 0
-    if not record["reused"]:
-        _LEDGER.append(record)
-
-
-def mark_reused() -> None:
-    """Called by a job that reuses its earlier outputs instead of computing them: the stage is not recorded."""
-    if _OPEN:
-        _OPEN[-1]["reused"] = True
+    rec["worker_peak_bytes"] = children if children > children_before else 0
+    if not rec["reused"]:
+        _LEDGER.append(rec)
 
 
 def add(kind: str, key: str, seconds: float, **info) -> None:
@@ -130,3 +123,36 @@ def _record(kind: str, key: str, info: dict) -> dict:
         key = f"{key}#{repeats + 1}" if repeats else key
     return {"kind": kind, "key": key, "units": 0, "grows": [], "cap": None, "parallel": False,
             "cores": os.cpu_count() or 1, "output_bytes": 0, "images": 0, "reused": False, **info}
+
+
+QUANTITIES = {"database": "train", "queries": "queries", "classes": "classes"}  # a cost's terms -> the run's
+PART_FIELDS = ("images", "parallel", "cap", "cores", "cluster_parallel")
+
+
+def record(st: dict, cost: dict, key: str, images: str = "train") -> None:
+    """Fill the running stage ``st`` (opened as :func:`stage` under ``key``) from the ``cost`` its body returned;
+    the cost's "images" are the run's ``images`` quantity ("train": the database, or "queries"). A reused
+    stage is not recorded; its parts are recorded on their own under ``key/<part key>`` and taken out of its
+    time, after which the stage may take another name (``rename``, where ``{name}`` is its own)."""
+    if cost.get("reused"):
+        st["reused"] = True
+        return
+
+    def grows(items: list) -> list:
+        return [[images if q == "images" else QUANTITIES.get(q, q), cap] for q, cap in items]
+
+    for field in ("units", "images", "parallel", "cores", "workers", "output_bytes", "cap", "probe", "vectors",
+                  "dim", "factory"):
+        if field in cost:
+            st[field] = cost[field]
+    st["grows"] = grows(cost.get("grows", []))
+    if cost.get("output_grows"):
+        st["output_grows"] = grows(cost["output_grows"])
+    parts = cost.get("parts") or []
+    for p in parts:
+        add(p["kind"], f"{key}/{p['key']}", p["seconds"], name=p["name"].format(name=st.get("name", "")),
+            units=p["units"], grows=grows(p["grows"]), **{f: p[f] for f in PART_FIELDS if f in p})
+    if parts:
+        st["minus_seconds"] = st.get("minus_seconds", 0.0) + sum(float(p["seconds"]) for p in parts)
+        if cost.get("rename"):
+            st["name"] = cost["rename"].format(name=st.get("name", ""))

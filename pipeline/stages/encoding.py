@@ -20,7 +20,14 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from features import artifacts
+from features.delf import AttentionPooling
+from features.local import local_features_from_table
+from features.pca import PCAWhitening
+from features.sift import prepare_descriptors
+from features.vocabulary import BoVWEncoder, VLADEncoder
+from pipeline.errors import CairnError
 from pipeline.resources import limit_threads
+from pipeline.schemas import global_features_table, sparse_features_table, vectors_of
 
 SUBSET = "subset"  # tag of the whole-row image sample
 NAMESPACE = "cairn"
@@ -33,19 +40,11 @@ def load_encoder(path: str):
     """(encoder, header) of an encoder artefact: BoVWEncoder, VLADEncoder or PCAWhitening."""
     header = artifacts.header(path)
     kind = header.get("kind")
-    if kind == "bovw":
-        from features.vocabulary import BoVWEncoder as cls
-    elif kind == "vlad":
-        from features.vocabulary import VLADEncoder as cls
-    elif kind == "pca_whitening":
-        from features.pca import PCAWhitening as cls
-    elif kind == "attention_pool":
-        from features.delf import AttentionPooling as cls
-    else:
-        from pipeline.errors import CairnError
-
+    classes = {"bovw": BoVWEncoder, "vlad": VLADEncoder, "pca_whitening": PCAWhitening,
+               "attention_pool": AttentionPooling}
+    if kind not in classes:
         raise CairnError(f"{path} holds a {kind!r}, not an encoder (bovw, vlad or pca_whitening)")
-    return cls.load(path), header
+    return classes[kind].load(path), header
 
 
 def image_uniform(image_id: str, seed: int) -> float:
@@ -56,8 +55,6 @@ def image_uniform(image_id: str, seed: int) -> float:
 def sample_rows(table: pa.Table, per_image: int, seed: int) -> np.ndarray:
     """[S, D] float32: at most ``per_image`` stored descriptors per row of a local-features table, chosen by
     a generator seeded with (seed, image id)."""
-    from features.local import local_features_from_table
-
     chosen = []
     for image_id, f in zip(table.column("id").to_pylist(), local_features_from_table(table), strict=True):
         n = len(f)
@@ -118,16 +115,11 @@ class EncodeBatches(beam.DoFn):
         self.encoder, _ = load_encoder(self.encoder_path)
 
     def process(self, table: pa.Table):
-        from pipeline.schemas import sparse_features_table
-
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
         ids = table.column("id").to_pylist()
         labels = table.column("landmark_id").to_pylist()
         if self.input_kind == "local":
-            from features.local import local_features_from_table
-            from features.sift import prepare_descriptors
-
             feats = local_features_from_table(table)
             sets = [prepare_descriptors(f.descriptors, {"postprocess": self.postprocess}) for f in feats]
             if getattr(self.encoder, "weighted", False):  # DELF attention pooling weighs by the scores
@@ -135,13 +127,9 @@ class EncodeBatches(beam.DoFn):
             else:
                 encoded = self.encoder.transform(sets)
         else:
-            from pipeline.schemas import vectors_of
-
             encoded = self.encoder.transform(vectors_of(table))
         self.encoded.inc(len(ids))
         if "indices" in self.schema.names:
             yield sparse_features_table(ids, labels, encoded, self.schema)
         else:
-            from pipeline.schemas import global_features_table
-
             yield global_features_table(ids, labels, np.asarray(encoded, np.float32), self.schema, extra=table)

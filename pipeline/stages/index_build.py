@@ -22,15 +22,26 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 
 import apache_beam as beam
+import faiss
 import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.utils import shared
 
+from index import build as B
+from index.faiss_index import VectorIndex, _write_index, empty_index, invalidate, train_on_sample
 from pipeline import fs
 from pipeline.errors import CairnError
+from pipeline.options import LOCAL_RUNNERS, runner_name
+from pipeline.parquet_io import read_file
+from pipeline.resources import limit_threads
+from pipeline.schemas import labels_of, vectors_of
+from pipeline.stages import beamjob
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +69,6 @@ class AddShard(beam.DoFn):
         self.trained = None
 
     def setup(self):
-        import faiss
-
-        from pipeline.resources import limit_threads
-
         if self.threads:
             limit_threads(self.threads)
         path = self.trained_path
@@ -72,12 +79,6 @@ class AddShard(beam.DoFn):
         self.trained = self.handle.acquire(load)
 
     def process(self, element):
-        import faiss
-
-        from index import build as B
-        from pipeline.parquet_io import read_file
-        from pipeline.schemas import vectors_of
-
         number, path, first_id, rows = element
         if self.threads:
             faiss.omp_set_num_threads(self.threads)
@@ -100,10 +101,6 @@ def shard_path(staging: str, number: int, shards: int) -> str:
 def staging_folder(out: str, options) -> str:
     """Where the workers read the trained index and write their filled shards: OUT/shards on DirectRunner, a
     new folder under --temp_location with a cluster runner (the launching machine's disk is not theirs)."""
-    from apache_beam.options.pipeline_options import GoogleCloudOptions
-
-    from pipeline.options import LOCAL_RUNNERS, runner_name
-
     if runner_name(options) in LOCAL_RUNNERS:
         return os.path.join(out, "shards")
     temp = options.view_as(GoogleCloudOptions).temp_location
@@ -118,55 +115,22 @@ def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int,
                      threads: int = 0):
     """Build the index of the feature shards ``paths`` (rows ``counts``, loaders ``parts``) with the adds on
     Beam workers; returns the VectorIndex (saved by the caller)."""
-    import tempfile
-
-    from index import build as B
-    from index.faiss_index import _decide_on_disk, _gather, _write_index, invalidate
-    from jobs import common
-    from pipeline.options import (
-        DryRun,
-        default_threads_per_worker,
-        is_dry_run,
-        make_pipeline,
-        pipeline_options,
-        run_and_wait,
-        runner_name,
-    )
-
     n = int(sum(counts))
-    if n == 0:
-        raise CairnError("there are no vectors to index; check the features folder")
     started = time.perf_counter()
-    budget = config.memory_budget or B.available_memory() // 2
-    if config.factory == "auto":
-        factory, search = B.choose_factory(n, dim, budget, mergeable_only=True)
-    else:
-        factory, search = config.factory, ""
-    index = B.new_index(factory, dim, config.metric)
+    index, factory, search, budget, on_disk = empty_index(n, dim, config, mergeable_only=True)
     if not B.mergeable(index):
         raise CairnError(f"{factory}: filled copies of this index kind (HNSW, fast-scan IVF) cannot be merged, so "
                          "its adds cannot be spread over workers; build it with --beam off")
-    on_disk = _decide_on_disk(config.on_disk, index, n, dim, budget)
-    workers = common.resolve_workers(workers, n)
-    options = pipeline_options(beam_args or [], workers)
-    p = test_pipeline or make_pipeline(options)  # the runner's options are checked before anything is deleted
-    if is_dry_run(options):  # its Beam step needs the trained index: the options are all a dry run can check
-        raise DryRun(f"dry run: the options were validated for --runner={runner_name(options)}; the index build's "
-                     "Beam step needs the trained index, so nothing was trained, translated or submitted")
+    job = beamjob.start(out, beam_args, workers, threads, images=n, test_pipeline=test_pipeline, dry_run="refuse",
+                        dry_run_message="dry run: the options were validated for --runner={runner}; the index "
+                        "build's Beam step needs the trained index, so nothing was trained, translated or submitted")
+    p, options, workers, threads = job.pipeline, job.options, job.workers, job.threads
     staging = staging_folder(out, options)
     remote = staging != os.path.join(out, "shards")
-    os.makedirs(out, exist_ok=True)
     invalidate(out)
-    threads = threads or default_threads_per_worker(workers)
     try:
         # 1. train here, on a seeded sample across all shards
-        size = B.train_size_for(index, n, config.train_size)
-        t0 = time.perf_counter()
-        if size:
-            rows = np.sort(np.random.default_rng(config.seed).choice(n, size, replace=False))
-            B.train_index(index, _gather(parts, counts, rows, dim, progress), config.use_gpu, config.gpu_float16,
-                          config.seed)
-        train_seconds = time.perf_counter() - t0
+        size, train_seconds = train_on_sample(index, parts, counts, dim, config, progress)
         _write_index(index, os.path.join(out, "trained.faiss"))
         if not remote:
             shutil.rmtree(staging, ignore_errors=True)
@@ -179,12 +143,12 @@ def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int,
         elements = [(i, path, first, count) for i, (path, first, count)
                     in enumerate(zip(paths, firsts, counts, strict=True)) if count]
         log.info("index: %s over %d vectors of dim %d; adding %d shards on %s (%d worker%s)", factory, n, dim,
-                 len(elements), runner_name(options), workers, "s"[: workers > 1])
+                 len(elements), job.runner, workers, "s"[: workers > 1])
         t0 = time.perf_counter()
         _ = (p | "Shards" >> beam.Create(elements) | "Spread" >> beam.Reshuffle()
              | "AddShard" >> beam.ParDo(AddShard(trained_path, staging, len(paths), shared.Shared(), threads,
                                                  config.use_gpu, config.gpu_float16)))
-        run_and_wait(p)
+        job.run()
         add_seconds = time.perf_counter() - t0
 
         # 3. merge in id order, here, one shard in memory at a time (copied from the staging folder first)
@@ -200,7 +164,7 @@ def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int,
         shutil.rmtree(os.path.join(out, "shards"), ignore_errors=True)
     info = {"train_size": int(size), "train_seconds": round(train_seconds, 3), "add_seconds": round(add_seconds, 3),
             "merge_seconds": round(merge_seconds, 3), "shards": len(elements), "on_disk": on_disk,
-            "memory_budget": int(budget), "beam": True, "runner": runner_name(options), "workers": workers}
+            "memory_budget": int(budget), "beam": True, "runner": job.runner, "workers": workers}
     log.info("index: %s over %d vectors (train %.1f s on %d, adds on workers %.1f s, merge %.1f s)", factory, n,
              train_seconds, size, add_seconds, merge_seconds)
     return _finish(merged, paths, firsts, config, meta, factory, search, info, started)
@@ -208,10 +172,6 @@ def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int,
 
 def _merge(elements: list, staging: str, shards: int, local_dir: str, trained, on_disk: bool, out: str):
     """The filled shards merged in id order: in memory, or into OUT/index.ivfdata on disk."""
-    import faiss
-
-    from index import build as B
-
     merged, on_disk_paths = None, []
     for number, _, first, count in elements:
         source = shard_path(staging, number, shards)
@@ -239,11 +199,6 @@ def _merge(elements: list, staging: str, shards: int, local_dir: str, trained, o
 def _finish(merged, paths: list[str], firsts: list[int], config, meta: dict, factory: str, search: str, info: dict,
             started: float):
     """The VectorIndex of the merged index: the id table and the non-landmark side index from the features."""
-    import pyarrow.parquet as pq
-
-    from index.faiss_index import VectorIndex
-    from pipeline.schemas import labels_of, vectors_of
-
     # the id table, and the non-landmark side index, from the features themselves (vectors only where needed)
     image_ids, labels, nl_vectors, nl_rows = [], [], [], []
     for path, first in zip(paths, firsts, strict=True):

@@ -9,22 +9,39 @@ Parquet. Each batch is searched, voted (index/recognize.py) and written as two o
     OUT/recognize.json                               config, counts, timing
 
 Every query is accounted for: the job counts the prediction rows it wrote and fails if they differ from the
-query rows it read. The local path (jobs/recognize.py) does the same in one process for small query sets.
+query rows it read. The local path (pipeline/stages/recognize.py) does the same in one process for small query sets.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import apache_beam as beam
+import faiss
 import pyarrow as pa
 from apache_beam.utils import shared
 
+from index.build import available_memory
+from index.faiss_index import VectorIndex
 from index.recognize import VoteConfig, class_counts, vote
+from index.regions import wrap
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
+from pipeline.featuresets import features_kind, features_metadata, features_prefix
+from pipeline.options import LOCAL_RUNNERS, resolve_workers
+from pipeline.parquet_io import SHARD_TEMPLATE, count_rows, find_shards, shard_pattern
+from pipeline.resources import limit_threads
+from pipeline.schemas import vectors_of
+from pipeline.stages import beamjob
+from pipeline.stages.lookup import (
+    NEIGHBOURS_SCHEMA,
+    check_same_features,
+    neighbours_table,
+    nonlandmark_sims,
+    search,
+)
+from pipeline.submission import format_prediction
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +51,8 @@ def use_beam(mode: str, features: str, beam_args: list[str], threshold: int) -> 
     ``threshold``+ queries)."""
     if mode in ("on", "off"):
         return mode == "on"
-    from jobs.encode import features_kind
-    from jobs.extract import features_prefix
-    from pipeline.options import LOCAL_RUNNERS
-    from pipeline.parquet_io import count_rows
-
     if _runner(beam_args) not in LOCAL_RUNNERS:
         return True
-    from jobs.encode import features_metadata
-
     kind = features_kind(features)
     if kind == "global" and features_metadata(features, kind).get("regions"):
         return False  # detected regions are gathered per query image in one process (see recognize_beam)
@@ -78,26 +88,14 @@ class SearchAndVote(beam.DoFn):
         self.loaded = None
 
     def setup(self):
-        from index.faiss_index import VectorIndex
-        from pipeline.resources import limit_threads
-
         if self.threads:
             limit_threads(self.threads)
-        from index.regions import wrap
-
         index_dir = self.index_dir
         self.loaded = self.handle.acquire(lambda: _Loaded(wrap(VectorIndex.load(index_dir))))
 
     def process(self, table: pa.Table):
-        import faiss
-
-        from jobs.recognize import neighbours_table, nonlandmark_sims, search
-
         if self.threads:  # OpenMP thread counts are per calling thread: set it on the one that searches
             faiss.omp_set_num_threads(self.threads)
-        from pipeline.schemas import vectors_of
-        from pipeline.submission import format_prediction
-
         index = self.loaded.index
         query_ids = table.column("id").to_pylist()
         if not query_ids:
@@ -120,9 +118,6 @@ class SearchAndVote(beam.DoFn):
 def _fit_workers(workers: int, index_dir: str, beam_args: list[str]) -> int:
     """On this machine every DirectRunner worker process holds its own copy of the index: run no more of them
     than the available RAM holds (with room to spare)."""
-    from index.build import available_memory
-    from pipeline.options import LOCAL_RUNNERS
-
     if _runner(beam_args) not in LOCAL_RUNNERS or workers <= 1:
         return workers
     size = sum(fs.size(p) for p in (fs.join(index_dir, "index.faiss"), fs.join(index_dir, "nonlandmarks", "index.faiss"))
@@ -139,29 +134,12 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
                    test_pipeline=None, predict: bool = True) -> dict:
     """Search and vote every query of ``features`` as a Beam job (see the module docstring). Without
     ``predict`` (`cairn neighbours`), OUT/queries.txt lists the queries searched instead of predictions."""
-    from jobs import common
-    from jobs.encode import features_kind
-    from jobs.extract import features_prefix
-    from jobs.recognize import NEIGHBOURS_SCHEMA
-    from pipeline.options import (
-        default_threads_per_worker,
-        dry_run_output,
-        make_pipeline,
-        pipeline_options,
-        run_and_wait,
-        runner_name,
-    )
-    from pipeline.parquet_io import SHARD_TEMPLATE, count_rows, find_shards, shard_pattern
-
     kind = features_kind(features)
     if kind != "global":
         raise CairnError(f"{features} holds {kind} features; the Beam search job takes dense vectors (FAISS "
                          "indices); use --beam off for BoVW")
     prefix = features_prefix(features, kind)
     queries = count_rows(prefix)
-    from jobs.encode import features_metadata
-    from jobs.recognize import check_same_features
-
     index_meta = cfg.load_json(fs.join(index_dir, "index.json")) if fs.exists(fs.join(index_dir, "index.json")) else {}
     query_meta = features_metadata(features, kind)
     check_same_features(index_meta.get("features") or {}, query_meta, features)
@@ -169,29 +147,22 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
         raise CairnError(f"{features} holds detected regions (several rows per query image), which the Beam search "
                          "job does not gather per image yet; use --beam off (a regional database index is fine "
                          "with whole-image queries)")
-    workers = _fit_workers(common.resolve_workers(workers, queries), index_dir, beam_args or [])
-    options = pipeline_options(beam_args or [], workers)
-    p = test_pipeline or make_pipeline(options)  # the runner's options are checked before anything is deleted
-    out = dry_run_output(out, options)  # a dry run leaves the outputs alone
-    fs.makedirs(out)
+    workers = _fit_workers(resolve_workers(workers, queries), index_dir, beam_args or [])
     listing = "predictions.csv" if predict else "queries.txt"
-    stale = fs.glob(fs.escape(fs.join(out, "neighbours")) + "-*") + fs.glob(fs.escape(fs.join(out, listing)) + "*")
-    fs.delete(stale)
-    fs.delete_temp_folders(out)
+    job = beamjob.start(out, beam_args, workers, test_pipeline=test_pipeline, clear=("neighbours-*", f"{listing}*"))
+    p, out = job.pipeline, job.out
     handle = shared.Shared()
-    started = time.perf_counter()
     results = (p | "Read" >> beam.io.ReadFromParquetBatched(shard_pattern(prefix), columns=["id", "vector"])
                | "SearchAndVote" >> beam.ParDo(
                    SearchAndVote(index_dir, vote_config.k, search_params, vote_config, neighbours, handle,
-                                 default_threads_per_worker(workers), predict)).with_outputs("predictions",
+                                 job.threads, predict)).with_outputs("predictions",
                                                                                              "neighbours"))
     _ = results.predictions | "WritePredictions" >> beam.io.WriteToText(
         fs.join(out, listing), shard_name_template="", header="id,landmarks" if predict else "id")
     _ = results.neighbours | "WriteNeighbours" >> beam.io.WriteToParquetBatched(
         fs.join(out, "neighbours"), NEIGHBOURS_SCHEMA, num_shards=max(1, len(find_shards(prefix))),
         shard_name_template=SHARD_TEMPLATE, file_name_suffix=".parquet", codec="zstd")
-    run_and_wait(p)
-    seconds = time.perf_counter() - started
+    seconds = job.run()
     lines = fs.read_text(fs.join(out, listing)).splitlines()[1:]
     predicted = sum(1 for line in lines if line.rsplit(",", 1)[-1].strip()) if predict else 0
     if len(lines) != queries:
@@ -202,7 +173,7 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
         "config": {"index": index_dir, "features": features, "vote": cfg.to_dict(vote_config),
                    "neighbours": neighbours, "search_params": search_params, "beam": True},
         "counts": {"queries": queries, "predicted": predicted, "neighbour_rows": listed},
-        "runner": runner_name(options), "workers": workers,
+        "runner": job.runner, "workers": workers,
         "seconds": round(seconds, 3),
         "queries_per_second": round(queries / seconds, 1) if seconds > 0 else None,
     }

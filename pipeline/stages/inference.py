@@ -21,6 +21,10 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
+from features.cnn import CnnConfig, CnnExtractor, resize_square
+from features.delf import DelfConfig, DelfExtractor
+from features.detect import DetectConfig, make_detector, regions_of
+from features.local import local_features_table
 from pipeline.errors import DeadLetter
 from pipeline.images import DecodeConfig, ImageError, load_image
 from pipeline.resources import limit_threads
@@ -98,8 +102,6 @@ class EmbeddingModelHandler(_BatchedHandler):
     namespace = "cairn_cnn"
 
     def build(self):
-        from features.cnn import CnnConfig, CnnExtractor
-
         return CnnExtractor(CnnConfig(**self.params), threads=self.threads)
 
     def run_inference(self, batch: Sequence[np.ndarray], model, inference_args=None) -> Iterable[PredictionResult]:
@@ -123,8 +125,6 @@ class PrepareImages(beam.DoFn):
         self.failed = {stage: Metrics.counter(NAMESPACE, f"dead_{stage}") for stage in ("read", "decode")}
 
     def process(self, row: dict):
-        from features.cnn import resize_square
-
         try:
             image = load_image(row["path"], self.decode)
         except ImageError as e:
@@ -169,8 +169,6 @@ class LocalModelHandler(_BatchedHandler):
     namespace = "cairn_local"
 
     def build(self):
-        from features.delf import DelfConfig, DelfExtractor
-
         params = config_params(self.params)
         return DelfExtractor(DelfConfig(**params), threads=self.threads)
 
@@ -191,8 +189,6 @@ class _ToLocalRows(beam.DoFn):
         self.bad = Metrics.counter(NAMESPACE, "dead_extract")
 
     def process(self, item):
-        from features.local import local_features_table
-
         (image_id, label, path), result = item
         feats = result.inference
         if not np.all(np.isfinite(feats.descriptors)):
@@ -216,8 +212,6 @@ class DetectorModelHandler(_BatchedHandler):
     namespace = "cairn_detect"
 
     def build(self):
-        from features.detect import DetectConfig, make_detector
-
         params = config_params(self.params)
         return make_detector(DetectConfig(**params))
 
@@ -242,15 +236,10 @@ class CropRegions(beam.DoFn):
         self.detected = Metrics.distribution(NAMESPACE, "boxes_per_image")
 
     def setup(self):
-        from features.detect import DetectConfig
-
         params = config_params(self.detect_params)
         self.config = DetectConfig(**params)
 
     def process(self, item):
-        from features.cnn import resize_square
-        from features.detect import regions_of
-
         (image_id, label, path), result = item
         image = result.example
         try:

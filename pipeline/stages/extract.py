@@ -1,0 +1,258 @@
+"""The extraction job: manifest -> descriptors in sharded Parquet (pipeline/featuresets.py), with dead letters.
+
+Decoding and the extractor run on Beam workers (DoFns in transforms.py; RunInference model handlers in
+inference.py for the CNN, DELF and the detector, which crops regions before embedding). Every manifest row ends
+in exactly one of the features or the dead letters, which :func:`reconcile` checks before the record is written;
+outputs made with the same config and manifest are reused. What OUT holds is in `cairn extract --help`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+
+from features.backbones import BackboneConfig
+from features.detect import ACTIVATION, FORMAT, VERSION, detector_metadata
+from features.keras_io import read_metadata
+from features.registry import EXTRACTORS, make_extractor
+from pipeline import config as cfg
+from pipeline import fs
+from pipeline.errors import CairnError, parse_dead_letters
+from pipeline.featuresets import FEATURE_PREFIX, features_prefix, tree_bytes
+from pipeline.images import DecodeConfig
+from pipeline.manifest import manifest_fingerprint, read_manifest
+from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
+from pipeline.schemas import global_features_schema
+from pipeline.stages import beamjob, costs
+from pipeline.stages.inference import (
+    DetectAndEmbed,
+    DetectorModelHandler,
+    EmbeddingModelHandler,
+    EmbedImages,
+    LocalModelHandler,
+)
+from pipeline.stages.transforms import DEAD, DecodeAndExtract, Rebatch, WriteDeadLetters
+
+log = logging.getLogger(__name__)
+ROWS_PER_SHARD = 20_000
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What an extraction run computes; outputs are reused only when this is equal."""
+
+    manifest: str  # the manifest, as an absolute path (relative image paths resolve against its folder)
+    manifest_sha256: str  # fingerprint of the manifest's content
+    method: str  # descriptor name (features/registry.py)
+    extractor: dict = field(default_factory=dict)  # the extractor's metadata: dim, config, preprocessing
+    decode: DecodeConfig = DecodeConfig()  # image decoding and validation
+    detect: dict | None = None  # --detector: the detector's config and model fingerprint (None: whole images)
+
+
+def outputs(out: str, kind: str = "global") -> dict[str, str]:
+    return {
+        "features": features_prefix(out, kind),
+        "manifest": fs.join(out, "manifest"),
+        "dead_letters": fs.join(out, "dead_letters.csv"),
+        "record": fs.join(out, "extract.json"),
+    }
+
+
+def _old_outputs(out: str) -> list[str]:
+    """Glob patterns under OUT of a previous extraction's outputs (every feature kind, the manifest shards)."""
+    return [f"{prefix}-*" for prefix in FEATURE_PREFIX.values()] + ["manifest-*", "dead_letters.csv", "extract.json"]
+
+
+def extract(manifest_path: str, out: str, method: str = "hog", params: dict | None = None,
+            decode: DecodeConfig = DecodeConfig(), workers: int = 0, threads: int = 0, num_shards: int = 0,
+            beam_args: list[str] | None = None, force: bool = False, test_pipeline=None, detect=None) -> dict:
+    """Run the extraction job; returns the record written to OUT/extract.json.
+
+    ``workers`` 0 picks DirectRunner worker processes automatically; ``threads`` 0 gives each cores / workers.
+    ``detect`` (features.detect.DetectConfig): embed the full image and each detected landmark region, one row
+    per region (cnn only).
+    """
+    if method not in EXTRACTORS:
+        raise CairnError(f"method {method!r} is not an extractor (a method that needs its own pipeline); "
+                         f"extractors: {', '.join(sorted(EXTRACTORS))}; use `cairn compare --methods {method}`")
+    fs.check_output_folder(out)
+    if not 0 <= num_shards <= 100_000:
+        raise CairnError("--num-shards must be between 0 (automatic) and 100000")
+    try:
+        extractor = make_extractor(method, params)  # validates params early, in the launching process
+    except (ValueError, OSError) as e:  # a bad parameter, a model file that is not there
+        raise CairnError(f"{method}: {e}") from e
+    kind = getattr(extractor, "kind", "global")
+    detected = None
+    if detect is not None:
+        if kind != "global" or not getattr(extractor, "batched", False):
+            raise CairnError(f"--detector crops regions for embedding extractors (cnn), not for {method}")
+        check_detector(detect)
+        detected = detector_metadata(detect)
+    manifest_path = fs.absolute(manifest_path)
+    manifest = read_manifest(manifest_path)
+    paths = outputs(out, kind)
+    fingerprint = manifest_fingerprint(manifest_path, manifest)
+    config = cfg.to_dict(ExtractConfig(manifest_path, fingerprint, method, extractor.metadata(), decode, detected))
+    if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config) and _complete(paths):
+        record = cfg.load_json(paths["record"])
+        log.info("extract: reusing %s (same config and manifest; --force recomputes)", out)
+        return {**record, "cost": costs.REUSED}
+    num_shards = min(num_shards or math.ceil(len(manifest) / ROWS_PER_SHARD), max(1, len(manifest)))
+    job = beamjob.start(out, beam_args, workers, threads, images=len(manifest), test_pipeline=test_pipeline,
+                        clear=_old_outputs(out))
+    p, workers, threads, runner = job.pipeline, job.workers, job.threads, job.runner
+    out = job.out  # a dry run writes its manifest shards to a temporary folder instead
+    paths = outputs(out, kind)
+    if len(manifest):
+        write_table_shards(manifest.to_table(), paths["manifest"], num_shards=num_shards)
+    if kind == "local":
+        schema = extractor.schema()
+    else:
+        meta = {**extractor.metadata(), **({"regions": detected} if detected else {})}
+        schema = global_features_schema(extractor.dim, meta, regional=detected is not None)
+    log.info("extract: %d images (%d rejected by the manifest) with %s on %s (%d worker%s, %d thread%s each)",
+             len(manifest), len(manifest.dead_letters), method, runner, workers, "s"[: workers > 1],
+             threads, "s"[: threads > 1])
+    if len(manifest):
+        rows = (
+            p
+            | "ReadManifest" >> beam.io.ReadFromParquet(shard_pattern(paths["manifest"]))
+            | "Spread" >> beam.Reshuffle()
+        )
+    else:
+        rows = p | "NoRows" >> beam.Create([])
+    if detected is not None:  # detect, crop the regions, embed each, gather them per image
+        handlers = (DetectorModelHandler(cfg.to_dict(detect), threads, detect.batch_size),
+                    EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size))
+        features, dead = rows | "DetectAndEmbed" >> DetectAndEmbed(*handlers, extractor.prepare_size, extractor.dim,
+                                                                   decode, cfg.to_dict(detect))
+    elif getattr(extractor, "batched", False) and kind == "local":  # DELF: pyramid + attention, batched by shape
+        handler = LocalModelHandler(params or {}, threads, extractor.config.batch_size)
+        features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_function(), extractor.dim, decode,
+                                                       local_schema=schema)
+    elif getattr(extractor, "batched", False):  # CNN: decode + resize, then batched inference with RunInference
+        handler = EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size)
+        features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_size, extractor.dim, decode)
+    else:
+        results = rows | "DecodeAndExtract" >> beam.ParDo(
+            DecodeAndExtract(method, params or {}, decode, threads)).with_outputs(DEAD, main="features")
+        features, dead = results.features, results[DEAD]
+    write = beam.io.WriteToParquet  # dict rows, buffered into row groups by the sink
+    if kind == "local":  # one-row Arrow tables: batch them into row groups first
+        features, write = features | "Rebatch" >> Rebatch(), beam.io.WriteToParquetBatched
+    _ = features | "WriteFeatures" >> write(
+        paths["features"], schema, num_shards=num_shards, shard_name_template=SHARD_TEMPLATE,
+        file_name_suffix=".parquet", codec="zstd",
+    )
+    manifest_dead = p | "ManifestDeadLetters" >> beam.Create(manifest.dead_letters)
+    _ = (dead, manifest_dead) | "AllDead" >> beam.Flatten() | "WriteDead" >> WriteDeadLetters(
+        paths["dead_letters"])
+    seconds = job.run()
+
+    counts = reconcile(manifest.total_rows, paths, regional=detected is not None)
+    record = {
+        "config": config,
+        "counts": counts,
+        "runner": runner,
+        "workers": workers,
+        "threads_per_worker": threads,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(counts["outputs"] / seconds, 2) if seconds > 0 else None,
+        "dim": extractor.dim,
+        "kind": kind,
+        "regional": detected is not None,
+        "label_names": {str(k): v for k, v in sorted(manifest.label_names.items())},
+        "outputs": {k: v for k, v in paths.items() if k != "record"},
+    }
+    cfg.save_json(paths["record"], record)
+    record = {**record, "cost": costs.beam_cost("extract", record, tree_bytes(out))}
+    log.info("extract: %d inputs = %d features + %d dead letters (%s); %.1f s, %.1f images/s",
+             counts["inputs"], counts["outputs"], counts["dead_letters"], _by_stage(counts), seconds,
+             record["images_per_second"] or 0)
+    if detected is not None:
+        log.info("extract: %d regions, %d of them detected boxes (%.2f per image)", counts["regions"],
+                 counts["detected_boxes"], counts["detected_boxes"] / max(1, counts["outputs"]))
+    return record
+
+
+def check_detector(detect) -> None:
+    """CairnError unless the detector of a features.detect.DetectConfig can be found."""
+    model = detect.model
+    if not model:
+        raise CairnError("--detector: give a detector: a .keras from `cairn train --method detector`, an Object "
+                         "Detection API SavedModel folder, or activation:WEIGHTS (the training-free fallback)")
+    import os
+
+    if detect.fallback:
+        weights = model[len(ACTIVATION):]
+        if weights not in ("", "imagenet") and not fs.exists(weights):
+            raise CairnError(f"--detector {model}: the fallback's weights {weights} do not exist (give a MobileNet "
+                             "v1 .tflite, a .weights.h5, or activation:imagenet, which downloads)")
+        try:
+            BackboneConfig(detect.fallback_backbone, weights=weights or "imagenet")
+        except ValueError as e:
+            raise CairnError(f"--detector {model}: {e}") from e
+        return
+    if not fs.exists(model):
+        raise CairnError(f"--detector {model}: no such file or folder; train one with `cairn train --method "
+                         "detector --manifest M --boxes B --out D` (D/model.keras)")
+    if os.path.isdir(model):
+        if not os.path.exists(os.path.join(model, "saved_model.pb")):
+            raise CairnError(f"--detector {model}: a folder without saved_model.pb; give an Object Detection API "
+                             "SavedModel export or a Cairn detector (.keras)")
+        return
+    try:
+        read_metadata(model, FORMAT, VERSION, "a Cairn detector",
+                      "train one with `cairn train --method detector --manifest M --boxes B --out D`")
+    except ValueError as e:
+        raise CairnError(f"--detector: {e}") from e
+
+
+def resolve_detector(model: str) -> str:
+    """A detector path made absolute (the fallback's ``activation:WEIGHTS`` as given)."""
+    return model if model.startswith(ACTIVATION) else fs.absolute(model)
+
+
+def _complete(paths: dict[str, str]) -> bool:
+    """True when a previous run's outputs are all there (a complete shard set and the dead letters)."""
+    try:
+        find_shards(paths["features"])
+    except CairnError:
+        return False
+    return fs.exists(paths["dead_letters"])
+
+
+def _by_stage(counts: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts["dead_by_stage"].items())) or "none"
+
+
+def reconcile(inputs: int, paths: dict[str, str], regional: bool = False) -> dict:
+    """Check inputs = outputs + dead letters with no id twice; returns the counts or raises. ``regional``: rows
+    are regions, several per image; an image counts once, and must have exactly one region row per number."""
+    table, _ = read_shards(paths["features"], columns=["id", "region"] if regional else ["id"])
+    ids = table.column("id").to_pylist()
+    extra = {}
+    if regional:
+        pairs = list(zip(ids, table.column("region").to_pylist(), strict=True))
+        if len(set(pairs)) != len(pairs):
+            raise RuntimeError(f"a region of an image is written twice under {paths['features']}. This is a bug; "
+                               "please report it")
+        extra = {"regions": len(ids), "detected_boxes": sum(1 for _, r in pairs if r > 0)}
+        ids = list(dict.fromkeys(ids))
+    dead = parse_dead_letters(fs.read_text(paths["dead_letters"]))
+    by_stage: dict[str, int] = {}
+    for d in dead:
+        by_stage[d.stage] = by_stage.get(d.stage, 0) + 1
+    counts = {"inputs": inputs, "outputs": len(ids), "dead_letters": len(dead), "dead_by_stage": by_stage, **extra}
+    seen = set(ids)
+    twice = len(ids) - len(seen) + sum(1 for d in dead if d.id and d.stage != "manifest" and d.id in seen)
+    if inputs != len(ids) + len(dead) or twice:
+        raise RuntimeError(
+            f"record counts do not reconcile: {inputs} inputs, {len(ids)} outputs, {len(dead)} dead letters, "
+            f"{twice} ids in more than one place. This is a bug; please report it with {paths['features']}."
+        )
+    return counts
