@@ -389,7 +389,8 @@ def apply_search_params(index: faiss.Index, params: str, on_gpu: bool = False) -
 def empty_index(n: int, dim: int, config: IndexConfig, mergeable_only: bool = False):
     """(untrained empty index, factory, its default search parameters, memory budget, on-disk lists) of an index
     of ``n`` vectors of ``dim`` under ``config`` (factory "auto": chosen from the size and the budget;
-    ``mergeable_only``: among the kinds whose filled shards can be merged)."""
+    ``mergeable_only``: among the kinds whose filled shards can be merged, and CairnError for a given one that
+    is not)."""
     if n == 0:
         raise CairnError("there are no vectors to index; check the features folder")
     budget = config.memory_budget or B.available_memory() // 2
@@ -398,6 +399,9 @@ def empty_index(n: int, dim: int, config: IndexConfig, mergeable_only: bool = Fa
     else:
         factory, search = config.factory, ""
     index = B.new_index(factory, dim, config.metric)
+    if mergeable_only and not B.mergeable(index):
+        raise CairnError(f"{factory}: filled copies of this index kind (HNSW, fast-scan IVF) cannot be merged, so "
+                         "its adds cannot be spread over workers; build it with --beam off")
     return index, factory, search, budget, _decide_on_disk(config.on_disk, index, n, dim, budget)
 
 

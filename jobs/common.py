@@ -13,6 +13,8 @@ import sys
 from index.build import parse_memory
 from index.faiss_index import IndexConfig
 from index.recognize import TuneConfig, VoteConfig
+from pipeline import config as cfg
+from pipeline import fs
 from pipeline.errors import CairnError
 from pipeline.images import DecodeConfig
 from pipeline.options import AUTO_WORKERS_MIN_IMAGES
@@ -266,3 +268,15 @@ def accounting_lines(accounting: dict) -> list[str]:
             lines.append(f"  {name:20s} {split:8s} {c['inputs']:6d} rows = {c['outputs']:6d} used + "
                          f"{c['dead_letters']:5d} dead letters ({stages})")
     return lines
+
+
+def print_compare(out: str, metrics: dict) -> None:
+    """What `cairn compare` prints at its end: the summary, the records of every method, where the outputs are."""
+    print(summary_table(metrics))
+    print("records (every manifest row is used or a dead letter):")
+    print("\n".join(accounting_lines(cfg.load_json(fs.join(out, "accounting.json")))))
+    print(f"report:       {fs.join(out, 'report.html')}")
+    print(f"metrics:      {fs.join(out, 'metrics.json')}")
+    print(f"predictions:  {fs.join(out, 'predictions')}/")
+    print(f"neighbours:   {fs.join(out, 'neighbours')}/")
+    print(f"dead letters: {fs.join(out, 'dead_letters.csv')}")

@@ -20,8 +20,6 @@ index, recognise the queries; then score all methods together. Writes to OUT:
 from __future__ import annotations
 
 from jobs import common
-from pipeline import config as cfg
-from pipeline import fs
 from pipeline.run import methods
 from pipeline.run.compare import compare
 
@@ -36,12 +34,5 @@ def run(argv=None, test_pipeline=None) -> dict:
     """``test_pipeline``: a function that gives a new test pipeline for each of the run's Beam jobs."""
     args, beam_args = common.parse_beam_job(build_parser(), argv)
     metrics = compare(**common.compare_kwargs(args, beam_args), test_pipeline=test_pipeline)
-    print(common.summary_table(metrics))
-    print("records (every manifest row is used or a dead letter):")
-    print("\n".join(common.accounting_lines(cfg.load_json(fs.join(args.out, "accounting.json")))))
-    print(f"report:       {fs.join(args.out, 'report.html')}")
-    print(f"metrics:      {fs.join(args.out, 'metrics.json')}")
-    print(f"predictions:  {fs.join(args.out, 'predictions')}/")
-    print(f"neighbours:   {fs.join(args.out, 'neighbours')}/")
-    print(f"dead letters: {fs.join(args.out, 'dead_letters.csv')}")
+    common.print_compare(args.out, metrics)
     return metrics

@@ -108,8 +108,7 @@ def measure_child(spec_path: str) -> int:
         args, beam_args = common.parse_beam_job(_compare_parser(), spec["argv"])
         with ledger.recording() as stages, sized_as(float(spec["factor"])):
             metrics = compare(**common.compare_kwargs(args, beam_args))
-        print(common.summary_table(metrics))
-        print("\n".join(common.accounting_lines(cfg.load_json(fs.join(args.out, "accounting.json")))))
+        common.print_compare(args.out, metrics)
     except (CairnError, OSError) as e:
         if isinstance(e, OSError) and e.filename is None:  # not about a path: a bug, with its traceback
             raise

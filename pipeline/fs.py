@@ -211,7 +211,7 @@ def local_path(path: str) -> str:
             entries = [(m, posixpath.join(name, m.path[len(base) + 1:])) for m in _matches(join(escape(base), "**"))
                        if m.path[len(base) + 1:] and not m.path.endswith("/")]
         if not entries:
-                raise CairnError(f"{path}: no such file or folder")
+            raise CairnError(f"{path}: no such file or folder")
         key = hashlib.sha1("\0".join([base] + [f"{m.path}:{m.size_in_bytes}:{m.last_updated_in_seconds}"
                                                for m, _ in entries]).encode()).hexdigest()[:20]
         root = os.path.join(tempfile.gettempdir(), "cairn-models", key)

@@ -17,7 +17,6 @@ import html
 import io
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -528,7 +527,7 @@ and mean IoU score the cropped query boxes against the annotated ones (<code>--b
             model = extractor["config"].get("model", "")
             if not model.endswith(".keras"):
                 continue
-            if not fs.exists(model) and not os.path.isabs(model):  # recorded relative to where the run started
+            if not fs.exists(model) and m.keras_embedding == "fine-tuned":  # recorded where the run started
                 model = fs.join(self.res.run_dir, "work", "cnn", "model", model.rsplit("/", 1)[-1])
             if fs.exists(model):
                 return name, model, extractor

@@ -89,7 +89,8 @@ class MethodResult:
     costs: dict = field(default_factory=dict)  # RUN/work/<method>/costs.json
     sections: tuple[str, ...] = ()  # the parts of the run's methods_config the method reads (shown with it)
     classifier: bool = False  # it answers with a classifier (the kNN vote does not apply to it)
-    keras_embedding: bool = False  # its vectors come from a Keras embedding model (Grad-CAM can explain it)
+    keras_embedding: str = ""  # a Keras embedding model makes its vectors (Grad-CAM can explain it): "fine-tuned"
+    # in the run (WORK/cnn/model) or "frozen" (the user's); "": none
     variant_of: str = ""  # the method it changes one thing of (its detection section compares with it)
 
     def right(self, truth: list[int | None]) -> np.ndarray:
@@ -169,7 +170,7 @@ def load_run(run_dir: str, methods: dict[str, dict] | None = None) -> RunResults
             [preds[q][0] if preds.get(q) else None for q in queries.ids],
             [preds[q][1] if preds.get(q) else 0.0 for q in queries.ids],
             _read_neighbours(nb_path), cfg.load_json(costs_path) if fs.exists(costs_path) else {},
-            tuple(info.get("sections", ())), bool(info.get("classifier")), bool(info.get("keras_embedding")),
+            tuple(info.get("sections", ())), bool(info.get("classifier")), info.get("keras_embedding") or "",
             info.get("variant_of", ""))
     dead_path = fs.join(run_dir, "dead_letters.csv")
     dead = list(csv.DictReader(io.StringIO(fs.read_text(dead_path)))) if fs.exists(dead_path) else []

@@ -8,5 +8,5 @@
     compare.py    `cairn compare`: every chosen method on the same manifests, scored together, and the report
     plan.py       `cairn plan`: a run's cost projected from two measured samples
     demo.py       `cairn demo`: the synthetic set and its comparison
-    train.py      `cairn train`: a method's trainer, found in the registry
+    trainers.py   `cairn train`: a method's trainer, found in the registry
 """

@@ -36,7 +36,8 @@ class Method:
     rerank: str = ""  # the MethodsConfig field of its spatial verification's RerankConfig, e.g. delf.sv ("": none)
     needs_model: bool = False  # runs only when given a pretrained model (--set cnn_pretrained.model=...)
     needs_boxes: bool = False  # needs a detector: --boxes to train one, or --set detect.detect.model
-    keras_embedding: bool = False  # its vectors come from a Keras embedding model (Grad-CAM can explain it)
+    keras_embedding: str = ""  # its vectors come from a Keras embedding model (Grad-CAM can explain it): one
+    # "fine-tuned" in the run (WORK/cnn/model) or a "frozen" one given by the user; "": none
     variant_of: str = ""  # the method it changes one thing of (the report shows what that changed: +det vs cnn)
     issue: int | None = None  # the issue that builds it, while it is not built
     issue_title: str = ""
@@ -183,12 +184,12 @@ for _m in (
     Method("sift-vlad-linear", "baseline", "VLAD + calibrated linear softmax classifier", _R + "sift_vlad",
            sections=("vlad", "classifier"), index_of="sift-vlad", trainer="sift-vlad-linear", classifier=True),
     Method("cnn", "deep", "CNN fine-tuned with GeM + ArcFace on the database, kNN over embeddings", _R + "cnn",
-           sections=("cnn",), trainer="cnn", keras_embedding=True),
+           sections=("cnn",), trainer="cnn", keras_embedding="fine-tuned"),
     Method("cnn-untrained", "deep", "the cnn network before fine-tuning (GeM over its initial weights), kNN",
-           _R + "cnn_untrained", sections=("cnn",), keras_embedding=True,
+           _R + "cnn_untrained", sections=("cnn",), keras_embedding="fine-tuned",
            learns_nothing="learns nothing: it embeds with the untrained.keras that `cairn train --method cnn` writes"),
     Method("cnn-pretrained", "deep", "frozen pretrained extractor (TFLite/SavedModel/.keras), kNN over embeddings",
-           _R + "cnn_pretrained", sections=("cnn_pretrained",), needs_model=True, keras_embedding=True,
+           _R + "cnn_pretrained", sections=("cnn_pretrained",), needs_model=True, keras_embedding="frozen",
            learns_nothing="learns nothing: it embeds with a frozen pretrained model (cnn_pretrained.model)"),
     Method("cnn+delf", "deep", "cnn, its top neighbours re-ranked by DELF local-feature matching + RANSAC",
            _R + "cnn_delf", sections=("cnn", "delf"), index_of="cnn", rerank="delf.sv",

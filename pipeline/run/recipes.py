@@ -108,7 +108,7 @@ def encode_both(ctx: RunContext, source: str, encoder: str, folder: str) -> dict
 def train_step(name: str, out: str, fn: Callable[[], dict]) -> dict:
     """A trainer run as a launcher stage; returns its train.json record."""
     fs.check_output_folder(out)
-    return _stage("train", out, fn, name=name)
+    return _stage("train", out, fn, name=name, output_grows=[])  # a model's size: fixed, unless its cost says
 
 
 def build_index_step(ctx: RunContext, features: str, out: str) -> dict:

@@ -94,9 +94,9 @@ def train(name: str, source: str, out: str, config: MethodsConfig = MethodsConfi
     else:
         methods.check([name])
         key = methods.METHODS[name].trainer
-        if not key:
-            why = methods.METHODS[name].learns_nothing or \
-                f"learns nothing with `cairn train`: it uses another method's models ({name})"
-            raise CairnError(f"{name} {why}; trainable: {', '.join(methods.trainable())}")
     fs.check_output_folder(out)
+    if not key:
+        why = methods.METHODS[name].learns_nothing or \
+            f"learns nothing with `cairn train`: it uses another method's models ({name})"
+        raise CairnError(f"{name} {why}; trainable: {', '.join(methods.trainable())}")
     return methods.resolve(methods.TRAINERS[key].train)(source, out, config, options)

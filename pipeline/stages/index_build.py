@@ -118,9 +118,6 @@ def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int,
     n = int(sum(counts))
     started = time.perf_counter()
     index, factory, search, budget, on_disk = empty_index(n, dim, config, mergeable_only=True)
-    if not B.mergeable(index):
-        raise CairnError(f"{factory}: filled copies of this index kind (HNSW, fast-scan IVF) cannot be merged, so "
-                         "its adds cannot be spread over workers; build it with --beam off")
     job = beamjob.start(out, beam_args, workers, threads, images=n, test_pipeline=test_pipeline, dry_run="refuse",
                         dry_run_message="dry run: the options were validated for --runner={runner}; the index "
                         "build's Beam step needs the trained index, so nothing was trained, translated or submitted")

@@ -48,6 +48,8 @@ from pipeline.stages.search import recognize_beam, use_beam
 from pipeline.submission import write_submission
 
 log = logging.getLogger(__name__)
+
+
 def classify(classifier_path: str, xq: np.ndarray, min_confidence: float = 0.0,
              query_meta: dict | None = None, model=None) -> tuple[np.ndarray, np.ndarray]:
     """pred [Q] (-1 = none), conf [Q] from a trained classifier's top class and calibrated probability.

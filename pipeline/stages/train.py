@@ -125,13 +125,14 @@ def _open_on_features(method: str, features: str, kind: str, config, out: str, a
 
 
 def _open_on_images(method: str, manifest: str, out: str, weights: str, where: str, decode: DecodeConfig,
-                    force: bool, **keyed) -> tuple[str, object, dict, dict | None]:
+                    force: bool, rows=None, **keyed) -> tuple[str, object, dict, dict | None]:
     """The opening of every trainer on the images of a manifest (cnn, delf, detector): (the manifest's absolute
-    path, its rows, what the run is keyed by: ``keyed`` + the manifest, its content, the decoding and the initial
-    weights by content, the stored record when OUT already holds the model trained so). A backbone's initial
-    ``weights`` file must exist (``where`` names its setting); --force also drops the checkpoints (no resume)."""
+    path, its rows (``rows``: read already), what the run is keyed by: ``keyed`` + the manifest, its content,
+    the decoding and the initial weights by content, the stored record when OUT already holds the model trained
+    so). A backbone's initial ``weights`` file must exist (``where`` names its setting); --force also drops the
+    checkpoints (no resume)."""
     manifest = fs.absolute(manifest)
-    rows = read_manifest(manifest)
+    rows = rows if rows is not None else read_manifest(manifest)
     if weights not in ("none", "imagenet") and not fs.exists(weights):
         raise CairnError(f"{where}: {weights} does not exist; give a .weights.h5 or .tflite file, 'imagenet' "
                          "(downloads) or 'none'")
@@ -209,9 +210,10 @@ def train_encoder(method: str, features: str, out: str, config, workers: int = 1
     return {**record, "cost": costs.cost(
         "train", counts["descriptors"], [["images", None]], cap=voc.sample_size, output_bytes=tree_bytes(out),
         rename="k-means, {name}", parts=[
-            costs.part("sample", "descriptor sampling", sample_seconds, counts["images"], [["images", None]],
+            costs.part("sample", "descriptor sampling", record["seconds"]["sample"], counts["images"], [["images", None]],
                        images=counts["images"], parallel=True),
-            costs.part("train", "encoder fit, {name}", encoder_seconds, counts["subset_images"], [["images", None]],
+            costs.part("train", "encoder fit, {name}", record["seconds"]["encoder"], counts["subset_images"],
+                       [["images", None]],
                        key="encoder", cap=config.idf_sample if bovw else config.pca_sample)])}
 
 
@@ -315,13 +317,14 @@ def train_detector(manifest: str, boxes: str, out: str, config, decode: DecodeCo
     while training, OUT/dead_letters.csv (images that could not be decoded), OUT/unused_boxes.csv (box rows of no
     manifest image, or unusable ones, with the reason) and OUT/train.json."""
     tc = config.train
+    rows = read_manifest(fs.absolute(manifest))
+    box_set = read_boxes(boxes, rows)  # a missing or malformed box file is a one-line error before anything
     manifest, rows, requested, reused = _open_on_images(
-        "detector", manifest, out, tc.backbone.weights, "detect.train.backbone.weights", decode, force,
+        "detector", manifest, out, tc.backbone.weights, "detect.train.backbone.weights", decode, force, rows=rows,
         method_config=cfg.to_dict(tc), negatives=config.negatives, max_images=config.max_images,
         boxes=fs.absolute(boxes), boxes_sha256=file_sha256(fs.absolute(boxes))[:16])
     if reused is not None:
         return reused
-    box_set = read_boxes(boxes, rows)
     chosen = [(i, p, y) for i, p, y in rows.records() if i in box_set.boxes or (config.negatives and y is None)]
     skipped = sum(1 for i, _, y in rows.records() if i not in box_set.boxes and y is not None)
     if len(chosen) > config.max_images:  # a seeded sample keeps memory bounded (images are held decoded)

@@ -65,7 +65,7 @@ def test_the_registry_is_what_the_cli_lists_checks_and_trains(toy):
         methods.check(["magic"])
     assert methods.descriptions()["tiny-hog"] == {"family": "baseline", "summary": TOY.summary,
                                                   "sections": ["hog"], "classifier": False,
-                                                  "keras_embedding": False, "variant_of": ""}
+                                                  "keras_embedding": "", "variant_of": ""}
 
 
 def test_every_built_in_method_says_what_it_needs():
