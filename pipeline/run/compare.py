@@ -83,8 +83,11 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
     fs.makedirs(out)
     run_config = CompareConfig(train, queries, tuple(names), decode, vote, tune, index, neighbours, boxes, workers,
                                tuple(beam_args or ()), config)
+    described = methods.descriptions()
     cfg.save_json(fs.join(out, "run.json"), {"config": cfg.to_dict(run_config), "methods": names,
-                                             "manifest_sha256": fingerprints})
+                                             "manifest_sha256": fingerprints,
+                                             # so that `cairn report` knows a method the registry does not
+                                             "method_descriptions": {n: described[n] for n in names}})
     ctx = RunContext(train, queries, fs.join(out, "work"), decode, workers, threads, tuple(beam_args or ()), vote,
                      neighbours, force, tune=tune, index=index, boxes=boxes, test_pipelines=test_pipeline)
     query_ids = read["queries"].ids
@@ -113,8 +116,10 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
 
 def report(run_dir: str, config: ReportConfig = ReportConfig()) -> dict:
     """`cairn report`: a compare run's metrics.json, per_class.csv and report.html written again from its
-    outputs, its methods described by the registry."""
-    return write_metrics(run_dir, config, methods=methods.descriptions())
+    outputs, its methods described by the registry (or, for one the registry does not hold now, by the run)."""
+    run_path = fs.join(run_dir, "run.json")
+    saved = cfg.load_json(run_path).get("method_descriptions", {}) if fs.exists(run_path) else {}
+    return write_metrics(run_dir, config, methods={**saved, **methods.descriptions()})
 
 
 def complete_submission(source: str, query_ids: list[str], target: str) -> None:

@@ -53,6 +53,11 @@ def test_a_method_registered_through_the_registry_runs_through_cairn_compare(toy
     assert "tiny-hog" in (out / "report.html").read_text()
     # its own features, not hog's: the same extractor at another size is another folder
     assert (out / "work" / "tiny-hog" / "hog" / "train" / "extract.json").exists()
+    # the run says what its methods are: a report drawn again without the toy registered still knows it
+    del methods.METHODS["tiny-hog"]
+    assert main(["report", str(out), "--gradcam", "0"]) == 0
+    again = json.loads((out / "metrics.json").read_text())["methods"]["tiny-hog"]
+    assert again["summary"] == TOY.summary and again["config"]["params"] == entry["config"]["params"]
 
 
 def test_the_registry_is_what_the_cli_lists_checks_and_trains(toy):
