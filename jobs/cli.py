@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cairn {name}: interrupted", file=sys.stderr)
         return 130
-    logging.shutdown()
-    return 0
+    return 0  # the command line's logging is shut down by leave(); a caller in-process keeps its own
 
 
 def entry() -> None:
