@@ -23,20 +23,13 @@ from pipeline import fs
 from pipeline.errors import CairnError
 from pipeline.featuresets import features_prefix, shards_bytes
 from pipeline.images import DecodeConfig
-from pipeline.run import ledger
+from pipeline.run import ledger, trainers
 from pipeline.run.settings import MethodsConfig
 from pipeline.stages.encode import encode
 from pipeline.stages.extract import check_detector, extract, resolve_detector
 from pipeline.stages.index import build_index
 from pipeline.stages.recognize import recognize
-from pipeline.stages.train import (
-    train_classifier,
-    train_cnn,
-    train_delf,
-    train_detector,
-    train_encoder,
-    train_pca,
-)
+from pipeline.stages.train import train_classifier, train_pca
 
 
 @dataclass(frozen=True)
@@ -76,6 +69,12 @@ def _stage(kind: str, key: str, fn: Callable[[], dict], images: str = "train", *
 def _pipeline(ctx: RunContext):
     """A new test pipeline for a Beam job of the run, or None (the job makes its own)."""
     return ctx.test_pipelines() if ctx.test_pipelines else None
+
+
+def _train_options(ctx: RunContext) -> trainers.TrainOptions:
+    """What the run gives `cairn train`'s trainers (pipeline/run/trainers.py), which its recipes share."""
+    return trainers.TrainOptions(max(1, ctx.workers), ctx.beam_args, ctx.force, ctx.decode, ctx.boxes,
+                                 ctx.test_pipelines)
 
 
 def extract_both(ctx: RunContext, extractor: str, params: dict, folder: str,
@@ -162,34 +161,33 @@ def hog(config: MethodsConfig, ctx: RunContext) -> dict:
     return build_global(ctx, home, vectors, extracted, encoded, trained)
 
 
-def _sift(method: str, section, config: MethodsConfig, ctx: RunContext) -> dict:
-    """SIFT/RootSIFT -> a k-means vocabulary -> BoVW or VLAD vectors (``section``: config.bovw or config.vlad)."""
+def _sift(method: str, section, trainer: Callable, config: MethodsConfig, ctx: RunContext) -> dict:
+    """SIFT/RootSIFT -> a k-means vocabulary -> BoVW or VLAD vectors (``section``: config.bovw or config.vlad,
+    ``trainer``: its vocabulary's, pipeline/run/trainers.py)."""
     home = fs.join(ctx.work, method)
     local = fs.join(ctx.work, sift_folder(section.sift))
     extracted = extract_both(ctx, "sift", cfg.to_dict(section.sift), sift_folder(section.sift))
     model = fs.join(home, "model")
-    trained = train_step(f"vocabulary ({method})", model, lambda: train_encoder(
-        method, fs.join(local, "train"), model, section, workers=max(1, ctx.workers), beam_args=list(ctx.beam_args),
-        force=ctx.force, test_pipeline=_pipeline(ctx)))
+    trained = train_step(f"vocabulary ({method})", model, lambda: trainer(fs.join(local, "train"), model, config,
+                                                                         _train_options(ctx)))
     encoded = encode_both(ctx, local, fs.join(model, "encoder.npz"), fs.join(home, "vectors"))
     return build_global(ctx, home, fs.join(home, "vectors"), extracted, encoded, trained, local)
 
 
 def sift_bovw(config: MethodsConfig, ctx: RunContext) -> dict:
     """RootSIFT bag of visual words with tf-idf over an inverted file, in WORK/sift-bovw."""
-    return _sift("sift-bovw", config.bovw, config, ctx)
+    return _sift("sift-bovw", config.bovw, trainers.sift_bovw, config, ctx)
 
 
 def sift_vlad(config: MethodsConfig, ctx: RunContext) -> dict:
     """RootSIFT VLAD (intra-norm, power, L2) with PCA-whitening, in WORK/sift-vlad."""
-    return _sift("sift-vlad", config.vlad, config, ctx)
+    return _sift("sift-vlad", config.vlad, trainers.sift_vlad, config, ctx)
 
 
 def fine_tuned(config: MethodsConfig, ctx: RunContext) -> dict:
     """The cnn network fine-tuned on the database (WORK/cnn/model: model.keras and untrained.keras)."""
     folder = fs.join(ctx.work, "cnn", "model")
-    return train_step("fine-tune (cnn)", folder, lambda: train_cnn(ctx.train, folder, config.cnn.finetune,
-                                                                    ctx.decode, ctx.force))
+    return train_step("fine-tune (cnn)", folder, lambda: trainers.cnn(ctx.train, folder, config, _train_options(ctx)))
 
 
 def _fine_tuned_model(config: MethodsConfig, ctx: RunContext, file: str) -> tuple[object, dict, dict]:
@@ -256,8 +254,7 @@ def detector(config: MethodsConfig, ctx: RunContext) -> tuple[DetectConfig, dict
                          "database images, to train one), or --set detect.detect.model=PATH (a trained .keras, an "
                          "Object Detection API SavedModel, or activation:WEIGHTS for the training-free fallback)")
     folder = fs.join(ctx.work, "detector")
-    record = train_step("detector", folder, lambda: train_detector(ctx.train, ctx.boxes, folder, config.detect,
-                                                                   ctx.decode, ctx.force))
+    record = train_step("detector", folder, lambda: trainers.detector(ctx.train, folder, config, _train_options(ctx)))
     return dataclasses.replace(dc, model=fs.join(folder, "model.keras")), record
 
 
@@ -287,7 +284,7 @@ def delf(config: MethodsConfig, ctx: RunContext) -> dict:
     """DELF trained on the database and extracted from both splits (WORK/delf/model, WORK/delf/local/{split});
     reused when built. Returns {"local", "extract", "train", "model"}."""
     folder = fs.join(ctx.work, "delf", "model")
-    trained = train_step("DELF", folder, lambda: train_delf(ctx.train, folder, config.delf, ctx.decode, ctx.force))
+    trained = train_step("DELF", folder, lambda: trainers.delf(ctx.train, folder, config, _train_options(ctx)))
     pca = fs.join(folder, "pca.npz") if config.delf.train.pca_dim else ""
     params = cfg.to_dict(config.delf.extraction(fs.join(folder, "model.keras"), pca))
     params = {k: v for k, v in params.items() if k != "device"}

@@ -21,7 +21,10 @@ the run that chains the stages (pipeline/run/) times the stage and maps those te
 
 from __future__ import annotations
 
-REUSED = {"reused": True}
+
+def reused() -> dict:
+    """The cost of a stage that found its outputs made with the same config: nothing (not recorded)."""
+    return {"reused": True}
 
 
 def cost(kind: str, units: int | float, grows: list | None = None, **info) -> dict:

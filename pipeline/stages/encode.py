@@ -120,7 +120,7 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     if not force and test_pipeline is None and cfg.check_reusable(record_path, config) and \
             _complete(out_prefix, record_path):
         log.info("encode: reusing %s (same features and encoder; --force recomputes)", out)
-        return {**cfg.load_json(record_path), "cost": costs.REUSED}
+        return {**cfg.load_json(record_path), "cost": costs.reused()}
     job = beamjob.start(out, beam_args, workers, threads, images=images, test_pipeline=test_pipeline,
                         clear=(f"{FEATURE_PREFIX[out_kind]}-*", "encode.json"))
     p, workers, threads = job.pipeline, job.workers, job.threads

@@ -100,7 +100,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config) and _complete(paths):
         record = cfg.load_json(paths["record"])
         log.info("extract: reusing %s (same config and manifest; --force recomputes)", out)
-        return {**record, "cost": costs.REUSED}
+        return {**record, "cost": costs.reused()}
     num_shards = min(num_shards or math.ceil(len(manifest) / ROWS_PER_SHARD), max(1, len(manifest)))
     job = beamjob.start(out, beam_args, workers, threads, images=len(manifest), test_pipeline=test_pipeline,
                         clear=_old_outputs(out))

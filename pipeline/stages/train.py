@@ -99,7 +99,7 @@ def _reusable(out: str, requested: dict, artefact: str, force: bool) -> dict | N
         record = cfg.load_json(path)
         if record.get("artefact_sha256") == cfg.file_fingerprint(target):
             log.info("train: reusing %s (same config and features; --force retrains)", out)
-            return {**record, "cost": costs.REUSED}
+            return {**record, "cost": costs.reused()}
     if fs.exists(path):
         fs.delete([path])
     return None
