@@ -33,6 +33,7 @@ BENCHMARKS = {
     "delf": "bench.bench_delf",
     "detect": "bench.bench_detect",
     "porto": "bench.bench_porto",
+    "open_set": "bench.bench_open_set",
     "scale": "bench.bench_scale",
 }
 ON_DEMAND = ("scale",)  # run only when named (--only scale, `make bench-scale`): about two hours

@@ -1,23 +1,42 @@
 """Recognition from neighbours: each query's landmark and confidence from its k nearest database images.
 
-Votes: each of the top-k neighbours votes for its landmark with its similarity (clipped at 0). A class scores
-the sum of its votes (``aggregate="sum"``) or its best one (``"max"``). For the long tail, a class's sum can be
-divided by ``min(n_c, k) ** class_norm`` (n_c = its database images): a landmark with 2 photos cannot put 10 in
-the top 10, so without it frequent landmarks win by number. Scores are scaled into [0, 1]: the sum by
-``k ** (1 - class_norm) * min(n_c, k) ** class_norm``.
+A class's score (one of two rules):
+- ``rule="vote"``: each of the top-k neighbours votes for its landmark with its similarity (clipped at 0). A
+  class scores the sum of its votes (``aggregate="sum"``) or its best one (``"max"``; with no margin, penalty or
+  threshold this is the plain top-1 rule: the nearest neighbour's landmark, its similarity as confidence). For
+  the long tail, a class's sum can be divided by ``min(n_c, k) ** class_norm`` (n_c = its database images): a
+  landmark with 2 photos cannot put 10 in the top 10, so without it frequent landmarks win by number. Scores are
+  scaled into [0, 1]: the sum by ``k ** (1 - class_norm) * min(n_c, k) ** class_norm``.
+- ``rule="verified"`` (methods that re-rank by spatial verification): each verified neighbour of a class gives
+  ``sigmoid(a * log(1 + inliers) + b * similarity + c)``, a probability that the class is right fitted on
+  validation queries (:func:`fit_calibration`, ``a, b >= 0``: more inliers or a closer neighbour never lowers
+  it), or without a calibration its similarity alone (the unverified top-1 rule); a class scores its best
+  neighbour. A raw inlier count is a poor confidence (facades of other buildings
+  collect inliers too); the fit learns how many inliers mean a match, and how much the similarity adds.
 
-No landmark: most queries in Google Landmark Recognition show none, and GAP punishes confident wrong answers.
-- Neighbours without a landmark (known non-landmark database images) vote for "no landmark" when
-  ``nonlandmark_votes`` is on; when that wins, the query gets no prediction.
-- The penalty of the GLR 2019/2020 winning solutions: the mean similarity of the query to its
-  ``nonlandmark_k`` nearest known non-landmark images, times ``nonlandmark_weight`` (w), is subtracted from the
-  confidence, so that queries that look like clutter sink to the bottom of the GAP ranking. The result is
-  mapped back into [0, 1] as ``(score - w * sim + w) / (1 + w)``.
-- Below ``min_confidence`` the query gets no prediction.
-:func:`tune` chooses these on a validation split of the database (held-out landmark images and held-out
-non-landmark images as queries): aggregate, class_norm and the penalty weight by GAP, then the threshold by
-accuracy among the thresholds that do not cost GAP (dropping a right answer lowers GAP; dropping a wrong one
-at the bottom of the ranking does not).
+The confidence of the best class, ``s``, then loses (all terms in [0, 1], mapped back into [0, 1]):
+- ``margin`` (m) times the score of the best *other* class, ``o``: a query whose two best classes score alike
+  is ambiguous, and one of a landmark the database does not have often is;
+- ``nonlandmark_weight`` (w) times the mean similarity of the query to its ``nonlandmark_k`` nearest known
+  non-landmark images, ``p`` (the penalty of the GLR 2019/2020 winning solutions: queries that look like
+  clutter sink to the bottom of the GAP ranking);
+giving ``(s - m * o - w * p + m + w) / (1 + m + w)``. Neighbours without a landmark (known non-landmark
+database images) vote for "no landmark" when ``nonlandmark_votes`` is on; when that wins, the query gets no
+prediction. Below ``min_confidence`` the query gets no prediction.
+
+:func:`tune` chooses these on validation queries made from the database itself (:func:`validation_split`), so
+that the validation set looks like real queries, most of which show no landmark the database has:
+- held-out landmark images (several per class when classes are few, up to a budget when they are many);
+- unseen-landmark queries: the same held-out images again, with every image of their own class removed from
+  their neighbour lists, so that each is a query of a landmark the database does not have (no extra images,
+  no second index);
+- held-out known non-landmark images, when the database has some.
+The confidence function is chosen by validation GAP among the candidates (the plain top-1 rule first, so tuning
+never loses to it on validation; then the votes, margins, penalties and, for verified methods, the calibrated
+inliers); then ``min_confidence`` by validation accuracy, with the landmark and the no-landmark validation
+queries weighted as ``1 - nonlandmark_prior`` and ``nonlandmark_prior`` (the share of queries expected to show
+no database landmark), weighed against validation GAP (``gap_weight``: dropping a right answer lowers GAP;
+dropping a wrong one does not).
 """
 
 from __future__ import annotations
@@ -30,6 +49,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 NO_LANDMARK = -1
 VOTE_CHUNK = 8192  # queries voted at once
+SIMILARITY_ONLY = ()  # a "verified" rule without calibration: the best verified neighbour's similarity
 
 
 @dataclass(frozen=True)
@@ -43,6 +63,10 @@ class VoteConfig:
     nonlandmark_votes: bool = True  # non-landmark neighbours vote for "no landmark"
     nonlandmark_k: int = 5  # known non-landmark images whose mean similarity is the penalty
     nonlandmark_weight: float = 0.0  # confidence -= weight * that similarity (0 = no penalty)
+    margin: float = 0.0  # confidence -= margin * the best other class's score (0 = off)
+    rule: str = "vote"  # "vote" (similarities) or "verified" (calibrated inliers; needs spatial verification)
+    calibration: tuple[float, ...] = ()  # rule "verified": (a, b, c) of sigmoid(a log(1 + inliers) + b sim + c);
+    # () = the similarity itself
 
     def __post_init__(self):
         if self.k < 1 or self.nonlandmark_k < 1:
@@ -51,8 +75,18 @@ class VoteConfig:
             raise ValueError(f"aggregate must be 'sum' or 'max', not {self.aggregate!r}")
         if not 0 <= self.class_norm <= 1:
             raise ValueError(f"class_norm must be in [0, 1], not {self.class_norm}")
-        if self.nonlandmark_weight < 0:
-            raise ValueError(f"nonlandmark_weight must be >= 0, not {self.nonlandmark_weight}")
+        if not 0 <= self.nonlandmark_weight < float("inf"):
+            raise ValueError(f"nonlandmark_weight must be a finite number >= 0, not {self.nonlandmark_weight}")
+        if not 0 <= self.margin <= 1:
+            raise ValueError(f"margin must be in [0, 1], not {self.margin}")
+        if not 0 <= self.min_confidence <= 1:
+            raise ValueError(f"min_confidence must be in [0, 1], not {self.min_confidence}")
+        if self.rule not in ("vote", "verified"):
+            raise ValueError(f"rule must be 'vote' or 'verified', not {self.rule!r}")
+        if self.calibration and (self.rule != "verified" or len(self.calibration) != 3
+                                 or not all(np.isfinite(self.calibration)) or min(self.calibration[:2]) < 0):
+            raise ValueError(f"calibration is (a, b, c), finite, a and b >= 0, for rule 'verified' only; got "
+                             f"{self.calibration!r}")
 
 
 def class_counts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,32 +120,61 @@ def class_scores(D: np.ndarray, labels: np.ndarray, config: VoteConfig,
     return np.where(valid, scores, -np.inf).astype(np.float32)
 
 
+def calibrated(inliers: np.ndarray, sims: np.ndarray, calibration) -> np.ndarray:
+    """sigmoid(a * log(1 + inliers) + b * similarity + c), elementwise (inliers < 0, i.e. unverified, count 0);
+    the similarity itself (clipped into [0, 1]) for ``calibration`` ()."""
+    if not len(calibration):
+        return np.clip(np.nan_to_num(sims, neginf=0.0), 0, 1).astype(np.float32)
+    a, b, c = (float(v) for v in calibration)
+    z = a * np.log1p(np.maximum(inliers, 0)) + b * np.clip(np.nan_to_num(sims, neginf=0.0), 0, 1) + c
+    return (1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))).astype(np.float32)
+
+
+def verified_scores(D: np.ndarray, labels: np.ndarray, inliers: np.ndarray, config: VoteConfig) -> np.ndarray:
+    """[Q, K] rule "verified": each verified neighbour's calibrated probability, a class's best at each of its
+    positions (-inf for missing or unverified neighbours). ``D``: the global similarities, aligned with
+    ``labels`` and ``inliers`` (inliers -1 = not verified)."""
+    valid = np.isfinite(D) & (inliers >= 0)
+    p = np.where(valid, calibrated(inliers, D, config.calibration), 0.0)
+    same = (labels[:, :, None] == labels[:, None, :]) & valid[:, None, :]
+    scores = np.max(np.where(same, p[:, None, :], 0.0), axis=2)
+    return np.where(valid, scores, -np.inf).astype(np.float32)
+
+
 def vote(D: np.ndarray, labels: np.ndarray, config: VoteConfig = VoteConfig(),
          nonlandmark_sim: np.ndarray | None = None, counts: tuple[np.ndarray, np.ndarray] | None = None,
-         ) -> tuple[np.ndarray, np.ndarray]:
+         inliers: np.ndarray | None = None, threshold: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Neighbour votes, vectorised over queries.
 
     Args:
-        D: [Q, K] float32 similarities, best first (K >= config.k; only the first k vote).
+        D: [Q, K] float32 similarities, best first (K >= config.k; only the first k vote). Rule "verified": the
+            re-ranked neighbours' global similarities (the order is the re-ranked one; all verified ones count).
         labels: [Q, K] int64 landmark ids of the neighbours (-1 = no landmark or no neighbour).
         nonlandmark_sim: [Q] float32 mean similarity to the nearest known non-landmark images (None = 0).
         counts: :func:`class_counts` of the database (needed for class_norm).
+        inliers: [Q, K] rule "verified": inlier counts aligned with ``labels`` (-1 = not verified).
+        threshold: apply ``min_confidence`` (off: every query keeps its best class, for the confidence curves).
     Returns:
         pred [Q] int64 landmark id (-1 = no prediction), conf [Q] float32 (0 where no prediction).
     """
     Q = len(D)
     if Q > VOTE_CHUNK:  # bounded memory: the class scores take [chunk, k, k]
         parts = [vote(D[lo:lo + VOTE_CHUNK], labels[lo:lo + VOTE_CHUNK], config,
-                      None if nonlandmark_sim is None else nonlandmark_sim[lo:lo + VOTE_CHUNK], counts)
+                      None if nonlandmark_sim is None else nonlandmark_sim[lo:lo + VOTE_CHUNK], counts,
+                      None if inliers is None else inliers[lo:lo + VOTE_CHUNK], threshold)
                  for lo in range(0, Q, VOTE_CHUNK)]
         return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
     pred = np.full(Q, NO_LANDMARK, np.int64)
     conf = np.zeros(Q, np.float32)
     if Q == 0 or D.shape[1] == 0:
         return pred, conf
-    k = min(config.k, D.shape[1])
-    labels = labels[:, :k]
-    scores = class_scores(D, labels, config, counts)
+    if config.rule == "verified":
+        if inliers is None:
+            raise ValueError("rule 'verified' needs the inlier counts of a spatial verification")
+        scores = verified_scores(D, labels, inliers, config)
+    else:
+        labels = labels[:, :min(config.k, D.shape[1])]
+        scores = class_scores(D, labels, config, counts)
     landmark = np.where(labels >= 0, scores, -np.inf)
     best = np.argmax(landmark, axis=1)  # the first position of the best class: ties go to the class seen first
     rows = np.arange(Q)
@@ -121,12 +184,19 @@ def vote(D: np.ndarray, labels: np.ndarray, config: VoteConfig = VoteConfig(),
         nl = np.where(labels < 0, scores, -np.inf).max(axis=1)
         ok &= ~(nl > top)  # "no landmark" wins
     c = top.copy()
-    if nonlandmark_sim is not None and config.nonlandmark_weight > 0:
-        # subtract the penalty, then map back into [0, 1] (score and similarity are both in [0, 1]): the
-        # order is that of the subtraction, without the ties that clipping at 0 would make
-        w = config.nonlandmark_weight
-        c = (c - w * np.clip(np.asarray(nonlandmark_sim, np.float32), 0, 1) + w) / (1 + w)
-    ok &= c >= config.min_confidence
+    m, w = config.margin, config.nonlandmark_weight
+    if m > 0:  # the best other landmark class (0 when there is none)
+        other = np.where(labels != labels[rows, best][:, None], landmark, -np.inf).max(axis=1)
+        c = c - m * np.clip(np.where(np.isfinite(other), other, 0.0), 0, 1)
+    if nonlandmark_sim is not None and w > 0:
+        c = c - w * np.clip(np.asarray(nonlandmark_sim, np.float32), 0, 1)
+    else:
+        w = 0.0
+    # map back into [0, 1] (every term is in [0, 1]): the order is that of the subtraction, without the ties
+    # that clipping at 0 would make
+    c = (c + m + w) / (1 + m + w)
+    if threshold:
+        ok &= c >= config.min_confidence
     pred[ok] = labels[rows[ok], best[ok]]
     conf[ok] = c[ok]
     return pred, conf
@@ -139,52 +209,100 @@ def nonlandmark_similarity(D: np.ndarray, k: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tuning on a validation split
+# Tuning on validation queries made from the database
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Tuning the no-landmark handling on held-out database images."""
+    """Tuning the confidence and the no-landmark threshold on held-out database images."""
 
-    enabled: bool = True  # tune when the database holds known non-landmark images
-    landmark_queries: int = 2000  # held-out landmark images (one per class, from classes with enough images)
-    min_class_images: int = 3  # a class gives a held-out image only when it has at least this many
+    enabled: bool = True  # tune (on by default; `--no-tune` turns it off)
+    landmark_queries: int = 2000  # held-out landmark images at most: several per class when classes are few
+    class_share: float = 0.2  # a class gives at most this share of its images (at least 1; it keeps 2)
+    min_class_images: int = 3  # a class gives held-out images only when it has at least this many
+    unseen_queries: int = 2000  # unseen-landmark queries at most (held-out images, their own class removed)
     nonlandmark_share: float = 0.5  # share of the known non-landmark images held out as no-landmark queries
-    weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # penalty weights tried
+    verify_queries: int = 400  # verified methods: validation queries verified at most (each costs top_k RANSACs)
+    aggregates: tuple[str, ...] = ("max", "sum")  # aggregations tried ("max" first: the plain top-1 rule)
     class_norms: tuple[float, ...] = (0.0, 0.5, 1.0)  # class normalisations tried (sum)
-    aggregates: tuple[str, ...] = ("sum", "max")  # aggregations tried
-    gap_tolerance: float = 0.005  # the no-landmark threshold may cost at most this much validation GAP
+    margins: tuple[float, ...] = (0.0, 0.5, 1.0)  # margins to the best other class tried
+    weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)  # non-landmark penalty weights tried
+    nonlandmark_prior: float = 0.5  # expected share of queries without a database landmark (threshold choice)
+    gap_weight: float = 0.5  # the threshold maximises gap_weight x GAP + (1 - gap_weight) x accuracy
+    min_win_share: float = 0.95  # another rule replaces the top-1 rule only when it wins this share of resamples
+    resamples: int = 200  # bootstrap resamples of the validation queries for that comparison
     seed: int = 0  # the held-out choice
 
     def __post_init__(self):
         if not 0 < self.nonlandmark_share < 1:
             raise ValueError(f"nonlandmark_share must be in (0, 1), not {self.nonlandmark_share}")
-        if self.landmark_queries < 1 or self.min_class_images < 2:
-            raise ValueError("landmark_queries must be >= 1 and min_class_images >= 2")
+        if not 0 < self.class_share < 1:
+            raise ValueError(f"class_share must be in (0, 1), not {self.class_share}")
+        if not 0 <= self.nonlandmark_prior <= 1:
+            raise ValueError(f"nonlandmark_prior must be in [0, 1], not {self.nonlandmark_prior}")
+        if not 0 <= self.min_win_share <= 1 or self.resamples < 1:
+            raise ValueError("min_win_share must be in [0, 1] and resamples >= 1")
+        if not 0 <= self.gap_weight <= 1:
+            raise ValueError(f"gap_weight must be in [0, 1], not {self.gap_weight}")
+        if self.landmark_queries < 1 or self.min_class_images < 3:
+            raise ValueError("landmark_queries must be >= 1 and min_class_images >= 3")
+        if self.unseen_queries < 0 or self.verify_queries < 0:
+            raise ValueError("unseen_queries and verify_queries must be >= 0")
+        if not self.aggregates or any(a not in ("sum", "max") for a in self.aggregates):
+            raise ValueError(f"aggregates must be among 'sum', 'max'; got {self.aggregates!r}")
 
 
-def validation_split(labels: np.ndarray, config: TuneConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(landmark rows, non-landmark rows) of the database held out as validation queries."""
+@dataclass(frozen=True)
+class ValidationSplit:
+    """Database rows held out as validation queries."""
+
+    landmark: np.ndarray  # held-out landmark images: queries of a landmark the database has
+    unseen: np.ndarray  # some of ``landmark`` again, their class removed: a landmark the database does not have
+    nonlandmark: np.ndarray  # held-out known non-landmark images
+
+    @property
+    def held(self) -> np.ndarray:
+        """Every held-out row (left out of every validation query's neighbours)."""
+        return np.concatenate([self.landmark, self.nonlandmark])
+
+
+def validation_split(labels: np.ndarray, config: TuneConfig = TuneConfig()) -> ValidationSplit:
+    """The validation queries of a database with ``labels`` (-1 = known non-landmark image).
+
+    From each class with ``min_class_images`` or more: ``ceil(landmark_queries / classes)`` random images, but at
+    most ``class_share`` of the class (at least one) and never leaving it fewer than 2; when there are more such
+    classes than ``landmark_queries``, one image of that many random classes. Up to ``unseen_queries`` of them
+    are unseen-landmark queries too. Deterministic for a seed."""
+    labels = np.asarray(labels, np.int64)
     rng = np.random.default_rng(config.seed)
     ids, counts = class_counts(labels)
-    eligible = ids[counts >= config.min_class_images]
-    chosen = rng.permutation(eligible)[:config.landmark_queries]
-    order = rng.permutation(len(labels))
-    first = {}
-    for r in order:  # one random image of each chosen class
-        lab = int(labels[r])
-        if lab >= 0 and lab not in first:
-            first[lab] = r
-    lm_rows = np.sort(np.array([first[int(c)] for c in chosen], np.int64))
+    eligible = counts >= config.min_class_images
+    ids, counts = ids[eligible], counts[eligible]
+    if len(ids) > config.landmark_queries:
+        chosen = np.sort(rng.choice(len(ids), config.landmark_queries, replace=False))
+        ids, take = ids[chosen], np.ones(len(chosen), np.int64)
+    else:
+        per_class = -(-config.landmark_queries // max(len(ids), 1))
+        take = np.minimum(per_class, np.floor(counts * config.class_share).astype(np.int64))
+        take = np.clip(take, 1, counts - 2)
+    perm = rng.permutation(len(labels))  # every class's images in a random order
+    lab = labels[perm]
+    order = np.argsort(lab, kind="stable")
+    rows, lab = perm[order], lab[order]
+    rank = np.arange(len(lab)) - np.searchsorted(lab, lab, side="left")  # position within its class
+    pos = np.clip(np.searchsorted(ids, lab), 0, max(len(ids) - 1, 0))
+    found = (len(ids) > 0) & (ids[pos] == lab if len(ids) else np.zeros(len(lab), bool))
+    lm_rows = np.sort(rows[found & (rank < np.where(found, take[pos], 0))]) if len(ids) else np.empty(0, np.int64)
+    unseen = np.sort(rng.permutation(lm_rows)[:config.unseen_queries]) if len(lm_rows) else lm_rows
     nl = np.nonzero(labels < 0)[0]
-    take = min(int(round(len(nl) * config.nonlandmark_share)), max(len(lm_rows), 1))
-    nl_rows = np.sort(rng.permutation(nl)[:take]) if len(nl) >= 2 else np.empty(0, np.int64)
-    return lm_rows, nl_rows
+    n_nl = min(int(round(len(nl) * config.nonlandmark_share)), max(len(lm_rows), 1))
+    nl_rows = np.sort(rng.permutation(nl)[:n_nl]) if len(nl) >= 2 else np.empty(0, np.int64)
+    return ValidationSplit(lm_rows.astype(np.int64), unseen.astype(np.int64), nl_rows.astype(np.int64))
 
 
-def drop_held_out(D: np.ndarray, I: np.ndarray, held_out: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first k neighbours of each row that are not in ``held_out`` (ids); padded with -inf / -1."""
-    keep = (I >= 0) & ~np.isin(I, held_out)
+def keep_first(D: np.ndarray, I: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k neighbours of each row where ``keep`` [Q, K] holds; padded with -inf / -1."""
+    keep = keep & (I >= 0)
     Q = len(D)
     D2 = np.full((Q, k), -np.inf, np.float32)
     I2 = np.full((Q, k), -1, np.int64)
@@ -194,6 +312,30 @@ def drop_held_out(D: np.ndarray, I: np.ndarray, held_out: np.ndarray, k: int) ->
     D2[q, rank[sel]] = D[q, j]
     I2[q, rank[sel]] = I[q, j]
     return D2, I2
+
+
+def validation_neighbours(D: np.ndarray, I: np.ndarray, db_labels: np.ndarray, rows: np.ndarray,
+                          split: ValidationSplit, k: int):
+    """The validation queries' neighbour lists from a search of the held-out images' vectors.
+
+    ``D``, ``I`` [n, K]: each searched vector's neighbours (database rows); ``rows`` [n]: the held-out database
+    row each vector belongs to (an image may have several vectors: regions). Returns ``(seen_D, seen_I)`` [n, k]:
+    every vector's first k neighbours that are not held out, and ``(unseen_D, unseen_I, of_unseen)``: for the
+    vectors of unseen-landmark queries (``of_unseen`` [n] bool), the first k that are neither held out nor of the
+    query's own landmark."""
+    held = split.held
+    keep = ~np.isin(I, held)
+    seen_D, seen_I = keep_first(D, I, keep, k)
+    of_unseen = np.isin(rows, split.unseen)
+    own = db_labels[rows[of_unseen]]
+    other_class = db_labels[np.maximum(I[of_unseen], 0)] != own[:, None]
+    unseen_D, unseen_I = keep_first(D[of_unseen], I[of_unseen], keep[of_unseen] & other_class, k)
+    return seen_D, seen_I, unseen_D, unseen_I, of_unseen
+
+
+def drop_held_out(D: np.ndarray, I: np.ndarray, held_out: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k neighbours of each row that are not in ``held_out`` (ids); padded with -inf / -1."""
+    return keep_first(D, I, ~np.isin(I, held_out), k)
 
 
 def gap_score(pred: np.ndarray, conf: np.ndarray, truth: np.ndarray) -> float:
@@ -213,44 +355,187 @@ def accuracy_score(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(pred == truth)) if len(truth) else 0.0
 
 
-def tune(D: np.ndarray, labels: np.ndarray, truth: np.ndarray, nonlandmark_sim: np.ndarray | None,
-         base: VoteConfig, config: TuneConfig = TuneConfig(), counts=None) -> tuple[VoteConfig, dict]:
-    """Choose aggregate, class_norm and nonlandmark_weight by validation GAP, then min_confidence by validation
-    accuracy. ``D``/``labels`` [V, K]: the validation queries' neighbours (held-out images removed); ``truth`` [V]
-    (-1 = no landmark). Returns (the tuned config, a record of what was tried and reached)."""
-    untuned_pred, untuned_conf = vote(D, labels, base, nonlandmark_sim, counts)
-    record = {"queries": int(len(truth)), "landmark_queries": int((truth >= 0).sum()),
-              "untuned": {"gap": gap_score(untuned_pred, untuned_conf, truth),
-                          "accuracy": accuracy_score(untuned_pred, truth)}}
-    weights = config.weights if nonlandmark_sim is not None else (0.0,)
-    best, best_gap, tried = base, -1.0, []
-    for aggregate in config.aggregates:
-        for norm in (config.class_norms if aggregate == "sum" else (0.0,)):
+def weighted_accuracy(pred: np.ndarray, truth: np.ndarray, prior: float) -> float:
+    """Accuracy with the no-landmark queries weighted ``prior`` and the landmark ones ``1 - prior`` (the plain
+    accuracy when one kind is absent)."""
+    lm = truth >= 0
+    if lm.all() or not lm.any():
+        return accuracy_score(pred, truth)
+    return float((1 - prior) * np.mean(pred[lm] == truth[lm]) + prior * np.mean(pred[~lm] == NO_LANDMARK))
+
+
+def class_features(sims: np.ndarray, labels: np.ndarray, inliers: np.ndarray):
+    """Per (query, landmark class among its verified neighbours): (query row, class, log(1 + best inliers),
+    best similarity): the features of :func:`fit_calibration`."""
+    valid = (inliers >= 0) & (labels >= 0) & np.isfinite(sims)
+    q, j = np.nonzero(valid)
+    lab = labels[q, j]
+    f1 = np.log1p(np.maximum(inliers[q, j], 0)).astype(np.float64)
+    f2 = np.clip(sims[q, j], 0, 1).astype(np.float64)
+    if len(q) == 0:
+        return q, lab, f1, f2
+    order = np.lexsort((lab, q))
+    q, lab, f1, f2 = q[order], lab[order], f1[order], f2[order]
+    start = np.nonzero(np.r_[True, (q[1:] != q[:-1]) | (lab[1:] != lab[:-1])])[0]
+    return q[start], lab[start], np.maximum.reduceat(f1, start), np.maximum.reduceat(f2, start)
+
+
+def fit_calibration(sims: np.ndarray, labels: np.ndarray, inliers: np.ndarray, truth: np.ndarray,
+                    l2: float = 1e-3) -> tuple[float, float, float] | None:
+    """(a, b, c) of P(class right) = sigmoid(a log(1 + inliers) + b similarity + c), fitted by logistic regression
+    on every (validation query, landmark class among its verified neighbours) pair, right when the class is the
+    query's landmark (unseen-landmark and no-landmark queries give only wrong pairs). a, b >= 0, so more
+    inliers or a closer neighbour never lower the confidence. None when the pairs are all right or all wrong."""
+    from scipy.optimize import minimize
+
+    q, lab, f1, f2 = class_features(sims, labels, inliers)
+    y = (lab == np.asarray(truth)[q]).astype(np.float64)
+    if len(y) == 0 or y.min() == y.max():
+        return None
+    X = np.stack([f1, f2, np.ones_like(f1)], axis=1)
+
+    def loss(theta):
+        z = X @ theta
+        p = 1.0 / (1.0 + np.exp(-z))
+        value = np.mean(np.logaddexp(0.0, z) - y * z) + l2 * (theta[0] ** 2 + theta[1] ** 2)
+        grad = X.T @ (p - y) / len(y) + 2 * l2 * np.r_[theta[0], theta[1], 0.0]
+        return value, grad
+
+    result = minimize(loss, np.array([1.0, 1.0, -1.0]), jac=True, method="L-BFGS-B",
+                      bounds=[(0.0, None), (0.0, None), (None, None)])
+    a, b, c = (round(float(v), 6) for v in result.x)
+    return a, b, c
+
+
+def _candidates(base: VoteConfig, config: TuneConfig, penalty: bool, calibrations: list) -> list[VoteConfig]:
+    """The confidence functions tuning tries, the plain top-1 rule first (ties keep the earlier one)."""
+    weights = config.weights if penalty else (0.0,)
+    rules = [("vote", a, n, ()) for a in config.aggregates for n in (config.class_norms if a == "sum" else (0.0,))]
+    rules += [("verified", "max", 0.0, tuple(c)) for c in calibrations]
+    if calibrations:  # verified methods: the best verified neighbour's similarity is the unverified top-1 rule
+        top1 = replace(base, rule="verified", aggregate="max", class_norm=0.0, margin=0.0, nonlandmark_weight=0.0,
+                       min_confidence=0.0, calibration=SIMILARITY_ONLY)
+    else:
+        top1 = replace(base, rule="vote", aggregate="max", class_norm=0.0, margin=0.0, nonlandmark_weight=0.0,
+                       min_confidence=0.0, calibration=())
+    out = [top1]
+    for rule, aggregate, norm, calibration in rules:
+        for m in config.margins:
             for w in weights:
-                candidate = replace(base, aggregate=aggregate, class_norm=norm, nonlandmark_weight=w,
-                                    min_confidence=0.0)
-                pred, conf = vote(D, labels, candidate, nonlandmark_sim, counts)
-                g = gap_score(pred, conf, truth)
-                tried.append({"aggregate": aggregate, "class_norm": norm, "nonlandmark_weight": w, "gap": g})
-                if g > best_gap + 1e-9:
-                    best, best_gap = candidate, g
-    pred, conf = vote(D, labels, best, nonlandmark_sim, counts)
-    thresholds = np.unique(np.concatenate([[0.0], conf[pred >= 0]]))
-    best_t, best_acc = 0.0, -1.0
-    for t in thresholds:  # a prediction is kept when conf >= t; a threshold may not cost GAP (beyond 0.005)
-        p = np.where(conf >= t, pred, NO_LANDMARK)
-        if gap_score(p, np.where(p >= 0, conf, 0), truth) < best_gap - config.gap_tolerance:
-            break  # higher thresholds only drop more predictions
-        acc = accuracy_score(p, truth)
-        if acc > best_acc + 1e-9:
-            best_t, best_acc = float(t), acc
-    tuned = replace(best, min_confidence=float(np.floor(best_t * 1e6) / 1e6))  # never above a kept confidence
-    pred, conf = vote(D, labels, tuned, nonlandmark_sim, counts)
-    record["tuned"] = {"gap": gap_score(pred, conf, truth), "accuracy": accuracy_score(pred, truth),
-                       "aggregate": tuned.aggregate, "class_norm": tuned.class_norm,
-                       "nonlandmark_weight": tuned.nonlandmark_weight, "min_confidence": tuned.min_confidence}
+                c = replace(base, rule=rule, aggregate=aggregate, class_norm=norm, margin=m, nonlandmark_weight=w,
+                            min_confidence=0.0, calibration=calibration)
+                if c not in out:
+                    out.append(c)
+    return out
+
+
+def describe(config: VoteConfig) -> dict:
+    """What tuning chose, as metrics.json and recognize.json show it."""
+    out = {"rule": config.rule, "k": config.k, "aggregate": config.aggregate, "class_norm": config.class_norm,
+           "margin": config.margin, "nonlandmark_weight": config.nonlandmark_weight,
+           "min_confidence": config.min_confidence}
+    if config.rule == "verified":
+        out["calibration"] = dict(zip(("log1p_inliers", "similarity", "bias"), config.calibration,
+                                      strict=True)) if config.calibration else None
+        del out["aggregate"], out["class_norm"]
+    return out
+
+
+def tune(D: np.ndarray, labels: np.ndarray, truth: np.ndarray, nonlandmark_sim: np.ndarray | None,
+         base: VoteConfig, config: TuneConfig = TuneConfig(), counts=None, verified=None) -> tuple[VoteConfig, dict]:
+    """Choose the confidence function by validation GAP, then ``min_confidence`` by validation accuracy (see the
+    module docstring). ``D``/``labels`` [V, K]: the validation queries' neighbours (held-out images removed;
+    unseen-landmark queries without their class); ``truth`` [V] (-1 = no landmark in the database).
+    ``verified``: (similarities, labels, inliers) [V, K'] of the re-ranked neighbour lists, for methods that
+    verify. Returns (the tuned config, a record of what was tried and reached)."""
+    truth = np.asarray(truth, np.int64)
+    prior = config.nonlandmark_prior
+
+    def decide(candidate: VoteConfig, threshold: bool = True):
+        if candidate.rule == "verified":
+            sims2, labels2, inliers2 = verified
+            return vote(sims2, labels2, candidate, nonlandmark_sim, counts, inliers2, threshold=threshold)
+        return vote(D, labels, candidate, nonlandmark_sim, counts, threshold=threshold)
+
+    def figures(pred, conf) -> dict:
+        return {"gap": round(gap_score(pred, conf, truth), 6), "accuracy": round(accuracy_score(pred, truth), 6),
+                "weighted_accuracy": round(weighted_accuracy(pred, truth, prior), 6)}
+
+    record = {"queries": int(len(truth)), "landmark_queries": int((truth >= 0).sum()),
+              "no_landmark_queries": int((truth < 0).sum()), "nonlandmark_prior": prior,
+              "untuned": figures(*decide(base))}
+    calibrations = []
+    if verified is not None:
+        fitted = fit_calibration(verified[0], verified[1], verified[2], truth)
+        record["calibration"] = None if fitted is None else dict(
+            zip(("log1p_inliers", "similarity", "bias"), fitted, strict=True))
+        # the best verified neighbour's similarity alone (inliers ignored: the unverified method's top-1 rule, the
+        # first candidate, so that verification never loses to it on validation), and the fitted calibration
+        calibrations = [c for c in (SIMILARITY_ONLY, fitted) if c is not None]
+    candidates = _candidates(base, config, nonlandmark_sim is not None, calibrations)
+    best, best_gap, tried, answers = candidates[0], -1.0, [], []
+    for candidate in candidates:
+        pred, conf = decide(candidate)
+        answers.append((pred, conf))
+        g = gap_score(pred, conf, truth)
+        tried.append({**{k: v for k, v in describe(candidate).items() if k not in ("k", "min_confidence",
+                                                                                   "calibration")},
+                      "gap": round(g, 6)})
+        if g > best_gap + 1e-9:
+            best, best_gap = candidate, g
+    record["top1"] = figures(*answers[0])  # the plain top-1 rule, every query answered
+    if best is not candidates[0]:
+        # a rule that wins by chance on a small validation set loses on the queries: it must beat the top-1 rule
+        # on most bootstrap resamples of the validation queries
+        wins = bootstrap_wins(answers[candidates.index(best)], answers[0], truth, config.resamples, config.seed)
+        record["win_share_over_top1"] = round(wins, 4)
+        if wins < config.min_win_share:
+            log.info("recognize: the best rule on validation (GAP %.3f, top-1 rule %.3f) wins only %.0f%% of %d "
+                     "resamples; keeping the top-1 rule", best_gap, record["top1"]["gap"], 100 * wins,
+                     config.resamples)
+            best = candidates[0]
+    pred, conf = decide(best)
+    threshold, curve = choose_threshold(pred, conf, truth, config)
+    tuned = replace(best, min_confidence=threshold)
+    pred, conf = decide(tuned)
+    record["tuned"] = {**describe(tuned), **figures(pred, conf)}
+    record["threshold_curve"] = curve
     record["tried"] = tried
-    log.info("recognize: tuned on %d validation queries: GAP %.3f -> %.3f, accuracy %.3f -> %.3f (%s)",
-             len(truth), record["untuned"]["gap"], record["tuned"]["gap"], record["untuned"]["accuracy"],
-             record["tuned"]["accuracy"], {k: v for k, v in record["tuned"].items() if k not in ("gap", "accuracy")})
+    log.info("recognize: tuned on %d validation queries (%d of a database landmark): GAP %.3f -> %.3f (top-1 rule "
+             "%.3f), accuracy %.3f -> %.3f (%s)", len(truth), record["landmark_queries"], record["untuned"]["gap"],
+             record["tuned"]["gap"], record["top1"]["gap"], record["untuned"]["accuracy"],
+             record["tuned"]["accuracy"], {k: v for k, v in describe(tuned).items() if k != "k"})
     return tuned, record
+
+
+def bootstrap_wins(a: tuple, b: tuple, truth: np.ndarray, resamples: int, seed: int) -> float:
+    """Share of bootstrap resamples of the queries on which answers ``a`` (pred, conf) have a higher GAP than
+    ``b`` (ties count half)."""
+    rng = np.random.default_rng(seed)
+    n, wins = len(truth), 0.0
+    for _ in range(resamples):
+        s = rng.integers(0, n, n)
+        ga, gb = gap_score(a[0][s], a[1][s], truth[s]), gap_score(b[0][s], b[1][s], truth[s])
+        wins += 1.0 if ga > gb + 1e-12 else 0.5 if abs(ga - gb) <= 1e-12 else 0.0
+    return wins / resamples
+
+
+def choose_threshold(pred: np.ndarray, conf: np.ndarray, truth: np.ndarray, config: TuneConfig,
+                     ) -> tuple[float, list[dict]]:
+    """The no-landmark threshold: the one that maximises ``gap_weight`` x validation GAP + (1 - ``gap_weight``) x
+    prior-weighted validation accuracy (a higher threshold drops wrong answers, which accuracy rewards, and right
+    ones, which GAP and accuracy punish). Returns (threshold, [{threshold, gap, accuracy, weighted_accuracy}])."""
+    thresholds = np.unique(np.concatenate([[0.0], conf[pred >= 0]]))
+    best_t, best_score, curve = 0.0, -1.0, []
+    for t in thresholds:  # a prediction is kept when conf >= t
+        p = np.where(conf >= t, pred, NO_LANDMARK)
+        g = gap_score(p, np.where(p >= 0, conf, 0), truth)
+        acc = weighted_accuracy(p, truth, config.nonlandmark_prior)
+        curve.append({"threshold": round(float(t), 6), "gap": round(g, 6),
+                      "accuracy": round(accuracy_score(p, truth), 6), "weighted_accuracy": round(acc, 6)})
+        score = config.gap_weight * g + (1 - config.gap_weight) * acc
+        if score > best_score + 1e-9:
+            best_t, best_score = float(t), score
+    if len(curve) > 200:  # keep the record small: about 200 points of the curve
+        curve = curve[::-(-len(curve) // 200)]
+    return float(np.floor(best_t * 1e6) / 1e6), curve  # never above a kept confidence

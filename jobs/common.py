@@ -127,10 +127,21 @@ def add_vote_args(p) -> None:
                         "(database rows without a landmark_id; default 0; tuned)")
     g.add_argument("--nonlandmark-k", type=int, default=d.nonlandmark_k,
                    help=f"non-landmark images averaged into that penalty (default {d.nonlandmark_k})")
+    g.add_argument("--margin", type=float, default=d.margin,
+                   help="confidence -= this x the best other landmark's score (0..1, default 0; tuned)")
+    g.add_argument("--nonlandmark-prior", type=float, default=t.nonlandmark_prior,
+                   help="the share of queries expected to show no database landmark, which weighs the two kinds of "
+                        f"validation queries when the threshold is tuned (0..1, default {t.nonlandmark_prior})")
+    g.add_argument("--gap-weight", type=float, default=t.gap_weight,
+                   help="the tuned threshold maximises this x validation GAP + (1 - this) x validation accuracy: 1 "
+                        "answers every query (best for a GLR submission), 0 the most right yes/no answers "
+                        f"(default {t.gap_weight})")
     g.add_argument("--no-tune", action="store_true",
-                   help="do not tune aggregate, class norm, penalty and threshold on held-out database images "
-                        f"(tuning holds out one image of up to {t.landmark_queries:,} classes and "
-                        f"{t.nonlandmark_share * 100:.0f}%% of the non-landmark images)")
+                   help="do not tune the confidence (top-1, votes, margin, non-landmark penalty, calibrated "
+                        "inliers) and the threshold on validation queries made from the database: held-out "
+                        f"landmark images (up to {t.landmark_queries:,}, several per class when classes are few), the "
+                        "same images with their landmark removed from the database (unseen-landmark queries) and "
+                        f"{t.nonlandmark_share * 100:.0f}%% of the known non-landmark images")
 
 
 def vote_args(args) -> tuple[VoteConfig, TuneConfig | None]:
@@ -142,10 +153,11 @@ def vote_args(args) -> tuple[VoteConfig, TuneConfig | None]:
     try:
         vc = VoteConfig(k=args.k, min_confidence=args.min_confidence, aggregate=args.aggregate,
                         class_norm=args.class_norm, nonlandmark_k=args.nonlandmark_k,
-                        nonlandmark_weight=args.nonlandmark_weight)
+                        nonlandmark_weight=args.nonlandmark_weight, margin=args.margin)
+        tc = TuneConfig(nonlandmark_prior=args.nonlandmark_prior, gap_weight=args.gap_weight)
     except ValueError as e:
         raise CairnError(f"recognition flags: {e}") from e
-    return vc, None if args.no_tune else TuneConfig()
+    return vc, None if args.no_tune else tc
 
 
 def add_query_args(p) -> None:

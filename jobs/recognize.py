@@ -6,15 +6,20 @@ neighbour votes (index/recognize.py), or with --classifier by a trained classifi
 hog-linear`). With --verify-db/--verify-queries (local SIFT features of both sides) the top neighbours are
 re-ranked by spatial verification before voting (index/rerank.py).
 
-No landmark: unless --no-tune, the vote (sum or max, per-class normalisation, the penalty by similarity to the
-known non-landmark database images, the threshold) is first tuned on held-out database images: one image of up
-to 2,000 classes and half of the non-landmark images are searched against the rest (the database features are
-the folder the index records, or --tune-db). The flags give the starting point and the values used without
-tuning. Writes:
+No landmark: unless --no-tune, the confidence (the plain top-1 rule, the votes, the margin to the best other
+landmark, the penalty by similarity to the known non-landmark database images; for --verify-*, the calibrated
+inlier count; for --classifier, its calibrated probability) and the threshold are first tuned on validation
+queries made from the database: held-out landmark images (several per class when classes are few, up to 2,000),
+the same images with their own landmark removed (a landmark the database does not have) and half of the known
+non-landmark images (the database features are the folder the index records, or --tune-db). The flags give
+the starting point and the values used without tuning. Writes:
     OUT/predictions.csv     Google Landmark Recognition format: id,landmarks ("<landmark_id> <confidence>",
                             empty for no landmark)
+    OUT/confidences.parquet query_id, landmark_id, confidence, kept: every query's best answer before the
+                            no-landmark threshold
     OUT/neighbours.parquet  query_id, rank, id, score, landmark_id: the top database images of every query
-    OUT/recognize.json      the config, counts, timing and the tuning (what was tried, GAP before and after)
+    OUT/recognize.json      the config, counts, timing and the tuning (the validation split, what was tried and
+                            chosen, the validation figures beside the top-1 rule's, the threshold curve)
 Large query sets (200,000+, --beam on, or a --runner other than DirectRunner) run as a Beam job that loads the
 index once per worker process (pipeline/stages/search.py) and writes OUT/neighbours-SSSSS-of-NNNNN.parquet shards.
 """

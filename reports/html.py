@@ -124,6 +124,28 @@ def _fmt(value, fmt: str) -> str:
         return html.escape(str(value))
 
 
+def explain(chosen: dict) -> str:
+    """One line, for people, on the confidence function tuning chose (metrics.json's tuning group: what
+    index/recognize.describe records, or a classifier's)."""
+    rule = chosen.get("rule")
+    if rule == "classifier":
+        text = "the classifier's calibrated probability"
+    elif rule == "verified" and chosen.get("calibration"):
+        c = chosen["calibration"]
+        text = (f"calibrated inliers: sigmoid({c['log1p_inliers']:.2f} log(1 + inliers) + {c['similarity']:.2f} "
+                f"similarity {c['bias']:+.2f})")
+    elif rule == "verified" or chosen.get("aggregate") == "max":
+        text = "top-1 similarity"
+    else:
+        norm = chosen.get("class_norm") or 0
+        text = f"sum of the top {chosen.get('k')} similarities" + (f" / class size^{norm:g}" if norm else "")
+    if chosen.get("margin"):
+        text += f", minus {chosen['margin']:g} x the best other landmark's"
+    if chosen.get("nonlandmark_weight"):
+        text += f", minus {chosen['nonlandmark_weight']:g} x the similarity to non-landmark images"
+    return text + f"; no landmark below {chosen.get('min_confidence', 0):.3g}"
+
+
 def _data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
@@ -245,7 +267,7 @@ with high confidence and punishes confident wrong ones (including a landmark "fo
 are drawn in blue with circles, deep methods in red with squares. Definitions are at the <a href="#definitions">end
 </a>.</p>
 <nav><a href="#summary">Summary</a><a href="#cost">Quality vs cost</a><a href="#curves">Curves</a>
-<a href="#classes">Per class</a><a href="#confused">Confusions</a><a href="#grids">Examples</a>
+<a href="#no-landmark">No landmark</a><a href="#classes">Per class</a><a href="#confused">Confusions</a><a href="#grids">Examples</a>
 <a href="#detection">Detection</a><a href="#gradcam">Grad-CAM</a><a href="#dead">Dead letters</a>
 <a href="#config">Config</a></nav>
 """
@@ -308,6 +330,56 @@ is the GAP. A curve that ends early on the right is a method that leaves many la
 <p>Retrieval: the share of landmark queries that have a database image of their landmark among their k nearest
 neighbours.</p>
 {_img(rk, "recall at k of the retrieval")}
+"""
+
+    def open_set(self) -> str:
+        """Per method: the confidence of landmark and no-landmark queries side by side, GAP and accuracy against
+        the no-landmark threshold, and what tuning chose on its validation queries."""
+        head = '<h2 id="no-landmark">No landmark: confidence and threshold</h2>'
+        data, rows = {}, []
+        truth = self.truth
+        has = np.array([t is not None for t in truth])
+        for name, m in self.res.methods.items():
+            if m.raw_conf is None:
+                continue
+            raw = np.array([-1 if p is None else p for p in m.raw_pred], np.int64)
+            conf = np.where(raw >= 0, m.raw_conf, 0.0)
+            answered = conf[conf > 0]  # zoom on the confidences there are (zero: no answer at all)
+            span = [float(answered.min()), float(answered.max())] if len(answered) else [0.0, 1.0]
+            span = [max(0.0, min(span[0], m.threshold or 1.0) - 0.02), min(1.0, max(span[1], m.threshold or 0.0) + 0.02)]
+            thresholds = np.linspace(span[0], span[1], 201)
+            gaps, accs = M.threshold_curve([int(p) if p >= 0 else None for p in raw], conf.tolist(), truth,
+                                           thresholds, self.res.queries.ids)
+            entry = self.metrics["methods"][name]
+            data[name] = {"landmark": conf[has], "other": conf[~has], "thresholds": thresholds, "gap": gaps,
+                          "accuracy": accs, "threshold": m.threshold or 0.0, "auc": entry["quality"].get("auc"),
+                          "span": span}
+            tuning = entry.get("tuning") or {}
+            val = tuning.get("validation") or {}
+            chosen = explain(tuning) if tuning else ""
+            rows.append(f"<tr><td class=\"name\">{html.escape(name)}</td><td class=\"name\">"
+                        f"{html.escape(chosen) or 'not tuned'}</td>"
+                        + "".join(f"<td>{_fmt(val.get(k), f)}</td>" for k, f in (
+                            ("landmark_queries", "{:,}"), ("unseen_queries", "{:,}"), ("nonlandmark_queries", "{:,}"),
+                            ("gap", "{:.3f}"), ("top1_gap", "{:.3f}"), ("accuracy", "{:.3f}")))
+                        + f"<td>{_fmt(entry['quality'].get('auc'), '{:.3f}')}</td></tr>")
+        if not data:
+            return head + "<p>This run did not record the confidences before the threshold (a run of an older " \
+                          "version); rerun <code>cairn compare</code> to see them.</p>"
+        png = plots.open_set(data, self.families)
+        return f"""{head}
+<p>Most photos users query show no landmark the database has, and GAP punishes every confident wrong answer. Each
+method ranks its answers by a confidence and answers "no landmark" below a threshold; both were tuned on validation
+queries made from the database itself: held-out landmark images, the same images with their own landmark removed
+from their neighbours (a landmark the database does not have) and held-out non-landmark images. The table shows
+what tuning chose and its validation figures beside the plain top-1 rule (the nearest image's landmark, ranked by
+its similarity); AUC: how well the confidence tells these queries with a database landmark from those without.</p>
+<div class="scroll"><table><tr><th class="name">method</th><th class="name">chosen</th><th>val. landmark</th>
+<th>val. unseen</th><th>val. non-landmark</th><th>val. GAP</th><th>val. GAP top-1</th><th>val. accuracy</th>
+<th>AUC (queries)</th></tr>{''.join(rows)}</table></div>
+<p>Left: the confidence of the queries that show a database landmark (green) and of those that do not (red); the
+dotted line is the threshold used. Right: GAP and accuracy of these queries for every threshold.</p>
+{_img(png, "confidence of landmark and no-landmark queries, and GAP and accuracy against the threshold")}
 """
 
     def classes(self) -> str:
@@ -688,7 +760,7 @@ def class_centroids(prefix: str, labels: set[int]) -> dict[int, np.ndarray]:
 def build_report(res: RunResults, metrics: dict, config: ReportConfig = ReportConfig()) -> str:
     """The whole report.html as a string."""
     page = Page(res, metrics, config)
-    sections = [page.header(), page.summary(), page.cost(), page.curves(), page.classes(), page.confused(),
+    sections = [page.header(), page.summary(), page.cost(), page.curves(), page.open_set(), page.classes(), page.confused(),
                 page.grids(), page.detection(), page.gradcam(), page.dead(), page.run_config(), page.definitions()]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Cairn report: '
             f'{html.escape(res.run_dir)}</title><meta name="viewport" content="width=device-width, initial-scale=1">'

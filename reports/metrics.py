@@ -139,6 +139,40 @@ def recall_at_k(retrieved: Sequence[Sequence[str]], relevant: Sequence[set[str]]
     return {int(k): float(np.mean(first <= k)) for k in ks}
 
 
+def threshold_curve(pred: Sequence[int | None], conf: Sequence[float], truth: Sequence[int | None],
+                    thresholds: Sequence[float], ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(GAP, accuracy) [T] of the answers ``pred``/``conf`` if every prediction below each threshold became "no
+    landmark": the predictions kept at a threshold are a prefix of GAP's order, so one pass gives every point."""
+    made, norm = _gap_order(pred, conf, truth, ids)
+    m = sum(t is not None for t in norm)
+    right = np.array([norm[i] is not None and int(pred[i]) == norm[i] for i in made], bool)
+    nolm = np.array([norm[i] is None for i in made], bool)  # a no-landmark query answered: wrong unless dropped
+    ranks = np.arange(1, len(made) + 1)
+    gap_prefix = np.r_[0.0, np.cumsum(np.where(right, np.cumsum(right) / ranks, 0.0))] / max(m, 1)
+    right_prefix = np.r_[0, np.cumsum(right)]
+    nolm_dropped = np.r_[0, np.cumsum(nolm[::-1])][::-1]  # no-landmark queries after each prefix
+    unanswered_nolm = sum(t is None for t in norm) - int(nolm.sum())  # right at every threshold
+    confs = np.array([float(conf[i]) for i in made])
+    kept = np.array([int(np.sum(confs >= t)) for t in thresholds])  # GAP's order is by confidence descending
+    gaps = gap_prefix[kept] if m else np.zeros(len(kept))
+    accs = (right_prefix[kept] + nolm_dropped[kept] + unanswered_nolm) / max(len(pred), 1)
+    return gaps, accs
+
+
+def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` for telling the ``positive`` items from the others (the chance that
+    a random positive scores above a random negative, ties counting half); None when one side is empty."""
+    s = np.asarray(scores, np.float64)
+    pos = np.asarray(positive, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.sort(s[~pos])
+    below = np.searchsorted(order, s[pos], side="left")
+    ties = np.searchsorted(order, s[pos], side="right") - below
+    return float((below + 0.5 * ties).sum() / (n_pos * n_neg))
+
+
 def precision_recall_curve(pred: Sequence[int | None], conf: Sequence[float], truth: Sequence[int | None],
                            ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision and recall after each prediction, in GAP's order (see `gap`).

@@ -113,3 +113,48 @@ def recall_at_k(values: dict[str, dict[str, float]], families: dict[str, str]) -
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_title("Retrieval: queries with a database image of their landmark in the top k", fontsize=10)
     return _png(fig)
+
+
+def open_set(methods: dict[str, dict], families: dict[str, str]) -> bytes:
+    """Per method (one row each): left, the confidence before the no-landmark threshold of the queries that show
+    a database landmark and of those that do not, as two histograms; right, GAP and accuracy of the queries
+    against the threshold, with the method's own threshold marked.
+
+    methods: name -> {"landmark": confidences [n], "other": confidences [m] (0: no answer at all),
+    "thresholds": [t], "gap": [t], "accuracy": [t], "threshold": float, "auc": float | None, "span": (lo, hi) of
+    the x axes}."""
+    plt = _pyplot()
+    n = max(1, len(methods))
+    fig, axes = plt.subplots(n, 2, figsize=(10, 2.3 * n), squeeze=False)
+    style = styles(families)
+    for row, (name, d) in enumerate(methods.items()):
+        left, right = axes[row]
+        lo, hi = d.get("span", (0.0, 1.0))
+        bins = np.linspace(lo, hi, 41)
+        for values, colour, label in ((np.asarray(d["landmark"]), "#2ca02c", "database landmark"),
+                                      (np.asarray(d["other"]), "#d62728", "no database landmark")):
+            unanswered = int(np.sum(values <= 0))
+            extra = f", {unanswered} without any answer" if unanswered else ""
+            left.hist(values[values > 0], bins=bins, alpha=0.6, color=colour, label=f"{label} ({len(values)}{extra})")
+        left.axvline(d["threshold"], color="black", linestyle=":", linewidth=1)
+        auc = "" if d.get("auc") is None else f", AUC {d['auc']:.3f}"
+        left.set_title(f"{name}: confidence before the threshold{auc}", fontsize=9)
+        left.set_xlim(lo, hi)
+        left.tick_params(labelsize=7)
+        left.legend(fontsize=7, loc="upper left")
+        colour, _ = style[name]
+        right.plot(d["thresholds"], d["gap"], color=colour, label="GAP")
+        right.plot(d["thresholds"], d["accuracy"], color=colour, linestyle="--", label="accuracy")
+        right.axvline(d["threshold"], color="black", linestyle=":", linewidth=1,
+                      label=f"threshold used ({d['threshold']:.3f})")
+        right.set_xlim(lo, hi)
+        right.set_ylim(0, 1.02)
+        right.grid(True, alpha=0.3)
+        right.tick_params(labelsize=7)
+        right.set_title(f"{name}: GAP and accuracy of these queries against the threshold", fontsize=9)
+        right.legend(fontsize=7, loc="lower left")
+    axes[-1][0].set_xlabel("confidence", fontsize=8)
+    axes[-1][1].set_xlabel("no-landmark threshold (a prediction is kept when its confidence is at least this)",
+                           fontsize=8)
+    fig.tight_layout()
+    return _png(fig)

@@ -5,11 +5,16 @@ RUN/neighbours/<method>.parquet, RUN/work/<method>/costs.json, RUN/dead_letters.
 
 metrics.json (format "cairn-metrics", version 3) holds, per method, five groups with stable keys (README "Outputs"):
 
-    quality  gap, accuracy, landmark_accuracy, map_at_100, recall_at_k {"1","5","10","100"}, mean_class_ap
+    quality  gap, accuracy, landmark_accuracy, map_at_100, recall_at_k {"1","5","10","100"}, mean_class_ap,
+             gap_all_answers (the GAP if the no-landmark threshold dropped no answer), auc (how well the confidence before the no-landmark threshold separates the queries that show a
+             database landmark from the others; RUN/confidences/<method>.parquet)
     cost     images_per_second, extract_seconds, train_seconds, index_seconds, search_seconds, verify_seconds,
              dim, bytes_per_image, feature_bytes_per_image, local_feature_bytes_per_image, index_bytes
     counts   queries, queries_with_landmark, predicted, dead_letters
     config   index_factory, vote, params (the method's part of the run's methods_config)
+    tuning   what tuning chose (rule, its parameters, min_confidence) and its validation figures (queries of a
+             database landmark, unseen-landmark and non-landmark queries; gap, accuracy, the plain top-1 rule's
+             gap); null when the method was not tuned (--no-tune)
     detection  ap_50, mean_iou, annotated_images, detections_per_image, regions_per_image (+det methods; null
              for the others, and ap_50 / mean_iou null without --boxes)
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -73,6 +79,10 @@ DEFINITIONS = {
              "on a query without one is a false positive",
     "mean_iou": "for each annotated query box, the best IoU of a cropped box of its image, averaged (0 for a miss)",
     "regions_per_image": "vectors per database image in the index: the full image plus its detected boxes",
+    "gap_all_answers": "GAP if every query kept its best answer (no no-landmark threshold), ranked by the same "
+                       "confidence: what a recognition submission that answers every query scores",
+    "auc": "chance that a query showing a database landmark gets a higher confidence (before the no-landmark "
+           "threshold) than one that does not",
 }
 
 
@@ -92,6 +102,9 @@ class MethodResult:
     keras_embedding: str = ""  # a Keras embedding model makes its vectors (Grad-CAM can explain it): "fine-tuned"
     # in the run (WORK/cnn/model) or "frozen" (the user's); "": none
     variant_of: str = ""  # the method it changes one thing of (its detection section compares with it)
+    raw_pred: list[int | None] | None = None  # best answer per query before the no-landmark threshold (None: no file)
+    raw_conf: np.ndarray | None = None  # its confidence
+    threshold: float | None = None  # the no-landmark threshold the method used
 
     def right(self, truth: list[int | None]) -> np.ndarray:
         """[Q] bool: the query was answered right (the landmark, or nothing for a no-landmark query)."""
@@ -136,6 +149,22 @@ def _read_neighbours(path: str) -> dict[str, list[tuple[str, float, int | None]]
     return {q: [(i, float(s), lab) for _, i, s, lab in sorted(v)] for q, v in rows.items()}
 
 
+def _read_confidences(path: str, query_ids: list[str]):
+    """(best answer per query before the threshold, its confidence, the threshold) from a method's
+    confidences.parquet, aligned with ``query_ids`` (a query it lacks: no answer, confidence 0); Nones for a run
+    made before the file existed."""
+    if not fs.exists(path):
+        return None, None, None
+    with fs.FileSystems.open(path) as f:
+        table = pq.read_table(f)
+    meta = json.loads((table.schema.metadata or {}).get(b"cairn", b"{}"))
+    found = dict(zip(table.column("query_id").to_pylist(),
+                     zip(table.column("landmark_id").to_pylist(), table.column("confidence").to_pylist(),
+                         strict=True), strict=True))
+    rows = [found.get(q, (None, 0.0)) for q in query_ids]
+    return [p for p, _ in rows], np.array([c for _, c in rows], np.float32), float(meta.get("threshold", 0.0))
+
+
 def load_run(run_dir: str, methods: dict[str, dict] | None = None) -> RunResults:
     """Read a compare run; raises CairnError saying what is missing or stale. ``methods``: what each method is
     ({name: {"family", "summary", "sections", "classifier", "keras_embedding", "variant_of"}}; pipeline/run/methods.py's
@@ -171,7 +200,8 @@ def load_run(run_dir: str, methods: dict[str, dict] | None = None) -> RunResults
             [preds[q][1] if preds.get(q) else 0.0 for q in queries.ids],
             _read_neighbours(nb_path), cfg.load_json(costs_path) if fs.exists(costs_path) else {},
             tuple(info.get("sections", ())), bool(info.get("classifier")), info.get("keras_embedding") or "",
-            info.get("variant_of", ""))
+            info.get("variant_of", ""), *_read_confidences(fs.join(run_dir, "confidences", f"{name}.parquet"),
+                                                           queries.ids))
     dead_path = fs.join(run_dir, "dead_letters.csv")
     dead = list(csv.DictReader(io.StringIO(fs.read_text(dead_path)))) if fs.exists(dead_path) else []
     return RunResults(run_dir, run, train, queries, results, dead)
@@ -198,7 +228,47 @@ def method_quality(res: RunResults, m: MethodResult) -> dict:
         "map_at_100": round(M.mean_average_precision_at_k(retrieved, relevant, 100), 6),
         "recall_at_k": {str(k): round(recall[k], 6) for k in RECALL_KS},
         "mean_class_ap": round(float(np.mean(list(per_class.values()))), 6) if per_class else 0.0,
+        "gap_all_answers": gap_all_answers(m, truth, ids),
+        "auc": confidence_auc(m, truth),
     }
+
+
+def gap_all_answers(m: MethodResult, truth: list[int | None], ids: list[str]) -> float | None:
+    """GAP if no answer were dropped by the no-landmark threshold: every query keeps its best answer, ranked by
+    the same confidence (what a Google Landmark Recognition submission that answers every query scores; a
+    blank can only lower GAP). None without confidences.parquet."""
+    if m.raw_conf is None:
+        return None
+    conf = [float(c) if p is not None else 0.0 for p, c in zip(m.raw_pred, m.raw_conf, strict=True)]
+    return round(M.gap(m.raw_pred, conf, truth, ids), 6)
+
+
+def confidence_auc(m: MethodResult, truth: list[int | None]) -> float | None:
+    """Landmark vs no-landmark AUC of the confidence before the threshold (a query without any answer counts
+    0); None without confidences.parquet or when all queries are of one kind."""
+    if m.raw_conf is None:
+        return None
+    positive = np.array([t is not None for t in truth])
+    conf = np.where(np.array([p is not None for p in m.raw_pred]), m.raw_conf, 0.0)
+    return _round(M.roc_auc(conf, positive))
+
+
+def _round(v, digits: int = 6):
+    return None if v is None else round(float(v), digits)
+
+
+def tuning_summary(costs: dict) -> dict | None:
+    """metrics.json's tuning group from a method's costs.json (see the module docstring)."""
+    t = costs.get("tuning")
+    if not t or "tuned" not in t:
+        return None
+    tuned = t["tuned"]
+    chosen = {k: v for k, v in tuned.items() if k not in ("gap", "accuracy", "weighted_accuracy")}
+    return {**chosen, "validation": {
+        "queries": t.get("queries"), "landmark_queries": t.get("landmark_queries"),
+        "unseen_queries": t.get("unseen_queries"), "nonlandmark_queries": t.get("nonlandmark_queries"),
+        "gap": tuned.get("gap"), "accuracy": tuned.get("accuracy"),
+        "top1_gap": (t.get("top1") or {}).get("gap"), "untuned_gap": (t.get("untuned") or {}).get("gap")}}
 
 
 def method_entry(res: RunResults, m: MethodResult) -> dict:
@@ -215,6 +285,7 @@ def method_entry(res: RunResults, m: MethodResult) -> dict:
         "config": {"index_factory": costs.get("index_factory"),
                    "vote": None if m.classifier else costs.get("vote"),
                    "params": {part: methods_config.get(part) for part in m.sections}},
+        "tuning": tuning_summary(costs),
         "detection": method_detection(res, m),
     }
 

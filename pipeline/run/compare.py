@@ -99,6 +99,8 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
         complete_submission(fs.join(result["recognize"], "predictions.csv"), query_ids,
                             fs.join(out, "predictions", f"{name}.csv"))
         fs.copy_file(fs.join(result["recognize"], "neighbours.parquet"), fs.join(out, "neighbours", f"{name}.parquet"))
+        fs.copy_file(fs.join(result["recognize"], "confidences.parquet"),
+                     fs.join(out, "confidences", f"{name}.parquet"))
         for split, path in result["dead_letters"].items():
             for d in parse_dead_letters(fs.read_text(path)):
                 dead_rows.append((name, split, *d))

@@ -332,7 +332,7 @@ def run_method(method, config: MethodsConfig, ctx: RunContext) -> dict:
     out = fs.join(home, "recognize")
     rec = _stage("recognize", out, lambda: recognize(
         base["index"], fs.join(base["vectors"], "queries"), out, ctx.vote, ctx.neighbours, classifier=classifier,
-        verify=verify, tune_config=None if classifier else ctx.tune, db_features=fs.join(base["vectors"], "train")),
+        verify=verify, tune_config=ctx.tune, db_features=fs.join(base["vectors"], "train")),
         name="recognize (vote, I/O)")
     return {"costs": method_costs(method, base, trained, rec), "recognize": out,
             "dead_letters": {split: r["outputs"]["dead_letters"] for split, r in base["extract"].items()},
@@ -374,6 +374,9 @@ def method_costs(method, base: dict, trained: dict, rec: dict) -> dict:
         "dead_letters": sum(r["counts"]["dead_letters"] for r in (*ex.values(), *base.get("extra_extract", {}).values())),
         "index_factory": indexed["factory"],
         "vote": (rec.get("tuning") or {}).get("tuned") or rec["config"]["vote"],
+        # what tuning chose and its validation figures (recognize.json keeps what it tried and the threshold curve)
+        "tuning": {k: v for k, v in (rec.get("tuning") or {}).items() if k not in ("tried", "threshold_curve")}
+        or None,
     }
     if base.get("detector") is not None:  # every region of a database image is a vector in the index
         train_images = ex["train"]["counts"]["outputs"] if "train" in ex else 0

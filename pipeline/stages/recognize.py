@@ -7,19 +7,25 @@ the Beam search job (pipeline/stages/search.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 
 from features.sift import prepare_descriptors
 from index.recognize import (
     NO_LANDMARK,
     TuneConfig,
     VoteConfig,
+    accuracy_score,
+    choose_threshold,
     class_counts,
-    drop_held_out,
+    gap_score,
     tune,
+    validation_neighbours,
     validation_split,
     vote,
 )
@@ -31,8 +37,8 @@ from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
 from pipeline.featuresets import features_metadata, features_prefix
-from pipeline.parquet_io import write_table
-from pipeline.schemas import same_features
+from pipeline.parquet_io import read_shards, write_table
+from pipeline.schemas import labels_of, same_features, vectors_of
 from pipeline.stages import costs
 from pipeline.stages.lookup import (
     BEAM_MIN_QUERIES,
@@ -72,29 +78,130 @@ def classify(classifier_path: str, xq: np.ndarray, min_confidence: float = 0.0,
     return pred, conf
 
 
+MAX_VALIDATION_DEPTH = 1024  # neighbours searched per validation query at most (unseen ones skip their class)
+
+
 def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: TuneConfig,
-                     params: str | None = None) -> tuple[VoteConfig, dict]:
-    """Tune the vote on held-out database images (index/recognize.py :func:`tune`)."""
-    lm_rows, nl_rows = validation_split(index.labels, tune_config)
-    if len(lm_rows) == 0:
-        log.info("recognize: no class has %d+ database images to hold one out; recognition is not tuned",
+                     params: str | None = None, verify=None) -> tuple[VoteConfig, dict]:
+    """Tune the confidence and the threshold on validation queries made from the database (index/recognize.py
+    :func:`validation_split`, :func:`tune`). ``verify``: as :func:`recognize`'s; the validation queries are
+    verified too (at most ``tune_config.verify_queries`` of them)."""
+    if verify is not None:  # every validation query costs top_k RANSACs: a smaller budget
+        half = max(1, tune_config.verify_queries // 2)
+        tune_config = replace(tune_config, landmark_queries=min(tune_config.landmark_queries, half),
+                              unseen_queries=min(tune_config.unseen_queries, half))
+    split = validation_split(index.labels, tune_config)
+    if len(split.landmark) == 0:
+        log.info("recognize: no class has %d+ database images to hold some out; recognition is not tuned",
                  tune_config.min_class_images)
         return base, {"skipped": f"no class with {tune_config.min_class_images}+ images"}
-    held = np.concatenate([lm_rows, nl_rows])
+    held = split.held
     xv, owner = read_rows(db_features, [index.image_ids[r] for r in held], with_owner=True)
-    k = base.k
-    D, I = search(index, xv, k + min(len(held), 3 * k + 20), params)
-    D, I = drop_held_out(D, I, held, k)
-    sims = nonlandmark_sims(index, xv, D, I, base, held_out=held)
+    k = max(base.k, verify[2].top_k if verify is not None else 0)
+    ids, counts = class_counts(index.labels)
+    unseen_labels = index.labels[split.unseen]
+    largest = int(counts[np.isin(ids, unseen_labels)].max()) if len(split.unseen) else 0
+    depth = min(k + min(len(held), 3 * k + 20 + largest), MAX_VALIDATION_DEPTH)
+    D, I = search(index, xv, depth, params)
+    rows = held[owner]  # the held-out database row of each searched vector
+    seen_D, seen_I, un_D, un_I, of_unseen = validation_neighbours(D, I, index.labels, rows, split, k)
+    sims = nonlandmark_sims(index, xv, seen_D, seen_I, base, held_out=held)
+    un_owner = np.searchsorted(split.unseen, rows[of_unseen])  # position among the unseen-landmark queries
     if len(owner) != len(held):  # regional features: one list per held-out image, the best of its regions
-        D, I = merge_rows(owner, D, I, k)
+        seen_D, seen_I = merge_rows(owner, seen_D, seen_I, k)
+        un_D, un_I = merge_rows(un_owner, un_D, un_I, k)
         sims = None if sims is None else group_max(sims, owner, len(held))
-    truth = np.concatenate([index.labels[lm_rows], np.full(len(nl_rows), NO_LANDMARK)])
+    D = np.concatenate([seen_D, un_D])
+    I = np.concatenate([seen_I, un_I])
+    if sims is not None:
+        sims = np.concatenate([sims, sims[np.searchsorted(split.landmark, split.unseen)]])  # as their seen copy
+    truth = np.concatenate([index.labels[split.landmark], np.full(len(split.nonlandmark) + len(split.unseen),
+                                                                   NO_LANDMARK)])
     remaining = index.labels.copy()
     remaining[held] = NO_LANDMARK  # class sizes without the held-out images
-    tuned, record = tune(D, index.labels_of(I), truth, sims, base, tune_config, class_counts(remaining))
-    record["nonlandmark_queries"] = int(len(nl_rows))
+    verified = None
+    if verify is not None:
+        query_ids = [index.image_ids[r] for r in np.concatenate([held, split.unseen])]
+        D2, I2, inliers, _ = _verify(index, query_ids, D, I, (verify[0], verify[0], verify[2]))
+        verified = (aligned_similarities(D, I, I2), index.labels_of(I2), inliers)
+        D, I = D2, I2  # the vote rules score the re-ranked lists, as recognition does
+    tuned, record = tune(D, index.labels_of(I), truth, sims, base, tune_config, class_counts(remaining), verified)
+    record.update(landmark_queries=int(len(split.landmark)), unseen_queries=int(len(split.unseen)),
+                  nonlandmark_queries=int(len(split.nonlandmark)))
     return tuned, record
+
+
+def aligned_similarities(D: np.ndarray, I: np.ndarray, I2: np.ndarray) -> np.ndarray:
+    """[Q, K] the similarities D (of the neighbours I) of the re-ordered neighbours I2 (each row of I2 a
+    permutation of the same row of I; -inf where I2 is -1)."""
+    order = np.argsort(I, axis=1, kind="stable")
+    sorted_I = np.take_along_axis(I, order, axis=1)
+    pos = np.empty_like(I2)
+    for q in range(len(I)):  # searchsorted per row (rows are short)
+        pos[q] = order[q, np.clip(np.searchsorted(sorted_I[q], I2[q]), 0, I.shape[1] - 1)]
+    out = np.take_along_axis(D, pos, axis=1)
+    return np.where(I2 >= 0, out, -np.inf).astype(np.float32)
+
+
+def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[float, dict]:
+    """The no-landmark threshold of a classifier's calibrated probability, learned like the vote's: a copy of the
+    classifier (same hyperparameters) is trained on the database without some held-out images and without
+    every image of some held-out classes; its answers to the held-out images of seen classes (landmark
+    queries), of the held-out classes (unseen-landmark queries) and to held-out known non-landmark images
+    choose the threshold (index/recognize.py :func:`choose_threshold`). Returns (threshold, record)."""
+    from sklearn.base import clone
+
+    table, _ = read_shards(features_prefix(db_features, "global"))
+    X, y = vectors_of(table), labels_of(table)
+    split = validation_split(y, tune_config)
+    ids = np.unique(y[split.landmark])
+    if len(ids) < 3:
+        return 0.0, {"skipped": f"{len(ids)} classes with {tune_config.min_class_images}+ images: a classifier "
+                     "needs 3 to hold one out and still learn two"}
+    rng = np.random.default_rng(tune_config.seed)
+    unseen = np.sort(rng.permutation(ids)[:max(1, int(round(len(ids) * 0.2)))])  # a fifth of the classes
+    unseen_rows = np.nonzero(np.isin(y, unseen))[0]
+    unseen_rows = np.sort(rng.permutation(unseen_rows)[:max(1, tune_config.unseen_queries)])
+    seen_rows = split.landmark[~np.isin(y[split.landmark], unseen)]
+    query_rows = np.concatenate([seen_rows, unseen_rows, split.nonlandmark])
+    train = np.ones(len(y), bool)
+    train[query_rows] = False
+    train[np.isin(y, unseen)] = False
+    started = time.perf_counter()
+    val_model = clone(model).fit(X[train], y[train])
+    labels, probs = val_model.predict_top(X[query_rows], 1)
+    pred, conf = labels[:, 0].astype(np.int64), probs[:, 0].astype(np.float32)
+    pred[pred < 0], conf[pred < 0] = NO_LANDMARK, 0.0
+    truth = np.concatenate([y[seen_rows], np.full(len(unseen_rows) + len(split.nonlandmark), NO_LANDMARK)])
+    threshold, curve = choose_threshold(pred, conf, truth, tune_config)
+    kept = np.where(conf >= threshold, pred, NO_LANDMARK)
+    record = {"rule": "classifier", "queries": int(len(truth)), "landmark_queries": int(len(seen_rows)),
+              "unseen_queries": int(len(unseen_rows)), "unseen_classes": int(len(unseen)),
+              "nonlandmark_queries": int(len(split.nonlandmark)), "train_images": int(train.sum()),
+              "untuned": {"gap": round(gap_score(pred, conf, truth), 6),
+                          "accuracy": round(accuracy_score(pred, truth), 6)},
+              "tuned": {"rule": "classifier", "min_confidence": threshold,
+                        "gap": round(gap_score(kept, np.where(kept >= 0, conf, 0), truth), 6),
+                        "accuracy": round(accuracy_score(kept, truth), 6)},
+              "threshold_curve": curve, "train_seconds": round(time.perf_counter() - started, 3)}
+    log.info("recognize: classifier threshold %.4f tuned on %d validation queries (%d of unseen classes): "
+             "accuracy %.3f -> %.3f", threshold, len(truth), len(unseen_rows), record["untuned"]["accuracy"],
+             record["tuned"]["accuracy"])
+    return threshold, record
+
+
+def write_confidences(path: str, query_ids: list[str], pred: np.ndarray, conf: np.ndarray, threshold: float,
+                      rule: str) -> None:
+    """OUT/confidences.parquet: every query's best answer and its confidence *before* the no-landmark threshold
+    (query_id, landmark_id (null: none at all), confidence, kept: it passed the threshold), so that the report
+    can draw GAP and accuracy against the threshold and the confidences of landmark and no-landmark queries."""
+    table = pa.table({"query_id": pa.array(query_ids, pa.string()),
+                      "landmark_id": pa.array(pred, pa.int64(), mask=pred < 0),
+                      "confidence": pa.array(np.asarray(conf, np.float32)),
+                      "kept": pa.array((pred >= 0) & (conf >= threshold))})
+    table = table.replace_schema_metadata({b"cairn": json.dumps({"kind": "confidences", "threshold": threshold,
+                                                                 "rule": rule}).encode()})
+    write_table(table, path)
 
 
 def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig = VoteConfig(),
@@ -114,15 +221,18 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
         raise CairnError(f"{features} holds detected regions (several rows per image); --classifier and "
                          "--verify-* take whole-image features: extract the queries without --detector")
     tuning = None
-    if tune_config is not None and verify is not None:
-        # verified neighbours are scored by inliers, not by the similarities tuning sees: nothing to transfer
-        log.info("recognize: spatial verification re-scores the neighbours; the vote is not tuned")
-        tune_config = None
-    if tune_config is not None and tune_config.enabled and not classifier:
+    if tune_config is not None and tune_config.enabled and classifier:
+        if not db_features:
+            raise CairnError("tuning needs the database features the classifier was trained on (--tune-db FOLDER)")
+        started = time.perf_counter()
+        threshold, tuning = tune_classifier(load_classifier(classifier), db_features, tune_config)
+        vote_config = replace(vote_config, min_confidence=threshold)
+        tuning["seconds"] = round(time.perf_counter() - started, 3)
+    elif tune_config is not None and tune_config.enabled:
         if not db_features:
             raise CairnError("tuning needs the database features the index was built from (--tune-db FOLDER)")
         started = time.perf_counter()
-        vote_config, tuning = tune_on_database(index, db_features, vote_config, tune_config, search_params)
+        vote_config, tuning = tune_on_database(index, db_features, vote_config, tune_config, search_params, verify)
         tuning["seconds"] = round(time.perf_counter() - started, 3)
     k = max(vote_config.k, neighbours, verify[2].top_k if verify else 0)
     started = time.perf_counter()
@@ -136,9 +246,11 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     search_seconds = time.perf_counter() - started
     regions = len(query_ids)
     query_ids = images
-    verify_seconds = 0.0
+    verify_seconds, inliers, verified_sims = 0.0, None, None
     if verify is not None:
-        D, I, verify_seconds = _verify(index, query_ids, D, I, verify)
+        D0, I0 = D, I
+        D, I, inliers, verify_seconds = _verify(index, query_ids, D, I, verify)
+        verified_sims = aligned_similarities(D0, I0, I)
     if penalty and not regional:
         sims = nonlandmark_sims(index, xq, D, I, vote_config)
     started = time.perf_counter()
@@ -148,12 +260,19 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
             raise CairnError("--classifier needs dense query descriptors (HoG, VLAD), not BoVW")
         model = load_classifier(classifier)
         classes = len(model.classes_)
-        pred, conf = classify(classifier, xq, vote_config.min_confidence, meta, model=model)
+        raw_pred, raw_conf = classify(classifier, xq, 0.0, meta, model=model)
+        rule = "classifier"
     else:
-        pred, conf = vote(D, index.labels_of(I), vote_config, sims, class_counts(index.labels))
+        raw_pred, raw_conf = vote(verified_sims if vote_config.rule == "verified" else D, index.labels_of(I),
+                                  vote_config, sims, class_counts(index.labels), inliers, threshold=False)
+        rule = vote_config.rule
+    kept = (raw_pred >= 0) & (raw_conf >= vote_config.min_confidence)
+    pred, conf = np.where(kept, raw_pred, NO_LANDMARK), np.where(kept, raw_conf, 0.0).astype(np.float32)
     decide_seconds = time.perf_counter() - started
     fs.makedirs(out)
     write_submission(fs.join(out, "predictions.csv"), query_ids, pred, conf)
+    write_confidences(fs.join(out, "confidences.parquet"), query_ids, raw_pred, raw_conf,
+                      vote_config.min_confidence, rule)
     keep = min(neighbours, I.shape[1])
     write_table(neighbours_table(query_ids, D[:, :keep], I[:, :keep], index), fs.join(out, "neighbours.parquet"))
     record = {
@@ -207,10 +326,11 @@ def _verify(index, query_ids, D, I, verify):
                          f"{query_meta.get('config')} features but --verify-db {db_local} holds "
                          f"{local_meta.get('method')} {local_meta.get('config')}; extract both alike")
     started = time.perf_counter()
-    D, I, _ = spatial_rerank(query_ids, D, I, index.image_ids, features_prefix(query_local, "local"),
-                             features_prefix(db_local, "local"), rerank_config,
-                             prepare=lambda d: prepare_descriptors(d, local_meta), progress=len(query_ids) > 500)
-    return D, I, time.perf_counter() - started
+    D, I, inliers = spatial_rerank(query_ids, D, I, index.image_ids, features_prefix(query_local, "local"),
+                                   features_prefix(db_local, "local"), rerank_config,
+                                   prepare=lambda d: prepare_descriptors(d, local_meta),
+                                   progress=len(query_ids) > 500)
+    return D, I, inliers, time.perf_counter() - started
 
 
 def recorded_source(index_dir: str) -> str | None:

@@ -3,12 +3,16 @@ import pytest
 
 from index.recognize import (
     TuneConfig,
+    ValidationSplit,
     VoteConfig,
+    calibrated,
     class_counts,
     drop_held_out,
+    fit_calibration,
     gap_score,
     nonlandmark_similarity,
     tune,
+    validation_neighbours,
     validation_split,
     vote,
 )
@@ -114,15 +118,84 @@ def test_gap_score_equals_the_reference_metric():
         assert abs(gap_score(pred, conf, truth) - ref) < 1e-9
 
 
-def test_validation_split_holds_out_one_image_per_eligible_class():
-    labels = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3, -1, -1, -1, -1])
-    lm, nl = validation_split(labels, TuneConfig(min_class_images=3))
-    assert sorted(labels[lm].tolist()) == [1, 3]  # class 2 has too few images
-    assert len(nl) == 2 and (labels[nl] == -1).all()
+def test_validation_split_holds_out_several_images_per_class_and_makes_unseen_landmark_queries():
+    # class 0: 10 images, class 1: 5, class 2: 2 (too few), 4 known non-landmark images
+    labels = np.array([0] * 10 + [1] * 5 + [2] * 2 + [-1] * 4)
+    config = TuneConfig(landmark_queries=6, class_share=0.2)
+    split = validation_split(labels, config)
+    # ceil(6 / 2 classes) = 3 per class, at most 20% of a class: 2 of class 0, 1 of class 1
+    assert sorted(labels[split.landmark].tolist()) == [0, 0, 1]
+    assert split.unseen.tolist() == split.landmark.tolist()  # every held-out landmark image, again as unseen
+    assert len(split.nonlandmark) == 2 and (labels[split.nonlandmark] == -1).all()
+    again = validation_split(labels, config)
+    assert again.landmark.tolist() == split.landmark.tolist()  # deterministic
+    # many classes, a small budget: one image of that many classes
+    many = np.repeat(np.arange(50), 4)
+    split = validation_split(many, TuneConfig(landmark_queries=7, unseen_queries=3))
+    assert len(split.landmark) == 7 and len(set(many[split.landmark].tolist())) == 7
+    assert len(split.unseen) == 3 and set(split.unseen) <= set(split.landmark)
+
+
+def test_unseen_landmark_queries_lose_every_image_of_their_own_class():
+    """A tiny database: rows 0-3 class 7, rows 4-6 class 8, row 7 class 9. Row 0 is held out and is an
+    unseen-landmark query too; its search found rows 0, 1, 4, 2, 7, 5 (itself first)."""
+    db_labels = np.array([7, 7, 7, 7, 8, 8, 8, 9])
+    split = ValidationSplit(np.array([0]), np.array([0]), np.empty(0, np.int64))
+    D = np.array([[1.0, 0.9, 0.8, 0.7, 0.6, 0.5]], np.float32)
+    I = np.array([[0, 1, 4, 2, 7, 5]])
+    seen_D, seen_I, un_D, un_I, of_unseen = validation_neighbours(D, I, db_labels, np.array([0]), split, 3)
+    assert seen_I.tolist() == [[1, 4, 2]]  # itself (held out) removed
+    assert of_unseen.tolist() == [True]
+    assert un_I.tolist() == [[4, 7, 5]] and un_D.tolist() == [[np.float32(0.8), np.float32(0.6), np.float32(0.5)]]
     D = np.array([[0.9, 0.8, 0.7, 0.6]], np.float32)
     I = np.array([[4, 7, 1, -1]])
     D2, I2 = drop_held_out(D, I, np.array([7]), 3)
     assert I2.tolist() == [[4, 1, -1]] and np.isneginf(D2[0, 2])
+
+
+def test_tuning_keeps_the_top1_rule_where_it_is_right_and_votes_are_wrong():
+    """Landmark queries: the nearest image is of their landmark (0.9) but 6 of the 10 neighbours are of a
+    frequent other landmark (0.6). Unseen-landmark queries: 10 neighbours of one landmark at 0.7. The sum vote
+    answers the landmark queries wrong and ranks the unseen ones first; the top-1 rule is right."""
+    n = 60
+    truth = np.where(np.arange(n) < 40, np.arange(n) % 4 + 1, -1)
+    D = np.full((n, 10), 0.6, np.float32)
+    labels = np.zeros((n, 10), np.int64)  # landmark 0: the frequent one
+    D[:40, 0], labels[:40, 0] = 0.9, truth[:40]
+    labels[:40, 1:4] = truth[:40, None]
+    D[:40, 1:4] = 0.58
+    D[40:] = 0.7
+    labels[40:] = 3
+    D = -np.sort(-D, axis=1)
+    sum_pred, sum_conf = vote(D, labels, VoteConfig(k=10))
+    assert (sum_pred[:40] == 0).all()  # the vote is wrong on every landmark query
+    tuned, record = tune(D, labels, truth, None, VoteConfig(k=10), TuneConfig())
+    assert tuned.rule == "vote" and tuned.aggregate == "max" and tuned.margin == 0
+    assert record["tuned"]["gap"] >= record["top1"]["gap"] - 1e-9 > gap_score(sum_pred, sum_conf, truth) + 0.5
+    # the threshold sits between the landmark queries' 0.9 and the unseen ones' 0.7: every query right
+    assert 0.7 < tuned.min_confidence <= 0.9 and record["tuned"]["accuracy"] == 1.0
+
+
+def test_calibration_maps_more_inliers_to_a_higher_confidence():
+    """Right pairs have many inliers, wrong ones few (unseen-landmark queries: all wrong); the similarity
+    hardly tells them apart."""
+    rng = np.random.default_rng(0)
+    n = 200
+    truth = np.where(np.arange(n) < 120, 5, -1)
+    labels = np.tile(np.array([5, 6, 7, 8]), (n, 1))
+    inliers = rng.integers(0, 12, (n, 4))
+    inliers[:120, 0] = rng.integers(15, 60, 120)  # the right class of the landmark queries
+    sims = np.clip(0.7 + 0.05 * rng.standard_normal((n, 4)), 0, 1).astype(np.float32)
+    a, b, c = fit_calibration(sims, labels, inliers, truth)
+    assert a > 0 and b >= 0
+    p = calibrated(np.array([0, 5, 20, 60]), np.full(4, 0.7, np.float32), (a, b, c))
+    assert np.all(np.diff(p) > 0) and p[0] < 0.2 and p[-1] > 0.8
+    # the verified rule with it: the landmark queries rank above the others, and tuning prefers it
+    pred, conf = vote(sims, labels, VoteConfig(rule="verified", calibration=(a, b, c)), inliers=inliers)
+    assert (pred[:120] == 5).all() and conf[:120].min() > conf[120:].max()
+    tuned, record = tune(sims, labels, truth, None, VoteConfig(k=4), TuneConfig(), verified=(sims, labels, inliers))
+    assert tuned.rule == "verified" and record["tuned"]["gap"] > record["top1"]["gap"] + 0.3
+    assert record["tuned"]["accuracy"] > 0.95
 
 
 def test_tuning_uses_the_penalty_when_it_helps():

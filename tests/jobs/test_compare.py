@@ -9,7 +9,8 @@ from pipeline.run.compare import report as write_metrics
 from pipeline.submission import read_submission
 
 GROUPS = {
-    "quality": {"gap", "accuracy", "landmark_accuracy", "map_at_100", "recall_at_k", "mean_class_ap"},
+    "quality": {"gap", "accuracy", "landmark_accuracy", "map_at_100", "recall_at_k", "mean_class_ap",
+                "gap_all_answers", "auc"},
     "cost": {"images_per_second", "extract_seconds", "train_seconds", "index_seconds", "search_seconds",
              "verify_seconds", "dim", "bytes_per_image", "feature_bytes_per_image", "local_feature_bytes_per_image",
              "index_bytes"},
@@ -49,6 +50,36 @@ def test_compare_writes_every_output(run_dir, tiny_synth):
     assert nb.num_rows == 12 * 20  # every query lists every database image (fewer than 100)
     assert set(nb.column("query_id").to_pylist()) == set(queries)
     assert (run_dir / "dead_letters.csv").read_text().startswith("method,split,id,stage,reason,path")
+    # what tuning chose, with its validation figures beside the plain top-1 rule's
+    tuning = metrics["methods"]["hog"]["tuning"]
+    assert tuning["rule"] == "vote" and 0 <= tuning["min_confidence"] <= 1
+    assert tuning["validation"]["landmark_queries"] > 0 and tuning["validation"]["unseen_queries"] > 0
+    assert tuning["validation"]["top1_gap"] is not None
+
+
+def test_confidences_hold_every_answer_before_the_threshold(run_dir, tiny_synth):
+    from reports.metrics import gap
+
+    queries = [r["id"] for r in csv.DictReader(open(tiny_synth / "queries.csv"))]
+    truth = {r["id"]: (int(r["landmark_id"]) if r["landmark_id"] else None)
+             for r in csv.DictReader(open(tiny_synth / "queries.csv"))}
+    table = pq.read_table(run_dir / "confidences" / "hog.parquet")
+    assert sorted(table.column("query_id").to_pylist()) == sorted(queries)
+    meta = json.loads(table.schema.metadata[b"cairn"])
+    rows = {q: (lab, c, k) for q, lab, c, k in zip(*(table.column(n).to_pylist() for n in
+                                                   ("query_id", "landmark_id", "confidence", "kept")), strict=True)}
+    preds = read_submission(str(run_dir / "predictions" / "hog.csv"))
+    for q, (lab, c, kept) in rows.items():
+        assert kept == (lab is not None and c >= meta["threshold"])
+        assert (preds[q] is not None) == kept  # the predictions are the answers that passed the threshold
+        if kept:
+            assert preds[q][0] == lab and preds[q][1] == pytest.approx(c, abs=1e-5)
+    ids = sorted(rows)
+    every = gap([rows[i][0] for i in ids], [rows[i][1] if rows[i][0] is not None else 0.0 for i in ids],
+                [truth[i] for i in ids], ids)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["methods"]["hog"]["quality"]["gap_all_answers"] == pytest.approx(every, abs=1e-6)
+    assert metrics["methods"]["hog"]["quality"]["gap"] <= every + 1e-9  # a threshold can only lower GAP
 
 
 def test_metrics_are_consistent_with_the_predictions(run_dir, tiny_synth):

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from index.recognize import TuneConfig
 from index.synthetic import VectorSet, VectorSetConfig
 from jobs import index as index_job
 from jobs import neighbours as neighbours_job
@@ -139,3 +140,38 @@ def test_dimension_mismatch_and_bad_flags_are_clear_errors(vectors, tmp_path, ca
                              str(tmp_path / "other"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("cairn neighbours: error:")
     assert "Traceback" not in result.stderr
+
+
+def test_a_classifier_learns_its_no_landmark_threshold_on_unseen_classes(vectors, tmp_path):
+    """A copy of the classifier trained without a fifth of the classes answers their images wrongly, with some
+    probability: the threshold learned there makes the classifier say "no landmark" to most queries of
+    landmarks it does not know, and the accuracy of the recognition rises over the untuned classifier's."""
+    from models.classifiers import NearestClassMean
+    from pipeline.featuresets import features_prefix
+    from pipeline.parquet_io import read_shards
+    from pipeline.schemas import labels_of, vectors_of
+    from pipeline.stages.recognize import tune_classifier
+
+    root, truth = vectors
+    table, _ = read_shards(features_prefix(str(root / "db"), "global"))
+    X, y = vectors_of(table), labels_of(table)
+    model = NearestClassMean().fit(X, y)
+    threshold, record = tune_classifier(model, str(root / "db"), TuneConfig())
+    assert 0 < threshold < 1 and record["unseen_classes"] == 12 and record["unseen_queries"] > 0
+    assert record["tuned"]["accuracy"] > record["untuned"]["accuracy"]
+    path = tmp_path / "classifier.npz"
+    model.save(str(path))
+    ix = tmp_path / "ix"
+    assert main(["index", "--features", str(root / "db"), "--out", str(ix), "--factory", "Flat"]) == 0
+    runs = {}
+    for name, extra in (("plain", ["--no-tune"]), ("tuned", [])):
+        assert main(["recognize", "--index", str(ix), "--features", str(root / "queries"), "--out",
+                     str(tmp_path / name), "--classifier", str(path), *extra]) == 0
+        runs[name] = _predictions(tmp_path / name / "predictions.csv")
+    rec = json.loads((tmp_path / "tuned" / "recognize.json").read_text())
+    assert rec["tuning"]["rule"] == "classifier" and rec["tuning"]["tuned"]["min_confidence"] > 0
+
+    def accuracy(preds):
+        return np.mean([(int(preds[q].split()[0]) if preds[q] else None) == t for q, t in truth.items()])
+
+    assert accuracy(runs["tuned"]) > accuracy(runs["plain"])

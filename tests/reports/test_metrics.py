@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from reports import metrics as M
 from reports.metrics import (
     accuracy,
     average_precision_at_k,
@@ -294,3 +295,27 @@ def test_mean_iou_hand_computed():
     assert mean_iou(detections, gt) == pytest.approx(0.5)
     assert mean_iou(detections, {}) == 0.0
     assert mean_iou([], gt) == 0.0
+
+
+def test_threshold_curve_equals_gap_and_accuracy_at_each_threshold():
+    rng = np.random.default_rng(3)
+    thresholds = np.linspace(0, 1, 11)
+    for _ in range(30):
+        n = 40
+        truth = [None if rng.random() < 0.4 else int(rng.integers(0, 4)) for _ in range(n)]
+        pred = [None if rng.random() < 0.2 else int(rng.integers(0, 4)) for _ in range(n)]
+        conf = np.round(rng.random(n), 1).tolist()  # ties
+        gaps, accs = M.threshold_curve(pred, conf, truth, thresholds)
+        for t, g, a in zip(thresholds, gaps, accs, strict=True):
+            kept = [p if p is not None and c >= t else None for p, c in zip(pred, conf, strict=True)]
+            kept_conf = [c if p is not None else 0.0 for p, c in zip(kept, conf, strict=True)]
+            assert abs(M.gap(kept, kept_conf, truth) - g) < 1e-9
+            assert abs(M.accuracy(kept, truth) - a) < 1e-9
+
+
+def test_roc_auc_counts_ties_half_and_needs_both_kinds():
+    assert M.roc_auc([0.9, 0.8, 0.3, 0.1], [True, True, False, False]) == 1.0
+    assert M.roc_auc([0.1, 0.9], [True, False]) == 0.0
+    assert M.roc_auc([0.5, 0.5], [True, False]) == 0.5
+    assert M.roc_auc([0.5, 0.7, 0.5], [True, True, False]) == 0.75
+    assert M.roc_auc([0.5], [True]) is None
