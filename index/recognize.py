@@ -126,18 +126,20 @@ def calibrated(inliers: np.ndarray, sims: np.ndarray, calibration) -> np.ndarray
     if not len(calibration):
         return np.clip(np.nan_to_num(sims, neginf=0.0), 0, 1).astype(np.float32)
     a, b, c = (float(v) for v in calibration)
-    z = a * np.log1p(np.maximum(inliers, 0)) + b * np.clip(np.nan_to_num(sims, neginf=0.0), 0, 1) + c
+    z = a * np.log1p(np.maximum(inliers, 0).astype(np.float64)) + b * np.clip(np.nan_to_num(sims, neginf=0.0), 0, 1) + c
     return (1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))).astype(np.float32)
 
 
 def verified_scores(D: np.ndarray, labels: np.ndarray, inliers: np.ndarray, config: VoteConfig) -> np.ndarray:
-    """[Q, K] rule "verified": each verified neighbour's calibrated probability, a class's best at each of its
-    positions (-inf for missing or unverified neighbours). ``D``: the global similarities, aligned with
+    """[Q, K] rule "verified": the calibrated probability of each neighbour's class from the class's best inlier
+    count and best similarity among its verified neighbours (the features :func:`fit_calibration` fits), at each
+    of its positions (-inf for missing or unverified neighbours). ``D``: the global similarities, aligned with
     ``labels`` and ``inliers`` (inliers -1 = not verified)."""
     valid = np.isfinite(D) & (inliers >= 0)
-    p = np.where(valid, calibrated(inliers, D, config.calibration), 0.0)
     same = (labels[:, :, None] == labels[:, None, :]) & valid[:, None, :]
-    scores = np.max(np.where(same, p[:, None, :], 0.0), axis=2)
+    best_inliers = np.max(np.where(same, np.maximum(inliers, 0)[:, None, :], 0), axis=2)
+    best_sims = np.max(np.where(same, np.clip(np.nan_to_num(D, neginf=0.0), 0, 1)[:, None, :], 0.0), axis=2)
+    scores = calibrated(best_inliers, best_sims, config.calibration)
     return np.where(valid, scores, -np.inf).astype(np.float32)
 
 
@@ -171,6 +173,9 @@ def vote(D: np.ndarray, labels: np.ndarray, config: VoteConfig = VoteConfig(),
     if config.rule == "verified":
         if inliers is None:
             raise ValueError("rule 'verified' needs the inlier counts of a spatial verification")
+        verified_cols = np.nonzero((inliers >= 0).any(axis=0))[0]  # the verified head of the re-ranked lists
+        width = int(verified_cols[-1]) + 1 if len(verified_cols) else 1
+        D, labels, inliers = D[:, :width], labels[:, :width], inliers[:, :width]
         scores = verified_scores(D, labels, inliers, config)
     else:
         labels = labels[:, :min(config.k, D.shape[1])]
@@ -525,7 +530,10 @@ def choose_threshold(pred: np.ndarray, conf: np.ndarray, truth: np.ndarray, conf
     """The no-landmark threshold: the one that maximises ``gap_weight`` x validation GAP + (1 - ``gap_weight``) x
     prior-weighted validation accuracy (a higher threshold drops wrong answers, which accuracy rewards, and right
     ones, which GAP and accuracy punish). Returns (threshold, [{threshold, gap, accuracy, weighted_accuracy}])."""
-    thresholds = np.unique(np.concatenate([[0.0], conf[pred >= 0]]))
+    answered = conf[pred >= 0]
+    thresholds = np.unique(np.concatenate([[0.0], answered]))
+    if len(answered) and answered.max() < 1.0:  # above every answer: "no landmark" for every query
+        thresholds = np.append(thresholds, np.nextafter(np.float32(answered.max()), np.float32(2.0)))
     best_t, best_score, curve = 0.0, -1.0, []
     for t in thresholds:  # a prediction is kept when conf >= t
         p = np.where(conf >= t, pred, NO_LANDMARK)
@@ -538,4 +546,6 @@ def choose_threshold(pred: np.ndarray, conf: np.ndarray, truth: np.ndarray, conf
             best_t, best_score = float(t), score
     if len(curve) > 200:  # keep the record small: about 200 points of the curve
         curve = curve[::-(-len(curve) // 200)]
+    if best_t > 0 and best_t > float(answered.max()):  # every answer dropped: just above the best one
+        return min(1.0, float(np.ceil(best_t * 1e6) / 1e6)), curve
     return float(np.floor(best_t * 1e6) / 1e6), curve  # never above a kept confidence

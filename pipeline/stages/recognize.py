@@ -1,7 +1,9 @@
 """Recognition of a query features folder against an index (`cairn recognize`, and every method of `cairn
-compare`): search, optional spatial re-ranking, then a landmark and confidence per query from the neighbours'
-votes (tuned on held-out database images) or from a classifier. Writes OUT/predictions.csv (Google Landmark
-Recognition format), OUT/neighbours.parquet and OUT/recognize.json. Query sets too large for one process go to
+compare`): search, optional spatial re-ranking, then a landmark and confidence per query from the neighbours
+(index/recognize.py: the top-1 rule, votes, calibrated inliers) or from a classifier, tuned first on validation
+queries made from the database (:func:`tune_on_database`, :func:`tune_classifier`). Writes OUT/predictions.csv
+(Google Landmark Recognition format), OUT/confidences.parquet (every answer before the no-landmark threshold),
+OUT/neighbours.parquet and OUT/recognize.json. Query sets too large for one process go to
 the Beam search job (pipeline/stages/search.py).
 """
 
@@ -101,7 +103,8 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
     ids, counts = class_counts(index.labels)
     unseen_labels = index.labels[split.unseen]
     largest = int(counts[np.isin(ids, unseen_labels)].max()) if len(split.unseen) else 0
-    depth = min(k + min(len(held), 3 * k + 20 + largest), MAX_VALIDATION_DEPTH)
+    # an unseen-landmark query skips the held-out images and every image of its own landmark
+    depth = min(k + min(len(held), 3 * k + 20) + largest, MAX_VALIDATION_DEPTH)
     D, I = search(index, xv, depth, params)
     rows = held[owner]  # the held-out database row of each searched vector
     seen_D, seen_I, un_D, un_I, of_unseen = validation_neighbours(D, I, index.labels, rows, split, k)
@@ -125,6 +128,15 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
         D2, I2, inliers, _ = _verify(index, query_ids, D, I, (verify[0], verify[0], verify[2]))
         verified = (aligned_similarities(D, I, I2), index.labels_of(I2), inliers)
         D, I = D2, I2  # the vote rules score the re-ranked lists, as recognition does
+    # one random order of the validation queries: equal confidences must not rank one kind of query first
+    order = np.random.default_rng(tune_config.seed).permutation(len(truth))
+    D, I, truth = D[order], I[order], truth[order]
+    sims = None if sims is None else sims[order]
+    verified = None if verified is None else tuple(a[order] for a in verified)
+    short = int(np.sum(~np.isfinite(un_D[:, -1]))) if len(un_D) and un_D.shape[1] else 0
+    if short:
+        log.info("recognize: %d of %d unseen-landmark validation queries have fewer than %d neighbours outside their "
+                 "landmark (searched %d deep)", short, len(un_D), k, depth)
     tuned, record = tune(D, index.labels_of(I), truth, sims, base, tune_config, class_counts(remaining), verified)
     record.update(landmark_queries=int(len(split.landmark)), unseen_queries=int(len(split.unseen)),
                   nonlandmark_queries=int(len(split.nonlandmark)))
@@ -246,13 +258,13 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     search_seconds = time.perf_counter() - started
     regions = len(query_ids)
     query_ids = images
+    if penalty and not regional:  # from the similarities of the search, as tuning measures them
+        sims = nonlandmark_sims(index, xq, D, I, vote_config)
     verify_seconds, inliers, verified_sims = 0.0, None, None
     if verify is not None:
         D0, I0 = D, I
         D, I, inliers, verify_seconds = _verify(index, query_ids, D, I, verify)
         verified_sims = aligned_similarities(D0, I0, I)
-    if penalty and not regional:
-        sims = nonlandmark_sims(index, xq, D, I, vote_config)
     started = time.perf_counter()
     classes = None
     if classifier:
@@ -358,7 +370,7 @@ def recognize_queries(index_dir: str, features: str, out: str, vote_config: Vote
     if use_beam(beam, features, list(beam_args or []), BEAM_MIN_QUERIES):
         if verify or classifier:
             raise CairnError("--beam supports neighbour votes only; drop --verify-*/--classifier or use --beam off")
-        if tune_config is not None:
+        if tune_config is not None and tune_config.enabled:
             vote_config, _ = tune_on_database(load_any(index_dir), db_features, vote_config, tune_config,
                                               search_params)
         return recognize_beam(index_dir, features, out, vote_config, neighbours, search_params, workers=workers,
