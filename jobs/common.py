@@ -155,8 +155,12 @@ def vote_args(args) -> tuple[VoteConfig, TuneConfig | None]:
                         class_norm=args.class_norm, nonlandmark_k=args.nonlandmark_k,
                         nonlandmark_weight=args.nonlandmark_weight, margin=args.margin)
         tc = TuneConfig(nonlandmark_prior=args.nonlandmark_prior, gap_weight=args.gap_weight)
-    except ValueError as e:
-        raise CairnError(f"recognition flags: {e}") from e
+    except ValueError as e:  # name the flag, not the field
+        message = str(e)
+        for field in ("nonlandmark_weight", "nonlandmark_prior", "nonlandmark_k", "class_norm", "gap_weight",
+                      "min_confidence", "margin", "aggregate"):
+            message = message.replace(field, "--" + field.replace("_", "-"))
+        raise CairnError(f"recognition flags: {message}") from e
     return vc, None if args.no_tune else tc
 
 
