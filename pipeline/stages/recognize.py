@@ -146,12 +146,15 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
 def aligned_similarities(D: np.ndarray, I: np.ndarray, I2: np.ndarray) -> np.ndarray:
     """[Q, K] the similarities D (of the neighbours I) of the re-ordered neighbours I2 (each row of I2 a
     permutation of the same row of I; -inf where I2 is -1)."""
-    order = np.argsort(I, axis=1, kind="stable")
-    sorted_I = np.take_along_axis(I, order, axis=1)
-    pos = np.empty_like(I2)
-    for q in range(len(I)):  # searchsorted per row (rows are short)
-        pos[q] = order[q, np.clip(np.searchsorted(sorted_I[q], I2[q]), 0, I.shape[1] - 1)]
-    out = np.take_along_axis(D, pos, axis=1)
+    Q, K = I.shape
+    if Q == 0 or K == 0:
+        return np.full(I2.shape, -np.inf, np.float32)
+    span = int(max(I.max(), I2.max())) + 2  # one key range per row: row * span + (id + 1)
+    rows = np.arange(Q)[:, None] * span
+    keys = (rows + I + 1).ravel()
+    order = np.argsort(keys, kind="stable")
+    pos = order[np.clip(np.searchsorted(keys[order], (rows + I2 + 1).ravel()), 0, keys.size - 1)]
+    out = D.ravel()[pos].reshape(I2.shape)
     return np.where(I2 >= 0, out, -np.inf).astype(np.float32)
 
 

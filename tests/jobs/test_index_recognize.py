@@ -175,3 +175,15 @@ def test_a_classifier_learns_its_no_landmark_threshold_on_unseen_classes(vectors
         return np.mean([(int(preds[q].split()[0]) if preds[q] else None) == t for q, t in truth.items()])
 
     assert accuracy(runs["tuned"]) > accuracy(runs["plain"])
+
+
+def test_aligned_similarities_follow_the_reordered_neighbours():
+    from pipeline.stages.recognize import aligned_similarities
+
+    D = np.array([[0.9, 0.8, 0.7, -np.inf], [0.5, 0.4, 0.3, 0.2]], np.float32)
+    I = np.array([[7, 3, 5, -1], [1, 2, 3, 4]])
+    I2 = np.array([[5, 7, 3, -1], [4, 1, 3, 2]])  # re-ranked: each row a permutation of I's
+    out = aligned_similarities(D, I, I2)
+    np.testing.assert_array_equal(out[0, :3], np.float32([0.7, 0.9, 0.8]))
+    assert np.isneginf(out[0, 3])
+    np.testing.assert_array_equal(out[1], np.float32([0.2, 0.5, 0.3, 0.4]))
