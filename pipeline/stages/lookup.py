@@ -5,6 +5,8 @@ table they write, and the similarity to the known non-landmark images).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,6 +44,34 @@ def neighbours_table(query_ids: list[str], D: np.ndarray, I: np.ndarray, index) 
         "score": D[valid].astype(np.float32),
         "landmark_id": pa.array(labels, pa.int64(), mask=labels < 0),
     }, schema=NEIGHBOURS_SCHEMA)
+
+
+CONFIDENCES_SCHEMA = pa.schema([
+    pa.field("query_id", pa.string(), nullable=False),
+    pa.field("landmark_id", pa.int64(), nullable=True),
+    pa.field("confidence", pa.float32(), nullable=False),
+    pa.field("kept", pa.bool_(), nullable=False),
+])
+
+
+def confidences_schema(threshold: float, rule: str) -> pa.Schema:
+    """The confidences' schema with the threshold and the rule in its ``cairn`` metadata."""
+    return CONFIDENCES_SCHEMA.with_metadata({b"cairn": json.dumps({"kind": "confidences", "threshold": threshold,
+                                                                    "rule": rule}).encode()})
+
+
+def confidences_table(query_ids: list[str], pred: np.ndarray, conf: np.ndarray, threshold: float,
+                      rule: str) -> pa.Table:
+    """Every query's best answer and its confidence *before* the no-landmark threshold (query_id, landmark_id
+    (null: none at all), confidence, kept: it passed the threshold), so that the report can draw GAP and accuracy
+    against the threshold and the confidences of landmark and no-landmark queries (OUT/confidences.parquet, or
+    the Beam job's OUT/confidences-*.parquet shards)."""
+    pred = np.asarray(pred, np.int64)
+    return pa.table({"query_id": pa.array(query_ids, pa.string()),
+                     "landmark_id": pa.array(pred, pa.int64(), mask=pred < 0),
+                     "confidence": pa.array(np.asarray(conf, np.float32)),
+                     "kept": pa.array((pred >= 0) & (np.asarray(conf) >= threshold))},
+                    schema=confidences_schema(threshold, rule))
 
 
 def read_queries(features: str):

@@ -9,13 +9,11 @@ the Beam search job (pipeline/stages/search.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import replace
 
 import numpy as np
-import pyarrow as pa
 
 from features.sift import prepare_descriptors
 from index.recognize import (
@@ -45,6 +43,7 @@ from pipeline.stages import costs
 from pipeline.stages.lookup import (
     BEAM_MIN_QUERIES,
     check_same_features,
+    confidences_table,
     group_max,
     neighbours_table,
     nonlandmark_sims,
@@ -205,20 +204,6 @@ def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[f
     return threshold, record
 
 
-def write_confidences(path: str, query_ids: list[str], pred: np.ndarray, conf: np.ndarray, threshold: float,
-                      rule: str) -> None:
-    """OUT/confidences.parquet: every query's best answer and its confidence *before* the no-landmark threshold
-    (query_id, landmark_id (null: none at all), confidence, kept: it passed the threshold), so that the report
-    can draw GAP and accuracy against the threshold and the confidences of landmark and no-landmark queries."""
-    table = pa.table({"query_id": pa.array(query_ids, pa.string()),
-                      "landmark_id": pa.array(pred, pa.int64(), mask=pred < 0),
-                      "confidence": pa.array(np.asarray(conf, np.float32)),
-                      "kept": pa.array((pred >= 0) & (conf >= threshold))})
-    table = table.replace_schema_metadata({b"cairn": json.dumps({"kind": "confidences", "threshold": threshold,
-                                                                 "rule": rule}).encode()})
-    write_table(table, path)
-
-
 def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig = VoteConfig(),
               neighbours: int = 100, classifier: str | None = None, verify=None, tune_config: TuneConfig | None = None,
               db_features: str | None = None, search_params: str | None = None) -> dict:
@@ -286,8 +271,8 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     decide_seconds = time.perf_counter() - started
     fs.makedirs(out)
     write_submission(fs.join(out, "predictions.csv"), query_ids, pred, conf)
-    write_confidences(fs.join(out, "confidences.parquet"), query_ids, raw_pred, raw_conf,
-                      vote_config.min_confidence, rule)
+    write_table(confidences_table(query_ids, raw_pred, raw_conf, vote_config.min_confidence, rule),
+                fs.join(out, "confidences.parquet"))
     keep = min(neighbours, I.shape[1])
     write_table(neighbours_table(query_ids, D[:, :keep], I[:, :keep], index), fs.join(out, "neighbours.parquet"))
     record = {
@@ -371,12 +356,15 @@ def recognize_queries(index_dir: str, features: str, out: str, vote_config: Vote
                  "recognition is not tuned")
         tune_config = None
     if use_beam(beam, features, list(beam_args or []), BEAM_MIN_QUERIES):
+        tuning = None
         if verify or classifier:
             raise CairnError("--beam supports neighbour votes only; drop --verify-*/--classifier or use --beam off")
         if tune_config is not None and tune_config.enabled:
-            vote_config, _ = tune_on_database(load_any(index_dir), db_features, vote_config, tune_config,
-                                              search_params)
+            started = time.perf_counter()
+            vote_config, tuning = tune_on_database(load_any(index_dir), db_features, vote_config, tune_config,
+                                                   search_params)
+            tuning["seconds"] = round(time.perf_counter() - started, 3)
         return recognize_beam(index_dir, features, out, vote_config, neighbours, search_params, workers=workers,
-                              beam_args=beam_args, test_pipeline=test_pipeline)
+                              beam_args=beam_args, test_pipeline=test_pipeline, tuning=tuning)
     return recognize(index_dir, features, out, vote_config, neighbours, classifier=classifier, verify=verify,
                      tune_config=tune_config, db_features=db_features, search_params=search_params)

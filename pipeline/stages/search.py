@@ -6,7 +6,9 @@ Parquet. Each batch is searched, voted (index/recognize.py) and written as two o
 
     OUT/predictions.csv                              Google Landmark Recognition format (one file)
     OUT/neighbours-SSSSS-of-NNNNN.parquet            query_id, rank, id, score, landmark_id (sharded)
-    OUT/recognize.json                               config, counts, timing
+    OUT/confidences-SSSSS-of-NNNNN.parquet           query_id, landmark_id, confidence, kept: every answer
+                                                     before the no-landmark threshold (sharded)
+    OUT/recognize.json                               config, counts, timing, what tuning chose
 
 Every query is accounted for: the job counts the prediction rows it wrote and fails if they differ from the
 query rows it read. The local path (pipeline/stages/recognize.py) does the same in one process for small query sets.
@@ -37,6 +39,8 @@ from pipeline.stages import beamjob
 from pipeline.stages.lookup import (
     NEIGHBOURS_SCHEMA,
     check_same_features,
+    confidences_schema,
+    confidences_table,
     neighbours_table,
     nonlandmark_sims,
     search,
@@ -105,9 +109,13 @@ class SearchAndVote(beam.DoFn):
         if self.predict:
             vc = self.vote_config
             sims = nonlandmark_sims(index, xq, D, I, vc) if vc.nonlandmark_weight > 0 else None
-            pred, conf = vote(D, index.labels_of(I), vc, sims, self.loaded.counts)
-            for q, p, c in zip(query_ids, pred, conf, strict=True):
-                yield beam.pvalue.TaggedOutput("predictions", format_prediction(q, int(p), float(c)))
+            raw_pred, raw_conf = vote(D, index.labels_of(I), vc, sims, self.loaded.counts, threshold=False)
+            table = confidences_table(query_ids, raw_pred, raw_conf, vc.min_confidence, vc.rule)
+            kept = table.column("kept").to_numpy()
+            for q, p, c, k in zip(query_ids, raw_pred, raw_conf, kept, strict=True):
+                yield beam.pvalue.TaggedOutput("predictions", format_prediction(q, int(p) if k else -1,
+                                                                                float(c) if k else 0.0))
+            yield beam.pvalue.TaggedOutput("confidences", table)
         else:  # neighbour lookup only: one line per query, to account for every query
             for q in query_ids:
                 yield beam.pvalue.TaggedOutput("predictions", q)
@@ -131,9 +139,10 @@ def _fit_workers(workers: int, index_dir: str, beam_args: list[str]) -> int:
 
 def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteConfig, neighbours: int = 100,
                    search_params: str | None = None, workers: int = 0, beam_args: list[str] | None = None,
-                   test_pipeline=None, predict: bool = True) -> dict:
+                   test_pipeline=None, predict: bool = True, tuning: dict | None = None) -> dict:
     """Search and vote every query of ``features`` as a Beam job (see the module docstring). Without
-    ``predict`` (`cairn neighbours`), OUT/queries.txt lists the queries searched instead of predictions."""
+    ``predict`` (`cairn neighbours`), OUT/queries.txt lists the queries searched instead of predictions.
+    ``tuning``: the record of the tuning that chose ``vote_config``, kept in OUT/recognize.json."""
     kind = features_kind(features)
     if kind != "global":
         raise CairnError(f"{features} holds {kind} features; the Beam search job takes dense vectors (FAISS "
@@ -149,19 +158,23 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
                          "with whole-image queries)")
     workers = _fit_workers(resolve_workers(workers, queries), index_dir, beam_args or [])
     listing = "predictions.csv" if predict else "queries.txt"
-    job = beamjob.start(out, beam_args, workers, test_pipeline=test_pipeline, clear=("neighbours-*", f"{listing}*"))
+    job = beamjob.start(out, beam_args, workers, test_pipeline=test_pipeline, clear=("neighbours-*", "confidences-*", f"{listing}*"))
     p, out = job.pipeline, job.out
     handle = shared.Shared()
     results = (p | "Read" >> beam.io.ReadFromParquetBatched(shard_pattern(prefix), columns=["id", "vector"])
                | "SearchAndVote" >> beam.ParDo(
                    SearchAndVote(index_dir, vote_config.k, search_params, vote_config, neighbours, handle,
-                                 job.threads, predict)).with_outputs("predictions",
-                                                                                             "neighbours"))
+                                 job.threads, predict)).with_outputs("predictions", "neighbours", "confidences"))
     _ = results.predictions | "WritePredictions" >> beam.io.WriteToText(
         fs.join(out, listing), shard_name_template="", header="id,landmarks" if predict else "id")
     _ = results.neighbours | "WriteNeighbours" >> beam.io.WriteToParquetBatched(
         fs.join(out, "neighbours"), NEIGHBOURS_SCHEMA, num_shards=max(1, len(find_shards(prefix))),
         shard_name_template=SHARD_TEMPLATE, file_name_suffix=".parquet", codec="zstd")
+    if predict:  # every answer before the no-landmark threshold, as the local path's confidences.parquet
+        _ = results.confidences | "WriteConfidences" >> beam.io.WriteToParquetBatched(
+            fs.join(out, "confidences"), confidences_schema(vote_config.min_confidence, vote_config.rule),
+            num_shards=max(1, len(find_shards(prefix))), shard_name_template=SHARD_TEMPLATE,
+            file_name_suffix=".parquet", codec="zstd")
     seconds = job.run()
     lines = fs.read_text(fs.join(out, listing)).splitlines()[1:]
     predicted = sum(1 for line in lines if line.rsplit(",", 1)[-1].strip()) if predict else 0
@@ -173,6 +186,7 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
         "config": {"index": index_dir, "features": features, "vote": cfg.to_dict(vote_config),
                    "neighbours": neighbours, "search_params": search_params, "beam": True},
         "counts": {"queries": queries, "predicted": predicted, "neighbour_rows": listed},
+        **({"tuning": tuning} if predict else {}),
         "runner": job.runner, "workers": workers,
         "seconds": round(seconds, 3),
         "queries_per_second": round(queries / seconds, 1) if seconds > 0 else None,

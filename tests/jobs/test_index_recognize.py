@@ -117,6 +117,30 @@ def test_beam_search_job_equals_the_local_path(vectors, tmp_path):
     np.testing.assert_allclose(local.column("score").to_numpy(), beam.column("score").to_numpy(), rtol=1e-6)
     record = json.loads((tmp_path / "beam" / "recognize.json").read_text())
     assert record["counts"]["queries"] == 400 and record["counts"]["neighbour_rows"] == 4000
+    # the answers before the threshold too, with the threshold and the rule in their metadata
+    local = pq.read_table(tmp_path / "local" / "confidences.parquet").sort_by("query_id")
+    shards = sorted((tmp_path / "beam").glob("confidences-*.parquet"))
+    assert shards and json.loads(pq.read_schema(shards[0]).metadata[b"cairn"])["rule"] == "vote"
+    beam = pq.read_table(shards).sort_by("query_id")
+    assert beam.num_rows == 400 and local.column("query_id").equals(beam.column("query_id"))
+    assert local.column("landmark_id").equals(beam.column("landmark_id"))
+    assert local.column("kept").equals(beam.column("kept"))
+    np.testing.assert_allclose(local.column("confidence").to_numpy(), beam.column("confidence").to_numpy(),
+                               rtol=1e-6)
+
+
+def test_beam_search_job_records_its_tuning(vectors, tmp_path):
+    root, _ = vectors
+    ix = tmp_path / "ix"
+    assert main(["index", "--features", str(root / "db"), "--out", str(ix), "--factory", "Flat"]) == 0
+    assert main(["recognize", "--index", str(ix), "--features", str(root / "queries"), "--out",
+                 str(tmp_path / "beam"), "--beam", "on", "--runner=DirectRunner"]) == 0
+    record = json.loads((tmp_path / "beam" / "recognize.json").read_text())
+    tuned = record["tuning"]["tuned"]
+    assert record["tuning"]["queries"] > 0 and tuned["min_confidence"] == record["config"]["vote"]["min_confidence"]
+    conf = pq.read_table(sorted((tmp_path / "beam").glob("confidences-*.parquet")))
+    kept = conf.column("kept").to_numpy(zero_copy_only=False)
+    assert np.array_equal(kept, conf.column("confidence").to_numpy() >= tuned["min_confidence"])
 
 
 def test_dimension_mismatch_and_bad_flags_are_clear_errors(vectors, tmp_path, capsys):
