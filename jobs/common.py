@@ -7,7 +7,9 @@ flags with these, calls one function of the layers below and prints; command mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import shlex
 import sys
 
 from index.build import parse_memory
@@ -87,6 +89,14 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False
         if name.replace("_", "-") in ours:  # --max_side for --max-side would silently go to Beam
             p.error(f"{name} is not a flag; did you mean {name.replace('_', '-')}?")
     return args, rest
+
+
+def writing(out: str, command: str, argv: list[str] | None, flag: str = "--out") -> contextlib.AbstractContextManager:
+    """The command's exclusive hold on its output folder ``out`` (pipeline/fs.py, locked_folder), for the whole
+    run: a second run writing there ends with one line naming this one. ``argv``: the command's arguments, recorded
+    in the lock so that the other run can say who holds the folder."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return fs.locked_folder(out, shlex.join(["cairn", command, *args]), flag)
 
 
 def add_beam_job_args(p: argparse.ArgumentParser, decode: bool = True) -> None:

@@ -33,6 +33,8 @@ def build_parser():
 def run(argv=None, test_pipeline=None) -> dict:
     """``test_pipeline``: a function that gives a new test pipeline for each of the run's Beam jobs."""
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    metrics = compare(**common.compare_kwargs(args, beam_args), test_pipeline=test_pipeline)
-    common.print_compare(args.out, metrics)
+    kwargs = common.compare_kwargs(args, beam_args)
+    with common.writing(args.out, "compare", argv):
+        metrics = compare(**kwargs, test_pipeline=test_pipeline)
+        common.print_compare(args.out, metrics)
     return metrics
