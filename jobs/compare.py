@@ -15,6 +15,8 @@ index, recognise the queries; then score all methods together. Writes to OUT:
     accounting.json               per method: for each split the manifest rows, images used and dead letters by
                                   stage (rows = used + dead letters), and the index it searched
     work/<method>/...             intermediate outputs (features, index), reused by reruns with the same config
+A rerun into OUT removes the predictions, confidences and neighbours of methods it does not run (logged).
+OUT is held by one run at a time: a second run writing there ends with a line naming the run holding it.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -88,6 +89,7 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
                                              "manifest_sha256": fingerprints,
                                              # so that `cairn report` knows a method the registry does not
                                              "method_descriptions": {n: described[n] for n in names}})
+    remove_dropped_methods(out, names)
     ctx = RunContext(train, queries, fs.join(out, "work"), decode, workers, threads, tuple(beam_args or ()), vote,
                      neighbours, force, tune=tune, index=index, boxes=boxes, test_pipelines=test_pipeline)
     query_ids = read["queries"].ids
@@ -114,6 +116,22 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
     with ledger.stage("report", fs.join(out, "report.html"), name="metrics and report") as st:
         st.update(units=len(query_ids) * len(names), grows=[["queries", None]])
         return write_metrics(out, report, strict=False, methods=methods.descriptions())
+
+
+# each method's results in OUT: folder -> the file name's ending
+METHOD_OUTPUTS = {"predictions": ".csv", "confidences": ".parquet", "neighbours": ".parquet"}
+
+
+def remove_dropped_methods(out: str, names: list[str]) -> None:
+    """Remove the results (METHOD_OUTPUTS) of methods that are not among ``names`` from OUT: an earlier run into
+    this folder with other methods left them, and they would be taken for this run's."""
+    for folder, ending in METHOD_OUTPUTS.items():
+        pattern = fs.join(fs.escape(fs.join(out, folder)), f"*{ending}")
+        stale = [p for p in fs.glob(pattern) if posixpath.basename(p)[: -len(ending)] not in names]
+        for path in stale:
+            log.info("compare: removed %s: %s is not among this run's methods", path,
+                     posixpath.basename(path)[: -len(ending)])
+        fs.delete(stale)
 
 
 def _dead_rows(method: str, dead_letters: dict[str, str]) -> list[tuple]:

@@ -165,3 +165,20 @@ def test_a_database_of_dead_letters_ends_with_its_accounting_written_and_named(t
     assert {r["method"] for r in rows} == {"hog"} and all(r["reason"] for r in rows)
     counts = json.loads((out / "accounting.json").read_text())["hog"]["splits"]["train"]
     assert counts["inputs"] == 4 and counts["outputs"] == 0 and counts["dead_letters"] == 4
+
+
+def test_a_rerun_with_fewer_methods_leaves_only_its_own_results(run_dir, tiny_synth, caplog):
+    """A run into a folder where an earlier run had more methods: the dropped method's predictions, confidences
+    and neighbours go (with a log line each), so nothing in OUT looks like a result of this run that is not."""
+    import logging
+    import shutil
+
+    for folder, ending in (("predictions", ".csv"), ("confidences", ".parquet"), ("neighbours", ".parquet")):
+        shutil.copy(run_dir / folder / f"hog{ending}", run_dir / folder / f"sift-bovw{ending}")
+    with caplog.at_level(logging.INFO, logger="pipeline.run.compare"):
+        compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(run_dir), ["hog"], workers=2)
+    for folder, ending in (("predictions", ".csv"), ("confidences", ".parquet"), ("neighbours", ".parquet")):
+        assert sorted(p.name for p in (run_dir / folder).iterdir()) == [f"hog{ending}"]
+        assert f"removed {run_dir / folder / f'sift-bovw{ending}'}: sift-bovw is not among this run's methods" \
+            in caplog.text
+    assert list(json.loads((run_dir / "metrics.json").read_text())["methods"]) == ["hog"]
