@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import os
 import posixpath
 import re
 import threading
@@ -96,17 +98,50 @@ def _atomic_local(path: str):
     import tempfile
 
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    except OSError as e:
+        if disk_full(e):
+            raise CairnError(disk_full_message(folder, os.path.basename(path))) from e
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, Exception) and not isinstance(e, CairnError) and disk_full(e):
+            raise CairnError(disk_full_message(folder, os.path.basename(path))) from e
         raise
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_DISK_FULL_TEXTS = tuple(os.strerror(n) for n in sorted(_DISK_FULL_ERRNOS))  # "No space left on device", ...
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from, says that a disk is full (ENOSPC) or a quota is spent
+    (EDQUOT): as an OSError, or in the text of a library's error (FAISS, Arrow, TensorFlow and Beam's workers
+    pass it on as text)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(error) for text in _DISK_FULL_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_message(folder: str, writing: str = "", hint: str = "choose another output folder") -> str:
+    """The one line for a disk that filled up while writing into ``folder`` (``writing``: the file, if known)."""
+    what = f" while writing {writing}" if writing else ""
+    return (f"the disk holding {folder} is full (no space left on device){what}; nothing half-written was kept "
+            f"under a final name: free some space there, or {hint}, and run again")
 
 
 @functools.cache

@@ -277,3 +277,29 @@ def test_a_second_writer_into_a_folder_in_use_ends_in_one_line_and_writes_nothin
             assert f"`{first}` since " in lines[0] and "; wait for it or choose another" in lines[0], lines[0]
             assert sorted(p.name for p in out.iterdir()) == [fs.LOCK_NAME, "metrics.json"], name
             assert (out / fs.LOCK_NAME).read_text() == lock and (out / "metrics.json").read_text() == "{}"
+
+
+def test_a_full_disk_ends_in_one_line_naming_the_folder_with_nothing_that_looks_complete(hog_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """The disk fills up while `cairn index` writes (FAISS says so in its own error, after part of the file):
+    one line naming the output folder and the full disk; no index file, temporary or final, and no index.json."""
+    import faiss
+
+    from jobs import cli
+
+    def full_disk(index, path):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4051)
+        raise RuntimeError(f"Error in void faiss::write_index(const Index*, IOWriter*, int) at index_write.cpp:499: "
+                           f"Error: 'ret == (size * 4)' failed: write error in {path}: 4051 != 2560000 (No space "
+                           "left on device)")
+
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    out = tmp_path / "index"
+    assert cli.main(["index", "--features", str(hog_run / "train"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cairn")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"cairn index: error: the disk holding {out} is full (no space left on device)"), err
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+    assert not [n for n in left if n.endswith((".faiss", ".tmp", "index.json"))], left

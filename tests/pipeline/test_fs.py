@@ -102,3 +102,55 @@ def test_a_file_in_the_way_is_one_line(tmp_path):
     with pytest.raises(CairnError, match="is a file, but an output folder is needed there; give another --out"), \
             fs.locked_folder(str(tmp_path / "f"), "cairn extract"):
         pass
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A write that runs out of space (ENOSPC half-way through the file): one CairnError naming the folder and
+    saying the disk is full; the file keeps its old content (or stays absent), and no temporary file is left."""
+    import errno
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.json").write_text('{"old": 1}')
+    for name in ("new.parquet", "old.json"):
+        with pytest.raises(CairnError) as error:
+            fs.write_bytes(str(out / name), b"x" * 1000)
+        assert str(error.value).startswith(f"the disk holding {out} is full (no space left on device) while writing "
+                                           f"{name}; "), error.value
+    assert sorted(p.name for p in out.iterdir()) == ["old.json"] and (out / "old.json").read_text() == '{"old": 1}'
+
+
+def test_a_full_disk_is_recognised_in_library_errors():
+    import errno
+
+    assert fs.disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert fs.disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    faiss_error = RuntimeError("Error in void faiss::write_index(...): write error in /x: 4051 != 2560000 (No space "
+                               "left on device)")
+    assert fs.disk_full(faiss_error)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("a Beam worker failed") from e
+    except RuntimeError as wrapped:
+        assert fs.disk_full(wrapped)
+    assert not fs.disk_full(OSError(errno.EACCES, "Permission denied")) and not fs.disk_full(ValueError("x"))
