@@ -6,6 +6,7 @@ layers). Embedding models (features/embedding.py), DELF models (features/delf.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
@@ -20,10 +21,15 @@ def save_with_metadata(model, path: str, metadata: dict, what: str = "a model") 
     if not path.endswith(".keras"):
         raise ValueError(f"{what} is saved as a .keras file, not {path!r}")
     tmp = path + ".tmp.keras"
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as z:
-        z.writestr(METADATA_MEMBER, json.dumps(metadata, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as z:
+            z.writestr(METADATA_MEMBER, json.dumps(metadata, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:  # a save that failed part-way (a full disk) leaves nothing that looks like a model
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def read_metadata(path: str, fmt: str, version: int, what: str, hint: str) -> dict:

@@ -465,6 +465,12 @@ def invalidate(folder: str) -> None:
 
 
 def _write_index(index: faiss.Index, path: str) -> None:
+    """FAISS's write_index, atomically: a write that fails (a full disk) leaves no part of the file behind."""
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    faiss.write_index(index, tmp)
-    os.replace(tmp, path)
+    try:
+        faiss.write_index(index, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise

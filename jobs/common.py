@@ -7,7 +7,9 @@ flags with these, calls one function of the layers below and prints; command mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import shlex
 import sys
 
 from index.build import parse_memory
@@ -87,6 +89,25 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False
         if name.replace("_", "-") in ours:  # --max_side for --max-side would silently go to Beam
             p.error(f"{name} is not a flag; did you mean {name.replace('_', '-')}?")
     return args, rest
+
+
+@contextlib.contextmanager
+def writing(out: str, command: str, argv: list[str] | None, flag: str = "--out"):
+    """The command's exclusive hold on its output folder ``out`` (pipeline/fs.py, locked_folder), for the whole
+    run: a second run writing there ends with one line naming this one. ``argv``: the command's arguments, recorded
+    in the lock so that the other run can say who holds the folder. A disk that fills up during the run (an
+    error of any library that says so) ends it with one line naming ``out``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    with fs.locked_folder(out, shlex.join(["cairn", command, *args]), flag):
+        try:
+            yield
+        except CairnError:
+            raise
+        except Exception as e:
+            if not fs.disk_full(e):
+                raise
+            where = getattr(e, "filename", None) or out
+            raise CairnError(fs.disk_full_message(where, hint=f"choose another {flag}")) from e
 
 
 def add_beam_job_args(p: argparse.ArgumentParser, decode: bool = True) -> None:

@@ -15,6 +15,8 @@ index, recognise the queries; then score all methods together. Writes to OUT:
     accounting.json               per method: for each split the manifest rows, images used and dead letters by
                                   stage (rows = used + dead letters), and the index it searched
     work/<method>/...             intermediate outputs (features, index), reused by reruns with the same config
+A rerun into OUT removes the predictions, confidences and neighbours of methods it does not run (logged).
+OUT is held by one run at a time: a second run writing there ends with a line naming the run holding it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def build_parser():
 def run(argv=None, test_pipeline=None) -> dict:
     """``test_pipeline``: a function that gives a new test pipeline for each of the run's Beam jobs."""
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    metrics = compare(**common.compare_kwargs(args, beam_args), test_pipeline=test_pipeline)
-    common.print_compare(args.out, metrics)
+    kwargs = common.compare_kwargs(args, beam_args)
+    with common.writing(args.out, "compare", argv):
+        metrics = compare(**kwargs, test_pipeline=test_pipeline)
+        common.print_compare(args.out, metrics)
     return metrics

@@ -48,10 +48,12 @@ def run(argv=None, test_pipeline=None) -> dict:
     """``test_pipeline``: a function that gives a new test pipeline for each of the run's Beam jobs."""
     args, beam_args = common.parse_beam_job(build_parser(), argv)
     vote, tune = common.vote_args(args)
-    made, metrics = demo(args.out, SynthConfig(seed=args.seed, classes=args.classes, views=args.views),
-                         args.methods, args.pretrained, args.set, args.bad_inputs, workers=args.workers,
-                         threads=args.threads_per_worker, beam_args=beam_args, force=args.force, vote=vote,
-                         tune=tune, report=common.report_config(args), test_pipeline=test_pipeline)
+    report = common.report_config(args)
+    with common.writing(args.out, "demo", argv):
+        made, metrics = demo(args.out, SynthConfig(seed=args.seed, classes=args.classes, views=args.views),
+                             args.methods, args.pretrained, args.set, args.bad_inputs, workers=args.workers,
+                             threads=args.threads_per_worker, beam_args=beam_args, force=args.force, vote=vote,
+                             tune=tune, report=report, test_pipeline=test_pipeline)
     data, run_dir = os.path.join(args.out, "data"), os.path.join(args.out, "run")
     print()
     print(common.summary_table(metrics))

@@ -26,5 +26,6 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    return encode(args.features, args.encoder, args.out, workers=args.workers, threads=args.threads_per_worker,
-                  beam_args=beam_args, force=args.force, test_pipeline=test_pipeline)
+    with common.writing(args.out, "encode", argv):
+        return encode(args.features, args.encoder, args.out, workers=args.workers, threads=args.threads_per_worker,
+                      beam_args=beam_args, force=args.force, test_pipeline=test_pipeline)

@@ -86,7 +86,8 @@ def run(argv=None, test_pipeline=None) -> dict:
     if args.method not in EXTRACTORS:
         methods.check([args.method])  # an unknown name is told apart from a method that is no extractor
     params = extractor_params(args.method, args.param)
-    return extract(args.manifest, args.out, args.method, params, decode=common.decode_config(args),
-                   workers=args.workers, threads=args.threads_per_worker, num_shards=args.num_shards,
-                   beam_args=beam_args, force=args.force, test_pipeline=test_pipeline,
-                   detect=detect_config(args.detector, args.detect))
+    decode, detect = common.decode_config(args), detect_config(args.detector, args.detect)
+    with common.writing(args.out, "extract", argv):
+        return extract(args.manifest, args.out, args.method, params, decode=decode, workers=args.workers,
+                       threads=args.threads_per_worker, num_shards=args.num_shards, beam_args=beam_args,
+                       force=args.force, test_pipeline=test_pipeline, detect=detect)

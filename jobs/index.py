@@ -37,9 +37,11 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    record = build_index(args.features, args.out, common.index_config(args), progress=sys.stderr.isatty(),
-                         beam=args.beam, beam_args=beam_args, workers=args.workers, test_pipeline=test_pipeline,
-                         threads=args.threads_per_worker)
+    config = common.index_config(args)
+    with common.writing(args.out, "index", argv):
+        record = build_index(args.features, args.out, config, progress=sys.stderr.isatty(), beam=args.beam,
+                             beam_args=beam_args, workers=args.workers, test_pipeline=test_pipeline,
+                             threads=args.threads_per_worker)
     print(f"index: {record['count']:,} vectors of dim {record['dim']} as {record['factory']} "
           f"({record['index_bytes'] / 1e6:.1f} MB, {record['seconds']:.1f} s) in {args.out}")
     return record

@@ -26,7 +26,9 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, beam_args = common.parse_beam_job(build_parser(), argv)
-    record = find_neighbours(args.index, args.features, args.out, args.k, args.search_params, args.csv,
-                             beam=args.beam, workers=args.workers, beam_args=beam_args, test_pipeline=test_pipeline)
+    with common.writing(args.out, "neighbours", argv):
+        record = find_neighbours(args.index, args.features, args.out, args.k, args.search_params, args.csv,
+                                 beam=args.beam, workers=args.workers, beam_args=beam_args,
+                                 test_pipeline=test_pipeline)
     print(f"neighbours: {record['counts']['queries']:,} queries searched; results in {args.out}")
     return record

@@ -88,10 +88,11 @@ def run(argv=None, test_pipeline=None) -> dict:
         raise CairnError(f"--runner={runner}: cairn plan measures its samples on this machine; give the cluster's "
                          "size with --workers and --cores-per-worker, and no --runner")
     ic = common.index_config(args)
-    record = make_plan(compare_argv, args.train, args.queries, args.out, CHILD, sample=args.sample,
-                       worker_counts=tuple(worker_counts), cores_per_worker=args.cores_per_worker, device=args.device,
-                       target=args.target, reuse=args.reuse, force=args.force, memory_budget=ic.memory_budget,
-                       factory=ic.factory, search=ic.search)
+    with common.writing(args.out, "plan", argv):
+        record = make_plan(compare_argv, args.train, args.queries, args.out, CHILD, sample=args.sample,
+                           worker_counts=tuple(worker_counts), cores_per_worker=args.cores_per_worker,
+                           device=args.device, target=args.target, reuse=args.reuse, force=args.force,
+                           memory_budget=ic.memory_budget, factory=ic.factory, search=ic.search)
     for res in record["plans"]:
         print(describe(res))
         print()

@@ -61,7 +61,8 @@ def run(argv=None, test_pipeline=None) -> dict:
             verify = (args.verify_db, args.verify_queries, RerankConfig(top_k=args.verify_top_k))
         except ValueError as e:
             raise CairnError(f"--verify-top-k: {e}") from e
-    return recognize_queries(args.index, args.features, args.out, vc, args.neighbours, classifier=args.classifier,
-                             verify=verify, tune_config=tc, db_features=args.tune_db,
-                             search_params=args.search_params, beam=args.beam, workers=args.workers,
-                             beam_args=beam_args, test_pipeline=test_pipeline)
+    with common.writing(args.out, "recognize", argv):
+        return recognize_queries(args.index, args.features, args.out, vc, args.neighbours,
+                                 classifier=args.classifier, verify=verify, tune_config=tc, db_features=args.tune_db,
+                                 search_params=args.search_params, beam=args.beam, workers=args.workers,
+                                 beam_args=beam_args, test_pipeline=test_pipeline)

@@ -28,7 +28,9 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, _ = common.parse(build_parser(), argv)
-    metrics = report(args.run, common.report_config(args))
+    config = common.report_config(args)
+    with common.writing(args.run, "report", argv, flag="RUN folder"):
+        metrics = report(args.run, config)
     print(common.summary_table(metrics))
     print(f"metrics:   {fs.join(args.run, 'metrics.json')}")
     print(f"per class: {fs.join(args.run, 'per_class.csv')}")

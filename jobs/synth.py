@@ -55,5 +55,6 @@ def build_parser():
 def run(argv=None, test_pipeline=None) -> dict:
     args, _ = common.parse(build_parser(), argv)
     config = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
-    return synth(args.out, config, args.workers, args.force, progress=not args.no_progress,
-                 bad_inputs=args.bad_inputs)
+    with common.writing(args.out, "synth", argv, flag="OUT folder"):
+        return synth(args.out, config, args.workers, args.force, progress=not args.no_progress,
+                     bad_inputs=args.bad_inputs)

@@ -56,9 +56,11 @@ def run(argv=None, test_pipeline=None) -> dict:
     if not source:
         raise CairnError(f"--method {args.method} needs " + ("--manifest (the database images)" if on_images
                                                              else "--features (a features folder)"))
-    record = trainers.train(args.method, source, args.out, parse_overrides(args.set), workers=max(1, args.workers),
-                           beam_args=beam_args, force=args.force, decode=common.decode_config(args),
-                           boxes=args.boxes, test_pipeline=(lambda: test_pipeline) if test_pipeline else None)
+    config, decode = parse_overrides(args.set), common.decode_config(args)
+    with common.writing(args.out, "train", argv):
+        record = trainers.train(args.method, source, args.out, config, workers=max(1, args.workers),
+                                beam_args=beam_args, force=args.force, decode=decode, boxes=args.boxes,
+                                test_pipeline=(lambda: test_pipeline) if test_pipeline else None)
     if record.get("trained") is False:
         print(f"{args.method}: nothing to train with these parameters (hog.pca_dim=0: raw HoG + kNN).")
     else:

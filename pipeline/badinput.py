@@ -34,6 +34,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from pipeline import fs
+
 # kind -> (expected outcome, what the record is)
 KINDS: dict[str, tuple[str, str]] = {
     "jpeg-truncated": ("decode", "a JPEG cut to half its bytes"),
@@ -219,14 +221,12 @@ def _split_records(folder: str, split: str, rows: list[dict], rng: np.random.Gen
         if kind in variants:
             ext, data = variants[kind]
             path = f"{sub}/{kind}{ext}"
-            with open(os.path.join(folder, path), "wb") as f:
-                f.write(data)
+            fs.write_bytes(os.path.join(folder, path), data)
             add(kind, image_id, path, base["landmark_id"])
         elif kind.startswith("path-"):
             name = {"path-spaces-non-ascii": "Torre dos Clérigos — vista 2 ü.jpg",
                     "path-quoted-comma": 'Ribeira, "north" side.jpg', "path-absolute": "absolute.jpg"}[kind]
-            with open(os.path.join(folder, sub, name), "wb") as f, open(os.path.join(folder, base["path"]), "rb") as src:
-                f.write(src.read())
+            fs.copy_file(os.path.join(folder, base["path"]), os.path.join(folder, sub, name))
             path = os.path.abspath(os.path.join(folder, sub, name)) if kind == "path-absolute" else f"{sub}/{name}"
             add(kind, image_id, path, base["landmark_id"])
         elif kind == "missing-file":
@@ -271,14 +271,11 @@ def add_bad_inputs(folder: str, seed: int = 0) -> dict[str, str]:
             w.writerows([r["id"], r["path"], r["landmark_id"]] for r in rows)
             w.writerows(bad_rows)
             text = buf.getvalue()
-        with open(paths[split], "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        fs.write_text(paths[split], text)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     w.writerows(described)
-    with open(paths["records"], "w", encoding="utf-8", newline="") as f:
-        f.write(buf.getvalue())
-    with open(paths["missing_columns"], "w", encoding="utf-8", newline="") as f:
-        f.write("id,landmark_id\nimage-1,3\n")
+    fs.write_text(paths["records"], buf.getvalue())  # every file whole or absent (a full disk, a killed run)
+    fs.write_text(paths["missing_columns"], "id,landmark_id\nimage-1,3\n")
     return paths

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import os
 import posixpath
 import re
 import threading
@@ -96,17 +98,50 @@ def _atomic_local(path: str):
     import tempfile
 
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    except OSError as e:
+        if disk_full(e):
+            raise CairnError(disk_full_message(folder, os.path.basename(path))) from e
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, Exception) and not isinstance(e, CairnError) and disk_full(e):
+            raise CairnError(disk_full_message(folder, os.path.basename(path))) from e
         raise
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_DISK_FULL_TEXTS = tuple(os.strerror(n) for n in sorted(_DISK_FULL_ERRNOS))  # "No space left on device", ...
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from, says that a disk is full (ENOSPC) or a quota is spent
+    (EDQUOT): as an OSError, or in the text of a library's error (FAISS, Arrow, TensorFlow and Beam's workers
+    pass it on as text)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(error) for text in _DISK_FULL_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_message(folder: str, writing: str = "", hint: str = "choose another output folder") -> str:
+    """The one line for a disk that filled up while writing into ``folder`` (``writing``: the file, if known)."""
+    what = f" while writing {writing}" if writing else ""
+    return (f"the disk holding {folder} is full (no space left on device){what}; nothing half-written was kept "
+            f"under a final name: free some space there, or {hint}, and run again")
 
 
 @functools.cache
@@ -138,6 +173,132 @@ def makedirs(path: str) -> None:
         if os.path.exists(path) and not os.path.isdir(path):
             raise CairnError(f"{path} is a file, but an output folder is needed there; give another --out")
         os.makedirs(path, exist_ok=True)
+
+
+LOCK_NAME = ".cairn-lock"  # the file in a locked output folder that names the run holding it
+
+# Folders this process holds locked -> [lock file descriptor, depth]: a nested lock of a folder the process already
+# holds (a command calling a stage into its own --out) is a no-op instead of a lock against itself.
+_HELD: dict[str, list[int]] = {}
+_HELD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def locked_folder(path: str, command: str, flag: str = "--out"):
+    """Hold an exclusive lock on the local output folder ``path`` (created when missing) for the block: two runs
+    writing into one folder would mix their outputs. The lock is ``flock`` on ``path/.cairn-lock``, which holds
+    the run's pid, host, ``command`` (its command line) and start time; the kernel releases it when the process
+    ends however it ends, so a lock file left by a killed run holds nobody. A folder another process holds is a
+    CairnError naming that run (``flag``: the option that chose the folder, for the hint). The lock file goes when
+    the block ends, and so does the folder when this call created it and it is still empty. Folders on object
+    stores (gs://, s3://) are not locked: those have no locks."""
+    if has_scheme(path):
+        yield
+        return
+    import os
+
+    folder = os.path.abspath(path)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CairnError(f"{path} is a file, but an output folder is needed there; give another {flag}")
+    created = []  # the folders this call makes, deepest first
+    parent = folder
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(folder, exist_ok=True)
+    key = os.path.realpath(folder)
+    with _HELD_LOCK:
+        nested = key in _HELD
+        if nested:
+            _HELD[key][1] += 1
+        else:
+            try:
+                _HELD[key] = [_lock(folder, path, command, flag), 1]
+            except BaseException:
+                _remove_empty(created)
+                raise
+    try:
+        yield
+    finally:
+        with _HELD_LOCK:
+            _HELD[key][1] -= 1
+            if not _HELD[key][1]:
+                fd = _HELD.pop(key)[0]
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, LOCK_NAME))  # while still locked: see _lock
+                os.close(fd)
+                _remove_empty(created)
+
+
+def _lock(folder: str, shown: str, command: str, flag: str) -> int:
+    """The descriptor of ``folder``'s lock file, locked and holding this run's description."""
+    import datetime
+    import fcntl
+    import json
+    import os
+    import socket
+
+    lock_path = os.path.join(folder, LOCK_NAME)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise CairnError(f"{shown} is in use by another cairn run ({holder}); wait for it or choose another "
+                             f"{flag}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # the holder removes the file before it unlocks: a file locked after that is no longer the folder's lock
+        try:
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+            break
+        os.close(fd)
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": started})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (record + "\n").encode("utf-8"), 0)
+    return fd
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock file, in words, from what it holds."""
+    import json
+    import os
+    import socket
+
+    try:
+        record = json.loads(os.pread(fd, 1 << 16, 0).decode("utf-8"))
+        pid, host, command, started = record["pid"], record["host"], record["command"], record["started"]
+    except (ValueError, KeyError, TypeError, OSError):  # it has locked the file but not written it yet
+        return "it has just started"
+    command = command if len(command) <= 400 else command[:397] + "..."
+    words = f"pid {pid} on host {host}, `{command}` since {started}"
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            words += f"; pid {pid} has ended, but processes it started still hold the folder"
+        except (OSError, ValueError):
+            pass
+    return words
+
+
+def _remove_empty(folders: list[str]) -> None:
+    """Remove the folders (deepest first) that are empty, up to the first that is not."""
+    import os
+
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def escape(path: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from pipeline.errors import CairnError, parse_dead_letters
 from pipeline.images import DecodeConfig
 from pipeline.manifest import manifest_fingerprint, read_manifest
 from pipeline.run import ledger, methods
-from pipeline.run.recipes import RunContext, run_method
+from pipeline.run.recipes import NoDatabaseImages, RunContext, run_method
 from pipeline.run.settings import MethodsConfig
 from pipeline.submission import read_submission, write_submission
 from reports.html import ReportConfig
@@ -88,32 +89,64 @@ def compare(train: str, queries: str, out: str, method_names: list[str], *, deco
                                              "manifest_sha256": fingerprints,
                                              # so that `cairn report` knows a method the registry does not
                                              "method_descriptions": {n: described[n] for n in names}})
+    remove_dropped_methods(out, names)
     ctx = RunContext(train, queries, fs.join(out, "work"), decode, workers, threads, tuple(beam_args or ()), vote,
                      neighbours, force, tune=tune, index=index, boxes=boxes, test_pipelines=test_pipeline)
     query_ids = read["queries"].ids
     dead_rows, accounting = [], {}
     for name in names:
         log.info("compare: method %s", name)
-        result = run_method(methods.METHODS[name], config, ctx)
+        try:
+            result = run_method(methods.METHODS[name], config, ctx)
+        except NoDatabaseImages as e:  # the run ends, with what became of every row written where it says
+            accounting[name] = {"splits": {split: r["counts"] for split, r in e.records.items()}, "index": None}
+            dead_rows += _dead_rows(name, {split: r["outputs"]["dead_letters"] for split, r in e.records.items()})
+            write_accounting(out, dead_rows, accounting)
+            raise CairnError(f"{name}: {e}; each row's reason is in {fs.join(out, 'dead_letters.csv')} and the "
+                             f"counts in {fs.join(out, 'accounting.json')}") from None
         cfg.save_json(fs.join(out, "work", name, "costs.json"), result["costs"])
         complete_submission(fs.join(result["recognize"], "predictions.csv"), query_ids,
                             fs.join(out, "predictions", f"{name}.csv"))
         fs.copy_file(fs.join(result["recognize"], "neighbours.parquet"), fs.join(out, "neighbours", f"{name}.parquet"))
         fs.copy_file(fs.join(result["recognize"], "confidences.parquet"),
                      fs.join(out, "confidences", f"{name}.parquet"))
-        for split, path in result["dead_letters"].items():
-            for d in parse_dead_letters(fs.read_text(path)):
-                dead_rows.append((name, split, *d))
+        dead_rows += _dead_rows(name, result["dead_letters"])
         accounting[name] = {"splits": result["counts"], "index": result["index"]}
+    write_accounting(out, dead_rows, accounting)
+    with ledger.stage("report", fs.join(out, "report.html"), name="metrics and report") as st:
+        st.update(units=len(query_ids) * len(names), grows=[["queries", None]])
+        return write_metrics(out, report, strict=False, methods=methods.descriptions())
+
+
+# each method's results in OUT: folder -> the file name's ending
+METHOD_OUTPUTS = {"predictions": ".csv", "confidences": ".parquet", "neighbours": ".parquet"}
+
+
+def remove_dropped_methods(out: str, names: list[str]) -> None:
+    """Remove the results (METHOD_OUTPUTS) of methods that are not among ``names`` from OUT: an earlier run into
+    this folder with other methods left them, and they would be taken for this run's."""
+    for folder, ending in METHOD_OUTPUTS.items():
+        pattern = fs.join(fs.escape(fs.join(out, folder)), f"*{ending}")
+        stale = [p for p in fs.glob(pattern) if posixpath.basename(p)[: -len(ending)] not in names]
+        for path in stale:
+            log.info("compare: removed %s: %s is not among this run's methods", path,
+                     posixpath.basename(path)[: -len(ending)])
+        fs.delete(stale)
+
+
+def _dead_rows(method: str, dead_letters: dict[str, str]) -> list[tuple]:
+    """(method, split, id, stage, reason, path) of every dead letter in the CSV files ``dead_letters`` {split: path}."""
+    return [(method, split, *d) for split, path in dead_letters.items() for d in parse_dead_letters(fs.read_text(path))]
+
+
+def write_accounting(out: str, dead_rows: list[tuple], accounting: dict) -> None:
+    """OUT/dead_letters.csv (every method's dead letters, ``dead_rows``) and OUT/accounting.json."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(("method", "split", "id", "stage", "reason", "path"))
     w.writerows(dead_rows)
     fs.write_text(fs.join(out, "dead_letters.csv"), buf.getvalue())
     cfg.save_json(fs.join(out, "accounting.json"), accounting)
-    with ledger.stage("report", fs.join(out, "report.html"), name="metrics and report") as st:
-        st.update(units=len(query_ids) * len(names), grows=[["queries", None]])
-        return write_metrics(out, report, strict=False, methods=methods.descriptions())
 
 
 def report(run_dir: str, config: ReportConfig = ReportConfig()) -> dict:

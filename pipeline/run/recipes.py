@@ -57,6 +57,15 @@ class RunContext:
 # building blocks: one stage, timed in the ledger from the cost it returns
 
 
+class NoDatabaseImages(CairnError):
+    """Every database image of a method's extraction is a dead letter: nothing to train on or index.
+    ``records``: the extraction records written so far, by split (their counts and dead letters)."""
+
+    def __init__(self, message: str, records: dict):
+        super().__init__(message)
+        self.records = records
+
+
 def _stage(kind: str, key: str, fn: Callable[[], dict], images: str = "train", **info) -> dict:
     """Run ``fn`` (a stage body) as the ledger's stage ``kind`` under ``key``; ``images``: the run's quantity
     its input images are ("train" or "queries")."""
@@ -89,6 +98,11 @@ def extract_both(ctx: RunContext, extractor: str, params: dict, folder: str,
             threads=ctx.threads, beam_args=list(ctx.beam_args), force=ctx.force, detect=detect,
             test_pipeline=_pipeline(ctx)), images=split,
             name=f"extract {extractor}{'+det' if detect else ''}", split=split)
+        counts = records[split]["counts"]
+        if split == "train" and not counts["outputs"]:
+            stages = ", ".join(f"{k} {v}" for k, v in sorted(counts["dead_by_stage"].items()))
+            raise NoDatabaseImages(f"every database image ({counts['inputs']} manifest rows) is a dead letter of the "
+                                   f"{extractor} extraction ({stages}): there is nothing to index", records)
     return records
 
 

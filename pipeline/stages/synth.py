@@ -9,6 +9,7 @@ import os
 import shutil
 
 from pipeline import config as cfg
+from pipeline import fs
 from pipeline.badinput import KINDS, add_bad_inputs
 from pipeline.errors import CairnError
 from pipeline.synthetic import SynthConfig, generate
@@ -45,7 +46,7 @@ def _synth(out: str, config: SynthConfig, workers: int, force: bool, progress: b
     if not force and cfg.check_reusable(record, cfg.to_dict(config)):
         log.info("synth: %s already holds this data set (same config); --force regenerates", out)
         return cfg.load_json(record)
-    if os.path.isdir(out) and os.listdir(out):
+    if os.path.isdir(out) and set(os.listdir(out)) - {fs.LOCK_NAME}:  # the lock of the command writing here
         if not os.path.exists(record) and not force:
             raise CairnError(f"{out} is not empty and holds no synthetic data set; pick an empty folder or --force")
         shutil.rmtree(os.path.join(out, "images"), ignore_errors=True)

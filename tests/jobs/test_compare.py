@@ -144,3 +144,41 @@ def test_report_methods_are_checked_before_any_work(tmp_path, tiny_synth):
         compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(tmp_path / "o"), ["hog"],
                 report=ReportConfig(deep="cnn"))
     assert not (tmp_path / "o" / "work").exists()
+
+
+def test_a_database_of_dead_letters_ends_with_its_accounting_written_and_named(tmp_path, tiny_synth):
+    """Every database image unreadable: the run ends with one line that points to OUT/dead_letters.csv and
+    OUT/accounting.json, which say what became of every row."""
+    from pipeline.errors import CairnError
+    from tests.conftest import write_manifest
+
+    train = write_manifest(tmp_path / "train.csv", [(f"gone-{i}", tmp_path / f"gone-{i}.jpg", i % 2) for i in range(3)]
+                           + [("empty-id-row", "", 1)])
+    out = tmp_path / "run"
+    with pytest.raises(CairnError) as error:
+        compare(str(train), str(tiny_synth / "queries.csv"), str(out), ["hog"])
+    message = str(error.value)
+    assert "every database image" in message and "is a dead letter" in message, message
+    assert str(out / "dead_letters.csv") in message and str(out / "accounting.json") in message, message
+    rows = list(csv.DictReader(open(out / "dead_letters.csv")))
+    assert sorted(r["id"] for r in rows if r["split"] == "train") == ["empty-id-row", "gone-0", "gone-1", "gone-2"]
+    assert {r["method"] for r in rows} == {"hog"} and all(r["reason"] for r in rows)
+    counts = json.loads((out / "accounting.json").read_text())["hog"]["splits"]["train"]
+    assert counts["inputs"] == 4 and counts["outputs"] == 0 and counts["dead_letters"] == 4
+
+
+def test_a_rerun_with_fewer_methods_leaves_only_its_own_results(run_dir, tiny_synth, caplog):
+    """A run into a folder where an earlier run had more methods: the dropped method's predictions, confidences
+    and neighbours go (with a log line each), so nothing in OUT looks like a result of this run that is not."""
+    import logging
+    import shutil
+
+    for folder, ending in (("predictions", ".csv"), ("confidences", ".parquet"), ("neighbours", ".parquet")):
+        shutil.copy(run_dir / folder / f"hog{ending}", run_dir / folder / f"sift-bovw{ending}")
+    with caplog.at_level(logging.INFO, logger="pipeline.run.compare"):
+        compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(run_dir), ["hog"], workers=2)
+    for folder, ending in (("predictions", ".csv"), ("confidences", ".parquet"), ("neighbours", ".parquet")):
+        assert sorted(p.name for p in (run_dir / folder).iterdir()) == [f"hog{ending}"]
+        assert f"removed {run_dir / folder / f'sift-bovw{ending}'}: sift-bovw is not among this run's methods" \
+            in caplog.text
+    assert list(json.loads((run_dir / "metrics.json").read_text())["methods"]) == ["hog"]

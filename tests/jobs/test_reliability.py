@@ -237,3 +237,69 @@ def test_a_manifest_without_the_needed_columns_is_one_line_before_any_work(tmp_p
     _one_line_error(cairn("compare", "--train", str(bad), "--queries", str(tiny_synth / "queries.csv"), "--out",
                           str(tmp_path / "c"), "--methods", "hog"), "needs 'id' and 'path'")
     assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_second_writer_into_a_folder_in_use_ends_in_one_line_and_writes_nothing(tmp_path, tiny_synth, capsys):
+    """Every command that writes a folder holds it for its whole run: another run writing there (here a process
+    holding the lock, as a running `cairn compare` does) makes each command end with one line naming that run,
+    before it writes anything."""
+    from jobs import cli
+    from pipeline import fs
+    from tests.pipeline.test_fs import held_by_another_process
+
+    out = tmp_path / "X"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # what the first run has written so far
+    train, queries, missing = str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(tmp_path / "none")
+    commands = {
+        "compare": ["--train", train, "--queries", queries, "--out", str(out), "--methods", "hog", "--no-tune"],
+        "demo": ["--out", str(out), "--methods", "hog"],
+        "plan": ["--train", train, "--queries", queries, "--out", str(out), "--methods", "hog"],
+        "synth": [str(out)],
+        "extract": ["--manifest", train, "--out", str(out)],
+        "train": ["--method", "hog-linear", "--features", missing, "--out", str(out)],
+        "encode": ["--features", missing, "--encoder", missing, "--out", str(out)],
+        "index": ["--features", missing, "--out", str(out)],
+        "recognize": ["--index", missing, "--features", missing, "--out", str(out)],
+        "neighbours": ["--index", missing, "--features", missing, "--out", str(out)],
+        "report": [str(out)],
+    }
+    assert set(commands) == set(cli.COMMANDS)
+    first = f"cairn compare --train {train} --queries {queries} --out {out} --methods hog sift-bovw"
+    with held_by_another_process(out, first) as pid:
+        lock = (out / fs.LOCK_NAME).read_text()
+        for name, argv in commands.items():
+            assert cli.main([name, *argv]) == 2, name
+            err = capsys.readouterr().err
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert len(lines) == 1 and lines[0].startswith(
+                f"cairn {name}: error: {out} is in use by another cairn run (pid {pid} on host "), err
+            assert f"`{first}` since " in lines[0] and "; wait for it or choose another" in lines[0], lines[0]
+            assert sorted(p.name for p in out.iterdir()) == [fs.LOCK_NAME, "metrics.json"], name
+            assert (out / fs.LOCK_NAME).read_text() == lock and (out / "metrics.json").read_text() == "{}"
+
+
+def test_a_full_disk_ends_in_one_line_naming_the_folder_with_nothing_that_looks_complete(hog_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """The disk fills up while `cairn index` writes (FAISS says so in its own error, after part of the file):
+    one line naming the output folder and the full disk; no index file, temporary or final, and no index.json."""
+    import faiss
+
+    from jobs import cli
+
+    def full_disk(index, path):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4051)
+        raise RuntimeError(f"Error in void faiss::write_index(const Index*, IOWriter*, int) at index_write.cpp:499: "
+                           f"Error: 'ret == (size * 4)' failed: write error in {path}: 4051 != 2560000 (No space "
+                           "left on device)")
+
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    out = tmp_path / "index"
+    assert cli.main(["index", "--features", str(hog_run / "train"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cairn")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"cairn index: error: the disk holding {out} is full (no space left on device)"), err
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+    assert not [n for n in left if n.endswith((".faiss", ".tmp", "index.json"))], left
