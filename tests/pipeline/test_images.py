@@ -1,4 +1,7 @@
+import contextlib
 import io
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -139,3 +142,90 @@ def test_extreme_aspect_ratio_is_rejected_after_shrinking():
     Image.new("L", (20_000, 16)).save(buf, "PNG")
     with pytest.raises(ImageError, match="would be 1024x1"):
         decode_image(buf.getvalue())
+
+
+def unblock_fifo(path) -> None:
+    """Open ``path`` (a FIFO) for writing and close it: a reader blocked in open() then reads end of file."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def call_with_hang_guard(fn, fifo, timeout: float = 60.0):
+    """fn() in a thread; (finished, result or exception). A call still blocked after ``timeout`` (the bug: a read
+    of the FIFO hanging for ever) is released by a writer on ``fifo``, so that the suite goes on either way."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            result["value"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    finished = not thread.is_alive()
+    while thread.is_alive():
+        unblock_fifo(fifo)
+        thread.join(1.0)
+    return finished, result.get("value")
+
+
+def test_a_fifo_is_a_read_error_not_a_hang(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    finished, outcome = call_with_hang_guard(lambda: load_image(str(fifo)), fifo)
+    assert finished, "reading a FIFO blocked"
+    assert isinstance(outcome, ImageError) and outcome.stage == "read"
+    assert "FIFO" in outcome.reason and "regular file" in outcome.reason
+
+
+def test_a_device_is_refused_before_any_byte_is_read():
+    # an explicit cap, so that code without one fails here at once instead of reading /dev/zero until memory ends
+    config = DecodeConfig(max_bytes=1 << 20)
+    for device in ("/dev/zero", "/dev/null"):
+        with pytest.raises(ImageError) as e:
+            load_image(device, config)
+        assert e.value.stage == "read" and "character device" in e.value.reason, device
+
+
+def test_a_file_above_the_size_cap_is_refused_unread(tmp_path):
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:
+        f.truncate(8 << 20)  # sparse: 8 MiB declared, nothing written
+    with pytest.raises(ImageError) as e:
+        load_image(str(big), DecodeConfig(max_bytes=1 << 20))
+    assert e.value.stage == "read" and "8,388,608 bytes" in e.value.reason and "--max-image-bytes" in e.value.reason
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(small)
+    assert load_image(str(small), DecodeConfig(max_bytes=small.stat().st_size)).shape == (30, 40, 3)
+    with pytest.raises(ImageError, match="cap"):
+        load_image(str(small), DecodeConfig(max_bytes=small.stat().st_size - 1))
+    assert DecodeConfig().max_bytes == 256 << 20  # the default is generous
+
+
+def test_a_folder_is_a_read_error(tmp_path):
+    with pytest.raises(ImageError) as e:
+        load_image(str(tmp_path))
+    assert e.value.stage == "read" and "a folder" in e.value.reason
+
+
+def float_tiff(values: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values.astype(np.float32), mode="F").save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_float_tiff_with_non_finite_pixels_is_refused(bad):
+    values = np.linspace(0, 1, 32 * 24, dtype=np.float32).reshape(24, 32)
+    values[3, 4] = bad
+    with pytest.raises(ImageError) as e:
+        decode_image(float_tiff(values))
+    assert e.value.stage == "decode" and "1 non-finite pixel" in e.value.reason
+
+
+def test_float_tiff_with_finite_pixels_keeps_its_ramp():
+    values = np.linspace(-2, 3, 32 * 24, dtype=np.float32).reshape(24, 32)
+    img = decode_image(float_tiff(values))
+    assert img.shape == (24, 32, 3) and img[0, 0, 0] == 0 and img[-1, -1, 0] == 255
