@@ -21,6 +21,7 @@ import numpy as np
 
 from features.base import l2_normalize
 from features.preprocessing import preprocess
+from features.saved_model import load_saved_model
 from pipeline.fs import local_path
 
 log = logging.getLogger(__name__)
@@ -103,13 +104,14 @@ class TFLiteEmbedder:
 
 
 class SavedModelEmbedder:
-    """A TensorFlow SavedModel whose serving signature maps float images [B, S, S, 3] to [B, ...]."""
+    """A TensorFlow SavedModel whose serving signature maps float images [B, S, S, 3] to [B, ...]; one whose graph
+    holds file, process, network or Python ops is refused before loading (features/saved_model.py)."""
 
     def __init__(self, path: str, input_size: int = 224, preprocessing: str = "tf", signature: str = "serving_default"):
         import tensorflow as tf
 
         self.path = path
-        self.model = tf.saved_model.load(path)
+        self.model = load_saved_model(path)  # refused unless its graph holds pure tensor ops only
         if signature not in self.model.signatures:
             raise ValueError(f"{path} has no signature {signature!r}; it has {sorted(self.model.signatures)}")
         self.fn = self.model.signatures[signature]

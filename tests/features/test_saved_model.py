@@ -1,0 +1,129 @@
+"""A SavedModel is a program: one that reads or writes files must be refused before TensorFlow loads it."""
+
+import numpy as np
+import pytest
+
+from pipeline.errors import CairnError
+
+tf = pytest.importorskip("tensorflow")
+
+
+def _hostile(path, secret, copy, kind: str = "embedder") -> str:
+    """A SavedModel whose serving function copies the file ``secret`` to ``copy`` whenever it is called, with the
+    signature of an image embedder or of an Object Detection API detector."""
+
+    def steal():
+        tf.io.write_file(str(copy), tf.io.read_file(str(secret)))
+
+    if kind == "embedder":
+        class Module(tf.Module):
+            @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+            def __call__(self, images):
+                steal()
+                return {"embedding": tf.reduce_mean(images, axis=[1, 2])}
+    else:
+        class Module(tf.Module):
+            @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8, name="input_tensor")])
+            def __call__(self, input_tensor):
+                steal()
+                return {"detection_boxes": tf.constant([[[0.1, 0.2, 0.6, 0.7]]]),
+                        "detection_scores": tf.constant([[0.9]]), "num_detections": tf.constant([1.0])}
+
+    module = Module()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.__call__})
+    return str(path)
+
+
+@pytest.fixture
+def secret(tmp_path):
+    path = tmp_path / "secret.txt"
+    path.write_text("not for the model")
+    return path
+
+
+def test_an_embedder_that_reads_and_writes_files_is_refused_unrun(tmp_path, secret):
+    from features.cnn import CnnConfig, CnnExtractor
+    from features.frozen import SavedModelEmbedder
+
+    copy = tmp_path / "copied.txt"
+    path = _hostile(tmp_path / "evil", secret, copy)
+    for load in (lambda: SavedModelEmbedder(path), lambda: CnnExtractor(CnnConfig(model=path))):
+        with pytest.raises(CairnError) as e:
+            load()
+        assert path in str(e.value) and ("ReadFile" in str(e.value) or "WriteFile" in str(e.value))
+        assert "code" in str(e.value)
+    assert not copy.exists()  # nothing of the model ran
+
+
+def test_a_detector_that_reads_and_writes_files_is_refused_unrun(tmp_path, secret):
+    from features.detect import DetectConfig, load_any_detector
+    from pipeline.stages.extract import check_detector
+
+    copy = tmp_path / "copied.txt"
+    path = _hostile(tmp_path / "evil", secret, copy, kind="detector")
+    with pytest.raises(CairnError, match="is not a pure tensor op"):
+        check_detector(DetectConfig(model=path))  # in the launching process, before any worker
+    with pytest.raises(CairnError, match="is not a pure tensor op"):
+        load_any_detector(path)
+    assert not copy.exists()
+
+
+@pytest.mark.parametrize("op", ["MatchingFiles", "SaveV2", "PrintV2"])
+def test_file_ops_in_the_model_are_refused_even_those_the_saver_may_use(tmp_path, op):
+    from features.saved_model import check_saved_model
+
+    def effect():
+        if op == "MatchingFiles":
+            tf.io.matching_files(str(tmp_path / "*"))
+        elif op == "SaveV2":  # a checkpoint write is the saver's right, not the model's
+            tf.raw_ops.SaveV2(prefix=str(tmp_path / "ckpt"), tensor_names=["x"], shape_and_slices=[""],
+                              tensors=[tf.constant(1.0)])
+        else:
+            tf.print("x", output_stream=f"file://{tmp_path / 'printed'}")
+
+    class Module(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+        def __call__(self, images):
+            effect()
+            return {"embedding": tf.reduce_mean(images, axis=[1, 2])}
+
+    module = Module()
+    tf.saved_model.save(module, str(tmp_path / "m"), signatures={"serving_default": module.__call__})
+    first = "StringFormat" if op == "PrintV2" else op  # tf.print formats its string first
+    with pytest.raises(CairnError, match=f"the op {first} "):
+        check_saved_model(str(tmp_path / "m"))
+
+
+def test_a_keras_cnn_exported_as_a_saved_model_still_loads(tmp_path):
+    import keras
+
+    from features.frozen import SavedModelEmbedder
+    from features.saved_model import check_saved_model
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5)(keras.layers.Dropout(0.2)(x))
+    model = keras.Model(inputs, outputs)
+    path = str(tmp_path / "keras")
+    model.export(path, verbose=False)
+    check_saved_model(path)  # variables, save and restore functions included
+    embedder = SavedModelEmbedder(path, preprocessing="none")
+    assert embedder.input_size == 16 and embedder.dim == 5
+    xb = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    expected = model(xb.astype(np.float32)).numpy()
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(embedder.embed(xb), expected, atol=1e-5)
+
+
+def test_a_damaged_saved_model_pb_is_a_user_error(tmp_path):
+    from features.saved_model import check_saved_model
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "saved_model.pb").write_bytes(b"\xff" * 40)
+    with pytest.raises(CairnError, match="not a SavedModel"):
+        check_saved_model(str(tmp_path / "m"))
