@@ -21,7 +21,7 @@ from features.backbones import BackboneConfig, build_backbone
 from features.boxes import iou_matrix
 from features.cnn import file_sha256
 from features.keras_io import load_with_metadata, save_with_metadata
-from features.saved_model import load_saved_model
+from features.model_ops import load_saved_model
 from pipeline import config as cfg
 from pipeline.fs import local_path
 

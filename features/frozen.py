@@ -20,8 +20,8 @@ import warnings
 import numpy as np
 
 from features.base import l2_normalize
+from features.model_ops import check_tflite, load_saved_model
 from features.preprocessing import preprocess
-from features.saved_model import load_saved_model
 from pipeline.fs import local_path
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def tflite_interpreter(path: str, threads: int | None = None):
     path = local_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TFLite model not found: {path}")
+    check_tflite(path)  # TensorFlow ops in it are held to the SavedModel allow-list
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:

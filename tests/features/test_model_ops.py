@@ -70,7 +70,7 @@ def test_a_detector_that_reads_and_writes_files_is_refused_unrun(tmp_path, secre
 
 @pytest.mark.parametrize("op", ["MatchingFiles", "SaveV2", "PrintV2"])
 def test_file_ops_in_the_model_are_refused_even_those_the_saver_may_use(tmp_path, op):
-    from features.saved_model import check_saved_model
+    from features.model_ops import check_saved_model
 
     def effect():
         if op == "MatchingFiles":
@@ -98,7 +98,7 @@ def test_a_keras_cnn_exported_as_a_saved_model_still_loads(tmp_path):
     import keras
 
     from features.frozen import SavedModelEmbedder
-    from features.saved_model import check_saved_model
+    from features.model_ops import check_saved_model
 
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
@@ -121,9 +121,34 @@ def test_a_keras_cnn_exported_as_a_saved_model_still_loads(tmp_path):
 
 
 def test_a_damaged_saved_model_pb_is_a_user_error(tmp_path):
-    from features.saved_model import check_saved_model
+    from features.model_ops import check_saved_model
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "saved_model.pb").write_bytes(b"\xff" * 40)
     with pytest.raises(CairnError, match="not a SavedModel"):
         check_saved_model(str(tmp_path / "m"))
+
+
+def test_a_tflite_model_with_tensorflow_file_ops_is_refused_unrun(tmp_path, secret):
+    from features.frozen import TFLiteEmbedder
+    from features.model_ops import check_tflite
+    from tests.conftest import PRETRAINED
+
+    copy = tmp_path / "copied.txt"
+
+    class Module(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])
+        def __call__(self, images):
+            tf.io.write_file(str(copy), tf.io.read_file(str(secret)))
+            return tf.reduce_mean(images, axis=[1, 2])
+
+    module = Module()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.__call__.get_concrete_function()], module)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    path = tmp_path / "flex.tflite"
+    path.write_bytes(converter.convert())
+    with pytest.raises(CairnError, match="the op Flex(ReadFile|WriteFile) .*a TFLite model that can read"):
+        TFLiteEmbedder(str(path))
+    assert not copy.exists()
+    if PRETRAINED.exists():  # the project's own TFLite extractor holds builtin ops only
+        check_tflite(str(PRETRAINED))

@@ -1,4 +1,5 @@
-"""Loading TensorFlow SavedModels (frozen extractors, Object Detection API detectors) without running their code.
+"""Model files that are programs, checked before loading: TensorFlow SavedModels (frozen extractors, Object
+Detection API detectors) and TFLite files with TensorFlow ("Flex") ops.
 
 A SavedModel is a program: its graph may hold any TensorFlow op, including ops that read or write files
 (``ReadFile``, ``WriteFile``, ``MatchingFiles``, readers and writers), call Python (``PyFunc``) or load kernels.
@@ -13,6 +14,10 @@ One exception: the saver that TensorFlow writes into every SavedModel (``saver_d
 ``SaveV2``/``MergeV2Checkpoints`` and a restore function with ``RestoreV2``) may hold checkpoint ops, and only
 the nodes and functions reached from the saver alone; a model function that calls them is refused like any other.
 TensorFlow 2's loader restores variables itself and runs neither.
+
+A TFLite file runs TFLite's builtin kernels, which touch only tensors; but one converted with ``SELECT_TF_OPS``
+carries TensorFlow ops (custom ops named ``Flex<Op>``), which an interpreter linked with the Flex delegate runs.
+:func:`check_tflite` holds those to the same allow-list.
 """
 
 from __future__ import annotations
@@ -114,11 +119,12 @@ def _reach(top: set[str], nodes: dict, library: dict) -> set[str]:
     return _functions_from([f for name in top for f in _called_functions(nodes[name], library)], library)
 
 
-def _refuse(path: str, op: str, where: str) -> CairnError:
+def _refuse(path: str, op: str, where: str, what: str = "a SavedModel") -> CairnError:
     return CairnError(
-        f"{path}: the SavedModel holds the op {op} (in {where}), which is not a pure tensor op; a SavedModel that "
-        "can read or write files, start processes, reach the network or call Python is code, and Cairn loads no "
-        "code. Export the model with tensor ops only (e.g. Keras' model.export), or give a .tflite or .keras file")
+        f"{path}: the model holds the op {op} (in {where}), which is not a pure tensor op; {what} that can read or "
+        "write files, start processes, reach the network or call Python is code, and Cairn loads no code. Export "
+        "the model with tensor ops only (e.g. Keras' model.export, a TFLite conversion without SELECT_TF_OPS), "
+        "or give a .keras file")
 
 
 def check_saved_model(path: str) -> None:
@@ -170,3 +176,26 @@ def load_saved_model(path: str):
 
     check_saved_model(path)
     return tf.saved_model.load(path)
+
+
+def check_tflite(path: str) -> None:
+    """CairnError if the TFLite file ``path`` holds a TensorFlow op ("Flex" custom op) that is not a pure tensor op.
+
+    Other custom ops (e.g. the Object Detection API's TFLite_Detection_PostProcess) are left to the interpreter,
+    which runs only the ones it has kernels for.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if b"Flex" not in data:  # no TensorFlow op can be named in the file: nothing to parse
+        return
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    try:
+        model = schema.Model.GetRootAsModel(data, 0)
+        codes = [model.OperatorCodes(i).CustomCode() for i in range(model.OperatorCodesLength())]
+    except Exception as e:  # noqa: BLE001 - a damaged flatbuffer raises anything from struct to IndexError
+        raise CairnError(f"{path}: not a readable TFLite model ({type(e).__name__}: {e})") from None
+    for code in codes:
+        if code and code.startswith(b"Flex") and code[4:].decode("utf-8", "replace") not in TENSOR_OPS:
+            raise _refuse(path, code.decode("utf-8", "replace"), "the TFLite model's operator codes",
+                          "a TFLite model")
