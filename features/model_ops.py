@@ -148,8 +148,10 @@ def _check_meta_graph(path: str, meta) -> None:
     graph = meta.graph_def
     library = {f.signature.name: f for f in graph.library.function}
     nodes = {n.name: n for n in graph.node}
-    save = _backward(nodes, meta.saver_def.save_tensor_name)
-    restore = _backward(nodes, meta.saver_def.restore_op_name)
+    served = set().union(*(_backward(nodes, t.name) for sig in meta.signature_def.values()
+                           for t in [*sig.inputs.values(), *sig.outputs.values()]))
+    save = _backward(nodes, meta.saver_def.save_tensor_name) - served  # what a signature computes is the model's
+    restore = _backward(nodes, meta.saver_def.restore_op_name) - served
     extras = {name: (SAVE_OPS if name in save else frozenset()) | (RESTORE_OPS if name in restore else frozenset())
               for name in nodes}
     save_reach, restore_reach = _reach(save, nodes, library), _reach(restore, nodes, library)

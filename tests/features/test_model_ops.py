@@ -152,3 +152,39 @@ def test_a_tflite_model_with_tensorflow_file_ops_is_refused_unrun(tmp_path, secr
     assert not copy.exists()
     if PRETRAINED.exists():  # the project's own TFLite extractor holds builtin ops only
         check_tflite(str(PRETRAINED))
+
+
+def _tf1_saved_model(path, copy_on_restore=None) -> str:
+    """A TensorFlow 1 SavedModel (graph, variables and a saver); with ``copy_on_restore=(secret, copy)`` its
+    saver's restore op also copies a file, which TensorFlow 1 loading would run."""
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session() as session:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="images")
+        w = tf.compat.v1.get_variable("w", [3, 4])
+        y = tf.matmul(tf.reduce_mean(x, axis=[1, 2]), w)
+        session.run(tf.compat.v1.global_variables_initializer())
+        saver = tf.compat.v1.train.Saver()
+        if copy_on_restore:
+            secret, copy = copy_on_restore
+            write = tf.io.write_file(str(copy), tf.io.read_file(str(secret)))
+            graph.get_operation_by_name(saver.saver_def.restore_op_name)._add_control_input(write)
+        builder = tf.compat.v1.saved_model.Builder(str(path))
+        signature = tf.compat.v1.saved_model.predict_signature_def({"images": x}, {"embedding": y})
+        builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map={"serving_default": signature},
+                                             saver=saver)
+        builder.save()
+    return str(path)
+
+
+def test_a_tf1_saved_model_loads_but_its_saver_may_not_touch_other_files(tmp_path, secret):
+    from features.frozen import SavedModelEmbedder
+    from features.model_ops import check_saved_model
+
+    assert SavedModelEmbedder(_tf1_saved_model(tmp_path / "ok"), preprocessing="none").dim == 4
+    copy = tmp_path / "copied.txt"
+    path = _tf1_saved_model(tmp_path / "evil", (secret, copy))
+    with pytest.raises(CairnError, match="the op (ReadFile|WriteFile) "):
+        check_saved_model(path)
+    with pytest.raises(CairnError):
+        SavedModelEmbedder(path)
+    assert not copy.exists()
