@@ -11,8 +11,7 @@ from pipeline.images import DecodeConfig
 from pipeline.parquet_io import read_shards
 from pipeline.schemas import cairn_metadata, vectors_of
 from pipeline.stages.extract import extract
-from tests.conftest import write_manifest
-from tests.pipeline.test_images import call_with_hang_guard
+from tests.conftest import call_with_hang_guard, write_manifest
 
 
 def _mixed_manifest(tmp_path, tiny_synth, bad_images):

@@ -1,14 +1,12 @@
-import contextlib
 import io
 import os
-import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.images import DecodeConfig, ImageError, decode_image, load_image
-from tests.conftest import bad_image_corpus
+from tests.conftest import bad_image_corpus, call_with_hang_guard
 
 CORPUS = bad_image_corpus()
 
@@ -142,33 +140,6 @@ def test_extreme_aspect_ratio_is_rejected_after_shrinking():
     Image.new("L", (20_000, 16)).save(buf, "PNG")
     with pytest.raises(ImageError, match="would be 1024x1"):
         decode_image(buf.getvalue())
-
-
-def unblock_fifo(path) -> None:
-    """Open ``path`` (a FIFO) for writing and close it: a reader blocked in open() then reads end of file."""
-    with contextlib.suppress(OSError):
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-
-
-def call_with_hang_guard(fn, fifo, timeout: float = 60.0):
-    """fn() in a thread; (finished, result or exception). A call still blocked after ``timeout`` (the bug: a read
-    of the FIFO hanging for ever) is released by a writer on ``fifo``, so that the suite goes on either way."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            result["value"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    finished = not thread.is_alive()
-    while thread.is_alive():
-        unblock_fifo(fifo)
-        thread.join(1.0)
-    return finished, result.get("value")
 
 
 def test_a_fifo_is_a_read_error_not_a_hang(tmp_path):
