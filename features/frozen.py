@@ -106,7 +106,7 @@ class TFLiteEmbedder:
 
 class SavedModelEmbedder:
     """A TensorFlow SavedModel whose serving signature maps float images [B, S, S, 3] to [B, ...]; one whose graph
-    holds file, process, network or Python ops is refused before loading (features/saved_model.py)."""
+    holds file, process, network or Python ops is refused before loading (features/model_ops.py)."""
 
     def __init__(self, path: str, input_size: int = 224, preprocessing: str = "tf", signature: str = "serving_default"):
         import tensorflow as tf

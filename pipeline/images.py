@@ -4,8 +4,9 @@
 RGB uint8 (alpha is composited on white), takes the first frame of animations, shrinks the image so that its
 long side is at most ``max_side`` (JPEGs are decoded at reduced scale when that is enough, which is much
 faster), and guards against decompression bombs by checking the declared size before decoding any pixel.
-Every failure raises :class:`ImageError` with the stage (``read`` or ``decode``) and a reason, which the
-Beam jobs turn into dead-letter records.
+Only regular files up to ``max_bytes`` are read (a FIFO would hang the reader, a device never end), and float
+images must hold finite pixels. Every failure raises :class:`ImageError` with the stage (``read`` or ``decode``)
+and a reason, which the Beam jobs turn into dead-letter records.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             if bad:  # one inf would stretch the range so that every other pixel scales to black
                 raise ImageError("decode", f"float image with {bad} non-finite pixel(s) (inf or nan) of {arr.size}; "
                                  "its brightness cannot be scaled, so the image is not used")
+            arr = arr.astype(np.float64)  # float32's extremes differ by more than float32 holds
             lo, hi = float(arr.min()), float(arr.max())
             scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         elif mode.startswith("I;16"):

@@ -200,3 +200,9 @@ def test_float_tiff_with_finite_pixels_keeps_its_ramp():
     values = np.linspace(-2, 3, 32 * 24, dtype=np.float32).reshape(24, 32)
     img = decode_image(float_tiff(values))
     assert img.shape == (24, 32, 3) and img[0, 0, 0] == 0 and img[-1, -1, 0] == 255
+
+
+def test_float_tiff_spanning_the_whole_float32_range_is_not_black():
+    values = np.linspace(-3e38, 3e38, 32 * 24, dtype=np.float32).reshape(24, 32)
+    img = decode_image(float_tiff(values))
+    assert img[0, 0, 0] == 0 and img[-1, -1, 0] == 255 and 100 < img[12, 16, 0] < 155
