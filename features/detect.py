@@ -21,6 +21,7 @@ from features.backbones import BackboneConfig, build_backbone
 from features.boxes import iou_matrix
 from features.cnn import file_sha256
 from features.keras_io import load_with_metadata, save_with_metadata
+from features.model_ops import load_saved_model
 from pipeline import config as cfg
 from pipeline.fs import local_path
 
@@ -188,9 +189,7 @@ class SavedModelDetector:
 
     def __init__(self, path: str, score_threshold: float = 0.3, iou_threshold: float = 0.5, max_boxes: int = 5,
                  classes: tuple[int, ...] = ()):
-        import tensorflow as tf
-
-        loaded = tf.saved_model.load(path)
+        loaded = load_saved_model(path)  # refused unless its graph holds pure tensor ops only
         if "serving_default" not in loaded.signatures:
             raise ValueError(f"{path}: the SavedModel has no serving_default signature; an Object Detection API "
                              "export has one (exporter_main_v2.py)")

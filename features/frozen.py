@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 
 from features.base import l2_normalize
+from features.model_ops import check_tflite, load_saved_model
 from features.preprocessing import preprocess
 from pipeline.fs import local_path
 
@@ -31,6 +32,7 @@ def tflite_interpreter(path: str, threads: int | None = None):
     path = local_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TFLite model not found: {path}")
+    check_tflite(path)  # TensorFlow ops in it are held to the SavedModel allow-list
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -103,13 +105,14 @@ class TFLiteEmbedder:
 
 
 class SavedModelEmbedder:
-    """A TensorFlow SavedModel whose serving signature maps float images [B, S, S, 3] to [B, ...]."""
+    """A TensorFlow SavedModel whose serving signature maps float images [B, S, S, 3] to [B, ...]; one whose graph
+    holds file, process, network or Python ops is refused before loading (features/model_ops.py)."""
 
     def __init__(self, path: str, input_size: int = 224, preprocessing: str = "tf", signature: str = "serving_default"):
         import tensorflow as tf
 
         self.path = path
-        self.model = tf.saved_model.load(path)
+        self.model = load_saved_model(path)  # refused unless its graph holds pure tensor ops only
         if signature not in self.model.signatures:
             raise ValueError(f"{path} has no signature {signature!r}; it has {sorted(self.model.signatures)}")
         self.fn = self.model.signatures[signature]

@@ -49,6 +49,9 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
                    help=f"reject images declaring more pixels than this (decompression-bomb guard; default {d.max_pixels})")
     g.add_argument("--min-side", type=int, default=d.min_side,
                    help=f"reject images whose short side is below this (default {d.min_side})")
+    g.add_argument("--max-image-bytes", type=int, default=d.max_bytes,
+                   help="read only regular files of at most this many bytes; larger files, FIFOs and devices become "
+                        f"dead letters (default {d.max_bytes:,} = {d.max_bytes >> 20} MiB)")
 
 
 def decode_config(args: argparse.Namespace) -> DecodeConfig:
@@ -57,7 +60,10 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
             raise CairnError(f"--{name.replace('_', '-')} must be >= 0")
     if args.max_pixels < 1:  # 0 would turn every image into a dead letter
         raise CairnError("--max-pixels must be >= 1 (the largest width x height accepted, e.g. 64000000)")
-    return DecodeConfig(max_side=args.max_side, max_pixels=args.max_pixels, min_side=args.min_side)
+    if args.max_image_bytes < 1:  # 0 would turn every image into a dead letter
+        raise CairnError("--max-image-bytes must be >= 1 (the largest image file read, e.g. 268435456 for 256 MiB)")
+    return DecodeConfig(max_side=args.max_side, max_pixels=args.max_pixels, min_side=args.min_side,
+                        max_bytes=args.max_image_bytes)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:

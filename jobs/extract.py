@@ -46,7 +46,8 @@ def build_parser():
     g = p.add_argument_group("landmark detection (cnn)")
     g.add_argument("--detector", default="",
                    help="crop landmark regions before embedding: a .keras from `cairn train --method detector`, an "
-                        "Object Detection API SavedModel folder, or activation:WEIGHTS (training-free fallback from a "
+                        "Object Detection API SavedModel folder (refused if its graph holds any op but pure tensor "
+                        "ops: no file, process or network ops), or activation:WEIGHTS (training-free fallback from a "
                         "MobileNet's activations; WEIGHTS a .tflite/.weights.h5 or imagenet). Writes one row per "
                         "region (the full image and the top boxes) with its box; recognition aggregates per image")
     g.add_argument("--detect", action="append", default=[], metavar="FIELD=VALUE",

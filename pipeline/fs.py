@@ -55,6 +55,54 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+class RefusedFile(ValueError):
+    """A file that :func:`read_regular_file` will not read: not a regular file, or larger than the cap."""
+
+
+def read_regular_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a file of at most ``max_bytes`` bytes; :class:`RefusedFile` for anything else.
+
+    A local path must be a regular file (after following links): a FIFO would block for ever and a device such as
+    /dev/zero never ends, so both are refused before any byte is read. The type is checked by ``stat`` before
+    opening and again by ``fstat`` on the descriptor (opened non-blocking, so that even a FIFO swapped in between
+    cannot hang the open), and the size is checked before reading. On other filesystems (gs://, s3://, ...) at
+    most ``max_bytes + 1`` bytes are read, so an oversized object is refused without holding it in memory.
+    """
+    if has_scheme(path):
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise RefusedFile(f"{path} is larger than the cap of {max_bytes:,} bytes; raise --max-image-bytes "
+                              "if the file is genuine")
+        return data
+    import os
+    import stat
+
+    def check(st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise RefusedFile(f"{path} is not a regular file ({_file_kind(st.st_mode)}); only regular files are read")
+        if st.st_size > max_bytes:
+            raise RefusedFile(f"{path} holds {st.st_size:,} bytes, more than the cap of {max_bytes:,}; raise "
+                              "--max-image-bytes if the file is genuine")
+
+    check(os.stat(path))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        check(os.fstat(fd))  # the file opened may not be the one stat saw
+        data = f.read(max_bytes + 1)  # a file that grew since fstat is still cut at the cap
+    if len(data) > max_bytes:
+        raise RefusedFile(f"{path} grew beyond the cap of {max_bytes:,} bytes while being read")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
 def read_text(path: str) -> str:
     """Read a UTF-8 text file; a leading byte-order mark is dropped."""
     return read_bytes(path).decode("utf-8-sig")

@@ -4,8 +4,9 @@
 RGB uint8 (alpha is composited on white), takes the first frame of animations, shrinks the image so that its
 long side is at most ``max_side`` (JPEGs are decoded at reduced scale when that is enough, which is much
 faster), and guards against decompression bombs by checking the declared size before decoding any pixel.
-Every failure raises :class:`ImageError` with the stage (``read`` or ``decode``) and a reason, which the
-Beam jobs turn into dead-letter records.
+Only regular files up to ``max_bytes`` are read (a FIFO would hang the reader, a device never end), and float
+images must hold finite pixels. Every failure raises :class:`ImageError` with the stage (``read`` or ``decode``)
+and a reason, which the Beam jobs turn into dead-letter records.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class DecodeConfig:
     max_side: int = 1024  # long side after decoding, in pixels; larger images are shrunk (0 = keep size)
     max_pixels: int = 64_000_000  # largest declared width x height accepted (decompression-bomb guard)
     min_side: int = 16  # images whose short side is smaller than this are rejected as unusable
+    max_bytes: int = 256 * 2**20  # largest image file read, in bytes; larger files, and FIFOs/devices, are refused
 
 
 class ImageError(Exception):
@@ -38,12 +40,18 @@ class ImageError(Exception):
         self.reason = reason
 
 
-def read_image_bytes(path: str) -> bytes:
-    """The encoded bytes of an image file on any Beam filesystem; raises ImageError(stage='read')."""
+def read_image_bytes(path: str, max_bytes: int = DecodeConfig.max_bytes) -> bytes:
+    """The encoded bytes of an image file on any Beam filesystem; raises ImageError(stage='read').
+
+    Only regular files of at most ``max_bytes`` are read (:func:`pipeline.fs.read_regular_file`): a FIFO, a
+    device or an oversized file is this record's read error, never a hang or a batch's memory.
+    """
     if path.startswith(("http://", "https://")):
         raise ImageError("read", f"{path} is a web URL; download the images first and point the manifest at them")
     try:
-        return fs.read_bytes(path)
+        return fs.read_regular_file(path, max_bytes)
+    except fs.RefusedFile as e:
+        raise ImageError("read", str(e)) from None
     except FileNotFoundError:
         raise ImageError("read", f"file not found: {path}") from None
     except Exception as e:  # noqa: BLE001 - Beam wraps filesystem errors in several types
@@ -61,7 +69,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         arr = np.asarray(img)
         if mode == "F":
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            if bad:  # one inf would stretch the range so that every other pixel scales to black
+                raise ImageError("decode", f"float image with {bad} non-finite pixel(s) (inf or nan) of {arr.size}; "
+                                 "its brightness cannot be scaled, so the image is not used")
+            arr = arr.astype(np.float64)  # float32's extremes differ by more than float32 holds
+            lo, hi = float(arr.min()), float(arr.max())
             scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         elif mode.startswith("I;16"):
             scaled = arr / 257.0  # 16-bit: 0..65535 -> 0..255
@@ -141,4 +154,4 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> np.ndarr
 
 def load_image(path: str, config: DecodeConfig = DecodeConfig()) -> np.ndarray:
     """Read and decode one image file: [H, W, 3] uint8 RGB. Raises ImageError (stage read or decode)."""
-    return decode_image(read_image_bytes(path), config)
+    return decode_image(read_image_bytes(path, config.max_bytes), config)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -162,3 +164,30 @@ def write_manifest(path: Path, rows: list[tuple], header: str = "id,path,landmar
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def unblock_fifo(path) -> None:
+    """Open ``path`` (a FIFO) for writing and close it: a reader blocked in open() then reads end of file."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def call_with_hang_guard(fn, fifo, timeout: float = 60.0):
+    """fn() in a thread; (finished, result or exception). A call still blocked after ``timeout`` (the bug: a read
+    of the FIFO hanging for ever) is released by a writer on ``fifo``, so that the suite goes on either way."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            result["value"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    finished = not thread.is_alive()
+    while thread.is_alive():
+        unblock_fifo(fifo)
+        thread.join(1.0)
+    return finished, result.get("value")

@@ -134,7 +134,7 @@ class CnnMethodConfig:
 class PretrainedConfig:
     """cnn-pretrained: a frozen pretrained extractor, kNN over its embeddings, no training."""
 
-    model: str = ""  # a .tflite file, a SavedModel folder, a .keras export, or keras:<backbone> (downloads)
+    model: str = ""  # a .tflite file, a SavedModel folder (pure tensor ops only), a .keras export, or keras:<backbone>
     input_size: int = 0  # square input side (0 = the model's own; a SavedModel without one gets 224)
     preprocessing: str = "tf"  # float TFLite/SavedModel inputs: tf ([-1, 1]), caffe, torch or none (0..255)
     scales: tuple[float, ...] = (1.0,)  # test-time scales (models with a fixed input size take only 1.0)

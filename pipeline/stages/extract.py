@@ -18,6 +18,7 @@ from features.backbones import BackboneConfig
 from features.detect import ACTIVATION, FORMAT, VERSION, detector_metadata
 from features.keras_io import read_metadata
 from features.registry import EXTRACTORS, make_extractor
+from features.model_ops import check_saved_model
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError, parse_dead_letters
@@ -204,6 +205,7 @@ def check_detector(detect) -> None:
         if not os.path.exists(os.path.join(model, "saved_model.pb")):
             raise CairnError(f"--detector {model}: a folder without saved_model.pb; give an Object Detection API "
                              "SavedModel export or a Cairn detector (.keras)")
+        check_saved_model(model)  # a graph with file, process or network ops is refused here, before any worker
         return
     try:
         read_metadata(model, FORMAT, VERSION, "a Cairn detector",

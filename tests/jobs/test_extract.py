@@ -1,15 +1,17 @@
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
 
 from jobs.extract import run
 from pipeline.errors import CairnError, parse_dead_letters
+from pipeline.images import DecodeConfig
 from pipeline.parquet_io import read_shards
 from pipeline.schemas import cairn_metadata, vectors_of
 from pipeline.stages.extract import extract
-from tests.conftest import write_manifest
+from tests.conftest import call_with_hang_guard, write_manifest
 
 
 def _mixed_manifest(tmp_path, tiny_synth, bad_images):
@@ -125,3 +127,33 @@ def test_reuse_needs_the_same_resolved_images_and_complete_outputs(tmp_path, tin
         f.unlink()
     again = extract("m.csv", out, workers=1)  # outputs gone: recomputed, not "reused"
     assert again["counts"]["outputs"] == 1 and read_shards(out + "/features")[0].num_rows == 1
+
+
+def test_a_fifo_a_device_and_an_oversized_file_become_dead_letters_not_a_hang(tmp_path, tiny_synth):
+    good = list(csv.DictReader(open(tiny_synth / "train.csv")))[:2]
+    fifo, big = tmp_path / "pipe.jpg", tmp_path / "big.jpg"
+    os.mkfifo(fifo)
+    with open(big, "wb") as f:
+        f.truncate(4 << 20)  # sparse, above the cap below
+    rows = [(r["id"], tiny_synth / r["path"], r["landmark_id"]) for r in good]
+    rows += [("fifo", fifo, 1), ("zero", "/dev/zero", 1), ("big", big, 1)]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "out"
+    # the cap is given so that a Cairn without one fails here at once instead of reading /dev/zero until memory ends
+    decode = DecodeConfig(max_bytes=1 << 20)
+    finished, record = call_with_hang_guard(lambda: extract(str(manifest), str(out), workers=1, decode=decode), fifo)
+    assert finished, "the extraction hung on the FIFO"
+    assert isinstance(record, dict), record
+    dead = {d.id: d for d in parse_dead_letters((out / "dead_letters.csv").read_text())}
+    assert set(dead) == {"fifo", "zero", "big"} and {d.stage for d in dead.values()} == {"read"}
+    assert "FIFO" in dead["fifo"].reason and "character device" in dead["zero"].reason
+    assert "--max-image-bytes" in dead["big"].reason
+    assert record["counts"]["outputs"] == 2 and record["config"]["decode"]["max_bytes"] == 1 << 20
+
+
+def test_max_image_bytes_flag_reaches_the_decode_config(tmp_path, tiny_synth):
+    argv = ["--manifest", str(tiny_synth / "train.csv"), "--out", str(tmp_path / "o"), "--workers", "1"]
+    with pytest.raises(CairnError, match="--max-image-bytes must be >= 1"):
+        run([*argv, "--max-image-bytes", "0"])
+    record = run([*argv, "--max-image-bytes", "123456"])
+    assert record["config"]["decode"]["max_bytes"] == 123456

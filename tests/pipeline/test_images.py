@@ -1,11 +1,12 @@
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.images import DecodeConfig, ImageError, decode_image, load_image
-from tests.conftest import bad_image_corpus
+from tests.conftest import bad_image_corpus, call_with_hang_guard
 
 CORPUS = bad_image_corpus()
 
@@ -139,3 +140,69 @@ def test_extreme_aspect_ratio_is_rejected_after_shrinking():
     Image.new("L", (20_000, 16)).save(buf, "PNG")
     with pytest.raises(ImageError, match="would be 1024x1"):
         decode_image(buf.getvalue())
+
+
+def test_a_fifo_is_a_read_error_not_a_hang(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    finished, outcome = call_with_hang_guard(lambda: load_image(str(fifo)), fifo)
+    assert finished, "reading a FIFO blocked"
+    assert isinstance(outcome, ImageError) and outcome.stage == "read"
+    assert "FIFO" in outcome.reason and "regular file" in outcome.reason
+
+
+def test_a_device_is_refused_before_any_byte_is_read():
+    # an explicit cap, so that code without one fails here at once instead of reading /dev/zero until memory ends
+    config = DecodeConfig(max_bytes=1 << 20)
+    for device in ("/dev/zero", "/dev/null"):
+        with pytest.raises(ImageError) as e:
+            load_image(device, config)
+        assert e.value.stage == "read" and "character device" in e.value.reason, device
+
+
+def test_a_file_above_the_size_cap_is_refused_unread(tmp_path):
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:
+        f.truncate(8 << 20)  # sparse: 8 MiB declared, nothing written
+    with pytest.raises(ImageError) as e:
+        load_image(str(big), DecodeConfig(max_bytes=1 << 20))
+    assert e.value.stage == "read" and "8,388,608 bytes" in e.value.reason and "--max-image-bytes" in e.value.reason
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(small)
+    assert load_image(str(small), DecodeConfig(max_bytes=small.stat().st_size)).shape == (30, 40, 3)
+    with pytest.raises(ImageError, match="cap"):
+        load_image(str(small), DecodeConfig(max_bytes=small.stat().st_size - 1))
+    assert DecodeConfig().max_bytes == 256 << 20  # the default is generous
+
+
+def test_a_folder_is_a_read_error(tmp_path):
+    with pytest.raises(ImageError) as e:
+        load_image(str(tmp_path))
+    assert e.value.stage == "read" and "a folder" in e.value.reason
+
+
+def float_tiff(values: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values.astype(np.float32), mode="F").save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_float_tiff_with_non_finite_pixels_is_refused(bad):
+    values = np.linspace(0, 1, 32 * 24, dtype=np.float32).reshape(24, 32)
+    values[3, 4] = bad
+    with pytest.raises(ImageError) as e:
+        decode_image(float_tiff(values))
+    assert e.value.stage == "decode" and "1 non-finite pixel" in e.value.reason
+
+
+def test_float_tiff_with_finite_pixels_keeps_its_ramp():
+    values = np.linspace(-2, 3, 32 * 24, dtype=np.float32).reshape(24, 32)
+    img = decode_image(float_tiff(values))
+    assert img.shape == (24, 32, 3) and img[0, 0, 0] == 0 and img[-1, -1, 0] == 255
+
+
+def test_float_tiff_spanning_the_whole_float32_range_is_not_black():
+    values = np.linspace(-3e38, 3e38, 32 * 24, dtype=np.float32).reshape(24, 32)
+    img = decode_image(float_tiff(values))
+    assert img[0, 0, 0] == 0 and img[-1, -1, 0] == 255 and 100 < img[12, 16, 0] < 155
