@@ -17,8 +17,8 @@ import apache_beam as beam
 from features.backbones import BackboneConfig
 from features.detect import ACTIVATION, FORMAT, VERSION, detector_metadata
 from features.keras_io import read_metadata
-from features.registry import EXTRACTORS, make_extractor
 from features.model_ops import check_saved_model
+from features.registry import EXTRACTORS, make_extractor
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError, parse_dead_letters
