@@ -50,6 +50,18 @@ def sized_as(factor: float):
         _SIZE_FACTOR.pop()
 
 
+def beam_flags() -> frozenset[str]:
+    """Every flag Beam's registered PipelineOptions classes define (``--runner``, ``--direct_num_workers``,
+    ``--project``, ...): the flags Beam itself parses. Any other flag Beam would drop with a warning."""
+    flags: set[str] = set()
+
+    def collect(parser) -> None:  # Beam's own parser, after every options class added its flags
+        flags.update(s for action in parser._actions for s in action.option_strings if s.startswith("--"))
+
+    PipelineOptions([]).get_all_options(add_extra_args_fn=collect)
+    return frozenset(flags)
+
+
 def pipeline_options(beam_args: list[str], workers: int = 1) -> PipelineOptions:
     """PipelineOptions from the leftover (non-Cairn) arguments of a job."""
     args = list(beam_args)
