@@ -1,13 +1,15 @@
 """What the `cairn` commands share: flag groups, their parsing into configs, and the tables they print.
 
-Cairn's flags are parsed here; everything else goes to Beam. A command module (jobs/<command>.py) parses its
-flags with these, calls one function of the layers below and prints; command modules never import each other.
+Cairn's flags are parsed here; Beam's pipeline options go to Beam, any other flag is an error. A command module
+(jobs/<command>.py) parses its flags with these, calls one function of the layers below and prints; command
+modules never import each other.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import math
 import shlex
 import sys
@@ -19,15 +21,16 @@ from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
 from pipeline.images import DecodeConfig
-from pipeline.options import AUTO_WORKERS_MIN_IMAGES
+from pipeline.options import AUTO_WORKERS_MIN_IMAGES, beam_flags
 from pipeline.run import methods
 from pipeline.run.settings import describe_settings, parse_overrides
 from pipeline.stages.lookup import BEAM_MIN_QUERIES
 from reports.html import ReportConfig
 
 BEAM_EPILOG = (
-    "Any other --flag is passed to Apache Beam, e.g. --runner=DataflowRunner --project=P --region=R "
-    "--temp_location=gs://B/tmp. The default runner is DirectRunner on this machine."
+    "Apache Beam's pipeline options (--name=value) are passed to Beam, e.g. --runner=DataflowRunner --project=P "
+    "--region=R --temp_location=gs://B/tmp. The default runner is DirectRunner on this machine. "
+    "A flag that is neither this command's nor a Beam pipeline option is an error."
 )
 
 
@@ -81,7 +84,9 @@ def check_workers(args: argparse.Namespace) -> None:
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False):
-    """(known args, Beam args). Without ``beam``, unknown flags are an error."""
+    """(known args, Beam args). Beam args must be flags of Beam's pipeline options (pipeline.options.beam_flags);
+    any other flag is an error that names the closest known flag. Without ``beam``, every unknown flag is an
+    error."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not beam:
         return p.parse_args(argv), []
@@ -89,11 +94,16 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None, beam: bool = False
     stray = [a for a in rest if not a.startswith("--")]
     if stray:
         p.error(f"unexpected arguments {stray}; Cairn's own flags are listed by --help, Beam flags start with --")
-    ours = {s for action in p._actions for s in action.option_strings}
+    ours = {s for action in p._actions for s in action.option_strings if s.startswith("--")}
+    beams = beam_flags()
     for arg in rest:
         name = arg.split("=", 1)[0]
         if name.replace("_", "-") in ours:  # --max_side for --max-side would silently go to Beam
             p.error(f"{name} is not a flag; did you mean {name.replace('_', '-')}?")
+        if name not in beams:  # Beam would drop it with a warning: --methd=hog would run every method
+            close = difflib.get_close_matches(name, sorted(ours | beams), n=1)
+            hint = f"did you mean {close[0]}?" if close else "Cairn's flags are listed by --help"
+            p.error(f"{name} is neither a flag of this command nor a Beam pipeline option; {hint}")
     return args, rest
 
 

@@ -5,7 +5,10 @@ which downloads a binary from the internet (and, offline, fails and falls back);
 therefore runs DirectRunner pipelines on Beam's FnApiRunner directly, which is what DirectRunner falls back to
 for batch pipelines: same semantics, no download, and it honours ``direct_num_workers`` and
 ``direct_running_mode``. ``--workers N`` on DirectRunner runs N worker processes
-(``direct_running_mode=multi_processing``); other runners ignore it in favour of their own flags.
+(``direct_running_mode=multi_processing``), started as ``python -m pipeline.worker PID`` so that they end
+when the job's process ends (pipeline/worker.py); other runners ignore it in favour of their own flags.
+
+Only Beam's pipeline options (:func:`beam_flags`) pass through to Beam; the commands refuse any other flag.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from pipeline import worker
 from pipeline.errors import CairnError, DryRun
 
 DEFAULT_RUNNER = "DirectRunner"
@@ -48,6 +52,18 @@ def sized_as(factor: float):
         yield
     finally:
         _SIZE_FACTOR.pop()
+
+
+def beam_flags() -> frozenset[str]:
+    """Every flag Beam's registered PipelineOptions classes define (``--runner``, ``--direct_num_workers``,
+    ``--project``, ...): the flags Beam itself parses. Any other flag Beam would drop with a warning."""
+    flags: set[str] = set()
+
+    def collect(parser) -> None:  # Beam's own parser, after every options class added its flags
+        flags.update(s for action in parser._actions for s in action.option_strings if s.startswith("--"))
+
+    PipelineOptions([]).get_all_options(add_extra_args_fn=collect)
+    return frozenset(flags)
 
 
 def pipeline_options(beam_args: list[str], workers: int = 1) -> PipelineOptions:
@@ -129,7 +145,25 @@ def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
     # as DirectRunner does: worker processes receive the pipeline options through the provision info
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-    return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=info), options=options)
+    return beam.Pipeline(runner=_local_runner(fn_runner.FnApiRunner)(provision_info=info), options=options)
+
+
+BEAM_WORKER_MODULE = b"-m apache_beam.runners.worker.sdk_worker_main"  # how FnApiRunner starts worker processes
+
+
+def _local_runner(base):
+    """FnApiRunner whose worker processes (``direct_running_mode=multi_processing``) end when this process
+    ends (pipeline/worker.py): killed, Beam's own would wait for minutes."""
+    from apache_beam.portability import python_urns
+
+    class LocalRunner(base):
+        def run_via_runner_api(self, pipeline_proto, options):
+            for env in pipeline_proto.components.environments.values():
+                if env.urn == python_urns.SUBPROCESS_SDK and env.payload.rstrip().endswith(BEAM_WORKER_MODULE):
+                    env.payload = worker.command().encode()
+            return super().run_via_runner_api(pipeline_proto, options)
+
+    return LocalRunner
 
 
 def _check_dry_run(options: PipelineOptions, runner: str) -> None:

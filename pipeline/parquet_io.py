@@ -3,13 +3,22 @@
 Beam jobs write shards with :func:`beam.io.WriteToParquet` (see pipeline/stages/transforms.py); this module writes
 small tables from one process (id tables, manifests) and reads shard sets back as one table with the
 metadata of the files, checking that every shard agrees.
+
+Which rows a Beam job writes to which shard, and in which order, follows its workers (their number and timing).
+Everything read back for learning or indexing therefore comes back in image-id order (:func:`sort_by_id`,
+:func:`id_ordered_parts`), so that samples, training and index ids do not depend on the worker count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import tempfile
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import fs
@@ -72,7 +81,8 @@ def read_file(f, columns: list[str] | None = None) -> pa.Table:
 
 
 def read_shards(prefix: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
-    """Read every shard under ``prefix`` into one table; returns (table, cairn metadata)."""
+    """Read every shard under ``prefix`` into one table, in image-id order when it has an ``id`` column (ask
+    for it among ``columns``); returns (table, cairn metadata)."""
     tables, metas = [], []
     for path in find_shards(prefix):
         with fs.FileSystems.open(path) as f:
@@ -82,7 +92,72 @@ def read_shards(prefix: str, columns: list[str] | None = None) -> tuple[pa.Table
     if any(m != metas[0] for m in metas[1:]):
         raise CairnError(f"shards under {prefix} were written with different configurations; rerun the job")
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    return table, metas[0]
+    return sort_by_id(table), metas[0]
+
+
+ID_ORDER_BUCKET_ROWS = 20_000  # rows :func:`id_ordered_parts` holds at once (a feature shard's size)
+
+
+def sort_by_id(table: pa.Table) -> pa.Table:
+    """``table``'s rows in image-id order (a detected region's rows by region number): an order that does not
+    depend on how a job's workers split the rows into shards. A table without ids is returned as it is."""
+    if "id" not in table.column_names or table.num_rows < 2:
+        return table
+    keys = [("id", "ascending")] + ([("region", "ascending")] if "region" in table.column_names else [])
+    return table.take(pc.sort_indices(table, sort_keys=keys))
+
+
+@contextlib.contextmanager
+def id_ordered_parts(paths: list[str], bucket_rows: int | None = None):
+    """The rows of the Parquet files ``paths`` in image-id order, in parts of about ``bucket_rows`` rows:
+    yields (parts, counts), ``parts[i]()`` loading the i-th part's table (it may be called again) and
+    ``counts[i]`` its rows. Only the ids are read up front; when the rows need more than one part, one pass
+    splits them by id range into local scratch files (removed on exit), so memory holds one part at a time.
+    ``bucket_rows`` defaults to ID_ORDER_BUCKET_ROWS."""
+    bucket_rows = bucket_rows or ID_ORDER_BUCKET_ROWS
+    ids = []
+    for path in paths:
+        with fs.FileSystems.open(path) as f:
+            ids.append(read_file(f, columns=["id"]).column("id"))
+    ordered = np.sort(np.asarray([i for column in ids for i in column.to_pylist()], dtype=str))
+    if len(ordered) <= bucket_rows:  # one part: read the files whenever it is loaded
+        def whole() -> pa.Table:
+            tables = []
+            for path in paths:
+                with fs.FileSystems.open(path) as f:
+                    tables.append(read_file(f))
+            return sort_by_id(pa.concat_tables(tables)) if tables else pa.table({"id": pa.array([], pa.string())})
+
+        yield [whole], [len(ordered)]
+        return
+    bounds = ordered[bucket_rows::bucket_rows]  # part b holds the ids in [bounds[b - 1], bounds[b])
+    counts = np.bincount(np.searchsorted(bounds, ordered, side="right"), minlength=len(bounds) + 1)
+    with tempfile.TemporaryDirectory(prefix="cairn-id-order-") as scratch:
+        files = [os.path.join(scratch, f"part-{b:05d}.parquet") for b in range(len(bounds) + 1)]
+        writers: dict[int, pq.ParquetWriter] = {}
+        try:
+            for path in paths:
+                with fs.FileSystems.open(path) as f:
+                    pf = pq.ParquetFile(f)
+                    for g in range(pf.num_row_groups):
+                        group = pf.read_row_group(g)
+                        which = np.searchsorted(bounds, np.asarray(group.column("id").to_pylist(), dtype=str),
+                                                side="right")
+                        for b in np.unique(which):
+                            if b not in writers:
+                                writers[b] = pq.ParquetWriter(files[b], group.schema)
+                            writers[b].write_table(group.filter(pa.array(which == b)))
+        finally:
+            for w in writers.values():
+                w.close()
+
+        def load(file: str):
+            def part() -> pa.Table:
+                with open(file, "rb") as f:
+                    return sort_by_id(read_file(f))
+            return part
+
+        yield [load(file) for file in files], [int(c) for c in counts]
 
 
 def count_rows(prefix: str) -> int:

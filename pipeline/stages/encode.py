@@ -25,7 +25,14 @@ from pipeline.featuresets import (
     features_prefix,
     tree_bytes,
 )
-from pipeline.parquet_io import SHARD_TEMPLATE, count_rows, find_shards, read_shards, shard_pattern
+from pipeline.parquet_io import (
+    SHARD_TEMPLATE,
+    count_rows,
+    find_shards,
+    id_ordered_parts,
+    read_shards,
+    shard_pattern,
+)
 from pipeline.schemas import global_features_schema, same_features, sparse_features_schema, vectors_of
 from pipeline.stages import beamjob, costs
 from pipeline.stages.encoding import ENCODERS, SUBSET, EncodeBatches, SampleDescriptors, load_encoder
@@ -65,21 +72,29 @@ def sample_descriptors(local_dir: str, out: str, sample_size: int, subset_size: 
             else 0}
 
 
+SUBSET_PART_IMAGES = 1_000  # subset images iter_subset holds at once (their local features)
+
+
 def read_sample(out: str):
     """[S, D] float32: the stored descriptors sampled for k-means by the sampling job (they fit in memory:
-    k-means needs them there)."""
+    k-means needs them there), sorted by their bytes: the workers write them in an order of their own, and
+    k-means' subsample and initialisation pick rows by position."""
     if not fs.glob(shard_pattern(fs.join(out, "sample"))):
         return np.zeros((0, 128), np.float32)
-    return vectors_of(read_shards(fs.join(out, "sample"))[0], "descriptor")
+    desc = np.ascontiguousarray(vectors_of(read_shards(fs.join(out, "sample"))[0], "descriptor"))
+    if len(desc) < 2:
+        return desc
+    rows = desc.view(np.dtype((np.void, desc.itemsize * desc.shape[1]))).ravel()
+    return desc[np.argsort(rows, kind="stable")]
 
 
-def iter_subset(out: str):
-    """The sampled images' LocalFeatures, one row group at a time (the subset can be larger than memory)."""
-    for path in fs.glob(shard_pattern(fs.join(out, "subset"))):
-        with fs.FileSystems.open(path) as f:
-            pf = pq.ParquetFile(f)
-            for g in range(pf.num_row_groups):
-                yield from local_features_from_table(pf.read_row_group(g))
+def iter_subset(out: str, part_images: int | None = None):
+    """The sampled images' LocalFeatures in image-id order (not the workers'), ``part_images`` images in memory
+    at a time (default SUBSET_PART_IMAGES; the subset can be larger than memory)."""
+    paths = fs.glob(shard_pattern(fs.join(out, "subset")))
+    with id_ordered_parts(paths, part_images or SUBSET_PART_IMAGES) as (parts, _):
+        for part in parts:
+            yield from local_features_from_table(part())
 
 
 def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads: int = 0,

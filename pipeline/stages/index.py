@@ -19,7 +19,7 @@ from pipeline import fs
 from pipeline.errors import CairnError
 from pipeline.featuresets import features_kind
 from pipeline.options import LOCAL_RUNNERS, pipeline_options, runner_name
-from pipeline.parquet_io import find_shards, read_file, read_shards
+from pipeline.parquet_io import find_shards, id_ordered_parts, read_file, read_shards
 from pipeline.schemas import cairn_metadata, labels_of, sparse_matrix_of, vectors_of
 from pipeline.stages import costs
 from pipeline.stages.index_build import build_on_workers
@@ -27,8 +27,8 @@ from pipeline.stages.index_build import build_on_workers
 log = logging.getLogger(__name__)
 
 
-def feature_parts(prefix: str):
-    """(parts, counts, dim, metadata) of a global-features shard set, each part loading one shard."""
+def feature_shards(prefix: str) -> tuple[list[str], list[int], int, dict]:
+    """(paths, counts, dim, metadata) of a global-features shard set, checked to agree."""
     paths = find_shards(prefix)
     counts, metas, dims = [], [], set()
     for path in paths:
@@ -39,16 +39,22 @@ def feature_parts(prefix: str):
             dims.add(pf.schema_arrow.field("vector").type.list_size)
     if any(m != metas[0] for m in metas[1:]) or len(dims) != 1:
         raise CairnError(f"shards under {prefix} were written with different configurations; rerun the job")
-    dim = dims.pop()
+    return paths, counts, int(dims.pop()), metas[0]
 
+
+def shard_parts(paths: list[str]):
+    """Database parts (pipeline.stages.index_build) that load one shard each, in the shard's row order."""
     def load(path):
         def part():
             with fs.FileSystems.open(path) as f:
-                table = read_file(f)
-            return vectors_of(table), table.column("id").to_pylist(), labels_of(table)
+                return _part(read_file(f))
         return part
 
-    return [load(p) for p in paths], counts, int(dim), metas[0]
+    return [load(p) for p in paths]
+
+
+def _part(table):
+    return vectors_of(table), table.column("id").to_pylist(), labels_of(table)
 
 
 def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), progress: bool = False,
@@ -74,12 +80,14 @@ def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), pr
         return record
     if kind == "sparse":
         return _build_sparse(features, out)
-    parts, counts, dim, meta = feature_parts(fs.join(features, "features"))
-    if _on_workers(beam, beam_args):
-        index = build_on_workers(find_shards(fs.join(features, "features")), counts, parts, dim, config, meta, out,
-                                 beam_args, workers, test_pipeline, progress, threads)
-    else:
-        index = VectorIndex.build_parts(parts, counts, dim, config, meta, folder=out, progress=progress)
+    paths, counts, dim, meta = feature_shards(fs.join(features, "features"))
+    if _on_workers(beam, beam_args):  # each worker adds whole shards: index ids follow the shards' order
+        index = build_on_workers(paths, counts, shard_parts(paths), dim, config, meta, out, beam_args, workers,
+                                 test_pipeline, progress, threads)
+    else:  # index ids in image-id order, whatever the number of workers that wrote the shards
+        with id_ordered_parts(paths) as (tables, counts):
+            parts = [lambda table=table: _part(table()) for table in tables]
+            index = VectorIndex.build_parts(parts, counts, dim, config, meta, folder=out, progress=progress)
     index.build_info["source"] = fs.absolute(features)  # the features it was built from (recognition tuning)
     index.save(out)
     size = sum(os.path.getsize(os.path.join(out, n)) for n in ("index.faiss", "index.ivfdata")

@@ -228,7 +228,7 @@ def train_pca(method: str, features: str, out: str, config, expected: dict | Non
                                                   expected)
     if reused is not None:
         return reused
-    table, _ = read_shards(features_prefix(features, "global"), columns=["vector"])
+    table, _ = read_shards(features_prefix(features, "global"), columns=["id", "vector"])  # in id order
     started = time.perf_counter()
     dim = whitening_dim(config.pca_dim, table.num_rows, method, config.pca_min_images)
     if dim == 0:
