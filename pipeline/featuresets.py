@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
-from pipeline.parquet_io import find_shards, shard_pattern
+from pipeline.parquet_io import find_shards, footer_sha256, shard_pattern
 from pipeline.schemas import cairn_metadata
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,16 @@ JOB_RECORDS = ("extract.json", "encode.json")  # the records of the jobs that wr
 
 def record_files(folder: str, patterns: list[str] | tuple[str, ...]) -> dict[str, dict]:
     """What a job records of the files it wrote under ``folder`` (those matching the glob ``patterns``): name ->
-    {"bytes", "sha256", "rows" (Parquet files: from the footer; others: None)}. Reads each file once."""
+    {"bytes", "sha256", "rows", "footer_sha256" (Parquet files: from the footer: parquet_io.footer_sha256;
+    others: None)}. Reads each file once."""
     files = {}
     for name, (path, size) in sorted(_listed(folder, patterns).items()):
-        rows = None
+        rows, footer = None, None
         if name.endswith(".parquet"):
             with fs.FileSystems.open(path) as f:
                 rows = pq.ParquetFile(f).metadata.num_rows
-        files[name] = {"bytes": size, "sha256": fs.sha256(path), "rows": rows}
+            footer = footer_sha256(path)
+        files[name] = {"bytes": size, "sha256": fs.sha256(path), "rows": rows, "footer_sha256": footer}
     return files
 
 
@@ -75,7 +77,8 @@ def verify_files(folder: str, recorded: dict[str, dict] | None, patterns: list[s
                  checksums: bool = True) -> str:
     """Why the files under ``folder`` matching ``patterns`` are not the ``recorded`` ones (:func:`record_files`),
     or "" when they are: a file the record does not list (copied in), one it lists that is gone, another size
-    (truncated or replaced) or, with ``checksums``, other bytes (each file read once)."""
+    (truncated or replaced), another Parquet footer (other rows: two small reads per file), or, with
+    ``checksums``, other bytes (each file read once)."""
     if recorded is None:
         return "its record lists no files (written before Cairn recorded them)"
     found = _listed(folder, patterns)
@@ -88,6 +91,9 @@ def verify_files(folder: str, recorded: dict[str, dict] | None, patterns: list[s
     for name, (path, size) in sorted(found.items()):
         if size != recorded[name]["bytes"]:
             return f"{name} has {size} bytes where the job wrote {recorded[name]['bytes']} (truncated or replaced)"
+        footer = recorded[name].get("footer_sha256")
+        if footer and footer_sha256(path) != footer:
+            return f"{name} is not the file the job wrote (its Parquet footer differs)"
         if checksums and fs.sha256(path) != recorded[name]["sha256"]:
             return f"{name} is not the file the job wrote (its sha256 differs)"
     return ""
@@ -103,9 +109,9 @@ def job_records(folder: str) -> dict[str, dict]:
 
 
 def check_recorded_shards(folder: str, kind: str) -> None:
-    """CairnError unless the ``kind`` shards in ``folder`` are exactly those its job recorded, each of the size it
-    wrote (names and sizes only: one listing, no file read; the checksums are verified when a rerun reuses the
-    folder). A folder with no job record (built by hand) is not checked; one whose record predates the list is
+    """CairnError unless the ``kind`` shards in ``folder`` are exactly those its job recorded, each of the size
+    and with the Parquet footer it wrote (one listing and two small reads per shard; the checksums of every byte
+    are verified when a rerun reuses the folder). A folder with no job record (built by hand) is not checked; one whose record predates the list is
     read with a warning."""
     records = job_records(folder)
     if not records:

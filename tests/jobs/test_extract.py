@@ -220,23 +220,28 @@ def test_readers_refuse_shards_the_record_does_not_list(tmp_path, tiny_synth):
 
     from pipeline.stages.index import build_index
 
-    train, queries = tmp_path / "train", tmp_path / "queries"
-    extract(str(tiny_synth / "train.csv"), str(train), workers=1, num_shards=2)
-    extract(str(tiny_synth / "queries.csv"), str(queries), workers=1, num_shards=2)
-    assert build_index(str(train), str(tmp_path / "index"))["count"] == 20
-    saved = (train / "features-00001-of-00002.parquet").read_bytes()
-    shutil.copy(queries / "features-00001-of-00002.parquet", train / "features-00001-of-00002.parquet")
-    with pytest.raises(CairnError, match=r"features-00001-of-00002.parquet has \d+ bytes where the job wrote "
-                                         r"\d+ \(truncated or replaced\); its features are not what extract.json"):
-        build_index(str(train), str(tmp_path / "index"))
-    for name in ("features-00000-of-00002.parquet", "features-00001-of-00002.parquet"):
-        (train / name).unlink()
-    shutil.copy(queries / "features-00000-of-00002.parquet", train / "features-00000-of-00001.parquet")
-    with pytest.raises(CairnError, match="features-00000-of-00001.parquet not written by the job"):
-        build_index(str(train), str(tmp_path / "index"))
-    (train / "features-00000-of-00001.parquet").unlink()
-    (train / "features-00001-of-00002.parquet").write_bytes(saved)
-    shutil.copy(queries / "features-00000-of-00002.parquet", train / "features-00000-of-00002.parquet")
-    (train / "features-00000-of-00002.parquet").write_bytes(saved)  # a whole set again, but not the one recorded
-    with pytest.raises(CairnError, match="features-00000-of-00002.parquet has"):
-        build_index(str(train), str(tmp_path / "index"))
+    rows = [(r["id"], tiny_synth / r["path"], r["landmark_id"]) for r in csv.DictReader(open(tiny_synth / "train.csv"))]
+    a, b, shard = tmp_path / "a", tmp_path / "b", "features-00000-of-00001.parquet"
+    extract(str(write_manifest(tmp_path / "a.csv", rows[:6])), str(a), workers=1)
+    extract(str(write_manifest(tmp_path / "b.csv", rows[6:12])), str(b), workers=1)
+    assert build_index(str(a), str(tmp_path / "index"))["count"] == 6
+    saved = (a / shard).read_bytes()
+    shutil.copy(b / shard, a / shard)  # a valid shard of other images
+    with pytest.raises(CairnError, match=f"{shard} (has \\d+ bytes where the job wrote \\d+ \\(truncated or "
+                                         "replaced\\)|is not the file the job wrote \\(its Parquet footer "
+                                         "differs\\)); its features are not what extract.json records"):
+        build_index(str(a), str(tmp_path / "index"))
+    footer = bytearray(saved)  # the same size, another footer (as a shard of as many other rows may have)
+    footer[-20] ^= 0xFF
+    (a / shard).write_bytes(bytes(footer))
+    with pytest.raises(CairnError, match=f"{shard} is not the file the job wrote \\(its Parquet footer differs\\)"):
+        build_index(str(a), str(tmp_path / "index"))
+    (a / shard).write_bytes(saved[:-100])  # truncated
+    with pytest.raises(CairnError, match=f"{shard} has {len(saved) - 100} bytes where the job wrote {len(saved)}"):
+        build_index(str(a), str(tmp_path / "index"))
+    (a / shard).unlink()
+    shutil.copy(b / shard, a / "features-00000-of-00002.parquet")  # a whole shard set again, but not the recorded one
+    shutil.copy(b / shard, a / "features-00001-of-00002.parquet")
+    with pytest.raises(CairnError, match="features-00000-of-00002.parquet, features-00001-of-00002.parquet not "
+                                         "written by the job"):
+        build_index(str(a), str(tmp_path / "index"))
