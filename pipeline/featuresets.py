@@ -54,23 +54,27 @@ JOB_RECORDS = ("extract.json", "encode.json")  # the records of the jobs that wr
 
 def record_files(folder: str, patterns: list[str] | tuple[str, ...]) -> dict[str, dict]:
     """What a job records of the files it wrote under ``folder`` (those matching the glob ``patterns``): name ->
-    {"bytes", "sha256", "rows", "footer_sha256" (Parquet files: from the footer: parquet_io.footer_sha256;
-    others: None)}. Reads each file once."""
+    {"bytes", "mtime_ns", "sha256", "rows", "footer_sha256" (Parquet files: from the footer:
+    parquet_io.footer_sha256; others: None)}. Reads each local file once; on an object store (gs://, s3://),
+    where an object cannot change without a new update time, "sha256" is None: the job's outputs are not
+    downloaded again to be hashed."""
     files = {}
-    for name, (path, size) in sorted(_listed(folder, patterns).items()):
+    for name, (path, size, mtime) in sorted(_listed(folder, patterns).items()):
         rows, footer = None, None
         if name.endswith(".parquet"):
             with fs.FileSystems.open(path) as f:
                 rows = pq.ParquetFile(f).metadata.num_rows
             footer = footer_sha256(path)
-        files[name] = {"bytes": size, "sha256": fs.sha256(path), "rows": rows, "footer_sha256": footer}
+        sha = None if fs.has_scheme(path) else fs.sha256(path)
+        files[name] = {"bytes": size, "mtime_ns": mtime, "sha256": sha, "rows": rows, "footer_sha256": footer}
     return files
 
 
-def _listed(folder: str, patterns: list[str] | tuple[str, ...]) -> dict[str, tuple[str, int]]:
-    """File name -> (path, size) of the files directly under ``folder`` matching the glob ``patterns``."""
-    return {os.path.basename(path): (path, size) for pattern in patterns
-            for path, size in fs.glob_sizes(fs.join(fs.escape(folder), pattern)).items()}
+def _listed(folder: str, patterns: list[str] | tuple[str, ...]) -> dict[str, tuple[str, int, int]]:
+    """File name -> (path, size, mtime_ns) of the files directly under ``folder`` matching the glob ``patterns``
+    (one listing per pattern)."""
+    return {os.path.basename(path): (path, *stat) for pattern in patterns
+            for path, stat in fs.glob_stats(fs.join(fs.escape(folder), pattern)).items()}
 
 
 def verify_files(folder: str, recorded: dict[str, dict] | None, patterns: list[str] | tuple[str, ...],
@@ -78,7 +82,9 @@ def verify_files(folder: str, recorded: dict[str, dict] | None, patterns: list[s
     """Why the files under ``folder`` matching ``patterns`` are not the ``recorded`` ones (:func:`record_files`),
     or "" when they are: a file the record does not list (copied in), one it lists that is gone, another size
     (truncated or replaced), another Parquet footer (other rows: two small reads per file), or, with
-    ``checksums``, other bytes (each file read once)."""
+    ``checksums``, other bytes: every file whose modification time is not the recorded one is read and its
+    sha256 compared (a file untouched since the job wrote it is not read again: at a million images the local
+    features are far larger than what a rerun should read to decide whether to reuse them)."""
     if recorded is None:
         return "its record lists no files (written before Cairn recorded them)"
     found = _listed(folder, patterns)
@@ -88,13 +94,17 @@ def verify_files(folder: str, recorded: dict[str, dict] | None, patterns: list[s
     missing = sorted(set(recorded) - set(found))
     if missing:
         return f"{_names(missing)} missing"
-    for name, (path, size) in sorted(found.items()):
+    for name, (path, size, mtime) in sorted(found.items()):
         if size != recorded[name]["bytes"]:
             return f"{name} has {size} bytes where the job wrote {recorded[name]['bytes']} (truncated or replaced)"
         footer = recorded[name].get("footer_sha256")
         if footer and footer_sha256(path) != footer:
             return f"{name} is not the file the job wrote (its Parquet footer differs)"
-        if checksums and fs.sha256(path) != recorded[name]["sha256"]:
+        if not checksums or mtime == recorded[name].get("mtime_ns"):
+            continue
+        if recorded[name]["sha256"] is None:  # an object store's object: a new update time is a new object
+            return f"{name} was written again after the job wrote it (its update time differs)"
+        if fs.sha256(path) != recorded[name]["sha256"]:
             return f"{name} is not the file the job wrote (its sha256 differs)"
     return ""
 

@@ -13,6 +13,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.errors import CairnError
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+FileStat = tuple[int, int]  # (size in bytes, modification time in ns) of a file, as its filesystem records it
 
 
 def has_scheme(path: str) -> bool:
@@ -157,9 +158,14 @@ def size(path: str) -> int:
     return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
 
 
-def glob_sizes(pattern: str) -> dict[str, int]:
-    """Path -> size in bytes of the files matching a glob pattern (one listing)."""
-    return {m.path: int(m.size_in_bytes) for m in _matches(pattern)}
+def glob_stats(pattern: str) -> dict[str, FileStat]:
+    """Path -> (size, modification time in ns) of the files matching a glob pattern, from one listing (an object
+    store's time is the object's last update)."""
+    return {m.path: (int(m.size_in_bytes), _ns(m.last_updated_in_seconds)) for m in _matches(pattern)}
+
+
+def _ns(seconds) -> int:
+    return int(round(float(seconds or 0) * 1e9))
 
 
 def sha256(path: str) -> str:
@@ -171,9 +177,6 @@ def sha256(path: str) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-FileStat = tuple[int, int]  # (size in bytes, modification time in ns) of a file, as its filesystem records it
 
 
 def stat_files(paths: list[str]) -> list[FileStat | None]:
@@ -202,7 +205,7 @@ def stat_files(paths: list[str]) -> list[FileStat | None]:
         for i in rows:
             m = listed.get(paths[i])
             if m is not None:
-                stats[i] = (int(m.size_in_bytes), int(round(float(m.last_updated_in_seconds or 0) * 1e9)))
+                stats[i] = (int(m.size_in_bytes), _ns(m.last_updated_in_seconds))
     return stats
 
 

@@ -211,6 +211,10 @@ def test_rerun_verifies_the_shards_it_would_reuse(tmp_path, tiny_synth, caplog):
     caplog.clear()
     extract(str(tiny_synth / "train.csv"), train, workers=1)
     assert "local-00000-of-00001.parquet not written by the job that recorded it" in caplog.text
+    (tmp_path / "train" / shard).write_bytes((tmp_path / "train" / shard).read_bytes())  # touched, same bytes
+    caplog.clear()
+    extract(str(tiny_synth / "train.csv"), train, workers=1)
+    assert "reusing" in caplog.text and "cannot reuse" not in caplog.text  # its checksum was read and matched
 
 
 def test_readers_refuse_shards_the_record_does_not_list(tmp_path, tiny_synth):
