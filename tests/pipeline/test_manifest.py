@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ManifestError
-from pipeline.manifest import changed_images, class_id, parse_landmark_id, read_manifest
+from pipeline.manifest import class_id, parse_landmark_id, read_manifest
 from tests.conftest import write_manifest
 
 
@@ -144,6 +144,8 @@ def test_folder_names_with_glob_characters(tmp_path):
 def test_changed_images_compares_each_file_with_its_recorded_size_and_mtime(tmp_path):
     """Issue 23 item 2: the stats a job records of its images tell which changed since, one stat per file."""
     import os
+
+    from pipeline.manifest import changed_images
 
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.jpg").write_bytes(b"jpeg" + name.encode())
