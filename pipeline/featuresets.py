@@ -139,7 +139,10 @@ def check_recorded_shards(folder: str, kind: str) -> None:
 
 
 def features_metadata(folder: str, kind: str | None = None) -> dict:
-    """The ``cairn`` metadata of a folder's feature shards (read from the first shard's footer)."""
+    """The ``cairn`` metadata of a folder's feature shards (read from the first shard's footer); CairnError when
+    the shards are not the ones its job recorded (:func:`check_recorded_shards`)."""
+    if kind:
+        check_recorded_shards(folder, kind)
     kind = kind or features_kind(folder)
     with fs.FileSystems.open(find_shards(features_prefix(folder, kind))[0]) as f:
         return cairn_metadata(pq.read_schema(f))
