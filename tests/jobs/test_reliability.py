@@ -237,3 +237,19 @@ def test_a_manifest_without_the_needed_columns_is_one_line_before_any_work(tmp_p
     _one_line_error(cairn("compare", "--train", str(bad), "--queries", str(tiny_synth / "queries.csv"), "--out",
                           str(tmp_path / "c"), "--methods", "hog"), "needs 'id' and 'path'")
     assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_shard_copied_in_from_another_folder_is_refused_or_recomputed(hog_run, tiny_synth, tmp_path):
+    """Issue 23 item 3: a valid queries shard copied into the database's features folder: `cairn index` refuses
+    it in one line (before: it indexed the queries' vectors), and a rerun of the extraction says why it does
+    not reuse the folder and writes the database's features again."""
+    train = tmp_path / "train"
+    shutil.copytree(hog_run / "train", train)
+    shard = "features-00000-of-00001.parquet"
+    shutil.copy(hog_run / "queries" / shard, train / shard)
+    _one_line_error(cairn("index", "--features", str(train), "--out", str(tmp_path / "index")),
+                    f"{shard} has")
+    rerun = cairn("extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(train), "--param", "size=64")
+    assert rerun.returncode == 0 and f"cannot reuse {train}: {shard} has" in rerun.stderr, rerun.stderr[-2000:]
+    assert (train / shard).read_bytes() != (hog_run / "queries" / shard).read_bytes()
+    assert cairn("index", "--features", str(train), "--out", str(tmp_path / "index")).returncode == 0
