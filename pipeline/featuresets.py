@@ -150,13 +150,18 @@ def features_metadata(folder: str, kind: str | None = None) -> dict:
 
 def features_fingerprint(folder: str) -> str:
     """A fingerprint of a features folder's content: the config of the job that wrote it (extract.json or
-    encode.json), which fixes its content, plus its row count. Cheap at any scale (no feature bytes read)."""
-    for name in ("extract.json", "encode.json"):
+    encode.json), its row count and the checksums of the feature shards it recorded (so that features extracted
+    again from changed images are new to what was trained on them; a shard's time is left out: the same
+    content written again is the same features). Cheap at any scale (the record only, no feature bytes read)."""
+    for name in JOB_RECORDS:
         path = fs.join(folder, name)
         if fs.exists(path):
             record = cfg.load_json(path)
+            shards = tuple(f"{prefix}-" for prefix in FEATURE_PREFIX.values())
+            content = {n: f.get("sha256") or f.get("footer_sha256") for n, f in (record.get("files") or {}).items()
+                       if n.startswith(shards)}
             return cfg.fingerprint({"config": record.get("config"), "counts": record.get("counts"),
-                                    "files": record.get("files")})
+                                    **({"shards": content} if content else {})})
     raise CairnError(f"{folder} has no extract.json or encode.json; it was not written by `cairn extract/encode`")
 
 
