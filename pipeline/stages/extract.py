@@ -239,8 +239,9 @@ def _complete(paths: dict[str, str]) -> bool:
 
 def _not_reusable(out: str, record: dict, paths: dict[str, str]) -> str:
     """Why the outputs of a finished extraction with the requested config cannot be reused ("" when they can):
-    a file under OUT that is not the one the job wrote (featuresets.verify_files: every checksum is verified), or
-    an image whose size or modification time is not what the job recorded before reading it."""
+    a file under OUT that is not the one the job wrote (featuresets.verify_files: names, sizes, Parquet footers,
+    and the sha256 of every file whose time changed), or an image whose size or modification time is not what
+    the job recorded before reading it (one stat per image)."""
     problem = verify_files(out, record.get("files"), OUTPUT_FILES)
     if problem:
         return problem

@@ -106,7 +106,7 @@ def _reusable(out: str, requested: dict, artefact: str, force: bool) -> dict | N
             return {**record, "cost": costs.reused()}
         log.warning("train: %s is not the artefact %s recorded (its checksum differs); training again", target, path)
     elif not force and fs.exists(path):
-        with contextlib.suppress(ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError, AttributeError):  # an unreadable record: nothing to say
             stored = cfg.load_json(path).get("config") or {}
             changed = sorted(_KEY_NAMES.get(k, k) for k in {*stored, *requested} if stored.get(k) != requested.get(k))
             log.info("train: training %s again: %s changed since it was trained", out, ", ".join(changed))
