@@ -26,6 +26,7 @@ import numpy as np
 
 from features.cnn import resize_square
 from pipeline import config as cfg
+from pipeline import fs
 from pipeline.errors import DeadLetter
 from pipeline.images import DecodeConfig, ImageError, load_image
 
@@ -82,7 +83,9 @@ def build_cache(records: list[tuple[str, str, int]], size: int, decode: DecodeCo
         raise ValueError(f"cache must be 'memory' or 'disk', not {mode!r}")
     n = len(records)
     shape = (n, size, size, 3)
-    key = {"records": cfg.fingerprint([list(r) for r in records]), "size": size, "decode": cfg.to_dict(decode)}
+    key = {"records": cfg.fingerprint([list(r) for r in records]), "size": size, "decode": cfg.to_dict(decode),
+           # the files by size and modification time (one stat each): an image replaced in place is decoded again
+           "files": cfg.fingerprint(fs.stat_files([r[1] for r in records]))}
     if mode == "disk":
         os.makedirs(folder, exist_ok=True)
         array, record = os.path.join(folder, f"images-{size}.npy"), os.path.join(folder, f"images-{size}.json")

@@ -30,7 +30,7 @@ def fingerprint(obj: Any) -> str:
 
 def file_fingerprint(path: str) -> str:
     """sha256 (first 16 hex digits) of a file's bytes, e.g. a manifest's."""
-    return hashlib.sha256(fs.read_bytes(path)).hexdigest()[:16]
+    return fs.sha256(path)[:16]
 
 
 def save_json(path: str, obj: dict) -> None:

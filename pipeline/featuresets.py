@@ -8,10 +8,16 @@ A features folder (written by `cairn extract` or `cairn encode`) holds one kind 
 
 beside the job's record (extract.json or encode.json). The shards' footers carry the ``cairn`` metadata: the
 method, its config, the dimension.
+
+The record lists every file the job wrote under ``files`` (:func:`record_files`: name -> bytes, sha256, rows),
+so that a shard copied in from elsewhere, truncated or replaced is told from the job's own: a rerun verifies the
+checksums before it reuses the outputs (:func:`verify_files`), and every reader of a folder's features refuses
+a shard the record does not list or whose size differs (:func:`features_kind`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pyarrow.parquet as pq
@@ -19,8 +25,10 @@ import pyarrow.parquet as pq
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
-from pipeline.parquet_io import find_shards, shard_pattern
+from pipeline.parquet_io import find_shards, footer_sha256, shard_pattern
 from pipeline.schemas import cairn_metadata
+
+log = logging.getLogger(__name__)
 
 FEATURE_PREFIX = {"global": "features", "local": "local", "sparse": "sparse"}  # shard name per feature kind
 
@@ -31,16 +39,110 @@ def features_prefix(out: str, kind: str = "global") -> str:
 
 
 def features_kind(folder: str) -> str:
-    """Which kind of features a job folder holds ("global", "local" or "sparse"); CairnError if none."""
+    """Which kind of features a job folder holds ("global", "local" or "sparse"); CairnError if none, or if its
+    shards are not the ones its job recorded (:func:`check_recorded_shards`)."""
     for kind, prefix in FEATURE_PREFIX.items():
         if fs.glob(shard_pattern(fs.join(folder, prefix))):
+            check_recorded_shards(folder, kind)
             return kind
     raise CairnError(f"{folder} holds no features (features-*, local-* or sparse-* shards); "
                      "run `cairn extract` (or `cairn encode`) first")
 
 
+JOB_RECORDS = ("extract.json", "encode.json")  # the records of the jobs that write features folders
+
+
+def record_files(folder: str, patterns: list[str] | tuple[str, ...]) -> dict[str, dict]:
+    """What a job records of the files it wrote under ``folder`` (those matching the glob ``patterns``): name ->
+    {"bytes", "mtime_ns", "sha256", "rows", "footer_sha256" (Parquet files: from the footer:
+    parquet_io.footer_sha256; others: None)}. Reads each local file once; on an object store (gs://, s3://),
+    where an object cannot change without a new update time, "sha256" is None: the job's outputs are not
+    downloaded again to be hashed."""
+    files = {}
+    for name, (path, size, mtime) in sorted(_listed(folder, patterns).items()):
+        rows, footer = None, None
+        if name.endswith(".parquet"):
+            with fs.FileSystems.open(path) as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+            footer = footer_sha256(path)
+        sha = None if fs.has_scheme(path) else fs.sha256(path)
+        files[name] = {"bytes": size, "mtime_ns": mtime, "sha256": sha, "rows": rows, "footer_sha256": footer}
+    return files
+
+
+def _listed(folder: str, patterns: list[str] | tuple[str, ...]) -> dict[str, tuple[str, int, int]]:
+    """File name -> (path, size, mtime_ns) of the files directly under ``folder`` matching the glob ``patterns``
+    (one listing per pattern)."""
+    return {os.path.basename(path): (path, *stat) for pattern in patterns
+            for path, stat in fs.glob_stats(fs.join(fs.escape(folder), pattern)).items()}
+
+
+def verify_files(folder: str, recorded: dict[str, dict] | None, patterns: list[str] | tuple[str, ...],
+                 checksums: bool = True) -> str:
+    """Why the files under ``folder`` matching ``patterns`` are not the ``recorded`` ones (:func:`record_files`),
+    or "" when they are: a file the record does not list (copied in), one it lists that is gone, another size
+    (truncated or replaced), another Parquet footer (other rows: two small reads per file), or, with
+    ``checksums``, other bytes: every file whose modification time is not the recorded one is read and its
+    sha256 compared (a file untouched since the job wrote it is not read again: at a million images the local
+    features are far larger than what a rerun should read to decide whether to reuse them)."""
+    if recorded is None:
+        return "its record lists no files (written before Cairn recorded them)"
+    found = _listed(folder, patterns)
+    extra = sorted(set(found) - set(recorded))
+    if extra:
+        return f"{_names(extra)} not written by the job that recorded it (copied in?)"
+    missing = sorted(set(recorded) - set(found))
+    if missing:
+        return f"{_names(missing)} missing"
+    for name, (path, size, mtime) in sorted(found.items()):
+        if size != recorded[name]["bytes"]:
+            return f"{name} has {size} bytes where the job wrote {recorded[name]['bytes']} (truncated or replaced)"
+        footer = recorded[name].get("footer_sha256")
+        if footer and footer_sha256(path) != footer:
+            return f"{name} is not the file the job wrote (its Parquet footer differs)"
+        if not checksums or mtime == recorded[name].get("mtime_ns"):
+            continue
+        if recorded[name]["sha256"] is None:  # an object store's object: a new update time is a new object
+            return f"{name} was written again after the job wrote it (its update time differs)"
+        if fs.sha256(path) != recorded[name]["sha256"]:
+            return f"{name} is not the file the job wrote (its sha256 differs)"
+    return ""
+
+
+def _names(names: list[str], first: int = 3) -> str:
+    return ", ".join(names[:first]) + (f" and {len(names) - first} more" if len(names) > first else "")
+
+
+def job_records(folder: str) -> dict[str, dict]:
+    """The records of the jobs that wrote a features folder (extract.json, encode.json), by file name."""
+    return {name: cfg.load_json(fs.join(folder, name)) for name in JOB_RECORDS if fs.exists(fs.join(folder, name))}
+
+
+def check_recorded_shards(folder: str, kind: str) -> None:
+    """CairnError unless the ``kind`` shards in ``folder`` are exactly those its job recorded, each of the size
+    and with the Parquet footer it wrote (one listing and two small reads per shard; the checksums of every byte
+    are verified when a rerun reuses the folder). A folder with no job record (built by hand) is not checked; one whose record predates the list is
+    read with a warning."""
+    records = job_records(folder)
+    if not records:
+        return
+    if any("files" not in r for r in records.values()):
+        log.warning("%s: %s lists no files (written before Cairn recorded them); its shards are not verified; "
+                    "rerun the job that wrote it to record them", folder, " and ".join(records))
+        return
+    recorded = {name: f for r in records.values() for name, f in r["files"].items()
+                if name.startswith(f"{FEATURE_PREFIX[kind]}-")}
+    problem = verify_files(folder, recorded, [f"{FEATURE_PREFIX[kind]}-*"], checksums=False)
+    if problem:
+        raise CairnError(f"{folder}: {problem}; its features are not what {' / '.join(records)} records. Rerun "
+                         "the job that wrote the folder (it recomputes what does not match), or remove the file")
+
+
 def features_metadata(folder: str, kind: str | None = None) -> dict:
-    """The ``cairn`` metadata of a folder's feature shards (read from the first shard's footer)."""
+    """The ``cairn`` metadata of a folder's feature shards (read from the first shard's footer); CairnError when
+    the shards are not the ones its job recorded (:func:`check_recorded_shards`)."""
+    if kind:
+        check_recorded_shards(folder, kind)
     kind = kind or features_kind(folder)
     with fs.FileSystems.open(find_shards(features_prefix(folder, kind))[0]) as f:
         return cairn_metadata(pq.read_schema(f))
@@ -48,12 +150,18 @@ def features_metadata(folder: str, kind: str | None = None) -> dict:
 
 def features_fingerprint(folder: str) -> str:
     """A fingerprint of a features folder's content: the config of the job that wrote it (extract.json or
-    encode.json), which fixes its content, plus its row count. Cheap at any scale (no feature bytes read)."""
-    for name in ("extract.json", "encode.json"):
+    encode.json), its row count and the checksums of the feature shards it recorded (so that features extracted
+    again from changed images are new to what was trained on them; a shard's time is left out: the same
+    content written again is the same features). Cheap at any scale (the record only, no feature bytes read)."""
+    for name in JOB_RECORDS:
         path = fs.join(folder, name)
         if fs.exists(path):
             record = cfg.load_json(path)
-            return cfg.fingerprint({"config": record.get("config"), "counts": record.get("counts")})
+            shards = tuple(f"{prefix}-" for prefix in FEATURE_PREFIX.values())
+            content = {n: f.get("sha256") or f.get("footer_sha256") for n, f in (record.get("files") or {}).items()
+                       if n.startswith(shards)}
+            return cfg.fingerprint({"config": record.get("config"), "counts": record.get("counts"),
+                                    **({"shards": content} if content else {})})
     raise CairnError(f"{folder} has no extract.json or encode.json; it was not written by `cairn extract/encode`")
 
 

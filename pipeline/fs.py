@@ -15,6 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.errors import CairnError
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+FileStat = tuple[int, int]  # (size in bytes, modification time in ns) of a file, as its filesystem records it
 
 
 def has_scheme(path: str) -> bool:
@@ -364,6 +365,57 @@ def glob(pattern: str) -> list[str]:
 
 def size(path: str) -> int:
     return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+
+
+def glob_stats(pattern: str) -> dict[str, FileStat]:
+    """Path -> (size, modification time in ns) of the files matching a glob pattern, from one listing (an object
+    store's time is the object's last update)."""
+    return {m.path: (int(m.size_in_bytes), _ns(m.last_updated_in_seconds)) for m in _matches(pattern)}
+
+
+def _ns(seconds) -> int:
+    return int(round(float(seconds or 0) * 1e9))
+
+
+def sha256(path: str) -> str:
+    """sha256 (hex) of a file's bytes on any Beam filesystem, read in 4 MiB chunks (not whole into memory)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stat_files(paths: list[str]) -> list[FileStat | None]:
+    """(size, mtime_ns) of each path, None for one that is not there (or cannot be listed): one ``os.stat`` per
+    local file, nothing read. Paths on an object store (gs://, s3://) are listed one folder at a time (one listing
+    per distinct parent folder, not one request per object); their time is the object's last update (a
+    replaced object is a new object with a new time)."""
+    import os
+
+    stats: list[FileStat | None] = [None] * len(paths)
+    remote: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        if has_scheme(path):
+            remote.setdefault(dirname(path), []).append(i)
+            continue
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):  # not there, not permitted, a NUL in the name
+            continue
+        stats[i] = (int(st.st_size), int(st.st_mtime_ns))
+    for folder, rows in remote.items():
+        try:
+            listed = {m.path: m for m in _matches(join(escape(folder), "*"))}
+        except Exception:  # noqa: BLE001 - an unreachable or unlisted folder: its files count as absent
+            listed = {}
+        for i in rows:
+            m = listed.get(paths[i])
+            if m is not None:
+                stats[i] = (int(m.size_in_bytes), _ns(m.last_updated_in_seconds))
+    return stats
 
 
 def delete(paths: list[str]) -> None:

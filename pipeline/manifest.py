@@ -76,6 +76,14 @@ class Manifest:
     def num_landmark_images(self) -> int:
         return sum(label is not None for label in self.labels)
 
+    def to_table_with_stats(self) -> pa.Table:
+        """:meth:`to_table` plus each image file's ``size`` and ``mtime_ns`` now (null: not there), one stat per
+        file (pipeline.fs.stat_files): what a job records of its inputs so that a rerun can tell whether they
+        changed (:func:`changed_images`)."""
+        stats = fs.stat_files(self.paths)
+        return self.to_table().append_column("size", pa.array([s and s[0] for s in stats], pa.int64())) \
+            .append_column("mtime_ns", pa.array([s and s[1] for s in stats], pa.int64()))
+
 
 class _Builder:
     """Accumulates rows with the per-row checks shared by every reader."""
@@ -253,6 +261,19 @@ def manifest_fingerprint(path: str, manifest: Manifest | None = None) -> str:
     if fs.is_local_dir(path):
         return cfg.fingerprint(list((manifest or read_folder_manifest(path)).records()))
     return cfg.file_fingerprint(path)
+
+
+def changed_images(table: pa.Table) -> list[tuple[str, str]] | None:
+    """(id, path) of the images whose file is not as ``table`` (from :meth:`Manifest.to_table_with_stats`)
+    recorded it: another size or modification time, gone, or there now when it was not. One stat per file, no
+    image read. None when the table has no stats (written before Cairn recorded them): nothing can be told."""
+    if "size" not in table.column_names or "mtime_ns" not in table.column_names:
+        return None
+    ids, paths = table.column("id").to_pylist(), table.column("path").to_pylist()
+    recorded = zip(table.column("size").to_pylist(), table.column("mtime_ns").to_pylist(), strict=True)
+    now = fs.stat_files(paths)
+    return [(i, p) for i, p, (size, mtime), stat in zip(ids, paths, recorded, now, strict=True)
+            if (stat is None) != (size is None) or (stat is not None and stat != (size, mtime))]
 
 
 def read_manifest(path: str) -> Manifest:

@@ -23,7 +23,9 @@ from pipeline.featuresets import (
     features_kind,
     features_metadata,
     features_prefix,
+    record_files,
     tree_bytes,
+    verify_files,
 )
 from pipeline.parquet_io import (
     SHARD_TEMPLATE,
@@ -132,10 +134,14 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     config = {"features": fs.absolute(features), "features_fingerprint": features_fingerprint(features),
               "encoder": fs.absolute(encoder_path), "metadata": metadata}
     out_prefix = features_prefix(out, out_kind)
-    if not force and test_pipeline is None and cfg.check_reusable(record_path, config) and \
-            _complete(out_prefix, record_path):
-        log.info("encode: reusing %s (same features and encoder; --force recomputes)", out)
-        return {**cfg.load_json(record_path), "cost": costs.reused()}
+    outputs = (f"{FEATURE_PREFIX[out_kind]}-*",)
+    if not force and test_pipeline is None and cfg.check_reusable(record_path, config):
+        problem = verify_files(out, cfg.load_json(record_path).get("files"), outputs)  # before any footer is read
+        if not problem and _complete(out_prefix, record_path):
+            log.info("encode: reusing %s (same features and encoder; --force recomputes)", out)
+            return {**cfg.load_json(record_path), "cost": costs.reused()}
+        if problem:
+            log.warning("encode: cannot reuse %s: %s; encoding again", out, problem)
     job = beamjob.start(out, beam_args, workers, threads, images=images, test_pipeline=test_pipeline,
                         clear=(f"{FEATURE_PREFIX[out_kind]}-*", "encode.json"))
     p, workers, threads = job.pipeline, job.workers, job.threads
@@ -159,7 +165,8 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     record = {"config": config, "counts": {"inputs": images, "outputs": written}, "kind": out_kind, "dim": dim,
               "runner": job.runner, "workers": workers, "threads_per_worker": threads,
               "seconds": round(seconds, 3),
-              "images_per_second": round(images / seconds, 2) if seconds > 0 else None}
+              "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
+              "files": record_files(out, outputs)}
     cfg.save_json(record_path, record)
     record = {**record, "cost": costs.beam_cost("encode", record, tree_bytes(out))}
     log.info("encode: %d images -> %d %s vectors of dim %d in %.1f s", images, written, out_kind, dim, seconds)

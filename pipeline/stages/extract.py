@@ -22,9 +22,9 @@ from features.registry import EXTRACTORS, make_extractor
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError, parse_dead_letters
-from pipeline.featuresets import FEATURE_PREFIX, features_prefix, tree_bytes
+from pipeline.featuresets import FEATURE_PREFIX, features_prefix, record_files, tree_bytes, verify_files
 from pipeline.images import DecodeConfig
-from pipeline.manifest import manifest_fingerprint, read_manifest
+from pipeline.manifest import changed_images, manifest_fingerprint, read_manifest
 from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
 from pipeline.schemas import global_features_schema
 from pipeline.stages import beamjob, costs
@@ -62,9 +62,14 @@ def outputs(out: str, kind: str = "global") -> dict[str, str]:
     }
 
 
+# glob patterns under OUT of the files an extraction writes beside its record: every feature kind's shards, the
+# manifest shards, the dead letters (the record lists them with their checksums: featuresets.record_files)
+OUTPUT_FILES = (*(f"{prefix}-*" for prefix in FEATURE_PREFIX.values()), "manifest-*", "dead_letters.csv")
+
+
 def _old_outputs(out: str) -> list[str]:
     """Glob patterns under OUT of a previous extraction's outputs (every feature kind, the manifest shards)."""
-    return [f"{prefix}-*" for prefix in FEATURE_PREFIX.values()] + ["manifest-*", "dead_letters.csv", "extract.json"]
+    return [*OUTPUT_FILES, "extract.json"]
 
 
 def extract(manifest_path: str, out: str, method: str = "hog", params: dict | None = None,
@@ -100,8 +105,11 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     config = cfg.to_dict(ExtractConfig(manifest_path, fingerprint, method, extractor.metadata(), decode, detected))
     if not force and test_pipeline is None and cfg.check_reusable(paths["record"], config) and _complete(paths):
         record = cfg.load_json(paths["record"])
-        log.info("extract: reusing %s (same config and manifest; --force recomputes)", out)
-        return {**record, "cost": costs.reused()}
+        problem = _not_reusable(out, record, paths)
+        if not problem:
+            log.info("extract: reusing %s (same config, manifest and images; --force recomputes)", out)
+            return {**record, "cost": costs.reused()}
+        log.warning("extract: cannot reuse %s: %s; extracting again", out, problem)
     num_shards = min(num_shards or math.ceil(len(manifest) / ROWS_PER_SHARD), max(1, len(manifest)))
     job = beamjob.start(out, beam_args, workers, threads, images=len(manifest), test_pipeline=test_pipeline,
                         clear=_old_outputs(out))
@@ -109,7 +117,9 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     out = job.out  # a dry run writes its manifest shards to a temporary folder instead
     paths = outputs(out, kind)
     if len(manifest):
-        write_table_shards(manifest.to_table(), paths["manifest"], num_shards=num_shards)
+        # with each image's size and modification time before any is read: a file changed during the run or after
+        # it differs from its record at the next run, which then extracts again (_not_reusable)
+        write_table_shards(manifest.to_table_with_stats(), paths["manifest"], num_shards=num_shards)
     if kind == "local":
         schema = extractor.schema()
     else:
@@ -168,6 +178,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         "regional": detected is not None,
         "label_names": {str(k): v for k, v in sorted(manifest.label_names.items())},
         "outputs": {k: v for k, v in paths.items() if k != "record"},
+        "files": record_files(out, OUTPUT_FILES),
     }
     cfg.save_json(paths["record"], record)
     record = {**record, "cost": costs.beam_cost("extract", record, tree_bytes(out))}
@@ -226,6 +237,28 @@ def _complete(paths: dict[str, str]) -> bool:
     except CairnError:
         return False
     return fs.exists(paths["dead_letters"])
+
+
+def _not_reusable(out: str, record: dict, paths: dict[str, str]) -> str:
+    """Why the outputs of a finished extraction with the requested config cannot be reused ("" when they can):
+    a file under OUT that is not the one the job wrote (featuresets.verify_files: names, sizes, Parquet footers,
+    and the sha256 of every file whose time changed), or an image whose size or modification time is not what
+    the job recorded before reading it (one stat per image)."""
+    problem = verify_files(out, record.get("files"), OUTPUT_FILES)
+    if problem:
+        return problem
+    if not fs.glob(shard_pattern(paths["manifest"])):  # no accepted manifest row: no image to check
+        return ""
+    table, _ = read_shards(paths["manifest"])
+    changed = changed_images(table)
+    if changed is None:
+        return "its manifest shards hold no image sizes and times (written before Cairn recorded them)"
+    if changed:
+        shown = ", ".join(f"{i} ({p})" for i, p in changed[:5]) + (f" and {len(changed) - 5} more"
+                                                                    if len(changed) > 5 else "")
+        return (f"{len(changed)} of {table.num_rows} images changed since they were extracted (size or "
+                f"modification time): {shown}")
+    return ""
 
 
 def _by_stage(counts: dict) -> str:

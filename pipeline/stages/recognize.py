@@ -36,7 +36,7 @@ from models.classifiers import load_classifier
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
-from pipeline.featuresets import features_metadata, features_prefix
+from pipeline.featuresets import check_recorded_shards, features_metadata, features_prefix
 from pipeline.parquet_io import read_shards, write_table
 from pipeline.schemas import labels_of, same_features, vectors_of
 from pipeline.stages import costs
@@ -165,6 +165,7 @@ def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[f
     choose the threshold (index/recognize.py :func:`choose_threshold`). Returns (threshold, record)."""
     from sklearn.base import clone
 
+    check_recorded_shards(db_features, "global")
     table, _ = read_shards(features_prefix(db_features, "global"))
     X, y = vectors_of(table), labels_of(table)
     split = validation_split(y, tune_config)

@@ -16,6 +16,7 @@ reuses an artefact trained with the same config on the same data, and returns it
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -90,6 +91,9 @@ def _requested(method: str, config, features: str) -> dict:
             "features_fingerprint": features_fingerprint(features)}
 
 
+_KEY_NAMES = {"images_stat": "the images (a size or modification time)", "features_fingerprint": "the features"}
+
+
 def _reusable(out: str, requested: dict, artefact: str, force: bool) -> dict | None:
     """The stored record when OUT holds the artefact trained with ``requested`` (checked by its checksum);
     otherwise None, after removing the record so that a run killed before writing its own cannot leave an
@@ -100,6 +104,12 @@ def _reusable(out: str, requested: dict, artefact: str, force: bool) -> dict | N
         if record.get("artefact_sha256") == cfg.file_fingerprint(target):
             log.info("train: reusing %s (same config and features; --force retrains)", out)
             return {**record, "cost": costs.reused()}
+        log.warning("train: %s is not the artefact %s recorded (its checksum differs); training again", target, path)
+    elif not force and fs.exists(path):
+        with contextlib.suppress(ValueError, OSError, AttributeError):  # an unreadable record: nothing to say
+            stored = cfg.load_json(path).get("config") or {}
+            changed = sorted(_KEY_NAMES.get(k, k) for k in {*stored, *requested} if stored.get(k) != requested.get(k))
+            log.info("train: training %s again: %s changed since it was trained", out, ", ".join(changed))
     if fs.exists(path):
         fs.delete([path])
     return None
@@ -138,6 +148,9 @@ def _open_on_images(method: str, manifest: str, out: str, weights: str, where: s
                          "(downloads) or 'none'")
     requested = {"method": method, **keyed, "manifest": manifest,
                  "manifest_sha256": manifest_fingerprint(manifest, rows), "decode": cfg.to_dict(decode),
+                 # the images by size and modification time (one stat each), so that an image replaced in place
+                 # retrains; what changed is logged (_reusable)
+                 "images_stat": cfg.fingerprint(fs.stat_files(rows.paths)),
                  # the initial weights by content, so that a replaced weights file retrains
                  "weights_sha256": cfg.file_fingerprint(weights) if weights not in ("none", "imagenet") else None}
     reused = _reusable(out, requested, "model.keras", force)

@@ -182,3 +182,32 @@ def test_a_rerun_with_fewer_methods_leaves_only_its_own_results(run_dir, tiny_sy
         assert f"removed {run_dir / folder / f'sift-bovw{ending}'}: sift-bovw is not among this run's methods" \
             in caplog.text
     assert list(json.loads((run_dir / "metrics.json").read_text())["methods"]) == ["hog"]
+def test_a_rerun_after_query_images_changed_in_place_equals_a_fresh_run(tmp_path, tiny_synth, caplog):
+    """Issue 23 item 2: replacing query images in place (the manifest unchanged) and rerunning gave the old
+    predictions ("reusing" the old features); now the rerun extracts the changed queries again and its
+    predictions are a fresh run's."""
+    import shutil
+
+    for split in ("train", "queries"):
+        rows = list(csv.DictReader(open(tiny_synth / f"{split}.csv")))
+        for r in rows:
+            (tmp_path / split).mkdir(exist_ok=True)
+            shutil.copy(tiny_synth / r["path"], tmp_path / split / f"{r['id']}.jpg")
+        with open(tmp_path / f"{split}.csv", "w") as f:
+            f.write("id,path,landmark_id\n" + "".join(f"{r['id']},{split}/{r['id']}.jpg,{r['landmark_id']}\n"
+                                                      for r in rows))
+    queries = sorted((tmp_path / "queries").iterdir())
+
+    def run(out):
+        compare(str(tmp_path / "train.csv"), str(tmp_path / "queries.csv"), str(tmp_path / out), ["hog"],
+                workers=1, tune=None, report=None)
+        return (tmp_path / out / "predictions" / "hog.csv").read_text()
+
+    before = run("out")
+    for a, b in zip(queries[:3], queries[1:4], strict=True):  # three queries now show another query's picture
+        shutil.copy(b, a)
+    caplog.set_level("INFO")
+    rerun = run("out")
+    fresh = run("fresh")
+    assert rerun == fresh != before
+    assert "3 of 12 images changed since they were extracted" in caplog.text

@@ -1,12 +1,14 @@
 import csv
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jobs.extract import run
 from pipeline.errors import CairnError, parse_dead_letters
+from pipeline.featuresets import features_fingerprint
 from pipeline.images import DecodeConfig
 from pipeline.parquet_io import read_shards
 from pipeline.schemas import cairn_metadata, vectors_of
@@ -157,3 +159,125 @@ def test_max_image_bytes_flag_reaches_the_decode_config(tmp_path, tiny_synth):
         run([*argv, "--max-image-bytes", "0"])
     record = run([*argv, "--max-image-bytes", "123456"])
     assert record["config"]["decode"]["max_bytes"] == 123456
+def _copied_set(tmp_path, tiny_synth, split: str = "queries", n: int = 6) -> tuple[Path, list[Path]]:
+    """The first ``n`` images of a tiny_synth split copied under tmp_path (tests change them) with their manifest."""
+    import shutil
+
+    rows = list(csv.DictReader(open(tiny_synth / f"{split}.csv")))[:n]
+    (tmp_path / "img").mkdir(exist_ok=True)
+    images = []
+    for r in rows:
+        images.append(tmp_path / "img" / f"{r['id']}.jpg")
+        shutil.copy(tiny_synth / r["path"], images[-1])
+    manifest = write_manifest(tmp_path / f"{split}.csv", [(r["id"], f"img/{r['id']}.jpg", r["landmark_id"] or "")
+                                                         for r in rows])
+    return manifest, images
+
+
+def test_rerun_extracts_again_when_an_image_changed_in_place(tmp_path, tiny_synth, caplog):
+    """Issue 23 item 2: the manifest's bytes are the same, but an image was replaced in place: its size or
+    modification time differs from what the job recorded, so the rerun extracts again and says which image."""
+    import os
+    import shutil
+
+    manifest, images = _copied_set(tmp_path, tiny_synth)
+    out = str(tmp_path / "out")
+    first = extract(str(manifest), out, workers=1)
+    trained_on = features_fingerprint(out)  # what a PCA or vocabulary trained on these features is keyed by
+    before = dict(zip(*[read_shards(out + "/features")[0].column(c).to_pylist() for c in ("id", "vector")],
+                      strict=True))
+    shutil.copy(images[1], images[0])  # the first query is now the second's picture
+    stat = os.stat(images[1])
+    os.utime(images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    caplog.set_level("INFO")
+    again = extract(str(manifest), out, workers=1)
+    assert "reusing" not in caplog.text and again.get("cost") != {"reused": True}
+    changed = images[0].stem
+    assert f"1 of 6 images changed since they were extracted (size or modification time): {changed} (" in caplog.text
+    table = read_shards(out + "/features")[0]
+    after = dict(zip(table.column("id").to_pylist(), table.column("vector").to_pylist(), strict=True))
+    assert after[changed] == before[images[1].stem] != before[changed]  # the new picture's features, not stale
+    assert again["counts"] == first["counts"] and features_fingerprint(out) != trained_on  # a trainer trains again
+    caplog.clear()
+    extract(str(manifest), out, workers=1)  # nothing changed since: reused
+    assert "reusing" in caplog.text and "changed" not in caplog.text
+    os.utime(images[2])  # touched: another modification time (the bytes may be the same: it cannot tell)
+    os.remove(images[3])  # gone: now a dead letter rather than a feature
+    caplog.clear()
+    gone = extract(str(manifest), out, workers=1)
+    assert "2 of 6 images changed" in caplog.text and gone["counts"]["dead_by_stage"] == {"read": 1}
+
+
+def test_rerun_verifies_the_shards_it_would_reuse(tmp_path, tiny_synth, caplog):
+    """Issue 23 item 3: a features shard copied in from another folder, or truncated, is not the job's own: the
+    rerun says why and extracts again (before, the first was reused, the second a traceback on every rerun)."""
+    import shutil
+
+    train, queries = str(tmp_path / "train"), str(tmp_path / "queries")
+    record = extract(str(tiny_synth / "train.csv"), train, workers=1)
+    extract(str(tiny_synth / "queries.csv"), queries, workers=1)
+    shard = "features-00000-of-00001.parquet"
+    assert set(record["files"]) == {shard, "manifest-00000-of-00001.parquet", "dead_letters.csv"}
+    assert record["files"][shard]["rows"] == 20 and len(record["files"][shard]["sha256"]) == 64
+    original = read_shards(train + "/features")[0].sort_by("id")
+    shutil.copy(f"{queries}/{shard}", f"{train}/{shard}")  # a valid shard, of another folder
+    caplog.set_level("INFO")
+    again = extract(str(tiny_synth / "train.csv"), train, workers=1)
+    assert "reusing" not in caplog.text and f"cannot reuse {train}: {shard} has" in caplog.text
+    assert again.get("cost") != {"reused": True} and read_shards(train + "/features")[0].sort_by("id").equals(original)
+
+    data = (tmp_path / "train" / shard).read_bytes()
+    (tmp_path / "train" / shard).write_bytes(data[: len(data) // 2])  # truncated
+    caplog.clear()
+    extract(str(tiny_synth / "train.csv"), train, workers=1)
+    assert "(truncated or replaced); extracting again" in caplog.text
+    assert read_shards(train + "/features")[0].sort_by("id").equals(original)
+
+    flipped = bytearray((tmp_path / "train" / shard).read_bytes())  # same size, other bytes
+    flipped[len(flipped) // 2] ^= 0xFF
+    (tmp_path / "train" / shard).write_bytes(bytes(flipped))
+    caplog.clear()
+    extract(str(tiny_synth / "train.csv"), train, workers=1)
+    assert f"{shard} is not the file the job wrote (its sha256 differs)" in caplog.text
+    shutil.copy(f"{queries}/{shard}", f"{train}/local-00000-of-00001.parquet")  # an extra shard of another kind
+    caplog.clear()
+    extract(str(tiny_synth / "train.csv"), train, workers=1)
+    assert "local-00000-of-00001.parquet not written by the job that recorded it" in caplog.text
+    (tmp_path / "train" / shard).write_bytes((tmp_path / "train" / shard).read_bytes())  # touched, same bytes
+    caplog.clear()
+    extract(str(tiny_synth / "train.csv"), train, workers=1)
+    assert "reusing" in caplog.text and "cannot reuse" not in caplog.text  # its checksum was read and matched
+
+
+def test_readers_refuse_shards_the_record_does_not_list(tmp_path, tiny_synth):
+    """Issue 23 item 3: `cairn index` (and every reader of a features folder) refuses a shard that is not the one
+    the extraction recorded, with one line, instead of indexing the wrong vectors or a traceback."""
+    import shutil
+
+    from pipeline.stages.index import build_index
+
+    rows = [(r["id"], tiny_synth / r["path"], r["landmark_id"]) for r in csv.DictReader(open(tiny_synth / "train.csv"))]
+    a, b, shard = tmp_path / "a", tmp_path / "b", "features-00000-of-00001.parquet"
+    extract(str(write_manifest(tmp_path / "a.csv", rows[:6])), str(a), workers=1)
+    extract(str(write_manifest(tmp_path / "b.csv", rows[6:12])), str(b), workers=1)
+    assert build_index(str(a), str(tmp_path / "index"))["count"] == 6
+    saved = (a / shard).read_bytes()
+    shutil.copy(b / shard, a / shard)  # a valid shard of other images
+    with pytest.raises(CairnError, match=f"{shard} (has \\d+ bytes where the job wrote \\d+ \\(truncated or "
+                                         "replaced\\)|is not the file the job wrote \\(its Parquet footer "
+                                         "differs\\)); its features are not what extract.json records"):
+        build_index(str(a), str(tmp_path / "index"))
+    footer = bytearray(saved)  # the same size, another footer (as a shard of as many other rows may have)
+    footer[-20] ^= 0xFF
+    (a / shard).write_bytes(bytes(footer))
+    with pytest.raises(CairnError, match=f"{shard} is not the file the job wrote \\(its Parquet footer differs\\)"):
+        build_index(str(a), str(tmp_path / "index"))
+    (a / shard).write_bytes(saved[:-100])  # truncated
+    with pytest.raises(CairnError, match=f"{shard} has {len(saved) - 100} bytes where the job wrote {len(saved)}"):
+        build_index(str(a), str(tmp_path / "index"))
+    (a / shard).unlink()
+    shutil.copy(b / shard, a / "features-00000-of-00002.parquet")  # a whole shard set again, but not the recorded one
+    shutil.copy(b / shard, a / "features-00001-of-00002.parquet")
+    with pytest.raises(CairnError, match="features-00000-of-00002.parquet, features-00001-of-00002.parquet not "
+                                         "written by the job"):
+        build_index(str(a), str(tmp_path / "index"))

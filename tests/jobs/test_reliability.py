@@ -303,3 +303,17 @@ def test_a_full_disk_ends_in_one_line_naming_the_folder_with_nothing_that_looks_
     assert lines[0].startswith(f"cairn index: error: the disk holding {out} is full (no space left on device)"), err
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
     assert not [n for n in left if n.endswith((".faiss", ".tmp", "index.json"))], left
+def test_a_shard_copied_in_from_another_folder_is_refused_or_recomputed(hog_run, tiny_synth, tmp_path):
+    """Issue 23 item 3: a valid queries shard copied into the database's features folder: `cairn index` refuses
+    it in one line (before: it indexed the queries' vectors), and a rerun of the extraction says why it does
+    not reuse the folder and writes the database's features again."""
+    train = tmp_path / "train"
+    shutil.copytree(hog_run / "train", train)
+    shard = "features-00000-of-00001.parquet"
+    shutil.copy(hog_run / "queries" / shard, train / shard)
+    _one_line_error(cairn("index", "--features", str(train), "--out", str(tmp_path / "index")),
+                    f"{shard} has")
+    rerun = cairn("extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(train), "--param", "size=64")
+    assert rerun.returncode == 0 and f"cannot reuse {train}: {shard} has" in rerun.stderr, rerun.stderr[-2000:]
+    assert (train / shard).read_bytes() != (hog_run / "queries" / shard).read_bytes()
+    assert cairn("index", "--features", str(train), "--out", str(tmp_path / "index")).returncode == 0

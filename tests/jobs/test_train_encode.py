@@ -187,3 +187,48 @@ def test_vocabulary_and_encodings_do_not_depend_on_how_workers_sharded_the_rows(
     one = read_shards(features_prefix(str(tmp_path / "one" / "vectors"), kind))[0]
     other = read_shards(features_prefix(str(tmp_path / "other" / "vectors"), kind))[0]
     assert one.equals(other)
+def test_encode_rerun_verifies_the_shards_it_would_reuse(local, tmp_path, caplog):
+    """Issue 23 item 3: a truncated output shard is not reused (before: a traceback on every rerun)."""
+    train("sift-bovw", str(local / "sift"), str(tmp_path / "m"), SMALL)
+    encoder, out = str(tmp_path / "m" / "encoder.npz"), tmp_path / "bovw"
+    first = encode(str(local / "sift"), encoder, str(out), workers=1)
+    shard = "sparse-00000-of-00001.parquet"
+    assert first["files"][shard]["rows"] == 21
+    data = (out / shard).read_bytes()
+    (out / shard).write_bytes(data[: len(data) // 2])
+    caplog.set_level("INFO")
+    again = encode(str(local / "sift"), encoder, str(out), workers=1)
+    assert f"cannot reuse {out}: {shard} has" in caplog.text and again["counts"] == first["counts"]
+    assert (out / shard).read_bytes() == data
+
+
+def test_an_image_trainer_trains_again_when_an_image_changed_in_place(tmp_path, tiny_synth, caplog):
+    """Issue 23 item 2: the trainers on images (cnn, delf, detector) are keyed on each image's size and
+    modification time too, not on the manifest's bytes alone."""
+    import os
+    import shutil
+
+    from pipeline.images import DecodeConfig
+    from pipeline.stages.train import _open_on_images, _save_record
+
+    rows = list(csv.DictReader(open(tiny_synth / "train.csv")))[:3]
+    for r in rows:
+        shutil.copy(tiny_synth / r["path"], tmp_path / f"{r['id']}.jpg")
+    manifest = str(write_manifest(tmp_path / "m.csv", [(r["id"], f"{r['id']}.jpg", r["landmark_id"]) for r in rows]))
+    out = tmp_path / "model"
+    out.mkdir()
+
+    def opened():
+        return _open_on_images("cnn", manifest, str(out), "none", "w", DecodeConfig(), False)[2:]
+
+    requested, reused = opened()
+    assert reused is None
+    (out / "model.keras").write_bytes(b"a trained model")
+    _save_record(str(out), "model.keras", {"config": requested})
+    assert opened()[1] is not None  # the same images: reused
+    image = tmp_path / f"{rows[0]['id']}.jpg"
+    shutil.copy(tmp_path / f"{rows[1]['id']}.jpg", image)  # replaced in place
+    os.utime(image, ns=(0, os.stat(image).st_mtime_ns + 10**9))
+    caplog.set_level("INFO")
+    assert opened()[1] is None
+    assert "the images (a size or modification time) changed since it was trained" in caplog.text

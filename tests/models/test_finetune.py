@@ -189,3 +189,23 @@ def test_softmax_head_with_validation_and_early_stopping(tmp_path, tiny_synth):
     assert 1 <= record["epochs_run"] <= 3 and len(record["history"]["val_loss"]) == record["epochs_run"]
     _, meta = load_embedding_model(str(tmp_path / "model.keras"))
     assert meta["training"]["head"] == "softmax" and "val_loss" in meta["training"] and "loss" in meta["training"]
+
+
+def test_disk_cache_is_decoded_again_when_an_image_changed_in_place(tmp_path, tiny_synth, caplog):
+    """Issue 23 item 2: the decoded-image cache is keyed on each file's size and modification time too."""
+    import logging
+    import os
+    import shutil
+
+    rows = []
+    for r in list(csv.DictReader(open(tiny_synth / "train.csv")))[:2]:
+        shutil.copy(tiny_synth / r["path"], tmp_path / f"{r['id']}.jpg")
+        rows.append((r["id"], str(tmp_path / f"{r['id']}.jpg"), 0))
+    first = build_cache(rows, 32, mode="disk", folder=str(tmp_path / "c"), threads=1, progress=False)
+    first = np.array(first.images)
+    shutil.copy(rows[1][1], rows[0][1])
+    os.utime(rows[0][1], ns=(0, os.stat(rows[0][1]).st_mtime_ns + 10**9))
+    with caplog.at_level(logging.INFO):
+        again = build_cache(rows, 32, mode="disk", folder=str(tmp_path / "c"), threads=1, progress=False)
+    assert "reusing" not in caplog.text
+    np.testing.assert_array_equal(np.asarray(again.images[0]), first[1])

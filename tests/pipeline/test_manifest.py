@@ -139,3 +139,22 @@ def test_folder_names_with_glob_characters(tmp_path):
     (tmp_path / "tree [v1]" / "7").mkdir(parents=True)
     (tmp_path / "tree [v1]" / "7" / "a.jpg").write_bytes(b"x")
     assert read_manifest(str(tmp_path / "tree [v1]")).labels == [7]
+
+
+def test_changed_images_compares_each_file_with_its_recorded_size_and_mtime(tmp_path):
+    """Issue 23 item 2: the stats a job records of its images tell which changed since, one stat per file."""
+    import os
+
+    from pipeline.manifest import changed_images
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.jpg").write_bytes(b"jpeg" + name.encode())
+    manifest = read_manifest(str(write_manifest(tmp_path / "m.csv", [(n, f"{n}.jpg", 1) for n in "abcd"])))
+    table = manifest.to_table_with_stats()
+    assert table.column("size").to_pylist() == [5, 5, 5, None]  # d.jpg is not there
+    assert changed_images(table) == [] and changed_images(manifest.to_table()) is None
+    (tmp_path / "a.jpg").write_bytes(b"another jpeg")
+    os.utime(tmp_path / "b.jpg", ns=(0, 10**18))
+    (tmp_path / "c.jpg").unlink()
+    (tmp_path / "d.jpg").write_bytes(b"new")
+    assert [i for i, _ in changed_images(table)] == ["a", "b", "c", "d"]
