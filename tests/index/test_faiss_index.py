@@ -1,3 +1,4 @@
+import json
 import logging
 
 import faiss
@@ -248,7 +249,6 @@ def test_gpu_failure_falls_back_to_cpu(monkeypatch, caplog):
 
 
 def test_a_folder_from_another_format_version_is_refused(tmp_path):
-    import json
 
     xb, _ = _data(n=50)
     index = VectorIndex.build(xb, _ids(50), np.zeros(50))
@@ -258,3 +258,63 @@ def test_a_folder_from_another_format_version_is_refused(tmp_path):
     (tmp_path / "ix" / "index.json").write_text(json.dumps(meta))
     with pytest.raises(CairnError, match="another version of Cairn"):
         VectorIndex.load(str(tmp_path / "ix"))
+
+
+def _flip_byte(path, offset=None):
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["index.faiss", "ids.parquet", "nonlandmarks/index.faiss"])
+def test_a_damaged_index_file_is_refused_on_load(tmp_path, name):
+    """A flipped byte in index.faiss used to load and answer every query with a confidence near 1e24."""
+    xb, _ = _data(n=200)
+    labels = np.where(np.arange(200) % 4 == 0, -1, np.arange(200) % 3)
+    VectorIndex.build(xb, _ids(200), labels).save(str(tmp_path / "ix"))
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert set(meta["files"]) == {"index.faiss", "ids.parquet"}
+    assert meta["files"]["index.faiss"]["bytes"] == (tmp_path / "ix" / "index.faiss").stat().st_size
+    VectorIndex.load(str(tmp_path / "ix"))  # intact: loads
+    _flip_byte(tmp_path / "ix" / name)
+    with pytest.raises(CairnError, match=rf"{name}.*sha256.*rebuild it with `cairn index`"):
+        VectorIndex.load(str(tmp_path / "ix"))
+
+
+def test_a_truncated_or_missing_index_file_is_refused(tmp_path):
+    xb, _ = _data(n=100)
+    VectorIndex.build(xb, _ids(100), np.zeros(100)).save(str(tmp_path / "ix"))
+    path = tmp_path / "ix" / "index.faiss"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CairnError, match=r"index.faiss holds .* bytes where the build wrote .*`cairn index`"):
+        VectorIndex.load(str(tmp_path / "ix"))
+    VectorIndex.build(xb, _ids(100), np.zeros(100)).save(str(tmp_path / "iy"))
+    (tmp_path / "iy" / "ids.parquet").unlink()
+    with pytest.raises(CairnError, match="lacks ids.parquet"):
+        VectorIndex.load(str(tmp_path / "iy"))
+
+
+def test_an_on_disk_index_records_and_checks_its_inverted_lists(corpus, tmp_path):
+    xb, yb, xq, _ = corpus
+    config = IndexConfig(factory="IVF16,Flat", on_disk="on", shard_size=5000, train_size=2000,
+                         nonlandmark_index=False)
+    VectorIndex.build(xb[:6000], _ids(6000), yb[:6000], config, folder=str(tmp_path / "ix")).save(str(tmp_path / "ix"))
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert {"index.faiss", "index.ivfdata", "trained.faiss", "ids.parquet"} <= set(meta["files"])
+    VectorIndex.load(str(tmp_path / "ix")).search(xq, 5)
+    _flip_byte(tmp_path / "ix" / "index.ivfdata")
+    with pytest.raises(CairnError, match="index.ivfdata does not match the sha256"):
+        VectorIndex.load(str(tmp_path / "ix"))
+
+
+def test_an_index_without_checksums_loads_with_a_warning(tmp_path, caplog):
+    xb, xq = _data(n=100)
+    VectorIndex.build(xb, _ids(100), np.zeros(100)).save(str(tmp_path / "ix"))
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    del meta["files"]  # as written before checksums were recorded
+    (tmp_path / "ix" / "index.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="index.faiss_index"):
+        back = VectorIndex.load(str(tmp_path / "ix"))
+    assert "recorded no checksums" in caplog.text and "cairn index" in caplog.text
+    assert back.search(xq, 3)[1].shape == (len(xq), 3)
