@@ -85,6 +85,8 @@ class IndexConfig:
             raise ValueError(f"on_disk must be auto, on or off, not {self.on_disk!r}")
         if self.shard_size < 1 or self.train_size < 0 or self.memory_budget < 0:
             raise ValueError("shard_size must be >= 1, train_size and memory_budget >= 0")
+        if self.factory != "auto":
+            B.check_factory(self.factory)  # before any work: the dimension-free checks
 
 
 def labels_of_ids(labels: np.ndarray, I: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 
 import faiss
 import numpy as np
@@ -318,3 +319,23 @@ def test_an_index_without_checksums_loads_with_a_warning(tmp_path, caplog):
         back = VectorIndex.load(str(tmp_path / "ix"))
     assert "recorded no checksums" in caplog.text and "cairn index" in caplog.text
     assert back.search(xq, 3)[1].shape == (len(xq), 3)
+
+
+@pytest.mark.parametrize("factory", ["HNSW0", "HNSW1", "HNSW0,Flat", "IVF16_HNSW1,Flat", "L2norm,HNSW0", "PQ4x0",
+                                     "IVF16,PQ4x0", "NSG0", "NSG2", "RR0,Flat", "OPQ4_0,PQ4", "PCA0,Flat",
+                                     "IVF0,Flat", "IVF16,RQ0x8", "LSQ0x8", "PRQ0x0x8", "PQ4x17", "IVF99999999,Flat"])
+def test_factory_sizes_that_abort_faiss_are_refused_before_it_runs(factory):
+    """FAISS accepts these strings and then aborts, crashes, hangs or answers zeros (HNSW0 aborted the process)."""
+    with pytest.raises(CairnError, match=rf"factory '{re.escape(factory)}': .*(size of 0|must be)"):
+        IndexConfig(factory=factory)  # checked with the flags, before any extraction
+
+
+def test_pq_sub_quantizers_must_divide_the_dimension_they_see():
+    with pytest.raises(CairnError, match=r"PQ3 splits the 8-d vectors into 3 parts.*divisor of 8"):
+        B.new_index("PQ3", 8, "ip")
+    with pytest.raises(CairnError, match=r"PQ3 splits the 16-d vectors"):
+        B.new_index("OPQ4_16,PQ3", 8, "ip")  # the dimension after the rotation
+    for factory in ("HNSW2", "HNSW32,Flat", "IVF16,PQ4x4fs", "OPQ4_16,IVF16,PQ8", "PCAR4,Flat", "IVF16,SQ8",
+                    "SQfp16", "IVF16,Flat,RFlat", "IVF1024,PQ8", "NSG32"):
+        IndexConfig(factory=factory)
+        B.new_index(factory, 8, "ip")
