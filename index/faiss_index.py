@@ -493,7 +493,7 @@ def verify_files(folder: str, meta: dict, required: Sequence[str]) -> None:
         log.warning("index: %s was written by an older Cairn that recorded no checksums of its files, so they "
                     "cannot be checked for damage; rebuild it with `cairn index` to have them checked", folder)
         return
-    rebuild = "the index is damaged or was changed after it was built; rebuild it with `cairn index`"
+    rebuild = "the index is damaged or was changed after it was built; rebuild the index with `cairn index`"
     for name in sorted(set(recorded) | set(required)):
         path = os.path.join(folder, name)
         expected = recorded.get(name)

@@ -279,7 +279,7 @@ def test_a_damaged_index_file_is_refused_on_load(tmp_path, name):
     assert meta["files"]["index.faiss"]["bytes"] == (tmp_path / "ix" / "index.faiss").stat().st_size
     VectorIndex.load(str(tmp_path / "ix"))  # intact: loads
     _flip_byte(tmp_path / "ix" / name)
-    with pytest.raises(CairnError, match=rf"{name}.*sha256.*rebuild it with `cairn index`"):
+    with pytest.raises(CairnError, match=rf"{name}.*sha256.*rebuild the index with `cairn index`"):
         VectorIndex.load(str(tmp_path / "ix"))
 
 

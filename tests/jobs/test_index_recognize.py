@@ -218,3 +218,18 @@ def test_k_and_neighbours_beyond_the_database_are_clamped(tmp_path, caplog):
     assert record["config"]["vote"]["k"] == 150 and record["config"]["neighbours"] == 150
     assert record["tuning"]["tuned"]["k"] == 150
     assert pq.read_table(tmp_path / "r" / "neighbours.parquet").num_rows == 30 * 150
+
+
+def test_recognize_refuses_an_index_with_a_flipped_byte(vectors, tmp_path, capsys):
+    """A flipped byte in index.faiss loaded fine and gave every query a confidence near 1e24."""
+    root, _ = vectors
+    ix = tmp_path / "ix"
+    assert main(["index", "--features", str(root / "db"), "--out", str(ix), "--factory", "Flat"]) == 0
+    data = bytearray((ix / "index.faiss").read_bytes())
+    data[len(data) // 2 + 3] ^= 0x7F  # inside the stored vectors: FAISS itself reads the file without complaint
+    (ix / "index.faiss").write_bytes(bytes(data))
+    assert main(["recognize", "--index", str(ix), "--features", str(root / "queries"), "--out", str(tmp_path / "o"),
+                 "--no-tune"]) == 2
+    err = capsys.readouterr().err
+    assert "index.faiss does not match the sha256 recorded when it was built" in err
+    assert "rebuild the index with `cairn index`" in err and not (tmp_path / "o" / "predictions.csv").exists()
