@@ -183,7 +183,8 @@ def add_index_args(p) -> None:
     d = IndexConfig()
     g = p.add_argument_group("index")
     g.add_argument("--factory", default=d.factory,
-                   help="FAISS index_factory string (Flat, IVF4096,PQ64, HNSW32,Flat, ...) or auto (default): "
+                   help="FAISS index_factory string (Flat, IVF4096,PQ64, HNSW32,Flat, ...; sizes FAISS would abort "
+                        "on, e.g. HNSW0, are refused) or auto (default): "
                         "chosen from the vector count, dimension and --memory-budget")
     g.add_argument("--metric", default=d.metric, choices=["ip", "l2"],
                    help="ip: inner product = cosine on the L2-normalised descriptors (default); l2: Euclidean")
