@@ -218,6 +218,9 @@ def test_k_and_neighbours_beyond_the_database_are_clamped(tmp_path, caplog):
     assert record["config"]["vote"]["k"] == 150 and record["config"]["neighbours"] == 150
     assert record["tuning"]["tuned"]["k"] == 150
     assert pq.read_table(tmp_path / "r" / "neighbours.parquet").num_rows == 30 * 150
+    assert main(["neighbours", "--index", str(ix), "--features", str(tmp_path / "queries"), "--out",
+                 str(tmp_path / "n"), "--k", "100000"]) == 0
+    assert json.loads((tmp_path / "n" / "neighbours.json").read_text())["config"]["k"] == 150
 
 
 def test_recognize_refuses_an_index_with_a_flipped_byte(vectors, tmp_path, capsys):
