@@ -124,6 +124,8 @@ def run(workdir: str, quick: bool) -> list[dict]:
         per_round[held] = {}
         for name in names:
             q = metrics["methods"][name]["quality"]
+            if q["gap"] is None:  # metrics.json writes null for a figure it cannot compute, and says why
+                raise RuntimeError(f"open_set: {name} without {held}: {q.get('note')}")
             ref = top1_reference(accounting[name]["index"], query_ids, truth)
             row = {"gap": q["gap"], "accuracy": q["accuracy"], "auc": q["auc"], "gap_all_answers": q["gap_all_answers"],
                    "top1_gap": ref["gap"], "top1_accuracy": ref["accuracy"], "top1_auc": ref["auc"]}

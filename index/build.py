@@ -109,12 +109,62 @@ def available_memory() -> int:
 # The index objects
 
 
-def new_index(factory: str, d: int, metric: str) -> faiss.Index:
-    """An empty index from a factory string (without an IDMap: see the module docstring on ids)."""
-    if metric not in METRICS:
-        raise CairnError(f"unknown metric {metric!r}; use one of {sorted(METRICS)}")
+# Sizes in a factory string that FAISS takes without complaint but then aborts, crashes, hangs or answers zeros
+# on (HNSW0 and HNSW1 abort or crash at the first add, PQ4x0 divides by zero, NSG2 never ends, PCA0 maps every
+# vector to nothing...): (pattern, (name, smallest, largest or None) of each of its numbers). Every size must
+# also be at least 1.
+FACTORY_SIZES = (
+    (r"HNSW(\d+)", (("M (links per node)", 2, 512),)),
+    (r"NSG(\d+)", (("R (graph degree)", 4, 512),)),
+    (r"IVF(\d+)", (("nlist (inverted lists)", 1, 1 << 24),)),
+    (r"(?<![A-Za-z])PQ(\d+)(?:x(\d+))?", (("M (sub-quantizers)", 1, None), ("bits per code", 1, 16))),
+    (r"(?<![A-Za-z])(?:RQ|LSQ)(\d+)x(\d+)", (("M (quantizers)", 1, None), ("bits per code", 1, 16))),
+    (r"(?:PRQ|PLSQ)(\d+)x(\d+)x(\d+)", (("splits", 1, None), ("quantizers", 1, None), ("bits per code", 1, 16))),
+)
+_TRANSFORM_DIM = r"(?:OPQ\d+_|PCAW?R?|RR|ITQ|Pad)(\d+)"  # pre-transforms that set the dimension after them
+
+
+def check_factory(factory: str, d: int | None = None) -> None:
+    """Refuse a factory string whose sizes FAISS would accept and then abort the process on (or hang, or answer
+    zeros with): every size at least 1, the ranges of FACTORY_SIZES and, given the dimension ``d``, PQ and OPQ
+    sub-quantizers that divide the dimension they see. FAISS itself still checks the rest (unknown components
+    are a RuntimeError, made a CairnError by :func:`new_index`)."""
     if "idmap" in factory.lower():
         raise CairnError(f"factory {factory!r}: give it without IDMap; Cairn adds the id mapping itself")
+    zero = re.search(r"[A-Za-z_]*(?<!\d)0+(?![\d.])", factory)
+    if zero:
+        raise CairnError(f"factory {factory!r}: {zero.group(0)!r} has a size of 0; every size in a factory string "
+                         "must be at least 1 (e.g. HNSW32,Flat or IVF1024,PQ64)")
+    for pattern, sizes in FACTORY_SIZES:
+        for m in re.finditer(pattern, factory):
+            for value, (name, low, high) in zip(m.groups(), sizes, strict=True):
+                if value is not None and not (low <= int(value) and (high is None or int(value) <= high)):
+                    limit = f"at least {low}" if high is None else f"between {low} and {high}"
+                    raise CairnError(f"factory {factory!r}: in {m.group(0)}, the {name} must be {limit}, not {value}")
+    if d is not None:
+        _check_pq_divides(factory, d)
+
+
+def _check_pq_divides(factory: str, d: int) -> None:
+    """A PQ's (and OPQ's) sub-quantizer count must divide the dimension it sees (``d`` after pre-transforms)."""
+    dim = d
+    for m in re.finditer(rf"{_TRANSFORM_DIM}|(?<![A-Za-z])(O?PQ)(\d+)", factory):
+        if m.group(1) is not None:
+            dim = int(m.group(1))
+            continue
+        parts = int(m.group(3))
+        if dim % parts:
+            raise CairnError(f"factory {factory!r}: {m.group(2)}{parts} splits the {dim}-d vectors into {parts} "
+                             f"parts, but {parts} does not divide {dim}; use a divisor of {dim}, e.g. "
+                             f"{_largest_divisor(dim, max(1, dim // 8))}")
+
+
+def new_index(factory: str, d: int, metric: str) -> faiss.Index:
+    """An empty index from a factory string (without an IDMap: see the module docstring on ids), checked first
+    (:func:`check_factory`): FAISS aborts the process on some sizes it accepts."""
+    if metric not in METRICS:
+        raise CairnError(f"unknown metric {metric!r}; use one of {sorted(METRICS)}")
+    check_factory(factory, d)
     try:
         index = faiss.index_factory(d, factory, METRICS[metric])
     except RuntimeError as e:

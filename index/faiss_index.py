@@ -17,7 +17,8 @@ Saved as a folder:
     trained.faiss      the trained, empty index: more shards can be added to it later
     ids.parquet        faiss_id int64, id string, landmark_id int64 (nullable)
     index.json         factory (as built), metric, dim, count, search parameters, build figures, the
-                       features' metadata and the config
+                       features' metadata, the config, and the sha256 and size of every file above ("files"),
+                       checked when the index is loaded (:func:`verify_files`)
     nonlandmarks/      the same layout, over the non-landmark database images (when there are some)
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -55,6 +57,9 @@ ID_TABLE_SCHEMA = pa.schema(
     ]
 )
 FORMAT_VERSION = 2  # index.json layout
+# the files of an index folder whose checksums index.json records (the FAISS index and the inverted file alike);
+# nonlandmarks/ records its own
+INDEX_FILES = ("index.faiss", "index.ivfdata", "trained.faiss", "ids.parquet", "postings.npz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,8 @@ class IndexConfig:
             raise ValueError(f"on_disk must be auto, on or off, not {self.on_disk!r}")
         if self.shard_size < 1 or self.train_size < 0 or self.memory_budget < 0:
             raise ValueError("shard_size must be >= 1, train_size and memory_budget >= 0")
+        if self.factory != "auto":
+            B.check_factory(self.factory)  # before any work: the dimension-free checks
 
 
 def labels_of_ids(labels: np.ndarray, I: np.ndarray) -> np.ndarray:
@@ -324,7 +331,7 @@ class VectorIndex:
             "dim": self.dim, "count": self.ntotal, "search_params": self.search_params,
             "nonlandmarks": 0 if self.nonlandmarks is None else self.nonlandmarks.ntotal,
             "build": self.build_info, "config": cfg.to_dict(self.config), "faiss_version": faiss.__version__,
-            "features": self.features_metadata,
+            "features": self.features_metadata, "files": file_checksums(folder),
         })
 
     @classmethod
@@ -342,6 +349,7 @@ class VectorIndex:
             raise CairnError(f"index folder {folder} was written by another version of Cairn (format "
                              f"{meta.get('format_version', 1)}, expected {FORMAT_VERSION}); rebuild it with "
                              "`cairn index`")
+        verify_files(folder, meta, ("index.faiss", "ids.parquet"))
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_MMAP if mmap else 0)
         try:
             index = faiss.read_index(paths[0], flags)
@@ -462,6 +470,51 @@ def invalidate(folder: str) -> None:
     killed part-way leaves a folder that no reader or rerun takes for a complete index."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(folder, "index.json"))
+
+
+def file_checksums(folder: str) -> dict:
+    """{name: {"sha256": hex digest, "bytes": size}} of the INDEX_FILES present in ``folder`` (index.json's
+    "files", written after them)."""
+    out = {}
+    for name in INDEX_FILES:
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            out[name] = {"sha256": _sha256(path), "bytes": os.path.getsize(path)}
+    return out
+
+
+def verify_files(folder: str, meta: dict, required: Sequence[str]) -> None:
+    """Check the files of the index folder ``folder`` against the checksums its index.json (``meta``) records:
+    a file that changed since the build (damaged, truncated, replaced) is a CairnError that names it, instead of
+    an index that answers with garbage. ``required``: the files the loader reads, which the record must list.
+    An index written before checksums were recorded loads with a warning."""
+    recorded = meta.get("files")
+    if recorded is None:
+        log.warning("index: %s was written by an older Cairn that recorded no checksums of its files, so they "
+                    "cannot be checked for damage; rebuild it with `cairn index` to have them checked", folder)
+        return
+    rebuild = "the index is damaged or was changed after it was built; rebuild the index with `cairn index`"
+    for name in sorted(set(recorded) | set(required)):
+        path = os.path.join(folder, name)
+        expected = recorded.get(name)
+        if expected is None:
+            raise CairnError(f"{path}: index.json records no checksum of it; {rebuild}")
+        if not os.path.exists(path):
+            raise CairnError(f"{path} is missing; {rebuild}")
+        size = os.path.getsize(path)
+        if size != expected.get("bytes"):
+            raise CairnError(f"{path} holds {size:,} bytes where the build wrote {expected.get('bytes'):,}; "
+                             f"{rebuild}")
+        if _sha256(path) != expected.get("sha256"):
+            raise CairnError(f"{path} does not match the sha256 recorded when it was built; {rebuild}")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _write_index(index: faiss.Index, path: str) -> None:

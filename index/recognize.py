@@ -103,11 +103,21 @@ def class_scores(D: np.ndarray, labels: np.ndarray, config: VoteConfig,
     D, labels = D[:, :k], labels[:, :k]
     valid = np.isfinite(D)
     sims = np.where(valid, np.maximum(D, 0.0), 0.0).astype(np.float32)
-    same = (labels[:, :, None] == labels[:, None, :]) & valid[:, None, :]  # [Q, k, k]
-    if config.aggregate == "max":
-        scores = np.max(np.where(same, sims[:, None, :], 0.0), axis=2)
-    else:
-        scores = np.einsum("qij,qj->qi", same.astype(np.float32), sims)
+    # each neighbour's class total (or best) over the neighbours of its query with the same label, by sorting
+    # (query, label) pairs: O(Q k log k) time and O(Q k) memory, where comparing every pair took [Q, k, k]
+    # (``--k 100000`` asked for 186 GiB); missing neighbours add 0
+    Q = len(labels)
+    flat = labels.ravel()
+    rows = np.repeat(np.arange(Q), k)
+    order = np.lexsort((flat, rows))
+    starts = np.ones(len(order), bool)
+    starts[1:] = (flat[order][1:] != flat[order][:-1]) | (rows[order][1:] != rows[order][:-1])
+    group = np.empty(len(order), np.int64)
+    group[order] = np.cumsum(starts) - 1
+    reduce = np.maximum if config.aggregate == "max" else np.add
+    per_class = reduce.reduceat(sims.ravel()[order], np.flatnonzero(starts)) if len(order) else sims.ravel()
+    scores = per_class[group].reshape(labels.shape)
+    if config.aggregate == "sum":
         if config.class_norm > 0 and counts is not None:
             n_c = np.full(labels.shape, float(k))
             ids, cnt = counts
@@ -160,7 +170,7 @@ def vote(D: np.ndarray, labels: np.ndarray, config: VoteConfig = VoteConfig(),
         pred [Q] int64 landmark id (-1 = no prediction), conf [Q] float32 (0 where no prediction).
     """
     Q = len(D)
-    if Q > VOTE_CHUNK:  # bounded memory: the class scores take [chunk, k, k]
+    if Q > VOTE_CHUNK:  # bounded memory
         parts = [vote(D[lo:lo + VOTE_CHUNK], labels[lo:lo + VOTE_CHUNK], config,
                       None if nonlandmark_sim is None else nonlandmark_sim[lo:lo + VOTE_CHUNK], counts,
                       None if inliers is None else inliers[lo:lo + VOTE_CHUNK], threshold)

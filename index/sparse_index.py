@@ -11,7 +11,8 @@ inverted file needs ~8 bytes per distinct word of each image.
 Saved as a folder, beside the FAISS index format (index/faiss_index.py):
     postings.npz     the CSC matrix (data, indices, indptr, shape) as a Cairn artefact (features/artifacts.py)
     ids.parquet      faiss_id int64 (row), id string, landmark_id int64 (nullable)
-    index.json       kind "sparse-inverted-file", dim, count, the features' metadata
+    index.json       kind "sparse-inverted-file", dim, count, the features' metadata, the sha256 and size of the
+                     files above ("files", checked on load)
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from features import artifacts
-from index.faiss_index import ID_TABLE_SCHEMA, VectorIndex, invalidate, labels_of_ids
+from index.faiss_index import (
+    ID_TABLE_SCHEMA,
+    VectorIndex,
+    file_checksums,
+    invalidate,
+    labels_of_ids,
+    verify_files,
+)
 from index.regions import wrap
 from pipeline import config as cfg
 from pipeline.errors import CairnError
@@ -123,15 +131,17 @@ class SparseIndex:
         cfg.save_json(os.path.join(folder, "index.json"), {
             "kind": "sparse-inverted-file", "config": cfg.to_dict(self.config), "dim": self.dim,
             "count": self.ntotal, "nnz": int(p.nnz), "features": self.features_metadata,
+            "files": file_checksums(folder),
         })
 
     @classmethod
     def load(cls, folder: str) -> SparseIndex:
+        meta = cfg.load_json(os.path.join(folder, "index.json"))
+        verify_files(folder, meta, ("postings.npz", "ids.parquet"))
         arrays, _ = artifacts.load(os.path.join(folder, "postings.npz"), "sparse_index")
         shape = tuple(int(v) for v in arrays["shape"])
         postings = sp.csc_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape)
         table = pq.read_table(os.path.join(folder, "ids.parquet"))
-        meta = cfg.load_json(os.path.join(folder, "index.json"))
         if table.num_rows != shape[0] or meta["count"] != shape[0]:
             raise CairnError(f"index folder {folder} is inconsistent ({shape[0]} rows, id table {table.num_rows}); "
                              "rebuild it")

@@ -220,7 +220,8 @@ def add_index_args(p) -> None:
     d = IndexConfig()
     g = p.add_argument_group("index")
     g.add_argument("--factory", default=d.factory,
-                   help="FAISS index_factory string (Flat, IVF4096,PQ64, HNSW32,Flat, ...) or auto (default): "
+                   help="FAISS index_factory string (Flat, IVF4096,PQ64, HNSW32,Flat, ...; sizes FAISS would abort "
+                        "on, e.g. HNSW0, are refused) or auto (default): "
                         "chosen from the vector count, dimension and --memory-budget")
     g.add_argument("--metric", default=d.metric, choices=["ip", "l2"],
                    help="ip: inner product = cosine on the L2-normalised descriptors (default); l2: Euclidean")
@@ -305,10 +306,16 @@ def summary_table(metrics: dict) -> str:
     rows = [head, "-" * len(head)]
     for name, m in metrics["methods"].items():
         q, c = m["quality"], m["cost"]
-        rows.append(f"{name:<{width}}{q['gap']:>8.3f}{q['accuracy']:>8.3f}{q['landmark_accuracy']:>8.3f}"
-                    f"{q['map_at_100']:>9.3f}{c.get('images_per_second') or 0:>9.1f}"
-                    f"{c.get('bytes_per_image') or 0:>11,}")
-    return "\n".join(rows)
+        rows.append(f"{name:<{width}}{_figure(q['gap']):>8}{_figure(q['accuracy']):>8}"
+                    f"{_figure(q['landmark_accuracy']):>8}{_figure(q['map_at_100']):>9}"
+                    f"{c.get('images_per_second') or 0:>9.1f}{c.get('bytes_per_image') or 0:>11,}")
+    notes = sorted({m["quality"].get("note") for m in metrics["methods"].values()} - {None})
+    return "\n".join(rows + [f"n/a: {note}" for note in notes])
+
+
+def _figure(value) -> str:
+    """A quality figure with 3 decimals, or n/a where it is undefined (null in metrics.json)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def accounting_lines(accounting: dict) -> list[str]:

@@ -3,7 +3,8 @@
 For each method: extract database and query descriptors (Beam jobs), train what the method learns, build the
 index, recognise the queries; then score all methods together. Writes to OUT:
     report.html                   the comparison as one self-contained page (tables, plots, examples, Grad-CAM)
-    metrics.json                  one entry per method: quality (gap, accuracy, map_at_100, recall_at_k, ...),
+    metrics.json                  one entry per method: quality (gap, accuracy, map_at_100, recall_at_k, ...;
+                                  null with a note where undefined, e.g. GAP when no query shows a landmark),
                                   cost (images_per_second, bytes_per_image, ...), counts and config
     per_class.csv                 per method and landmark class: accuracy and AP
     predictions/<method>.csv      Google Landmark Recognition submission format: every query id of the manifest,

@@ -4,14 +4,15 @@ Reads FEATURES/features-*.parquet (dense vectors) one shard at a time: trains th
 adds every vector with a global int64 id shard by shard, merges the shards (with the inverted lists on disk
 when an IVF index exceeds the memory budget), and writes OUT/index.faiss, OUT/trained.faiss (the trained empty
 index), OUT/ids.parquet (faiss_id -> image id, landmark_id), OUT/index.json (factory as built, metric, dim,
-count, search parameters, build times, the features' metadata) and OUT/nonlandmarks/ (an index of the database
-images without a landmark, for recognition's no-landmark penalty). Sparse bag-of-visual-words features
+count, search parameters, build times, the features' metadata, and the sha256 and size of every index file,
+checked whenever the index is loaded: a damaged file is an error, never an answer) and OUT/nonlandmarks/ (an
+index of the database images without a landmark, for recognition's no-landmark penalty). Sparse bag-of-visual-words features
 (FEATURES/sparse-*.parquet) get an inverted file instead (index/sparse_index.py).
 
 Factories (--factory): Flat (exact), IVF4096,Flat, IVF4096,PQ64, OPQ64_256,IVF4096,PQ64, HNSW32,Flat,
 IVF4096,PQ128x4fs,Refine(PQ128) ... or auto (default): Flat up to 50,000 vectors, then an IVF with compressed
 codes and a re-ranking stage sized to the memory budget; the README's "Indices" section has the measured
-trade-offs.
+trade-offs. Sizes FAISS would accept and then abort on (HNSW0, HNSW1, PQ8x0, NSG2, ...) are refused first.
 """
 
 from __future__ import annotations

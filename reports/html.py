@@ -115,9 +115,14 @@ def _get(entry: dict, path: str):
     return value
 
 
-def _fmt(value, fmt: str) -> str:
+def _or_low(value) -> float:
+    """A figure for ranking methods: an undefined one (None) ranks last."""
+    return float("-inf") if value is None else value
+
+
+def _fmt(value, fmt: str, none: str = "–") -> str:
     if value is None:
-        return "–"
+        return none
     try:
         return fmt.format(value)
     except (ValueError, TypeError):
@@ -221,7 +226,7 @@ class Page:
 
     def _best(self, family: str, exclude: str = "") -> str:
         cands = [n for n, f in self.families.items() if f == family and n != exclude]
-        return max(cands, key=lambda n: self.metrics["methods"][n]["quality"]["gap"], default="")
+        return max(cands, key=lambda n: _or_low(self.metrics["methods"][n]["quality"]["gap"]), default="")
 
     def _pair(self) -> tuple[str, str]:
         c = self.config
@@ -289,15 +294,19 @@ are drawn in blue with circles, deep methods in red with squares. Definitions ar
             for key, _, fmt, _ in SUMMARY_COLUMNS:
                 v = _get(e, key)
                 cls = ' class="best"' if key in best and v == best[key] else ""
-                cells.append(f'<td{cls} data-key="{key}" data-value="{html.escape(json.dumps(v))}">{_fmt(v, fmt)}</td>')
+                none = "n/a" if key.startswith("quality.") else "–"  # an undefined figure (metrics.json null)
+                cells.append(f'<td{cls} data-key="{key}" data-value="{html.escape(json.dumps(v))}">'
+                             f'{_fmt(v, fmt, none)}</td>')
             rows.append(f'<tr class="{e["family"]}" data-method="{html.escape(name)}"><td class="name">'
                         f'{html.escape(name)} <span class="fam">{e["family"]}</span></td>{"".join(cells)}</tr>')
+        notes = "".join(f'<p class="note">n/a: {html.escape(n)}</p>'
+                        for n in sorted({e["quality"].get("note") for e in entries.values()} - {None}))
         return f"""
 <h2 id="summary">Summary</h2>
 <p>One row per method, the best value of each column in bold green. Quality first (higher is better), then cost
 (images/s higher is better; bytes and seconds lower). <code>metrics.json</code> holds the same numbers unrounded.</p>
 <div class="scroll"><table id="summary-table"><tr><th class="name">method</th>{head}</tr>{''.join(rows)}</table></div>
-<table><tr><th class="name">method</th><th class="name">family</th><th class="name">what it is</th></tr>{methods}</table>
+{notes}<table><tr><th class="name">method</th><th class="name">family</th><th class="name">what it is</th></tr>{methods}</table>
 """
 
     def cost(self) -> str:
@@ -511,11 +520,13 @@ not (grey for a query without a landmark). Hover a thumbnail for its id and scor
             d, q = self.metrics["methods"][n]["detection"], self.metrics["methods"][n]["quality"]
             base = self.res.methods[n].variant_of
             base_gap = self.metrics["methods"][base]["quality"]["gap"] if base in self.metrics["methods"] else None
-            change = "" if base_gap is None else f"{q['gap'] - base_gap:+.3f} (vs {html.escape(base)} {base_gap:.3f})"
+            change = ("" if base_gap is None or q["gap"] is None
+                      else f"{q['gap'] - base_gap:+.3f} (vs {html.escape(base)} {base_gap:.3f})")
             rows.append(f"<tr><td>{html.escape(n)}</td><td>{_fmt(d['ap_50'], '{:.3f}')}</td>"
                         f"<td>{_fmt(d['mean_iou'], '{:.3f}')}</td><td>{_fmt(d['annotated_images'], '{:,}')}</td>"
                         f"<td>{_fmt(d['detections_per_image'], '{:.2f}')}</td>"
-                        f"<td>{_fmt(d['regions_per_image'], '{:.2f}')}</td><td>{q['gap']:.3f}</td><td>{change}</td></tr>")
+                        f"<td>{_fmt(d['regions_per_image'], '{:.2f}')}</td><td>{_fmt(q['gap'], '{:.3f}', 'n/a')}</td>"
+                        f"<td>{change}</td></tr>")
         out = [head, """<p>A +det method crops the detector's top boxes (above its score threshold) besides the full
 image, embeds every region, and ranks database images by their best region against the query's best region. AP@0.5
 and mean IoU score the cropped query boxes against the annotated ones (<code>--boxes</code>); "–" without them.</p>

@@ -44,7 +44,8 @@ def _png(fig) -> bytes:
 def quality_vs_cost(points: dict[str, dict], families: dict[str, str]) -> bytes:
     """Two scatter plots side by side: GAP vs images/s (extraction) and GAP vs bytes/image (log x axes).
 
-    points: method -> {"gap", "images_per_second", "bytes_per_image"} (a missing cost leaves the point out)."""
+    points: method -> {"gap", "images_per_second", "bytes_per_image"} (a missing cost or an undefined GAP, None,
+    leaves the point out)."""
     plt = _pyplot()
     style = styles(families)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -52,7 +53,7 @@ def quality_vs_cost(points: dict[str, dict], families: dict[str, str]) -> bytes:
                                    (axes[1], "bytes_per_image", "bytes per database image (log scale)", "left")):
         for name, p in points.items():
             x = p.get(key)
-            if not x or x <= 0:
+            if not x or x <= 0 or p.get("gap") is None:
                 continue
             colour, marker = style[name]
             ax.scatter([x], [p["gap"]], s=70, c=colour, marker=marker, edgecolors="black", linewidths=0.5,
@@ -82,7 +83,7 @@ def pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], families:
         if len(precision):
             # a step from (0, first precision), as GAP integrates it
             ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", color=colour,
-                    linestyle="--" if families.get(name) != "deep" else "-", label=f"{name} (GAP {g:.3f})")
+                    linestyle="--" if families.get(name) != "deep" else "-", label=f"{name} (GAP {'n/a' if g is None else f'{g:.3f}'})")
         else:
             ax.plot([], [], color=colour, label=f"{name} (no predictions)")
     ax.set_xlabel("recall (correct predictions / queries that show a landmark)")
@@ -103,6 +104,9 @@ def recall_at_k(values: dict[str, dict[str, float]], families: dict[str, str]) -
     for name, rec in values.items():
         ks = sorted(rec, key=int)
         colour, marker = style[name]
+        if any(rec[k] is None for k in ks):  # undefined: no query's landmark has database images
+            ax.plot([], [], color=colour, label=f"{name} (n/a: no query's landmark has database images)")
+            continue
         ax.plot([int(k) for k in ks], [rec[k] for k in ks], marker=marker, color=colour, label=name,
                 linestyle="--" if families.get(name) != "deep" else "-")
     ax.set_xscale("log")

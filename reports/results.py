@@ -7,7 +7,9 @@ metrics.json (format "cairn-metrics", version 3) holds, per method, five groups 
 
     quality  gap, accuracy, landmark_accuracy, map_at_100, recall_at_k {"1","5","10","100"}, mean_class_ap,
              gap_all_answers (the GAP if the no-landmark threshold dropped no answer), auc (how well the confidence before the no-landmark threshold separates the queries that show a
-             database landmark from the others; RUN/confidences/<method>.parquet)
+             database landmark from the others; RUN/confidences/<method>.parquet), note (why some of these are
+             null: a figure whose denominator is empty, e.g. GAP when no query shows a landmark, is null, never
+             0.0; null when every figure is defined)
     cost     images_per_second, extract_seconds, train_seconds, index_seconds, search_seconds, verify_seconds,
              dim, bytes_per_image, feature_bytes_per_image, local_feature_bytes_per_image, index_bytes
     counts   queries, queries_with_landmark, predicted, dead_letters
@@ -221,15 +223,26 @@ def method_quality(res: RunResults, m: MethodResult) -> dict:
             relevant.append(relevant_by_label.get(t, set()))
     per_class = M.per_class_ap(m.pred, m.conf, truth, ids)
     recall = M.recall_at_k(retrieved, relevant, RECALL_KS)
+    # GAP, landmark accuracy and class AP divide by the queries that show a landmark; mAP and recall by those
+    # whose landmark has database images: with none, the figure is undefined (null and a note), not 0.0
+    landmarks = bool(retrieved)
+    retrievable = any(relevant)
+    note = None
+    if not landmarks:
+        note = ("no query shows a landmark (the queries manifest gives none a landmark_id): GAP, landmark "
+                "accuracy, mAP@100, recall@k and class AP are undefined")
+    elif not retrievable:
+        note = ("no query's landmark has database images: mAP@100 and recall@k are undefined")
     return {
-        "gap": round(M.gap(m.pred, m.conf, truth, ids), 6),
+        "gap": round(M.gap(m.pred, m.conf, truth, ids), 6) if landmarks else None,
         "accuracy": round(M.accuracy(m.pred, truth), 6),
-        "landmark_accuracy": round(M.landmark_accuracy(m.pred, truth), 6),
-        "map_at_100": round(M.mean_average_precision_at_k(retrieved, relevant, 100), 6),
-        "recall_at_k": {str(k): round(recall[k], 6) for k in RECALL_KS},
-        "mean_class_ap": round(float(np.mean(list(per_class.values()))), 6) if per_class else 0.0,
-        "gap_all_answers": gap_all_answers(m, truth, ids),
+        "landmark_accuracy": round(M.landmark_accuracy(m.pred, truth), 6) if landmarks else None,
+        "map_at_100": round(M.mean_average_precision_at_k(retrieved, relevant, 100), 6) if retrievable else None,
+        "recall_at_k": {str(k): round(recall[k], 6) if retrievable else None for k in RECALL_KS},
+        "mean_class_ap": round(float(np.mean(list(per_class.values()))), 6) if per_class else None,
+        "gap_all_answers": gap_all_answers(m, truth, ids) if landmarks else None,
         "auc": confidence_auc(m, truth),
+        "note": note,
     }
 
 

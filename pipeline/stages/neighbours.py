@@ -33,6 +33,9 @@ def neighbours(index_dir: str, features: str, out: str, k: int = 100, search_par
     index = load_any(index_dir)
     query_ids, xq, meta = read_queries(features)
     check_same_features(index.features_metadata, meta, features)
+    if k > max(1, index.ntotal):  # a deeper search lists nothing more, in padded [queries, k] arrays
+        log.info("neighbours: listing the %d database images per query (k=%d was asked)", index.ntotal, k)
+        k = max(1, index.ntotal)
     started = time.perf_counter()
     D, I = search(index, xq, k, search_params, progress=len(query_ids) > 100_000)
     images, owner = group_queries(query_ids)

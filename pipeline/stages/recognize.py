@@ -82,6 +82,22 @@ def classify(classifier_path: str, xq: np.ndarray, min_confidence: float = 0.0,
 MAX_VALIDATION_DEPTH = 1024  # neighbours searched per validation query at most (unseen ones skip their class)
 
 
+def clamp_to_database(vote_config: VoteConfig, neighbours: int, database: int) -> tuple[VoteConfig, int]:
+    """(vote_config, neighbours) with k and the neighbours listed per query at most ``database`` (the index's
+    images): a deeper search finds nothing more, and its padded [queries, k] arrays (and the vote's
+    [queries, k, k]) would only take memory (``--k 100000`` asked tuning for 186 GiB). Logs what it clamps."""
+    database = max(1, int(database))
+    if vote_config.k > database:
+        log.info("recognize: k=%d is more than the %d database images; voting with k=%d", vote_config.k, database,
+                 database)
+        vote_config = replace(vote_config, k=database)
+    if neighbours > database:
+        log.info("recognize: listing the %d database images per query (%d neighbours were asked)", database,
+                 neighbours)
+        neighbours = database
+    return vote_config, neighbours
+
+
 def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: TuneConfig,
                      params: str | None = None, verify=None) -> tuple[VoteConfig, dict]:
     """Tune the confidence and the threshold on validation queries made from the database (index/recognize.py
@@ -91,6 +107,7 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
         half = max(1, tune_config.verify_queries // 2)
         tune_config = replace(tune_config, landmark_queries=min(tune_config.landmark_queries, half),
                               unseen_queries=min(tune_config.unseen_queries, half))
+    base, _ = clamp_to_database(base, 1, index.ntotal)
     split = validation_split(index.labels, tune_config)
     if len(split.landmark) == 0:
         log.info("recognize: no class has %d+ database images to hold some out; recognition is not tuned",
@@ -103,7 +120,7 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
     unseen_labels = index.labels[split.unseen]
     largest = int(counts[np.isin(ids, unseen_labels)].max()) if len(split.unseen) else 0
     # an unseen-landmark query skips the held-out images and every image of its own landmark
-    depth = min(k + min(len(held), 3 * k + 20) + largest, MAX_VALIDATION_DEPTH)
+    depth = min(k + min(len(held), 3 * k + 20) + largest, MAX_VALIDATION_DEPTH, index.ntotal)
     D, I = search(index, xv, depth, params)
     rows = held[owner]  # the held-out database row of each searched vector
     seen_D, seen_I, un_D, un_I, of_unseen = validation_neighbours(D, I, index.labels, rows, split, k)
@@ -214,6 +231,7 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     held-out database images first (needs ``db_features``, the features the index was built from).
     """
     index = load_any(index_dir)
+    vote_config, neighbours = clamp_to_database(vote_config, neighbours, index.ntotal)
     query_ids, xq, meta = read_queries(features)
     check_same_features(index.features_metadata, meta, features)
     images, owner = group_queries(query_ids)
@@ -360,6 +378,9 @@ def recognize_queries(index_dir: str, features: str, out: str, vote_config: Vote
         tuning = None
         if verify or classifier:
             raise CairnError("--beam supports neighbour votes only; drop --verify-*/--classifier or use --beam off")
+        record = fs.join(index_dir, "index.json")  # its count: the workers load the index itself
+        if fs.exists(record):
+            vote_config, neighbours = clamp_to_database(vote_config, neighbours, cfg.load_json(record)["count"])
         if tune_config is not None and tune_config.enabled:
             started = time.perf_counter()
             vote_config, tuning = tune_on_database(load_any(index_dir), db_features, vote_config, tune_config,

@@ -1,4 +1,6 @@
+import json
 import logging
+import re
 
 import faiss
 import numpy as np
@@ -248,7 +250,6 @@ def test_gpu_failure_falls_back_to_cpu(monkeypatch, caplog):
 
 
 def test_a_folder_from_another_format_version_is_refused(tmp_path):
-    import json
 
     xb, _ = _data(n=50)
     index = VectorIndex.build(xb, _ids(50), np.zeros(50))
@@ -258,3 +259,83 @@ def test_a_folder_from_another_format_version_is_refused(tmp_path):
     (tmp_path / "ix" / "index.json").write_text(json.dumps(meta))
     with pytest.raises(CairnError, match="another version of Cairn"):
         VectorIndex.load(str(tmp_path / "ix"))
+
+
+def _flip_byte(path, offset=None):
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["index.faiss", "ids.parquet", "nonlandmarks/index.faiss"])
+def test_a_damaged_index_file_is_refused_on_load(tmp_path, name):
+    """A flipped byte in index.faiss used to load and answer every query with a confidence near 1e24."""
+    xb, _ = _data(n=200)
+    labels = np.where(np.arange(200) % 4 == 0, -1, np.arange(200) % 3)
+    VectorIndex.build(xb, _ids(200), labels).save(str(tmp_path / "ix"))
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert set(meta["files"]) == {"index.faiss", "ids.parquet"}
+    assert meta["files"]["index.faiss"]["bytes"] == (tmp_path / "ix" / "index.faiss").stat().st_size
+    VectorIndex.load(str(tmp_path / "ix"))  # intact: loads
+    _flip_byte(tmp_path / "ix" / name)
+    with pytest.raises(CairnError, match=rf"{name}.*sha256.*rebuild the index with `cairn index`"):
+        VectorIndex.load(str(tmp_path / "ix"))
+
+
+def test_a_truncated_or_missing_index_file_is_refused(tmp_path):
+    xb, _ = _data(n=100)
+    VectorIndex.build(xb, _ids(100), np.zeros(100)).save(str(tmp_path / "ix"))
+    path = tmp_path / "ix" / "index.faiss"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CairnError, match=r"index.faiss holds .* bytes where the build wrote .*`cairn index`"):
+        VectorIndex.load(str(tmp_path / "ix"))
+    VectorIndex.build(xb, _ids(100), np.zeros(100)).save(str(tmp_path / "iy"))
+    (tmp_path / "iy" / "ids.parquet").unlink()
+    with pytest.raises(CairnError, match="lacks ids.parquet"):
+        VectorIndex.load(str(tmp_path / "iy"))
+
+
+def test_an_on_disk_index_records_and_checks_its_inverted_lists(corpus, tmp_path):
+    xb, yb, xq, _ = corpus
+    config = IndexConfig(factory="IVF16,Flat", on_disk="on", shard_size=5000, train_size=2000,
+                         nonlandmark_index=False)
+    VectorIndex.build(xb[:6000], _ids(6000), yb[:6000], config, folder=str(tmp_path / "ix")).save(str(tmp_path / "ix"))
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert {"index.faiss", "index.ivfdata", "trained.faiss", "ids.parquet"} <= set(meta["files"])
+    VectorIndex.load(str(tmp_path / "ix")).search(xq, 5)
+    _flip_byte(tmp_path / "ix" / "index.ivfdata")
+    with pytest.raises(CairnError, match="index.ivfdata does not match the sha256"):
+        VectorIndex.load(str(tmp_path / "ix"))
+
+
+def test_an_index_without_checksums_loads_with_a_warning(tmp_path, caplog):
+    xb, xq = _data(n=100)
+    VectorIndex.build(xb, _ids(100), np.zeros(100)).save(str(tmp_path / "ix"))
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    del meta["files"]  # as written before checksums were recorded
+    (tmp_path / "ix" / "index.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="index.faiss_index"):
+        back = VectorIndex.load(str(tmp_path / "ix"))
+    assert "recorded no checksums" in caplog.text and "cairn index" in caplog.text
+    assert back.search(xq, 3)[1].shape == (len(xq), 3)
+
+
+@pytest.mark.parametrize("factory", ["HNSW0", "HNSW1", "HNSW0,Flat", "IVF16_HNSW1,Flat", "L2norm,HNSW0", "PQ4x0",
+                                     "IVF16,PQ4x0", "NSG0", "NSG2", "RR0,Flat", "OPQ4_0,PQ4", "PCA0,Flat",
+                                     "IVF0,Flat", "IVF16,RQ0x8", "LSQ0x8", "PRQ0x0x8", "PQ4x17", "IVF99999999,Flat"])
+def test_factory_sizes_that_abort_faiss_are_refused_before_it_runs(factory):
+    """FAISS accepts these strings and then aborts, crashes, hangs or answers zeros (HNSW0 aborted the process)."""
+    with pytest.raises(CairnError, match=rf"factory '{re.escape(factory)}': .*(size of 0|must be)"):
+        IndexConfig(factory=factory)  # checked with the flags, before any extraction
+
+
+def test_pq_sub_quantizers_must_divide_the_dimension_they_see():
+    with pytest.raises(CairnError, match=r"PQ3 splits the 8-d vectors into 3 parts.*divisor of 8"):
+        B.new_index("PQ3", 8, "ip")
+    with pytest.raises(CairnError, match=r"PQ3 splits the 16-d vectors"):
+        B.new_index("OPQ4_16,PQ3", 8, "ip")  # the dimension after the rotation
+    for factory in ("HNSW2", "HNSW32,Flat", "IVF16,PQ4x4fs", "OPQ4_16,IVF16,PQ8", "PCAR4,Flat", "IVF16,SQ8",
+                    "SQfp16", "IVF16,Flat,RFlat", "IVF1024,PQ8", "NSG32"):
+        IndexConfig(factory=factory)
+        B.new_index(factory, 8, "ip")

@@ -48,3 +48,15 @@ def test_empty_query_rows_get_no_neighbours():
     index = SparseIndex.build(xb, [str(j) for j in range(300)], np.zeros(300))
     D, I = index.search(sp.csr_matrix((2, 2000), dtype=np.float32), 4)
     assert np.all(I == -1)
+
+
+def test_a_damaged_inverted_file_is_refused_on_load(tmp_path):
+    index = SparseIndex.build(_data(), [f"i{j}" for j in range(300)], np.arange(300) % 7)
+    index.save(str(tmp_path / "ix"))
+    load_any(str(tmp_path / "ix"))
+    path = tmp_path / "ix" / "postings.npz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CairnError, match=r"postings.npz does not match the sha256.*`cairn index`"):
+        load_any(str(tmp_path / "ix"))

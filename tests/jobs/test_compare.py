@@ -10,7 +10,7 @@ from pipeline.submission import read_submission
 
 GROUPS = {
     "quality": {"gap", "accuracy", "landmark_accuracy", "map_at_100", "recall_at_k", "mean_class_ap",
-                "gap_all_answers", "auc"},
+                "gap_all_answers", "auc", "note"},
     "cost": {"images_per_second", "extract_seconds", "train_seconds", "index_seconds", "search_seconds",
              "verify_seconds", "dim", "bytes_per_image", "feature_bytes_per_image", "local_feature_bytes_per_image",
              "index_bytes"},
@@ -211,3 +211,27 @@ def test_a_rerun_after_query_images_changed_in_place_equals_a_fresh_run(tmp_path
     fresh = run("fresh")
     assert rerun == fresh != before
     assert "3 of 12 images changed since they were extracted" in caplog.text
+
+
+def test_a_run_without_landmark_queries_writes_null_figures_and_says_why(tmp_path, tiny_synth):
+    """GAP and mAP@100 were 0.0 in metrics.json when no query shows a landmark; now null, a note, and n/a in the
+    printed table and the report."""
+    from jobs.common import summary_table
+    from reports.html import ReportConfig
+
+    with open(tiny_synth / "queries.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(tmp_path / "queries.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "landmark_id": ""} for r in rows)
+    out = tmp_path / "run"
+    metrics = compare(str(tiny_synth / "train.csv"), str(tmp_path / "queries.csv"), str(out), ["hog"], workers=1,
+                      tune=None, report=ReportConfig(examples=1))
+    stored = json.loads((out / "metrics.json").read_text())["methods"]["hog"]["quality"]
+    assert stored["gap"] is None and stored["map_at_100"] is None and stored["landmark_accuracy"] is None
+    assert "no query shows a landmark" in stored["note"] and stored["accuracy"] is not None
+    assert metrics["methods"]["hog"]["quality"] == stored
+    assert "n/a" in summary_table(metrics).splitlines()[2]
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert 'data-key="quality.gap" data-value="null">n/a<' in html and "n/a: no query shows a landmark" in html

@@ -239,3 +239,52 @@ def test_index_and_tuning_do_not_depend_on_how_workers_sharded_the_rows(tmp_path
     a, b = VectorIndex.load(str(tmp_path / "ixa")), VectorIndex.load(str(tmp_path / "ixb"))
     assert a.image_ids == b.image_ids == sorted(a.image_ids)
     assert (tmp_path / "ra" / "predictions.csv").read_bytes() == (tmp_path / "rb" / "predictions.csv").read_bytes()
+
+
+def test_a_factory_that_would_abort_faiss_is_one_error_line(vectors, tmp_path):
+    """`--factory HNSW0` passed FAISS's parser and aborted the process at the first add."""
+    root, _ = vectors
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "index", "--features", str(root / "db"), "--out",
+                             str(tmp_path / "ix"), "--factory", "HNSW0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("cairn index: error: factory 'HNSW0'")
+    assert "at least 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_k_and_neighbours_beyond_the_database_are_clamped(tmp_path, caplog):
+    """`--k 100000` made tuning ask for 186 GiB ([queries, k, k] class scores); k and the neighbours listed are
+    now at most the database's images, with a log line."""
+    vs = VectorSet(VectorSetConfig(dim=16, classes=12, seed=5, spread=(0.4, 0.7)))
+    xb, yb = vs.draw(150, seed=1, distractors=0.15)
+    xq, yq = vs.draw(30, seed=2, distractors=0.5)
+    _write(tmp_path / "db", xb, yb, 1, "db")
+    _write(tmp_path / "queries", xq, yq, 1)
+    ix = tmp_path / "ix"
+    assert main(["index", "--features", str(tmp_path / "db"), "--out", str(ix), "--factory", "Flat"]) == 0
+    with caplog.at_level("INFO", logger="pipeline.stages.recognize"):
+        assert main(["recognize", "--index", str(ix), "--features", str(tmp_path / "queries"), "--out",
+                     str(tmp_path / "r"), "--k", "100000", "--neighbours", "100000"]) == 0
+    assert "k=100000 is more than the 150 database images; voting with k=150" in caplog.text
+    assert "listing the 150 database images per query" in caplog.text
+    record = json.loads((tmp_path / "r" / "recognize.json").read_text())
+    assert record["config"]["vote"]["k"] == 150 and record["config"]["neighbours"] == 150
+    assert record["tuning"]["tuned"]["k"] == 150
+    assert pq.read_table(tmp_path / "r" / "neighbours.parquet").num_rows == 30 * 150
+    assert main(["neighbours", "--index", str(ix), "--features", str(tmp_path / "queries"), "--out",
+                 str(tmp_path / "n"), "--k", "100000"]) == 0
+    assert json.loads((tmp_path / "n" / "neighbours.json").read_text())["config"]["k"] == 150
+
+
+def test_recognize_refuses_an_index_with_a_flipped_byte(vectors, tmp_path, capsys):
+    """A flipped byte in index.faiss loaded fine and gave every query a confidence near 1e24."""
+    root, _ = vectors
+    ix = tmp_path / "ix"
+    assert main(["index", "--features", str(root / "db"), "--out", str(ix), "--factory", "Flat"]) == 0
+    data = bytearray((ix / "index.faiss").read_bytes())
+    data[len(data) // 2 + 3] ^= 0x7F  # inside the stored vectors: FAISS itself reads the file without complaint
+    (ix / "index.faiss").write_bytes(bytes(data))
+    assert main(["recognize", "--index", str(ix), "--features", str(root / "queries"), "--out", str(tmp_path / "o"),
+                 "--no-tune"]) == 2
+    err = capsys.readouterr().err
+    assert "index.faiss does not match the sha256 recorded when it was built" in err
+    assert "rebuild the index with `cairn index`" in err and not (tmp_path / "o" / "predictions.csv").exists()

@@ -25,3 +25,58 @@ def test_report_config_refuses_bad_values():
         ReportConfig(examples=-1)
     with pytest.raises(ValueError, match="thumb must be between 32 and 512"):
         ReportConfig(thumb=8)
+
+
+def _run(tmp_path, query_labels, train_labels=(1, 1, 2, 2)):
+    from pipeline.manifest import read_manifest
+    from reports.results import MethodResult, RunResults
+
+    for name, labels in (("train", train_labels), ("queries", query_labels)):
+        rows = ["id,path,landmark_id"] + [f"{name[0]}{i},{name[0]}{i}.jpg,{'' if y is None else y}"
+                                          for i, y in enumerate(labels)]
+        (tmp_path / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    train, queries = read_manifest(str(tmp_path / "train.csv")), read_manifest(str(tmp_path / "queries.csv"))
+    nb = {q: [(t, 0.9 - 0.1 * r, y) for r, (t, y) in enumerate(zip(train.ids, train.labels, strict=True))]
+          for q in queries.ids}
+    method = MethodResult("hog", "baseline", "", [1, None, 2][:len(queries.ids)], [0.8, 0.0, 0.6][:len(queries.ids)],
+                          nb, raw_pred=[1, 2, 2][:len(queries.ids)], raw_conf=np.array([0.8, 0.3, 0.6][:len(queries.ids)]))
+    return RunResults(str(tmp_path), {"config": {}}, train, queries, {"hog": method}, [])
+
+
+def test_figures_without_a_landmark_query_are_null_with_a_note(tmp_path):
+    """GAP and mAP@100 were written as 0.0 when no query shows a landmark: a figure that cannot be computed."""
+    from jobs.common import summary_table
+    from reports.results import method_quality
+
+    run = _run(tmp_path, [None, None, None])
+    q = method_quality(run, run.methods["hog"])
+    for key in ("gap", "landmark_accuracy", "map_at_100", "mean_class_ap", "gap_all_answers"):
+        assert q[key] is None, key
+    assert set(q["recall_at_k"].values()) == {None}
+    assert q["accuracy"] == round(1 / 3, 6)  # defined: the query left unanswered is right
+    assert "no query shows a landmark" in q["note"] and "GAP" in q["note"]
+    table = summary_table({"methods": {"hog": {"quality": q, "cost": {}}}})
+    assert "n/a" in table.splitlines()[2] and "n/a: no query shows a landmark" in table
+
+    run = _run(tmp_path, [1, None, 2])
+    defined = method_quality(run, run.methods["hog"])
+    assert defined["note"] is None and defined["gap"] == 1.0 and defined["map_at_100"] == round((1 + 5 / 12) / 2, 6)
+
+
+def test_map_without_database_images_of_the_query_landmarks_is_null(tmp_path):
+    from reports.results import method_quality
+
+    run = _run(tmp_path, [5, None, 6])  # landmarks that no database image shows
+    q = method_quality(run, run.methods["hog"])
+    assert q["gap"] == 0.0 and q["map_at_100"] is None and set(q["recall_at_k"].values()) == {None}
+    assert "no query's landmark has database images" in q["note"]
+
+
+def test_plots_leave_out_undefined_figures():
+    from reports import plots
+
+    families = {"hog": "baseline", "cnn": "deep"}
+    assert plots.quality_vs_cost({"hog": {"gap": None, "images_per_second": 5.0, "bytes_per_image": 10},
+                                  "cnn": {"gap": 0.5, "images_per_second": 2.0, "bytes_per_image": 20}}, families)
+    assert plots.pr_curves({"hog": (np.array([1.0]), np.array([0.5]), None)}, families)
+    assert plots.recall_at_k({"hog": {"1": None, "5": None}, "cnn": {"1": 0.5, "5": 0.7}}, families)
