@@ -25,6 +25,16 @@ class GlobalExtractor(Protocol):
         ...
 
 
+SCALES = (0.1, 4.0)  # image scales a test-time or extraction pyramid may hold (4: a 1024-px image becomes 4096 px)
+
+
+def check_scales(scales: tuple[float, ...]) -> None:
+    """ValueError unless ``scales`` is a non-empty tuple of image scales within :data:`SCALES`."""
+    lo, hi = SCALES
+    if not scales or any(not lo <= s <= hi for s in scales):
+        raise ValueError(f"scales must be between {lo} and {hi:g}, not {scales}")
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Row-wise (or vector) L2 normalisation in float32; zero vectors stay zero."""
     x = np.asarray(x, dtype=np.float32)

@@ -345,6 +345,7 @@ class DetectConfig:
     batch_size: int = 16  # images per detector call
 
     def __post_init__(self):
+        cfg.check_finite(self)
         if self.max_boxes < 0 or self.batch_size < 1:
             raise ValueError("max_boxes must be >= 0 and batch_size >= 1")
         if not self.full_image and self.max_boxes == 0:
@@ -354,6 +355,8 @@ class DetectConfig:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
         if not 0 <= self.margin <= 1:
             raise ValueError(f"margin must be in [0, 1], not {self.margin}")
+        if any(c < 0 or c != int(c) for c in self.classes):
+            raise ValueError(f"classes must be class ids (whole numbers >= 0), not {self.classes}")
 
     @property
     def fallback(self) -> bool:

@@ -62,6 +62,9 @@ class SynthConfig:
     jpeg_quality_min: int = 60  # JPEG quality is drawn per image from [min, max]
     jpeg_quality_max: int = 95  # ... (higher = fewer artefacts)
 
+    def __post_init__(self):
+        cfg.check_finite(self)  # the ranges are checked, as flag errors, by pipeline/stages/synth.py
+
 
 @dataclass(frozen=True)
 class ImageSpec:
