@@ -14,6 +14,18 @@ import sys
 log = logging.getLogger(__name__)
 
 
+def available_memory() -> int:
+    """Bytes of RAM available now (MemAvailable), or 8 GiB when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # not Linux
+        log.debug("no /proc/meminfo")
+    return 8 << 30
+
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 LARGE_BUFFERS = 32 << 20  # bytes: allocations up to this size come from the heap, not a fresh mmap
 
