@@ -215,7 +215,7 @@ def write_confidences(path: str, query_ids: list[str], pred: np.ndarray, conf: n
                       "confidence": pa.array(np.asarray(conf, np.float32)),
                       "kept": pa.array((pred >= 0) & (conf >= threshold))})
     table = table.replace_schema_metadata({b"cairn": json.dumps({"kind": "confidences", "threshold": threshold,
-                                                                 "rule": rule}).encode()})
+                                                                 "rule": rule}, allow_nan=False).encode()})
     write_table(table, path)
 
 
