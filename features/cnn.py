@@ -49,7 +49,7 @@ class CnnConfig:
     device: str = "auto"  # Keras/SavedModel inference on: auto (a GPU when TensorFlow sees one), cpu, or gpu
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         check_scales(self.scales)
         if self.input_size < 0 or self.batch_size < 1:

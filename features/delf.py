@@ -240,7 +240,7 @@ class DelfConfig:
     device: str = "auto"  # "auto", "cpu" or "gpu" (TensorFlow placement)
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         check_scales(self.scales)
         if self.max_side < 32 or self.max_features < 1 or self.batch_size < 1:
             raise ValueError("max_side must be >= 32, max_features and batch_size >= 1")

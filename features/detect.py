@@ -345,9 +345,11 @@ class DetectConfig:
     batch_size: int = 16  # images per detector call
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         if self.max_boxes < 0 or self.batch_size < 1:
             raise ValueError("max_boxes must be >= 0 and batch_size >= 1")
+        if self.fallback_size < 32:
+            raise ValueError(f"fallback_size must be >= 32 pixels, not {self.fallback_size}")
         if not self.full_image and self.max_boxes == 0:
             raise ValueError("with full_image off, max_boxes must be >= 1 (an image needs a region)")
         for name in ("score_threshold", "fallback_threshold", "iou_threshold", "min_side"):

@@ -35,7 +35,7 @@ class HeadConfig:
     batchnorm: bool = True  # batch norm after the projection (whitens the embedding while it trains)
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         if self.dim < 0:
             raise ValueError(f"dim must be >= 0 (0 = no projection), not {self.dim}")
         if not 1 <= self.gem_p <= MAX_GEM_P:  # x ** p of activations > 1 overflows float32 for large p

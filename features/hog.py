@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from features.base import l2_normalize
-from pipeline.config import check_finite, to_dict
+from pipeline.config import check_numbers, to_dict
 
 MIN_SIZE = 8  # smallest image side with gradients inside (a 2 x 2 image gives an all-zero descriptor)
 MAX_SIZE = 4096  # largest side an image is resized to (a 4096 x 4096 HoG is already ~ 9 million numbers)
@@ -36,7 +36,7 @@ class HogConfig:
 
     def __post_init__(self):
         # OpenCV's HOGDescriptor checks none of these: nbins=0 crashes the process, cell=0 divides by zero
-        check_finite(self)
+        check_numbers(self)
         if not MIN_SIZE <= self.size <= MAX_SIZE:
             raise ValueError(f"size must be between {MIN_SIZE} and {MAX_SIZE} pixels, not {self.size}")
         if not 1 <= self.cell <= self.size:

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from features.local import LocalFeatures
-from pipeline.config import check_finite, to_dict
+from pipeline.config import check_numbers, to_dict
 from pipeline.schemas import local_features_schema
 
 DIM = 128  # SIFT descriptor length: 4 x 4 spatial cells x 8 orientation bins
@@ -90,7 +90,7 @@ class SiftConfig:
     n_octave_layers: int = 3  # scale layers per octave (3 in Lowe's paper)
 
     def __post_init__(self):
-        check_finite(self)
+        check_numbers(self)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not 1 <= self.max_features <= MAX_FEATURES:  # OpenCV takes a C int; more is no image's keypoints

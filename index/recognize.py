@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pipeline.config import check_finite
+from pipeline.config import check_numbers
 
 log = logging.getLogger(__name__)
 NO_LANDMARK = -1
@@ -71,7 +71,7 @@ class VoteConfig:
     # () = the similarity itself
 
     def __post_init__(self):
-        check_finite(self)
+        check_numbers(self)
         if self.k < 1 or self.nonlandmark_k < 1:
             raise ValueError("k and nonlandmark_k must be >= 1")
         if self.aggregate not in ("sum", "max"):
@@ -242,7 +242,7 @@ class TuneConfig:
     seed: int = 0  # the held-out choice
 
     def __post_init__(self):
-        check_finite(self)
+        check_numbers(self)
         if not 0 < self.nonlandmark_share < 1:
             raise ValueError(f"nonlandmark_share must be in (0, 1), not {self.nonlandmark_share}")
         if not 0 < self.class_share < 1:

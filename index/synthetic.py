@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import check_finite
+from pipeline.config import check_numbers
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class VectorSetConfig:
     seed: int = 0  # centres, rotation and spreads
 
     def __post_init__(self):
-        check_finite(self)
+        check_numbers(self)
         if self.dim < 2 or self.classes < 1 or self.distractor_modes < 1:
             raise ValueError("dim must be >= 2, classes and distractor_modes >= 1")
         if self.tail < 0 or self.decay < 0:

@@ -20,6 +20,7 @@ import dataclasses
 
 from jobs import common
 from pipeline.badinput import KINDS
+from pipeline.errors import CairnError
 from pipeline.stages.synth import synth
 from pipeline.synthetic import SynthConfig, plan
 
@@ -63,6 +64,9 @@ def build_parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, _ = common.parse(build_parser(), argv)
-    config = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
+    try:
+        config = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
+    except ValueError as e:  # name the flag, not the field
+        raise CairnError(f"--{str(e).replace('_', '-')}") from None
     return synth(args.out, config, args.workers, args.force, progress=not args.no_progress,
                  bad_inputs=args.bad_inputs)

@@ -46,7 +46,7 @@ class AugmentConfig:
     hue: float = 0.02  # max hue shift (share of the colour circle)
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"crop_scale_min must be in (0, 1], not {self.crop_scale_min}")
         if not 0 < self.crop_ratio_min <= self.crop_ratio_max:

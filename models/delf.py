@@ -65,7 +65,7 @@ class DelfTrainConfig:
     seed: int = 0  # initialisation, sampling, augmentation, the PCA sample
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         if self.input_size < 32 or self.batch_size < 2:
             raise ValueError("input_size must be >= 32 and batch_size >= 2")
         if self.epochs < 0 or self.attention_epochs < 1:

@@ -65,7 +65,7 @@ class BoxAugmentConfig:
     attempts: int = 20  # crops tried before falling back to the whole image
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         if not 0 < self.crop_scale_min <= 1 or not 0 < self.keep_min <= 1:
             raise ValueError("crop_scale_min and keep_min must be in (0, 1]")
         if not 0 <= self.brightness <= 1 or not 0 <= self.contrast <= 1:
@@ -147,7 +147,7 @@ class DetectorConfig:
     seed: int = 0  # initialisation, order, augmentation
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         if self.input_size < 64 or self.input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, at least 64, not {self.input_size}")
         if len(self.scales) != 2:

@@ -70,7 +70,7 @@ class FinetuneConfig:
     seed: int = 0  # initialisation, split, sampling and augmentation
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         if self.loss not in ("arcface", "softmax"):
             raise ValueError(f"loss must be 'arcface' or 'softmax', not {self.loss!r}")
         if self.input_size < 32:

@@ -25,14 +25,20 @@ def _finite(value: Any) -> bool:
     return True
 
 
-def check_finite(config: Any) -> None:
+MAX_SEED = 2**31  # seeds are in [0, MAX_SEED): what NumPy, FAISS (a C int) and TensorFlow all take
+
+
+def check_numbers(config: Any) -> None:
     """ValueError naming the first field of dataclass ``config`` that holds a NaN or an infinite number (itself or in
-    a tuple). Every config's ``__post_init__`` calls it first: a configured number is finite, and the config's own
-    range checks then compare real numbers (a NaN fails no ``<`` test). Nested configs check themselves."""
+    a tuple), or a ``seed`` outside [0, 2**31). Every config's ``__post_init__`` calls it first: a configured number
+    is finite, and the config's own range checks then compare real numbers (a NaN fails no ``<`` test). Nested
+    configs check themselves."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if not _finite(value):
             raise ValueError(f"{f.name} must be finite (no nan or inf), not {value!r}")
+        if f.name == "seed" and isinstance(value, int) and not 0 <= value < MAX_SEED:
+            raise ValueError(f"seed must be between 0 and 2**31 - 1, not {value}")
 
 
 def to_dict(config: Any) -> dict:

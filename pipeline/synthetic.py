@@ -63,7 +63,7 @@ class SynthConfig:
     jpeg_quality_max: int = 95  # ... (higher = fewer artefacts)
 
     def __post_init__(self):
-        cfg.check_finite(self)  # the ranges are checked, as flag errors, by pipeline/stages/synth.py
+        cfg.check_numbers(self)  # the ranges are checked, as flag errors, by pipeline/stages/synth.py
 
 
 @dataclass(frozen=True)

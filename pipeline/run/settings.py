@@ -33,6 +33,7 @@ class VocabularyConfig:
     use_gpu: bool = False  # run k-means on the GPUs when faiss-gpu sees some (falls back to the CPU)
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         if not 1 <= self.k <= 1 << 20:
             raise ValueError(f"k must be between 1 and {1 << 20:,}, not {self.k}")
         if self.niter < 1:
@@ -88,7 +89,7 @@ class VladConfig:
     pca_min_images: int = 10  # database images needed per PCA dimension; with fewer, raw VLAD (0 = always PCA)
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         if self.pca_dim < 0:
             raise ValueError(f"pca_dim must be >= 0 (0 = no PCA), not {self.pca_dim}")
         if self.pca_dim and self.pca_sample < 2:
@@ -108,7 +109,7 @@ class ClassifierConfig:
     seed: int = 0  # data order and the held-out split
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         if self.kind not in ("softmax", "ncm"):
             raise ValueError(f"kind must be 'softmax' or 'ncm', not {self.kind!r}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -129,7 +130,7 @@ class CnnMethodConfig:
     pca_min_images: int = 10  # database images needed per PCA dimension; with fewer, no PCA (0 = always)
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         check_scales(self.scales)
         if self.pca_dim < 0 or self.batch_size < 1:
             raise ValueError("pca_dim must be >= 0 and batch_size >= 1")
@@ -149,7 +150,7 @@ class PretrainedConfig:
     pca_min_images: int = 10  # database images needed per PCA dimension; with fewer, no PCA (0 = always)
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         check_scales(self.scales)
         if self.pca_dim < 0 or self.batch_size < 1 or self.input_size < 0:
             raise ValueError("pca_dim and input_size must be >= 0 and batch_size >= 1")
@@ -172,7 +173,7 @@ class DelfMethodConfig:
     sv: RerankConfig = RerankConfig(top_k=20, verify=VerifyConfig(matcher="mutual", min_inliers=15))
 
     def __post_init__(self):
-        cfg.check_finite(self)
+        cfg.check_numbers(self)
         self.extraction("")  # validates the extraction fields
 
     def extraction(self, model: str, pca: str = "") -> DelfConfig:

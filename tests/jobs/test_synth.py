@@ -21,3 +21,13 @@ def test_synth_numbers_must_be_finite():
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["out", "--tail", "nan"])
+
+
+def test_a_bad_seed_is_one_error_naming_the_flag(tmp_path):
+    import pytest
+
+    from jobs.synth import run
+    from pipeline.errors import CairnError
+
+    with pytest.raises(CairnError, match="--seed must be between 0 and 2\\*\\*31 - 1"):
+        run([str(tmp_path / "s"), "--seed", "-1"])

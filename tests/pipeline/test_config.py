@@ -42,7 +42,7 @@ def _with(value, bad: float):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_every_number_of_every_config_must_be_finite(bad):
-    """The generic check (pipeline.config.check_finite, first in every config's __post_init__): a NaN or an
+    """The generic check (pipeline.config.check_numbers, first in every config's __post_init__): a NaN or an
     infinity in any float field of any config is refused when the config is made, whatever its ranges."""
     fields = [item for root in ROOTS for item in _number_fields(root)]
     assert len(fields) > 60  # every method's parameters, recognition, tuning, synthetic sets
@@ -105,3 +105,32 @@ def test_json_records_refuse_numbers_that_are_not_finite(tmp_path):
     assert json.loads(path.read_text()) == {"gap": 0.5, "none": None}
     with pytest.raises(ValueError):
         cfg.fingerprint({"x": float("nan")})
+
+
+def _seed_fields(config, prefix=""):
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _seed_fields(value, f"{prefix}{f.name}.")
+        elif f.name == "seed":
+            yield config, f"{prefix}{f.name}"
+
+
+@pytest.mark.parametrize("bad", [-1, 2**31])
+def test_every_seed_is_one_numpy_faiss_and_tensorflow_all_take(bad):
+    """A negative seed passed every check and failed deep in a job (NumPy's generator refuses it)."""
+    fields = [item for root in ROOTS for item in _seed_fields(root)]
+    assert len(fields) >= 10
+    accepted = []
+    for config, path in fields:
+        try:
+            dataclasses.replace(config, seed=bad)
+        except ValueError:
+            continue
+        accepted.append(path)
+    assert accepted == []
+
+
+def test_detector_fallback_size_is_an_image_side():
+    with pytest.raises(CairnError, match="fallback_size must be >= 32"):
+        parse_overrides(["detect.detect.fallback_size=0"])
