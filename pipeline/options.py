@@ -11,47 +11,28 @@ for batch pipelines: same semantics, no download, and it honours ``direct_num_wo
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipeline.errors import CairnError, DryRun
-from pipeline.resources import available_memory
-
-log = logging.getLogger(__name__)
+from pipeline.resources import cap_workers, max_workers
 
 DEFAULT_RUNNER = "DirectRunner"
 LOCAL_RUNNERS = ("DirectRunner", "direct", "SwitchingDirectRunner", "FnApiRunner")
 
 
 AUTO_WORKERS_MIN_IMAGES = 1000  # below this, worker processes cost more to start than they save
-WORKER_MEMORY = 1 << 30  # RAM one DirectRunner worker process is given (Python, Beam, NumPy, OpenCV, a model)
 _SIZE_FACTOR = [1.0]  # `cairn plan`'s samples decide as the whole run would (worker processes, whether to PCA)
 
 
-def max_workers() -> tuple[int, str]:
-    """(the most DirectRunner worker processes this machine runs usefully, why): one per core, and no more than
-    the available memory holds at :data:`WORKER_MEMORY` each; at least 1."""
-    cores, memory = os.cpu_count() or 1, available_memory()
-    cap = max(1, min(cores, memory // WORKER_MEMORY))
-    return cap, (f"{cores} cores and {memory / (1 << 30):.1f} GiB of available memory "
-                 f"({WORKER_MEMORY / (1 << 30):.0f} GiB per worker process)")
-
-
 def resolve_workers(workers: int, images: int) -> int:
-    """0 = automatic: one process per core when there is enough work to pay for their start-up. Never more than
-    :func:`max_workers`: more processes than cores only add memory, and more than memory holds swap or get
-    killed; a request above it is reduced, with a log line that says why."""
-    cap, why = max_workers()
+    """0 = automatic: one process per core (as many as :func:`max_workers`) when there is enough work to pay for
+    their start-up; a number is capped by :func:`cap_workers`."""
     if workers <= 0:
-        return cap if images * size_factor() >= AUTO_WORKERS_MIN_IMAGES else 1
-    if workers > cap:
-        log.warning("--workers %d: running %d worker processes, the most this machine runs usefully: %s",
-                    workers, cap, why)
-        return cap
-    return workers
+        return max_workers()[0] if images * size_factor() >= AUTO_WORKERS_MIN_IMAGES else 1
+    return cap_workers(workers)
 
 
 def size_factor() -> float:
