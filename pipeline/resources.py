@@ -1,9 +1,9 @@
 """Per-worker resources: how many local worker processes this machine runs (cores and memory), and thread
 limits for OpenCV, FAISS and TensorFlow.
 
-Thread limits are set from DoFn.setup() (once per worker process), never at import time. Limits apply to the libraries
-already imported or importable without cost; TensorFlow is only configured if the worker has imported it,
-because importing it just to set threads costs seconds.
+Thread limits are set from DoFn.setup() (once per worker process), never at import time. They apply to the
+libraries already imported or importable without cost; TensorFlow is only configured if the worker has imported
+it, because importing it just to set threads costs seconds.
 """
 
 from __future__ import annotations
