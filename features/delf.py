@@ -28,7 +28,7 @@ import numpy as np
 
 from features import artifacts
 from features.backbones import build_backbone
-from features.base import check_scales, l2_normalize
+from features.base import check_scales, check_side, l2_normalize
 from features.cnn import file_sha256, placement
 from features.keras_io import load_with_metadata, save_with_metadata
 from features.local import LocalFeatures
@@ -242,6 +242,7 @@ class DelfConfig:
     def __post_init__(self):
         cfg.check_numbers(self)
         check_scales(self.scales)
+        check_side("max_side", self.max_side, 32)
         if self.max_side < 32 or self.max_features < 1 or self.batch_size < 1:
             raise ValueError("max_side must be >= 32, max_features and batch_size >= 1")
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.backbones import BackboneConfig
+from features.base import check_side
 from features.delf import (
     DelfConfig,
     DelfExtractor,
@@ -66,6 +67,7 @@ class DelfTrainConfig:
 
     def __post_init__(self):
         cfg.check_numbers(self)
+        check_side("input_size", self.input_size, 32)
         if self.input_size < 32 or self.batch_size < 2:
             raise ValueError("input_size must be >= 32 and batch_size >= 2")
         if self.epochs < 0 or self.attention_epochs < 1:

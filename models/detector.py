@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.backbones import BackboneConfig, build_backbone
+from features.base import check_side
 from features.boxes import iou_matrix
 from features.detect import anchors_per_cell, encode_boxes, generate_anchors, save_detector
 from pipeline import config as cfg
@@ -148,6 +149,7 @@ class DetectorConfig:
 
     def __post_init__(self):
         cfg.check_numbers(self)
+        check_side("input_size", self.input_size, 64)
         if self.input_size < 64 or self.input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, at least 64, not {self.input_size}")
         if len(self.scales) != 2:

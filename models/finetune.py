@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.backbones import BackboneConfig
+from features.base import check_side
 from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
 from models.data import AugmentConfig, build_cache, evaluation_dataset, training_dataset
 from pipeline import config as cfg
@@ -73,8 +74,7 @@ class FinetuneConfig:
         cfg.check_numbers(self)
         if self.loss not in ("arcface", "softmax"):
             raise ValueError(f"loss must be 'arcface' or 'softmax', not {self.loss!r}")
-        if self.input_size < 32:
-            raise ValueError(f"input_size must be >= 32, not {self.input_size}")
+        check_side("input_size", self.input_size, 32)
         if self.epochs < 0 or self.head_epochs < 0 or self.epochs + self.head_epochs < 1:
             raise ValueError("epochs and head_epochs must be >= 0 and not both 0")
         if self.batch_size < 2 or self.steps_per_epoch < 0 or self.patience < 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from features.base import check_scales
+from features.base import check_scales, check_side
 from features.delf import DelfConfig
 from features.detect import DetectConfig
 from features.hog import HogConfig
@@ -152,6 +152,8 @@ class PretrainedConfig:
     def __post_init__(self):
         cfg.check_numbers(self)
         check_scales(self.scales)
+        if self.input_size:  # 0 = the model's own
+            check_side("input_size", self.input_size, 32)
         if self.pca_dim < 0 or self.batch_size < 1 or self.input_size < 0:
             raise ValueError("pca_dim and input_size must be >= 0 and batch_size >= 1")
         if self.preprocessing not in PREPROCESSING:

@@ -81,6 +81,11 @@ def test_set_refuses_numbers_that_are_not_finite(text):
     ("detect.train.focal_alpha=2", "focal_alpha in \\[0, 1\\]"),
     ("detect.train.ratios=-1", "ratios must be positive"),
     ("detect.detect.classes=1.5", "class ids"),
+    ("cnn.finetune.input_size=100000", "input_size must be between 32 and 4096 pixels"),
+    ("cnn_pretrained.input_size=5000", "input_size must be between 32 and 4096 pixels"),
+    ("delf.max_side=100000", "max_side must be between 32 and 4096 pixels"),
+    ("delf.train.input_size=9999", "input_size must be between 32 and 4096 pixels"),
+    ("detect.train.input_size=8192", "input_size must be between 64 and 4096 pixels"),
 ])
 def test_set_refuses_numbers_outside_the_range_the_maths_needs(setting, message):
     with pytest.raises(CairnError, match=message):
