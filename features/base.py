@@ -25,6 +25,23 @@ class GlobalExtractor(Protocol):
         ...
 
 
+MAX_SIDE = 4096  # largest square side (pixels) a model input or an extraction image may be configured to
+SCALES = (0.1, 4.0)  # image scales a test-time or extraction pyramid may hold (4: a 1024-px image becomes 4096 px)
+
+
+def check_scales(scales: tuple[float, ...]) -> None:
+    """ValueError unless ``scales`` is a non-empty tuple of image scales within :data:`SCALES`."""
+    lo, hi = SCALES
+    if not scales or any(not lo <= s <= hi for s in scales):
+        raise ValueError(f"scales must be between {lo} and {hi:g}, not {scales}")
+
+
+def check_side(name: str, side: int, low: int) -> None:
+    """ValueError unless the configured image side ``side`` is between ``low`` and :data:`MAX_SIDE` pixels."""
+    if not low <= side <= MAX_SIDE:
+        raise ValueError(f"{name} must be between {low} and {MAX_SIDE} pixels, not {side}")
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Row-wise (or vector) L2 normalisation in float32; zero vectors stay zero."""
     x = np.asarray(x, dtype=np.float32)

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from features.backbones import BackboneConfig
-from features.base import l2_normalize
+from features.base import check_scales, check_side, l2_normalize
 from features.embedding import HeadConfig, build_embedding_model, load_embedding_model, model_metadata
 from features.frozen import SavedModelEmbedder, TFLiteEmbedder
 from features.preprocessing import PREPROCESSING
@@ -49,9 +49,11 @@ class CnnConfig:
     device: str = "auto"  # Keras/SavedModel inference on: auto (a GPU when TensorFlow sees one), cpu, or gpu
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-        if not self.scales or any(not 0.1 <= s <= 4 for s in self.scales):
-            raise ValueError(f"scales must be between 0.1 and 4, not {self.scales}")
+        check_scales(self.scales)
+        if self.input_size:  # 0 = the model's own
+            check_side("input_size", self.input_size, 32)
         if self.input_size < 0 or self.batch_size < 1:
             raise ValueError("input_size must be >= 0 and batch_size >= 1")
         if self.preprocessing not in PREPROCESSING:

@@ -28,7 +28,7 @@ import numpy as np
 
 from features import artifacts
 from features.backbones import build_backbone
-from features.base import l2_normalize
+from features.base import check_scales, check_side, l2_normalize
 from features.cnn import file_sha256, placement
 from features.keras_io import load_with_metadata, save_with_metadata
 from features.local import LocalFeatures
@@ -240,8 +240,9 @@ class DelfConfig:
     device: str = "auto"  # "auto", "cpu" or "gpu" (TensorFlow placement)
 
     def __post_init__(self):
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise ValueError(f"scales must be positive, not {self.scales}")
+        cfg.check_numbers(self)
+        check_scales(self.scales)
+        check_side("max_side", self.max_side, 32)
         if self.max_side < 32 or self.max_features < 1 or self.batch_size < 1:
             raise ValueError("max_side must be >= 32, max_features and batch_size >= 1")
 

@@ -344,8 +344,11 @@ class DetectConfig:
     batch_size: int = 16  # images per detector call
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         if self.max_boxes < 0 or self.batch_size < 1:
             raise ValueError("max_boxes must be >= 0 and batch_size >= 1")
+        if self.fallback_size < 32:
+            raise ValueError(f"fallback_size must be >= 32 pixels, not {self.fallback_size}")
         if not self.full_image and self.max_boxes == 0:
             raise ValueError("with full_image off, max_boxes must be >= 1 (an image needs a region)")
         for name in ("score_threshold", "fallback_threshold", "iou_threshold", "min_side"):
@@ -353,6 +356,8 @@ class DetectConfig:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
         if not 0 <= self.margin <= 1:
             raise ValueError(f"margin must be in [0, 1], not {self.margin}")
+        if any(c < 0 or c != int(c) for c in self.classes):
+            raise ValueError(f"classes must be class ids (whole numbers >= 0), not {self.classes}")
 
     @property
     def fallback(self) -> bool:

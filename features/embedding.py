@@ -22,6 +22,7 @@ from pipeline import config as cfg
 
 FORMAT = "cairn-embedding-model"
 VERSION = 1
+MAX_GEM_P = 16.0  # GeM exponents above this tend to max pooling and overflow float32 (x ** p of activations)
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,11 @@ class HeadConfig:
     batchnorm: bool = True  # batch norm after the projection (whitens the embedding while it trains)
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         if self.dim < 0:
             raise ValueError(f"dim must be >= 0 (0 = no projection), not {self.dim}")
-        if self.gem_p < 1:
-            raise ValueError(f"gem_p must be >= 1, not {self.gem_p}")
+        if not 1 <= self.gem_p <= MAX_GEM_P:  # x ** p of activations > 1 overflows float32 for large p
+            raise ValueError(f"gem_p must be between 1 (average pooling) and {MAX_GEM_P:g}, not {self.gem_p}")
 
 
 def embedding_dim(backbone: BackboneConfig, head: HeadConfig) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 import warnings
 
@@ -22,9 +23,28 @@ import numpy as np
 from features.base import l2_normalize
 from features.model_ops import check_tflite, load_saved_model
 from features.preprocessing import preprocess
+from pipeline.errors import CairnError
 from pipeline.fs import local_path
 
 log = logging.getLogger(__name__)
+TFLITE_IDENTIFIER = b"TFL3"  # the flatbuffer file identifier of TFLite models, at bytes 4..8
+
+
+def read_tflite(path: str) -> bytes:
+    """The bytes of the TFLite model at local ``path``, checked to be a flatbuffer with TFLite's identifier and
+    a root table inside the file; CairnError naming the file otherwise. The interpreter then verifies the whole
+    flatbuffer (it does so for a model given as bytes, not for one given as a path, whose truncated copy it reads
+    past the end of: a segmentation fault)."""
+    with open(path, "rb") as f:
+        content = f.read()
+    if len(content) < 8 or content[4:8] != TFLITE_IDENTIFIER:
+        raise CairnError(f"{path} is not a TFLite model (no {TFLITE_IDENTIFIER.decode()} identifier at bytes 4..8); "
+                         "give a .tflite file")
+    root = struct.unpack_from("<I", content, 0)[0]
+    if not 8 <= root <= len(content) - 4:
+        raise CairnError(f"{path}: its root table starts at byte {root:,}, outside the {len(content):,}-byte file: "
+                         "the file is truncated or damaged; copy it again")
+    return content
 
 
 def tflite_interpreter(path: str, threads: int | None = None):
@@ -39,10 +59,18 @@ def tflite_interpreter(path: str, threads: int | None = None):
         import tensorflow as tf
 
         Interpreter = tf.lite.Interpreter
+    content = read_tflite(path)
     with warnings.catch_warnings():  # tf.lite.Interpreter's deprecation notice, once per worker
         warnings.simplefilter("ignore")
-        interpreter = Interpreter(model_path=path, num_threads=threads)
-    interpreter.allocate_tensors()
+        try:  # from the bytes, which the interpreter verifies (not from the path, which it trusts)
+            interpreter = Interpreter(model_content=content, num_threads=threads)
+        except ValueError as e:
+            raise CairnError(f"{path}: not a valid TFLite model ({e}): the file is truncated or damaged; copy it "
+                             "again") from None
+    try:
+        interpreter.allocate_tensors()
+    except RuntimeError as e:
+        raise CairnError(f"{path}: the TFLite model cannot run ({e})") from None
     return interpreter
 
 

@@ -16,7 +16,11 @@ import cv2
 import numpy as np
 
 from features.base import l2_normalize
-from pipeline.config import to_dict
+from pipeline.config import check_numbers, to_dict
+
+MIN_SIZE = 8  # smallest image side with gradients inside (a 2 x 2 image gives an all-zero descriptor)
+MAX_SIZE = 4096  # largest side an image is resized to (a 4096 x 4096 HoG is already ~ 9 million numbers)
+MAX_BINS = 180  # orientation bins at most: one per degree of the unsigned 0..180 range
 
 
 @dataclass(frozen=True)
@@ -30,14 +34,29 @@ class HogConfig:
     power: float = 0.5  # signed power normalisation exponent before L2 (1.0 = none)
     grey: bool = False  # compute on grey levels instead of the max-gradient colour channel
 
+    def __post_init__(self):
+        # OpenCV's HOGDescriptor checks none of these: nbins=0 crashes the process, cell=0 divides by zero
+        check_numbers(self)
+        if not MIN_SIZE <= self.size <= MAX_SIZE:
+            raise ValueError(f"size must be between {MIN_SIZE} and {MAX_SIZE} pixels, not {self.size}")
+        if not 1 <= self.cell <= self.size:
+            raise ValueError(f"cell must be between 1 and size ({self.size}) pixels, not {self.cell}")
+        if self.size % self.cell:
+            raise ValueError(f"size {self.size} must be a multiple of cell {self.cell}")
+        if not 1 <= self.block_cells <= self.size // self.cell:
+            raise ValueError(f"block_cells must be between 1 and size / cell = {self.size // self.cell}, "
+                             f"not {self.block_cells}")
+        if not 1 <= self.nbins <= MAX_BINS:
+            raise ValueError(f"nbins must be between 1 and {MAX_BINS}, not {self.nbins}")
+        if not 0 < self.power <= 1:  # |x| ** 0 keeps only signs, |x| ** inf only zeros; > 1 sharpens bursts
+            raise ValueError(f"power must be in (0, 1] (1 = no power normalisation), not {self.power}")
+
     def dim(self) -> int:
         blocks = self.size // self.cell - self.block_cells + 1
         return blocks * blocks * self.block_cells**2 * self.nbins
 
 
 def make_hog(config: HogConfig) -> cv2.HOGDescriptor:
-    if config.size % config.cell:
-        raise ValueError(f"size {config.size} must be a multiple of cell {config.cell}")
     block = config.cell * config.block_cells
     return cv2.HOGDescriptor(
         (config.size, config.size), (block, block), (config.cell, config.cell), (config.cell, config.cell),

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from features.local import LocalFeatures
-from pipeline.config import to_dict
+from pipeline.config import check_numbers, to_dict
 from pipeline.schemas import local_features_schema
 
 DIM = 128  # SIFT descriptor length: 4 x 4 spatial cells x 8 orientation bins
@@ -71,6 +71,11 @@ def prepare_descriptors(descriptors: np.ndarray, metadata: dict) -> np.ndarray:
     return np.asarray(descriptors, dtype=np.float32)
 
 
+MAX_FEATURES = 100_000  # keypoints kept per image at most
+MIN_SIDE = 32  # smallest long side SIFT detection is run at (max_side)
+MAX_OCTAVE_LAYERS = 10  # scale layers per octave at most (Lowe: 3)
+
+
 @dataclass(frozen=True)
 class SiftConfig:
     """SIFT extraction parameters (see the module docstring)."""
@@ -85,20 +90,21 @@ class SiftConfig:
     n_octave_layers: int = 3  # scale layers per octave (3 in Lowe's paper)
 
     def __post_init__(self):
+        check_numbers(self)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.max_features < 1:
-            raise ValueError(f"max_features must be >= 1, got {self.max_features}")
-        if self.max_side < 0:
-            raise ValueError(f"max_side must be >= 0 (0 = keep the decoded size), got {self.max_side}")
+        if not 1 <= self.max_features <= MAX_FEATURES:  # OpenCV takes a C int; more is no image's keypoints
+            raise ValueError(f"max_features must be between 1 and {MAX_FEATURES:,}, got {self.max_features}")
+        if self.max_side < 0 or 0 < self.max_side < MIN_SIDE:  # a tiny image has no keypoints at all
+            raise ValueError(f"max_side must be 0 (keep the decoded size) or at least {MIN_SIDE}, got {self.max_side}")
         if self.contrast_threshold < 0:
             raise ValueError(f"contrast_threshold must be >= 0, got {self.contrast_threshold}")
         if self.edge_threshold <= 0:
             raise ValueError(f"edge_threshold must be > 0, got {self.edge_threshold}")
         if self.sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        if self.n_octave_layers < 1:
-            raise ValueError(f"n_octave_layers must be >= 1, got {self.n_octave_layers}")
+        if not 1 <= self.n_octave_layers <= MAX_OCTAVE_LAYERS:  # more layers find no keypoints, silently
+            raise ValueError(f"n_octave_layers must be between 1 and {MAX_OCTAVE_LAYERS}, got {self.n_octave_layers}")
 
 
 class SiftExtractor:

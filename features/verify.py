@@ -36,6 +36,7 @@ import faiss
 import numpy as np
 
 from features.local import LocalFeatures
+from pipeline.config import check_numbers
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class VerifyConfig:
     seed: int = 0  # random generator state of the MAGSAC (USAC) estimator; RANSAC's is fixed by OpenCV
 
     def __post_init__(self):
+        check_numbers(self)
         if self.matcher not in MATCHERS:
             raise ValueError(f"matcher {self.matcher!r} not in {MATCHERS}")
         if not 0 < self.ratio <= 1:

@@ -36,6 +36,7 @@ import faiss
 import numpy as np
 
 from pipeline.errors import CairnError
+from pipeline.resources import available_memory as available_memory  # sizes the index; callers import it here
 
 log = logging.getLogger(__name__)
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
@@ -91,18 +92,6 @@ def parse_memory(text: str) -> int:
     if not m:
         raise CairnError(f"memory size {text!r}: give a number with an optional unit, e.g. 512M or 8G")
     return int(float(m.group(1)) * 1024 ** "bkmgt".index(m.group(2) or "b"))
-
-
-def available_memory() -> int:
-    """Bytes of RAM available now (MemAvailable), or 8 GiB when unknown."""
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # not Linux
-        log.debug("no /proc/meminfo")
-    return 8 << 30
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class IndexConfig:
     gpu_float16: bool = True  # float16 vectors and look-up tables on the GPU (half the memory)
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {sorted(METRICS)}, not {self.metric!r}")
         if self.on_disk not in ("auto", "on", "off"):

@@ -46,6 +46,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from pipeline.config import check_numbers
+
 log = logging.getLogger(__name__)
 NO_LANDMARK = -1
 VOTE_CHUNK = 8192  # queries voted at once
@@ -69,13 +71,14 @@ class VoteConfig:
     # () = the similarity itself
 
     def __post_init__(self):
+        check_numbers(self)
         if self.k < 1 or self.nonlandmark_k < 1:
             raise ValueError("k and nonlandmark_k must be >= 1")
         if self.aggregate not in ("sum", "max"):
             raise ValueError(f"aggregate must be 'sum' or 'max', not {self.aggregate!r}")
         if not 0 <= self.class_norm <= 1:
             raise ValueError(f"class_norm must be in [0, 1], not {self.class_norm}")
-        if not 0 <= self.nonlandmark_weight < float("inf"):
+        if self.nonlandmark_weight < 0:
             raise ValueError(f"nonlandmark_weight must be a finite number >= 0, not {self.nonlandmark_weight}")
         if not 0 <= self.margin <= 1:
             raise ValueError(f"margin must be in [0, 1], not {self.margin}")
@@ -249,6 +252,7 @@ class TuneConfig:
     seed: int = 0  # the held-out choice
 
     def __post_init__(self):
+        check_numbers(self)
         if not 0 < self.nonlandmark_share < 1:
             raise ValueError(f"nonlandmark_share must be in (0, 1), not {self.nonlandmark_share}")
         if not 0 < self.class_share < 1:
@@ -265,6 +269,11 @@ class TuneConfig:
             raise ValueError("unseen_queries and verify_queries must be >= 0")
         if not self.aggregates or any(a not in ("sum", "max") for a in self.aggregates):
             raise ValueError(f"aggregates must be among 'sum', 'max'; got {self.aggregates!r}")
+        for name in ("class_norms", "margins"):  # the ranges of VoteConfig's class_norm and margin
+            if not getattr(self, name) or any(not 0 <= v <= 1 for v in getattr(self, name)):
+                raise ValueError(f"{name} must be values in [0, 1], not {getattr(self, name)!r}")
+        if not self.weights or min(self.weights) < 0:
+            raise ValueError(f"weights must be values >= 0, not {self.weights!r}")
 
 
 @dataclass(frozen=True)

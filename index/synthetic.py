@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.config import check_numbers
+
 
 @dataclass(frozen=True)
 class VectorSetConfig:
@@ -39,8 +41,13 @@ class VectorSetConfig:
     seed: int = 0  # centres, rotation and spreads
 
     def __post_init__(self):
+        check_numbers(self)
         if self.dim < 2 or self.classes < 1 or self.distractor_modes < 1:
             raise ValueError("dim must be >= 2, classes and distractor_modes >= 1")
+        if self.tail < 0 or self.decay < 0:
+            raise ValueError("tail and decay must be >= 0")
+        if len(self.spread) != 2 or not 0 < self.spread[0] <= self.spread[1] or self.distractor_spread <= 0:
+            raise ValueError("spread must be (low, high) with 0 < low <= high, and distractor_spread > 0")
 
 
 class VectorSet:

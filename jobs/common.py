@@ -43,6 +43,17 @@ def parser(prog: str, description: str, beam: bool = False) -> argparse.Argument
     )
 
 
+def finite_float(text: str) -> float:
+    """argparse type of a number flag: a finite number (``nan`` and ``inf`` are refused, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def add_decode_args(p: argparse.ArgumentParser) -> None:
     d = DecodeConfig()
     g = p.add_argument_group("image decoding")
@@ -152,24 +163,24 @@ def add_vote_args(p) -> None:
     d, t = VoteConfig(), TuneConfig()
     g = p.add_argument_group("recognition from neighbours")
     g.add_argument("--k", type=int, default=d.k, help=f"neighbours that vote (default {d.k})")
-    g.add_argument("--min-confidence", type=float, default=d.min_confidence,
+    g.add_argument("--min-confidence", type=finite_float, default=d.min_confidence,
                    help="predict no landmark below this confidence (default 0; tuned when tuning)")
     g.add_argument("--aggregate", default=d.aggregate, choices=["sum", "max"],
                    help="a class's score: sum or max of its neighbours' similarities (default sum; tuned)")
-    g.add_argument("--class-norm", type=float, default=d.class_norm,
+    g.add_argument("--class-norm", type=finite_float, default=d.class_norm,
                    help="divide a class's sum by min(its images, k) ** this, for the long tail (0..1, default 0; "
                         "tuned)")
-    g.add_argument("--nonlandmark-weight", type=float, default=d.nonlandmark_weight,
+    g.add_argument("--nonlandmark-weight", type=finite_float, default=d.nonlandmark_weight,
                    help="confidence -= this x mean similarity to the nearest known non-landmark database images "
                         "(database rows without a landmark_id; default 0; tuned)")
     g.add_argument("--nonlandmark-k", type=int, default=d.nonlandmark_k,
                    help=f"non-landmark images averaged into that penalty (default {d.nonlandmark_k})")
-    g.add_argument("--margin", type=float, default=d.margin,
+    g.add_argument("--margin", type=finite_float, default=d.margin,
                    help="confidence -= this x the best other landmark's score (0..1, default 0; tuned)")
-    g.add_argument("--nonlandmark-prior", type=float, default=t.nonlandmark_prior,
+    g.add_argument("--nonlandmark-prior", type=finite_float, default=t.nonlandmark_prior,
                    help="the share of queries expected to show no database landmark, which weighs the two kinds of "
                         f"validation queries when the threshold is tuned (0..1, default {t.nonlandmark_prior})")
-    g.add_argument("--gap-weight", type=float, default=t.gap_weight,
+    g.add_argument("--gap-weight", type=finite_float, default=t.gap_weight,
                    help="the tuned threshold maximises this x validation GAP + (1 - this) x validation accuracy: 1 "
                         "answers every query (best for a GLR submission), 0 the most right yes/no answers "
                         f"(default {t.gap_weight})")

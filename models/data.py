@@ -47,12 +47,16 @@ class AugmentConfig:
     hue: float = 0.02  # max hue shift (share of the colour circle)
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"crop_scale_min must be in (0, 1], not {self.crop_scale_min}")
         if not 0 < self.crop_ratio_min <= self.crop_ratio_max:
             raise ValueError("need 0 < crop_ratio_min <= crop_ratio_max")
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5], not {self.hue}")
+        for name in ("brightness", "contrast", "saturation"):  # factors in [1 - x, 1 + x] stay >= 0
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
 
 
 @dataclass

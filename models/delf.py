@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.backbones import BackboneConfig
+from features.base import check_side
 from features.delf import (
     DelfConfig,
     DelfExtractor,
@@ -65,6 +66,8 @@ class DelfTrainConfig:
     seed: int = 0  # initialisation, sampling, augmentation, the PCA sample
 
     def __post_init__(self):
+        cfg.check_numbers(self)
+        check_side("input_size", self.input_size, 32)
         if self.input_size < 32 or self.batch_size < 2:
             raise ValueError("input_size must be >= 32 and batch_size >= 2")
         if self.epochs < 0 or self.attention_epochs < 1:
@@ -73,6 +76,10 @@ class DelfTrainConfig:
             raise ValueError("pca_dim must be >= 0 and pca_images >= 1")
         if self.cache not in ("memory", "disk"):
             raise ValueError(f"cache must be 'memory' or 'disk', not {self.cache!r}")
+        if self.learning_rate <= 0 or self.descriptor_lr_scale <= 0:
+            raise ValueError("learning_rate and descriptor_lr_scale must be > 0")
+        if not 0 <= self.balance <= 1:
+            raise ValueError(f"balance must be in [0, 1], not {self.balance}")
 
 
 def _attention_pool():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.backbones import BackboneConfig, build_backbone
+from features.base import check_side
 from features.boxes import iou_matrix
 from features.detect import anchors_per_cell, encode_boxes, generate_anchors, save_detector
 from pipeline import config as cfg
@@ -65,8 +66,11 @@ class BoxAugmentConfig:
     attempts: int = 20  # crops tried before falling back to the whole image
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         if not 0 < self.crop_scale_min <= 1 or not 0 < self.keep_min <= 1:
             raise ValueError("crop_scale_min and keep_min must be in (0, 1]")
+        if not 0 <= self.brightness <= 1 or not 0 <= self.contrast <= 1:
+            raise ValueError("brightness and contrast must be in [0, 1]")
 
 
 def _box_area(b: np.ndarray) -> np.ndarray:
@@ -144,12 +148,24 @@ class DetectorConfig:
     seed: int = 0  # initialisation, order, augmentation
 
     def __post_init__(self):
+        cfg.check_numbers(self)
+        check_side("input_size", self.input_size, 64)
         if self.input_size < 64 or self.input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, at least 64, not {self.input_size}")
         if len(self.scales) != 2:
             raise ValueError("scales: one tuple per level (strides 16 and 32)")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if any(not group or any(not 0 < s <= 1 for s in group) for group in self.scales):
+            raise ValueError(f"scales are anchor sides as shares of the image side, in (0, 1]; got {self.scales}")
+        if not self.ratios or any(r <= 0 for r in self.ratios):
+            raise ValueError(f"ratios must be positive aspect ratios, not {self.ratios}")
+        if not 0 <= self.negative_iou <= self.positive_iou <= 1 or self.positive_iou == 0:
+            raise ValueError("need 0 <= negative_iou <= positive_iou <= 1 and positive_iou > 0")
+        if self.focal_gamma < 0 or not 0 <= self.focal_alpha <= 1:
+            raise ValueError("focal_gamma must be >= 0 and focal_alpha in [0, 1]")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, not {self.learning_rate}")
 
     def anchors(self) -> np.ndarray:
         return generate_anchors((self.input_size, self.input_size), (16, 32), self.scales, self.ratios)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.backbones import BackboneConfig
+from features.base import check_side
 from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
 from models.data import AugmentConfig, build_cache, evaluation_dataset, training_dataset
 from pipeline import config as cfg
@@ -70,10 +71,10 @@ class FinetuneConfig:
     seed: int = 0  # initialisation, split, sampling and augmentation
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         if self.loss not in ("arcface", "softmax"):
             raise ValueError(f"loss must be 'arcface' or 'softmax', not {self.loss!r}")
-        if self.input_size < 32:
-            raise ValueError(f"input_size must be >= 32, not {self.input_size}")
+        check_side("input_size", self.input_size, 32)
         if self.epochs < 0 or self.head_epochs < 0 or self.epochs + self.head_epochs < 1:
             raise ValueError("epochs and head_epochs must be >= 0 and not both 0")
         if self.batch_size < 2 or self.steps_per_epoch < 0 or self.patience < 0:
@@ -82,6 +83,10 @@ class FinetuneConfig:
             raise ValueError("balance must be in [0, 1] and validation_fraction in [0, 1)")
         if self.learning_rate <= 0 or self.finetune_lr_scale <= 0 or self.weight_decay < 0:
             raise ValueError("learning_rate and finetune_lr_scale must be > 0, weight_decay >= 0")
+        if not 0 <= self.margin < math.pi / 2:  # as models/heads.py's ArcFace, checked before any training
+            raise ValueError(f"margin must be in [0, pi/2) radians, not {self.margin}")
+        if self.scale <= 0:
+            raise ValueError(f"scale must be > 0, not {self.scale}")
         for name in ("mixed_precision", "distribute"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be auto, on or off")

@@ -9,22 +9,48 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any
 
 from pipeline import fs
 from pipeline.errors import CairnError
 
 
+def _finite(value: Any) -> bool:
+    """False for a NaN or infinite number, or a tuple holding one (at any depth)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, tuple):
+        return all(_finite(v) for v in value)
+    return True
+
+
+MAX_SEED = 2**31  # seeds are in [0, MAX_SEED): what NumPy, FAISS (a C int) and TensorFlow all take
+
+
+def check_numbers(config: Any) -> None:
+    """ValueError naming the first field of dataclass ``config`` that holds a NaN or an infinite number (itself or in
+    a tuple), or a ``seed`` outside [0, 2**31). Every config's ``__post_init__`` calls it first: a configured number
+    is finite, and the config's own range checks then compare real numbers (a NaN fails no ``<`` test). Nested
+    configs check themselves."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _finite(value):
+            raise ValueError(f"{f.name} must be finite (no nan or inf), not {value!r}")
+        if f.name == "seed" and isinstance(value, int) and not 0 <= value < MAX_SEED:
+            raise ValueError(f"seed must be between 0 and 2**31 - 1, not {value}")
+
+
 def to_dict(config: Any) -> dict:
     """A dataclass (possibly nested) as a JSON-ready dict."""
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str, allow_nan=False))
 
 
 def fingerprint(obj: Any) -> str:
     """A short, stable hash of a JSON-ready object or a dataclass."""
     if dataclasses.is_dataclass(obj):
         obj = to_dict(obj)
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str, allow_nan=False).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -34,7 +60,13 @@ def file_fingerprint(path: str) -> str:
 
 
 def save_json(path: str, obj: dict) -> None:
-    fs.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write ``obj`` as JSON. A NaN or infinite number is refused (ValueError naming the file), not written as
+    ``NaN``/``Infinity``, which are not JSON: a metric or record that is not a number is a bug to catch here."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: not written, it would hold a number that is not finite ({e})") from e
+    fs.write_text(path, text + "\n")
 
 
 def load_json(path: str) -> dict:
@@ -66,22 +98,31 @@ def _coerce(text: str, current, where: str):
     for typ in (int, float):
         if isinstance(current, typ):
             try:
-                return typ(text)
+                value = typ(text)
             except ValueError:
                 raise CairnError(f"{where}: {text!r} is not {'an integer' if typ is int else 'a number'}") \
                     from None
+            if not _finite(value):
+                raise CairnError(f"{where}: {text!r} is not a finite number")
+            return value
     if isinstance(current, str):
         return text
     if isinstance(current, tuple) and current and isinstance(current[0], tuple):  # groups: 0.2,0.35;0.55,0.8
         try:
-            return tuple(tuple(float(t) for t in group.split(",") if t.strip()) for group in text.split(";"))
+            groups = tuple(tuple(float(t) for t in group.split(",") if t.strip()) for group in text.split(";"))
         except ValueError:
             raise CairnError(f"{where}: {text!r} is not groups of numbers, e.g. 0.2,0.35;0.55,0.8") from None
+        if not _finite(groups):
+            raise CairnError(f"{where}: {text!r} holds a number that is not finite")
+        return groups
     if isinstance(current, tuple):  # comma-separated numbers, e.g. scales=0.707,1,1.414
         try:
-            return tuple(float(t) for t in text.split(",") if t.strip())
+            numbers = tuple(float(t) for t in text.split(",") if t.strip())
         except ValueError:
             raise CairnError(f"{where}: {text!r} is not a comma-separated list of numbers") from None
+        if not _finite(numbers):
+            raise CairnError(f"{where}: {text!r} holds a number that is not finite")
+        return numbers
     raise CairnError(f"{where}: this field cannot be set from the command line")
 
 

@@ -12,9 +12,10 @@ Three sources give the same :class:`Manifest`:
   every class they share; ``label_names`` maps ids back to names. Image ids are ``<class>/<file stem>``.
 * **Parquet** with the same columns as the CSV.
 
-Problems with the whole file (unreadable, not UTF-8, no rows, missing columns) raise :class:`ManifestError`.
-Problems with one row (empty id or path, a duplicate id, a landmark_id that is not a non-negative integer)
-become dead letters at stage ``manifest``; the first row with a given id wins.
+Problems with the whole file (unreadable, not UTF-8, no rows, missing or repeated columns) raise
+:class:`ManifestError`. Problems with one row (empty id or path, a duplicate id, a landmark_id that is not a
+non-negative integer written with the ASCII digits 0-9 only) become dead letters at stage ``manifest``; the first
+row with a given id wins.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -34,6 +36,8 @@ from pipeline.errors import DeadLetter, ManifestError
 from pipeline.parquet_io import read_file
 
 NO_LANDMARK = -1  # label used in numpy arrays for "no landmark / unknown"; manifests only hold ids >= 0
+# a landmark id as text: ASCII digits only (Python's int() also takes "6_970", "+5" and other scripts' digits)
+LANDMARK_ID = re.compile(r"[0-9]+")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 MANIFEST_SCHEMA = pa.schema(
@@ -130,12 +134,11 @@ def parse_landmark_id(value) -> tuple[int | None, str]:
     text = str(value).strip()
     if not text:
         return None, ""
-    try:
-        label = int(text)
-    except ValueError:
-        return None, f"landmark_id {text!r} is not an integer"
-    if label < 0:
-        return None, f"landmark_id {label} is negative"
+    if text.startswith("-") and LANDMARK_ID.fullmatch(text[1:]):
+        return None, f"landmark_id {text} is negative"
+    if not LANDMARK_ID.fullmatch(text):
+        return None, f"landmark_id {text!r} is not an integer written with the digits 0-9 only"
+    label = int(text)
     if label >= 2**63:
         return None, f"landmark_id {label} does not fit in 64 bits"
     return label, ""
@@ -156,6 +159,15 @@ def _resolve(path: str, base: str) -> str:
 
 
 def _pick_columns(columns: list[str], source: str) -> tuple[str, str, str | None]:
+    """(id, path, landmark_id or None) column names of a header; ManifestError for a header that lacks one or
+    names a column twice (the reader would silently take one of the two)."""
+    seen: dict[str, str] = {}
+    for c in columns:
+        key = "" if c is None else c.strip().lower()
+        if key and key in seen:
+            raise ManifestError(f"manifest {source} has two columns named {key!r} ({seen[key]!r} and {c!r}); "
+                                "rename or remove one of them in the header row")
+        seen[key] = c
     names = {c.strip().lower(): c for c in columns if c is not None}
     missing = [c for c in ("id",) if c not in names]
     path_col = names.get("path") or names.get("url")
@@ -229,7 +241,7 @@ def read_folder_manifest(root: str) -> Manifest:
             "a folder manifest needs one sub-folder per landmark."
         )
     classes = sorted({os.path.basename(fs.dirname(p)) for p in files})
-    if all(c.isdigit() for c in classes):
+    if all(LANDMARK_ID.fullmatch(c) for c in classes):
         class_ids = {c: int(c) for c in classes}
         names = {}
     else:

@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from pipeline import worker
 from pipeline.errors import CairnError, DryRun
+from pipeline.resources import cap_workers, max_workers
 
 DEFAULT_RUNNER = "DirectRunner"
 LOCAL_RUNNERS = ("DirectRunner", "direct", "SwitchingDirectRunner", "FnApiRunner")
@@ -31,10 +32,11 @@ _SIZE_FACTOR = [1.0]  # `cairn plan`'s samples decide as the whole run would (wo
 
 
 def resolve_workers(workers: int, images: int) -> int:
-    """0 = automatic: one process per core when there is enough work to pay for their start-up."""
-    if workers > 0:
-        return workers
-    return (os.cpu_count() or 1) if images * size_factor() >= AUTO_WORKERS_MIN_IMAGES else 1
+    """0 = automatic: one process per core (as many as :func:`max_workers`) when there is enough work to pay for
+    their start-up; a number is capped by :func:`cap_workers`."""
+    if workers <= 0:
+        return max_workers()[0] if images * size_factor() >= AUTO_WORKERS_MIN_IMAGES else 1
+    return cap_workers(workers)
 
 
 def size_factor() -> float:

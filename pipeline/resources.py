@@ -1,8 +1,9 @@
-"""Per-worker resources: thread limits for OpenCV, FAISS and TensorFlow.
+"""Per-worker resources: how many local worker processes this machine runs (cores and memory), and thread
+limits for OpenCV, FAISS and TensorFlow.
 
-Called from DoFn.setup() (once per worker process), never at import time. Limits apply to the libraries
-already imported or importable without cost; TensorFlow is only configured if the worker has imported it,
-because importing it just to set threads costs seconds.
+Thread limits are set from DoFn.setup() (once per worker process), never at import time. They apply to the
+libraries already imported or importable without cost; TensorFlow is only configured if the worker has imported
+it, because importing it just to set threads costs seconds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,41 @@ import os
 import sys
 
 log = logging.getLogger(__name__)
+
+
+def available_memory() -> int:
+    """Bytes of RAM available now (MemAvailable), or 8 GiB when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # not Linux
+        log.debug("no /proc/meminfo")
+    return 8 << 30
+
+
+WORKER_MEMORY = 1 << 30  # RAM one local worker process is given (Python, Beam, NumPy, OpenCV, a model)
+
+
+def max_workers() -> tuple[int, str]:
+    """(the most DirectRunner worker processes this machine runs usefully, why): one per core, and no more than
+    the available memory holds at :data:`WORKER_MEMORY` each; at least 1."""
+    cores, memory = os.cpu_count() or 1, available_memory()
+    cap = max(1, min(cores, memory // WORKER_MEMORY))
+    return cap, (f"{cores} cores and {memory / (1 << 30):.1f} GiB of available memory "
+                 f"({WORKER_MEMORY / (1 << 30):.0f} GiB per worker process)")
+
+
+def cap_workers(workers: int) -> int:
+    """``workers`` (> 0) local worker processes, or :func:`max_workers` when that is fewer: more processes than
+    cores only add memory, and more than memory holds swap or get killed. A reduction is logged with why."""
+    cap, why = max_workers()
+    if workers > cap:
+        log.warning("--workers %d: running %d worker processes, the most this machine runs usefully: %s",
+                    workers, cap, why)
+        return cap
+    return workers
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)

@@ -58,7 +58,7 @@ _LABEL = pa.field("landmark_id", pa.int64(), nullable=True)
 
 def _with_metadata(fields: list[pa.Field], schema_name: str, metadata: dict | None) -> pa.Schema:
     meta = {"schema": schema_name, **(metadata or {})}
-    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True, allow_nan=False).encode()})
 
 
 REGION_FIELDS = [

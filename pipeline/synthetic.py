@@ -39,6 +39,7 @@ from PIL import Image
 
 from pipeline import config as cfg
 from pipeline import fs
+from pipeline.resources import cap_workers, max_workers
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class SynthConfig:
     height: int = 240  # image height in pixels
     jpeg_quality_min: int = 60  # JPEG quality is drawn per image from [min, max]
     jpeg_quality_max: int = 95  # ... (higher = fewer artefacts)
+
+    def __post_init__(self):
+        cfg.check_numbers(self)  # the ranges are checked, as flag errors, by pipeline/stages/synth.py
 
 
 @dataclass(frozen=True)
@@ -433,7 +437,7 @@ def generate(out: str, config: SynthConfig, workers: int = 0, progress: bool = T
     ids_of_class = landmark_ids(config)
     os.makedirs(out, exist_ok=True)
     tasks = [(config.seed, s, config) for s in specs]
-    workers = workers or os.cpu_count() or 1
+    workers = cap_workers(workers) if workers > 0 else max_workers()[0]
     rows = {"train": [], "queries": []}
     boxes = []
     bar = tqdm(total=len(tasks), desc="synth", unit="img", disable=not progress)

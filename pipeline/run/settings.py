@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from features.base import check_scales, check_side
 from features.delf import DelfConfig
 from features.detect import DetectConfig
 from features.hog import HogConfig
@@ -32,6 +33,7 @@ class VocabularyConfig:
     use_gpu: bool = False  # run k-means on the GPUs when faiss-gpu sees some (falls back to the CPU)
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         if not 1 <= self.k <= 1 << 20:
             raise ValueError(f"k must be between 1 and {1 << 20:,}, not {self.k}")
         if self.niter < 1:
@@ -87,6 +89,7 @@ class VladConfig:
     pca_min_images: int = 10  # database images needed per PCA dimension; with fewer, raw VLAD (0 = always PCA)
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         if self.pca_dim < 0:
             raise ValueError(f"pca_dim must be >= 0 (0 = no PCA), not {self.pca_dim}")
         if self.pca_dim and self.pca_sample < 2:
@@ -106,6 +109,7 @@ class ClassifierConfig:
     seed: int = 0  # data order and the held-out split
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         if self.kind not in ("softmax", "ncm"):
             raise ValueError(f"kind must be 'softmax' or 'ncm', not {self.kind!r}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -126,6 +130,8 @@ class CnnMethodConfig:
     pca_min_images: int = 10  # database images needed per PCA dimension; with fewer, no PCA (0 = always)
 
     def __post_init__(self):
+        cfg.check_numbers(self)
+        check_scales(self.scales)
         if self.pca_dim < 0 or self.batch_size < 1:
             raise ValueError("pca_dim must be >= 0 and batch_size >= 1")
 
@@ -144,6 +150,10 @@ class PretrainedConfig:
     pca_min_images: int = 10  # database images needed per PCA dimension; with fewer, no PCA (0 = always)
 
     def __post_init__(self):
+        cfg.check_numbers(self)
+        check_scales(self.scales)
+        if self.input_size:  # 0 = the model's own
+            check_side("input_size", self.input_size, 32)
         if self.pca_dim < 0 or self.batch_size < 1 or self.input_size < 0:
             raise ValueError("pca_dim and input_size must be >= 0 and batch_size >= 1")
         if self.preprocessing not in PREPROCESSING:
@@ -165,6 +175,7 @@ class DelfMethodConfig:
     sv: RerankConfig = RerankConfig(top_k=20, verify=VerifyConfig(matcher="mutual", min_inliers=15))
 
     def __post_init__(self):
+        cfg.check_numbers(self)
         self.extraction("")  # validates the extraction fields
 
     def extraction(self, model: str, pca: str = "") -> DelfConfig:

@@ -57,7 +57,7 @@ CONFIDENCES_SCHEMA = pa.schema([
 def confidences_schema(threshold: float, rule: str) -> pa.Schema:
     """The confidences' schema with the threshold and the rule in its ``cairn`` metadata."""
     return CONFIDENCES_SCHEMA.with_metadata({b"cairn": json.dumps({"kind": "confidences", "threshold": threshold,
-                                                                    "rule": rule}).encode()})
+                                                                    "rule": rule}, allow_nan=False).encode()})
 
 
 def confidences_table(query_ids: list[str], pred: np.ndarray, conf: np.ndarray, threshold: float,

@@ -15,6 +15,8 @@ from pipeline.errors import CairnError
 from pipeline.synthetic import SynthConfig, generate
 
 log = logging.getLogger(__name__)
+
+
 def check(config: SynthConfig) -> None:
     """Raise CairnError for sizes the generator cannot make."""
     if min(config.classes, config.views, config.min_views) < 1:

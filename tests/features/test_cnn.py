@@ -3,6 +3,10 @@ features/frozen.py, features/backbones.py's TFLite conversion)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -165,3 +169,32 @@ def test_saved_model_extractor(tmp_path):
         SavedModelEmbedder(_saved_model(tmp_path / "a", "float32", ["a", "b"]))
     ex = CnnExtractor(CnnConfig(model=str(tmp_path / "f"), preprocessing="none"))  # through the extractor
     assert ex.size == 8 and ex.metadata()["model"]["format"] == "saved_model"
+
+
+def _load_tflite_in_a_subprocess(path) -> subprocess.CompletedProcess:
+    """Load ``path`` with features.frozen.tflite_interpreter in a child process (a crash must not take pytest
+    with it); the child prints the CairnError's message."""
+    code = ("from features.frozen import tflite_interpreter\nfrom pipeline.errors import CairnError\n"
+            f"try:\n    tflite_interpreter({str(path)!r})\nexcept CairnError as e:\n    print('CairnError:', e)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
+def test_a_file_that_is_not_a_tflite_model_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "model.tflite"
+    path.write_bytes(b"<html>404 not found</html>")
+    result = _load_tflite_in_a_subprocess(path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"CairnError: {path} is not a TFLite model (no TFL3 identifier" in result.stdout
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("keep", [0.001, 0.5, 0.9999])
+def test_a_truncated_tflite_model_is_an_error_naming_it_not_a_segfault(tmp_path, keep):
+    """TFLite's interpreter reads a model given by path without verifying it: a cut copy crashed the process."""
+    data = shared_path(*TFLITE).read_bytes()
+    path = tmp_path / "cut.tflite"
+    path.write_bytes(data[: int(len(data) * keep)])
+    result = _load_tflite_in_a_subprocess(path)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert f"CairnError: {path}: not a valid TFLite model" in result.stdout and "truncated or damaged" in result.stdout

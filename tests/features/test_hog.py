@@ -56,3 +56,30 @@ def test_registry_builds_and_validates():
         make_extractor("surf")
     with pytest.raises(ValueError, match="multiple"):
         make_extractor("hog", {"size": 100, "cell": 16})
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(nbins=0), "nbins must be between 1 and 180"),  # OpenCV: a segmentation fault
+    (dict(nbins=-3), "nbins must be between 1 and 180"),
+    (dict(cell=0), "cell must be between 1 and size"),  # a ZeroDivisionError
+    (dict(cell=256), "cell must be between 1 and size"),
+    (dict(size=0), "size must be between 8 and 4096"),
+    (dict(size=100), "size 100 must be a multiple of cell 16"),
+    (dict(block_cells=0), "block_cells must be between 1 and size / cell = 8"),
+    (dict(block_cells=9), "block_cells must be between 1 and size / cell = 8"),
+    (dict(power=float("inf")), "finite"),  # |x| ** inf: every descriptor all zeros
+    (dict(power=float("nan")), "finite"),
+    (dict(power=0.0), "power must be in \\(0, 1\\]"),
+    (dict(power=-1.0), "power must be in \\(0, 1\\]"),
+])
+def test_config_refuses_parameters_opencv_would_crash_on_or_that_erase_the_descriptor(fields, message):
+    with pytest.raises(ValueError, match=message):
+        HogConfig(**fields)
+
+
+def test_smallest_and_largest_accepted_parameters_give_unit_descriptors():
+    img = np.random.default_rng(3).integers(0, 255, (50, 60, 3), dtype=np.uint8)
+    for config in (HogConfig(size=8, cell=1), HogConfig(nbins=1), HogConfig(nbins=180, size=32),
+                   HogConfig(block_cells=8), HogConfig(power=1e-3)):
+        v = HogExtractor(config).extract(img)
+        assert v.shape == (config.dim(),) and abs(np.linalg.norm(v) - 1) < 1e-5

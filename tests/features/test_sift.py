@@ -85,6 +85,12 @@ def test_rootsift_of_empty_is_empty():
         ({"edge_threshold": 0.0}, "edge_threshold"),
         ({"contrast_threshold": -0.1}, "contrast_threshold"),
         ({"n_octave_layers": 0}, "n_octave_layers"),
+        ({"max_features": 2**40}, "max_features must be between 1 and 100,000"),  # OpenCV: not a C int
+        ({"max_side": 1}, "at least 32"),  # a 1-pixel image: no keypoints, silently
+        ({"n_octave_layers": 1000}, "n_octave_layers must be between 1 and 10"),  # no keypoints, silently
+        ({"sigma": float("nan")}, "finite"),
+        ({"edge_threshold": float("inf")}, "finite"),
+        ({"contrast_threshold": float("inf")}, "finite"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):

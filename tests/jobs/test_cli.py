@@ -49,6 +49,10 @@ def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, tiny_synth):
         (["frobnicate"], "unknown command"),
         ([*compare, "--k", "0"], "--k must be >= 1"),
         ([*compare, "--min-confidence", "nan"], "--min-confidence"),
+        ([*compare, "--set", "hog.hog.nbins=0"], "nbins must be between 1 and 180"),  # was a segmentation fault
+        ([*compare, "--set", "hog.hog.cell=0"], "cell must be between 1 and size"),  # was a ZeroDivisionError
+        ([*compare, "--set", "hog.hog.power=inf"], "'inf' is not a finite number"),  # was all-zero vectors, exit 0
+        ([*compare, "--nonlandmark-weight", "inf"], "--nonlandmark-weight: 'inf' is not a finite number"),
         (["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(tiny_synth / "train.csv")],
          "is a file"),
         ([*extract, "--runner=Bogus"], "use --runner=DirectRunner"),

@@ -182,6 +182,8 @@ def test_a_rerun_with_fewer_methods_leaves_only_its_own_results(run_dir, tiny_sy
         assert f"removed {run_dir / folder / f'sift-bovw{ending}'}: sift-bovw is not among this run's methods" \
             in caplog.text
     assert list(json.loads((run_dir / "metrics.json").read_text())["methods"]) == ["hog"]
+
+
 def test_a_rerun_after_query_images_changed_in_place_equals_a_fresh_run(tmp_path, tiny_synth, caplog):
     """Issue 23 item 2: replacing query images in place (the manifest unchanged) and rerunning gave the old
     predictions ("reusing" the old features); now the rerun extracts the changed queries again and its

@@ -159,6 +159,8 @@ def test_max_image_bytes_flag_reaches_the_decode_config(tmp_path, tiny_synth):
         run([*argv, "--max-image-bytes", "0"])
     record = run([*argv, "--max-image-bytes", "123456"])
     assert record["config"]["decode"]["max_bytes"] == 123456
+
+
 def _copied_set(tmp_path, tiny_synth, split: str = "queries", n: int = 6) -> tuple[Path, list[Path]]:
     """The first ``n`` images of a tiny_synth split copied under tmp_path (tests change them) with their manifest."""
     import shutil

@@ -303,6 +303,8 @@ def test_a_full_disk_ends_in_one_line_naming_the_folder_with_nothing_that_looks_
     assert lines[0].startswith(f"cairn index: error: the disk holding {out} is full (no space left on device)"), err
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
     assert not [n for n in left if n.endswith((".faiss", ".tmp", "index.json"))], left
+
+
 def test_a_shard_copied_in_from_another_folder_is_refused_or_recomputed(hog_run, tiny_synth, tmp_path):
     """Issue 23 item 3: a valid queries shard copied into the database's features folder: `cairn index` refuses
     it in one line (before: it indexed the queries' vectors), and a rerun of the extraction says why it does

@@ -187,6 +187,8 @@ def test_vocabulary_and_encodings_do_not_depend_on_how_workers_sharded_the_rows(
     one = read_shards(features_prefix(str(tmp_path / "one" / "vectors"), kind))[0]
     other = read_shards(features_prefix(str(tmp_path / "other" / "vectors"), kind))[0]
     assert one.equals(other)
+
+
 def test_encode_rerun_verifies_the_shards_it_would_reuse(local, tmp_path, caplog):
     """Issue 23 item 3: a truncated output shard is not reused (before: a traceback on every rerun)."""
     train("sift-bovw", str(local / "sift"), str(tmp_path / "m"), SMALL)

@@ -158,3 +158,54 @@ def test_changed_images_compares_each_file_with_its_recorded_size_and_mtime(tmp_
     (tmp_path / "c.jpg").unlink()
     (tmp_path / "d.jpg").write_bytes(b"new")
     assert [i for i, _ in changed_images(table)] == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("text", ["6_970", "\u0663", "12\u0663", "\uff17", "+5", "0x1f", "1e3", "\u00b2"])
+def test_landmark_ids_are_ascii_digits_only(text):
+    """Python's int() reads "6_970" as 6970 and "\u0663" (Arabic-Indic three) as 3: a typo or another script's digit
+    must not silently become a landmark; it is a dead letter that says why."""
+    label, problem = parse_landmark_id(text)
+    assert label is None and "digits 0-9" in problem
+
+
+def test_landmark_ids_in_other_scripts_are_dead_letters_in_csv_and_parquet(tmp_path):
+    rows = [("a", "a.jpg", "6_970"), ("b", "b.jpg", "\u0663"), ("c", "c.jpg", "0042"), ("d", "d.jpg", "-3")]
+    m = read_manifest(str(write_manifest(tmp_path / "m.csv", rows)))
+    assert m.ids == ["c"] and m.labels == [42]
+    reasons = {d.id: d.reason for d in m.dead_letters}
+    assert "'6_970' is not an integer" in reasons["a"] and "digits 0-9" in reasons["b"] and "negative" in reasons["d"]
+    pq.write_table(pa.table({"id": [r[0] for r in rows], "path": [r[1] for r in rows],
+                             "landmark_id": [r[2] for r in rows]}), tmp_path / "m.parquet")
+    m = read_manifest(str(tmp_path / "m.parquet"))
+    assert m.ids == ["c"] and len(m.dead_letters) == 3
+
+
+def test_class_folders_named_with_other_digits_are_names_not_ids(tmp_path):
+    for cls in ("\u0663", "\u00b2", "7"):  # int("\u00b2") raises although "\u00b2".isdigit() is true
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        (tmp_path / "tree" / cls / "a.jpg").write_bytes(b"x")
+    m = read_manifest(str(tmp_path / "tree"))
+    assert dict(zip(m.ids, m.labels, strict=True))["\u0663/a"] == class_id("\u0663")
+    assert m.label_names[class_id("7")] == "7"
+
+
+@pytest.mark.parametrize("header", ["id,path,landmark_id,landmark_id", "id,path,id", "id,path,Path",
+                                    "id,path,notes, notes "])
+def test_a_column_named_twice_is_refused(tmp_path, header):
+    """csv.DictReader keeps the last of two same-named columns: which landmark_id a row gets would be a guess."""
+    n = header.count(",") + 1
+    path = tmp_path / "m.csv"
+    path.write_text(header + "\n" + ",".join(["a", "a.jpg", "1", "2"][:n]) + "\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="has two columns named"):
+        read_manifest(str(path))
+    table = pa.table([pa.array(["a"]), pa.array(["a.jpg"]), pa.array([1]), pa.array([2])][:n],
+                     names=[c for c in header.split(",")])
+    pq.write_table(table, tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match="has two columns named"):
+        read_manifest(str(tmp_path / "m.parquet"))
+
+
+def test_empty_extra_header_cells_are_not_duplicates(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("id,path,landmark_id,,\na,a.jpg,1,,\n", encoding="utf-8")  # a spreadsheet's trailing commas
+    assert read_manifest(str(path)).labels == [1]

@@ -25,3 +25,21 @@ def test_direct_runner_pipelines_never_try_prism():
     p = make_pipeline(pipeline_options([], workers=2))
     assert isinstance(p.runner, FnApiRunner)
     assert "direct_num_workers" in str(p.runner._provision_info.provision_info.pipeline_options)
+
+
+def test_workers_are_capped_by_cores_and_memory_with_a_log_line(monkeypatch, caplog):
+    """`--workers 1000` started 550 processes: a request above the cores (or the memory) runs that many, and
+    says so; the automatic choice is capped the same way."""
+    from pipeline import options, resources
+
+    monkeypatch.setattr(resources.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(resources, "available_memory", lambda: 64 << 30)
+    with caplog.at_level("WARNING", logger="pipeline.resources"):
+        assert options.resolve_workers(1000, images=10) == 4
+    assert "--workers 1000: running 4 worker processes" in caplog.text and "4 cores" in caplog.text
+    assert options.resolve_workers(3, images=10) == 3
+    assert options.resolve_workers(0, images=10**6) == 4
+    monkeypatch.setattr(resources, "available_memory", lambda: int(2.5 * (1 << 30)))  # 2 workers of 1 GiB fit
+    assert options.resolve_workers(4, images=10) == 2 and options.resolve_workers(0, images=10**6) == 2
+    monkeypatch.setattr(resources, "available_memory", lambda: 100 << 20)
+    assert options.resolve_workers(8, images=10) == 1
