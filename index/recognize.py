@@ -41,6 +41,7 @@ dropping a wrong one does not).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, replace
 
@@ -290,13 +291,23 @@ class ValidationSplit:
         return np.concatenate([self.landmark, self.nonlandmark])
 
 
-def validation_split(labels: np.ndarray, config: TuneConfig = TuneConfig()) -> ValidationSplit:
+def id_keys(image_ids, seed: int, salt: str = "") -> np.ndarray:
+    """[N] uint64: a seeded pseudo-random key per image id (blake2b of seed, ``salt`` and id). Sorting by these
+    gives a random order that follows the images' ids, not their rows: the same for an index built in another row
+    order (on workers, from other shards) or a trainer reading the images from the manifest."""
+    prefix = f"{seed}\x00{salt}\x00".encode()
+    return np.fromiter((int.from_bytes(hashlib.blake2b(prefix + str(i).encode(), digest_size=8).digest(), "little")
+                        for i in image_ids), np.uint64, count=len(image_ids))
+
+
+def validation_split(labels: np.ndarray, config: TuneConfig = TuneConfig(), image_ids=None) -> ValidationSplit:
     """The validation queries of a database with ``labels`` (-1 = known non-landmark image).
 
     From each class with ``min_class_images`` or more: ``ceil(landmark_queries / classes)`` random images, but at
     most ``class_share`` of the class (at least one) and never leaving it fewer than 2; when there are more such
     classes than ``landmark_queries``, one image of that many random classes. Up to ``unseen_queries`` of them
-    are unseen-landmark queries too. Deterministic for a seed."""
+    are unseen-landmark queries too. Deterministic for a seed; with ``image_ids`` (one per row) the random choices
+    follow the ids (:func:`id_keys`), so that the same images are held out whatever the rows' order."""
     labels = np.asarray(labels, np.int64)
     rng = np.random.default_rng(config.seed)
     ids, counts = class_counts(labels)
@@ -309,18 +320,20 @@ def validation_split(labels: np.ndarray, config: TuneConfig = TuneConfig()) -> V
         per_class = -(-config.landmark_queries // max(len(ids), 1))
         take = np.minimum(per_class, np.floor(counts * config.class_share).astype(np.int64))
         take = np.clip(take, 1, counts - 2)
-    perm = rng.permutation(len(labels))  # every class's images in a random order
-    lab = labels[perm]
-    order = np.argsort(lab, kind="stable")
-    rows, lab = perm[order], lab[order]
+    if image_ids is None:  # the rows' own order, shuffled
+        keys, unseen_keys = rng.permutation(len(labels)), rng.permutation(len(labels))
+    else:
+        keys, unseen_keys = id_keys(image_ids, config.seed), id_keys(image_ids, config.seed, "unseen")
+    rows = np.lexsort((keys, labels))  # every class's images in a random order
+    lab = labels[rows]
     rank = np.arange(len(lab)) - np.searchsorted(lab, lab, side="left")  # position within its class
     pos = np.clip(np.searchsorted(ids, lab), 0, max(len(ids) - 1, 0))
     found = (len(ids) > 0) & (ids[pos] == lab if len(ids) else np.zeros(len(lab), bool))
     lm_rows = np.sort(rows[found & (rank < np.where(found, take[pos], 0))]) if len(ids) else np.empty(0, np.int64)
-    unseen = np.sort(rng.permutation(lm_rows)[:config.unseen_queries]) if len(lm_rows) else lm_rows
+    unseen = np.sort(lm_rows[np.argsort(unseen_keys[lm_rows], kind="stable")][:config.unseen_queries])
     nl = np.nonzero(labels < 0)[0]
     n_nl = min(int(round(len(nl) * config.nonlandmark_share)), max(len(lm_rows), 1))
-    nl_rows = np.sort(rng.permutation(nl)[:n_nl]) if len(nl) >= 2 else np.empty(0, np.int64)
+    nl_rows = np.sort(nl[np.argsort(keys[nl], kind="stable")][:n_nl]) if len(nl) >= 2 else np.empty(0, np.int64)
     return ValidationSplit(lm_rows.astype(np.int64), unseen.astype(np.int64), nl_rows.astype(np.int64))
 
 

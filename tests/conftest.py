@@ -191,3 +191,17 @@ def call_with_hang_guard(fn, fifo, timeout: float = 60.0):
         unblock_fifo(fifo)
         thread.join(1.0)
     return finished, result.get("value")
+
+
+def rerecord_shards(folder) -> None:
+    """After a test rewrote a features folder's shards by hand (to shard the same rows otherwise, as other workers
+    would), record them in its extract.json, as the job does for what it writes (readers refuse unrecorded shards)."""
+    import json
+
+    from pipeline.featuresets import record_files
+    from pipeline.stages.extract import OUTPUT_FILES
+
+    record_path = Path(folder) / "extract.json"
+    record = json.loads(record_path.read_text())
+    record["files"] = record_files(str(folder), OUTPUT_FILES)
+    record_path.write_text(json.dumps(record, indent=2))

@@ -82,8 +82,11 @@ def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), pr
         return _build_sparse(features, out)
     paths, counts, dim, meta = feature_shards(fs.join(features, "features"))
     if _on_workers(beam, beam_args):  # each worker adds whole shards: index ids follow the shards' order
-        index = build_on_workers(paths, counts, shard_parts(paths), dim, config, meta, out, beam_args, workers,
-                                 test_pipeline, progress, threads)
+        # the training sample is drawn in image-id order, as the local build draws it: both train alike
+        with id_ordered_parts(paths) as (tables, ordered):
+            sample = ([lambda table=table: _part(table()) for table in tables], ordered)
+            index = build_on_workers(paths, counts, shard_parts(paths), dim, config, meta, out, beam_args, workers,
+                                     test_pipeline, progress, threads, sample=sample)
     else:  # index ids in image-id order, whatever the number of workers that wrote the shards
         with id_ordered_parts(paths) as (tables, counts):
             parts = [lambda table=table: _part(table()) for table in tables]

@@ -112,9 +112,10 @@ def staging_folder(out: str, options) -> str:
 
 def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int, config, meta: dict, out: str,
                      beam_args: list[str] | None = None, workers: int = 0, test_pipeline=None, progress: bool = False,
-                     threads: int = 0):
+                     threads: int = 0, sample: tuple[list, list[int]] | None = None):
     """Build the index of the feature shards ``paths`` (rows ``counts``, loaders ``parts``) with the adds on
-    Beam workers; returns the VectorIndex (saved by the caller)."""
+    Beam workers; returns the VectorIndex (saved by the caller). ``sample``: (parts, counts) to draw the
+    training sample from instead (the same rows in another order)."""
     n = int(sum(counts))
     started = time.perf_counter()
     index, factory, search, budget, on_disk = empty_index(n, dim, config, mergeable_only=True)
@@ -127,7 +128,7 @@ def build_on_workers(paths: list[str], counts: list[int], parts: list, dim: int,
     invalidate(out)
     try:
         # 1. train here, on a seeded sample across all shards
-        size, train_seconds = train_on_sample(index, parts, counts, dim, config, progress)
+        size, train_seconds = train_on_sample(index, *(sample or (parts, counts)), dim, config, progress)
         _write_index(index, os.path.join(out, "trained.faiss"))
         if not remote:
             shutil.rmtree(staging, ignore_errors=True)

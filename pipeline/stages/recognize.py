@@ -24,6 +24,7 @@ from index.recognize import (
     choose_threshold,
     class_counts,
     gap_score,
+    id_keys,
     tune,
     validation_neighbours,
     validation_split,
@@ -108,7 +109,7 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
         tune_config = replace(tune_config, landmark_queries=min(tune_config.landmark_queries, half),
                               unseen_queries=min(tune_config.unseen_queries, half))
     base, _ = clamp_to_database(base, 1, index.ntotal)
-    split = validation_split(index.labels, tune_config)
+    split = validation_split(index.labels, tune_config, index.image_ids)
     if len(split.landmark) == 0:
         log.info("recognize: no class has %d+ database images to hold some out; recognition is not tuned",
                  tune_config.min_class_images)
@@ -144,8 +145,11 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
         D2, I2, inliers, _ = _verify(index, query_ids, D, I, (verify[0], verify[0], verify[2]))
         verified = (aligned_similarities(D, I, I2), index.labels_of(I2), inliers)
         D, I = D2, I2  # the vote rules score the re-ranked lists, as recognition does
-    # one random order of the validation queries: equal confidences must not rank one kind of query first
-    order = np.random.default_rng(tune_config.seed).permutation(len(truth))
+    # one random order of the validation queries: equal confidences must not rank one kind of query first; it
+    # follows the images' ids, so that an index built in another row order is tuned alike
+    order = np.argsort(np.concatenate([id_keys([index.image_ids[r] for r in held], tune_config.seed, "order"),
+                                       id_keys([index.image_ids[r] for r in split.unseen], tune_config.seed,
+                                               "order-unseen")]), kind="stable")
     D, I, truth = D[order], I[order], truth[order]
     sims = None if sims is None else sims[order]
     verified = None if verified is None else tuple(a[order] for a in verified)
@@ -185,7 +189,7 @@ def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[f
     check_recorded_shards(db_features, "global")
     table, _ = read_shards(features_prefix(db_features, "global"))
     X, y = vectors_of(table), labels_of(table)
-    split = validation_split(y, tune_config)
+    split = validation_split(y, tune_config, table.column("id").to_pylist())
     ids = np.unique(y[split.landmark])
     if len(ids) < 3:
         return 0.0, {"skipped": f"{len(ids)} classes with {tune_config.min_class_images}+ images: a classifier "

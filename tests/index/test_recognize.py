@@ -220,3 +220,21 @@ def test_bad_vote_settings_are_refused():
         VoteConfig(aggregate="mean")
     with pytest.raises(ValueError, match="class_norm"):
         VoteConfig(class_norm=2)
+
+
+def test_validation_split_follows_image_ids_not_rows():
+    """An index built on workers holds its rows in shard order, a local one in id order: given the image ids, the
+    same images are held out (and made unseen-landmark queries) whatever the rows' order."""
+    rng = np.random.default_rng(3)
+    labels = np.concatenate([np.repeat(np.arange(6), 9), np.full(8, -1)])
+    ids = np.array([f"img{i:03d}" for i in range(len(labels))])
+    config = TuneConfig(landmark_queries=12, unseen_queries=5)
+    split = validation_split(labels, config, ids)
+    perm = rng.permutation(len(labels))
+    moved = validation_split(labels[perm], config, ids[perm])
+    for part in ("landmark", "unseen", "nonlandmark"):
+        assert sorted(ids[getattr(split, part)]) == sorted(ids[perm][getattr(moved, part)]), part
+    assert len(split.landmark) == 6 and len(split.unseen) == 5 and len(split.nonlandmark) == 4
+    # without ids the rows decide: another order holds out other images
+    plain, shuffled = validation_split(labels, config), validation_split(labels[perm], config)
+    assert sorted(ids[plain.landmark]) != sorted(ids[perm][shuffled.landmark])

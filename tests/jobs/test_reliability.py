@@ -1,7 +1,6 @@
 """Reliability across the jobs: a killed extraction rerun equals an uninterrupted one; artefacts from elsewhere
 or of another config are refused with one line."""
 
-import errno
 import os
 import shutil
 import signal
@@ -30,18 +29,33 @@ def _features(out) -> dict:
     return rows
 
 
-def _wait_for_reader(fifo: str, job: subprocess.Popen, timeout: float = 300) -> int:
-    """Block until the job opens ``fifo`` to read the image behind it; returns our write end (kept open, unwritten,
-    so that the job's read waits for bytes that never come)."""
+# Loaded by every Python process of the killed job (its worker processes too) through PYTHONPATH: the image named
+# CAIRN_TEST_HANG_ON is "read" for ever, and CAIRN_TEST_HANG_MARK says a worker got there. (A FIFO did this before
+# Cairn refused FIFOs before reading them.)
+_HANG = """
+import os
+if os.environ.get("CAIRN_TEST_HANG_ON"):
+    import time
+    from pipeline import fs
+    _read = fs.read_regular_file
+    def read_regular_file(path, max_bytes):
+        if os.path.basename(path) == os.environ["CAIRN_TEST_HANG_ON"]:
+            open(os.environ["CAIRN_TEST_HANG_MARK"], "w").close()
+            while True:
+                time.sleep(60)
+        return _read(path, max_bytes)
+    fs.read_regular_file = read_regular_file
+"""
+
+
+def _wait_for_reader(mark: Path, job: subprocess.Popen, timeout: float = 300) -> None:
+    """Block until a worker of the job starts reading the image it hangs on (it leaves ``mark``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if job.poll() is not None:
             raise AssertionError(f"the job ended before reading the image it should hang on: {job.stderr.read()}")
-        try:
-            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as e:
-            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
-                raise
+        if mark.exists():
+            return
         time.sleep(0.05)
     raise AssertionError("the job never read the image")
 
@@ -49,36 +63,39 @@ def _wait_for_reader(fifo: str, job: subprocess.Popen, timeout: float = 300) -> 
 @pytest.mark.slow
 def test_a_killed_extraction_rerun_gives_exactly_the_uninterrupted_outputs(tmp_path, tiny_synth):
     """The job is killed (SIGKILL to its whole process group, workers included) while a worker is stuck reading
-    one image, a named pipe nobody writes to: it is certainly part-way. The rerun must clear what the killed run
-    left (the manifest shards, Beam's temporary folders) and write what an uninterrupted run writes."""
+    one image (a read that never returns, see _HANG): it is certainly part-way. The rerun must clear what the killed
+    run left (the manifest shards, Beam's temporary folders) and write what an uninterrupted run writes."""
     import csv
 
     rows = list(csv.DictReader(open(tiny_synth / "train.csv"))) + list(csv.DictReader(open(tiny_synth / "queries.csv")))
     images = tmp_path / "images"
     images.mkdir()
-    fifo = str(images / "stuck.jpg")
-    os.mkfifo(fifo)
+    stuck = images / "stuck.jpg"
+    shutil.copyfile(tiny_synth / rows[0]["path"], stuck)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HANG)
+    mark = tmp_path / "reading"
+    env = {**os.environ, "CAIRN_TEST_HANG_ON": "stuck.jpg", "CAIRN_TEST_HANG_MARK": str(mark),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), str(Path(__file__).resolve().parents[2]),
+                                                       os.environ.get("PYTHONPATH")]))}
     manifest = [(f"{r['id']}-{rep}", tiny_synth / r["path"], r["landmark_id"]) for rep in range(3) for r in rows]
-    manifest.insert(len(manifest) // 2, ("stuck", fifo, 1))
+    manifest.insert(len(manifest) // 2, ("stuck", stuck, 1))
     manifest.append(("missing", images / "gone.jpg", 2))  # a dead letter, so that file is compared too
     path = write_manifest(tmp_path / "m.csv", manifest)
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "jobs.cli", "extract", "--manifest", str(path), "--out", str(out), "--method",
             "hog", "--workers", "2", "--num-shards", "3"]
-    job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    writer = _wait_for_reader(fifo, job)
-    try:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait(timeout=60)
-    finally:
-        os.close(writer)
+    job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           env=env)
+    _wait_for_reader(mark, job)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=60)
     assert job.returncode == -signal.SIGKILL
     assert not (out / "extract.json").exists()  # it did not finish
     left = sorted(p.name for p in out.iterdir())
     assert any(n.startswith("manifest-") for n in left), left  # it had started writing
 
-    os.remove(fifo)  # the image is readable now; the rerun and the reference run see the same files
-    shutil.copyfile(tiny_synth / rows[0]["path"], fifo)
     rerun = cairn("extract", "--manifest", str(path), "--out", str(out), "--method", "hog", "--workers", "2",
                   "--num-shards", "3")
     assert rerun.returncode == 0, rerun.stderr[-2000:]

@@ -17,7 +17,7 @@ from pipeline.schemas import sparse_matrix_of, vectors_of
 from pipeline.stages import encode as encode_stage
 from pipeline.stages.encode import encode, iter_subset, read_sample, sample_descriptors
 from pipeline.stages.extract import extract
-from tests.conftest import write_manifest
+from tests.conftest import rerecord_shards, write_manifest
 
 SMALL_OVERRIDES = ["bovw.vocabulary.k=32", "vlad.vocabulary.k=4", "vlad.pca_dim=6", "vlad.pca_min_images=0",
                    "bovw.vocabulary.niter=5", "vlad.vocabulary.niter=5"]
@@ -163,6 +163,7 @@ def _reshard(src, dst, kind: str, shards: int, seed: int):
         os.remove(path)
     table, _ = read_shards(features_prefix(str(src), kind))
     write_table_shards(table.take(np.random.default_rng(seed).permutation(table.num_rows)), prefix, shards)
+    rerecord_shards(dst)
 
 
 @pytest.mark.parametrize("method", ["sift-bovw", "sift-vlad"])
