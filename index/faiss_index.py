@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -43,7 +42,7 @@ from index import build as B
 from index.build import gpu_count  # noqa: F401 - part of this module's API
 from pipeline import config as cfg
 from pipeline.errors import CairnError
-from pipeline.fs import local_path
+from pipeline.fs import local_path, sha256
 from pipeline.parquet_io import write_table
 from pipeline.schemas import labels_of
 
@@ -480,7 +479,7 @@ def file_checksums(folder: str) -> dict:
     for name in INDEX_FILES:
         path = os.path.join(folder, name)
         if os.path.exists(path):
-            out[name] = {"sha256": _sha256(path), "bytes": os.path.getsize(path)}
+            out[name] = {"sha256": sha256(path), "bytes": os.path.getsize(path)}
     return out
 
 
@@ -506,16 +505,8 @@ def verify_files(folder: str, meta: dict, required: Sequence[str]) -> None:
         if size != expected.get("bytes"):
             raise CairnError(f"{path} holds {size:,} bytes where the build wrote {expected.get('bytes'):,}; "
                              f"{rebuild}")
-        if _sha256(path) != expected.get("sha256"):
+        if sha256(path) != expected.get("sha256"):
             raise CairnError(f"{path} does not match the sha256 recorded when it was built; {rebuild}")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_index(index: faiss.Index, path: str) -> None:

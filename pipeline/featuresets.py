@@ -90,10 +90,10 @@ def verify_files(folder: str, recorded: dict[str, dict] | None, patterns: list[s
     found = _listed(folder, patterns)
     extra = sorted(set(found) - set(recorded))
     if extra:
-        return f"{_names(extra)} not written by the job that recorded it (copied in?)"
+        return f"{some_names(extra)} not written by the job that recorded it (copied in?)"
     missing = sorted(set(recorded) - set(found))
     if missing:
-        return f"{_names(missing)} missing"
+        return f"{some_names(missing)} missing"
     for name, (path, size, mtime) in sorted(found.items()):
         if size != recorded[name]["bytes"]:
             return f"{name} has {size} bytes where the job wrote {recorded[name]['bytes']} (truncated or replaced)"
@@ -109,7 +109,8 @@ def verify_files(folder: str, recorded: dict[str, dict] | None, patterns: list[s
     return ""
 
 
-def _names(names: list[str], first: int = 3) -> str:
+def some_names(names: list[str], first: int = 3) -> str:
+    """The first ``first`` of ``names``, and how many more (for a one-line message)."""
     return ", ".join(names[:first]) + (f" and {len(names) - first} more" if len(names) > first else "")
 
 

@@ -8,6 +8,7 @@ import functools
 import os
 import posixpath
 import re
+import stat
 import threading
 
 from apache_beam.io.filesystems import FileSystems
@@ -24,14 +25,12 @@ def has_scheme(path: str) -> bool:
 
 
 def is_local_dir(path: str) -> bool:
-    import os
 
     return not has_scheme(path) and os.path.isdir(path)
 
 
 def absolute(path: str) -> str:
     """Local paths made absolute (so that a config means the same from any working folder); URLs as they are."""
-    import os
 
     return path if has_scheme(path) else os.path.abspath(path)
 
@@ -76,8 +75,6 @@ def read_regular_file(path: str, max_bytes: int) -> bytes:
             raise RefusedFile(f"{path} is larger than the cap of {max_bytes:,} bytes; raise --max-image-bytes "
                               "if the file is genuine")
         return data
-    import os
-    import stat
 
     def check(st: os.stat_result) -> None:
         if not stat.S_ISREG(st.st_mode):
@@ -97,8 +94,6 @@ def read_regular_file(path: str, max_bytes: int) -> bytes:
 
 
 def _file_kind(mode: int) -> str:
-    import stat
-
     kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
     return next((name for test, name in kinds if test(mode)), "not a plain file")
@@ -143,7 +138,6 @@ def copy_file(source: str, target: str) -> None:
 @contextlib.contextmanager
 def _atomic_local(path: str):
     """A binary file object to fill; renamed to the local ``path`` when the block ends, removed if it fails."""
-    import os
     import tempfile
 
     folder = os.path.dirname(os.path.abspath(path))
@@ -217,7 +211,6 @@ def check_output_folder(path: str) -> None:
 def makedirs(path: str) -> None:
     """Create a local output folder (cloud filesystems have no folders); a file in the way is a user error."""
     if not has_scheme(path):
-        import os
 
         if os.path.exists(path) and not os.path.isdir(path):
             raise CairnError(f"{path} is a file, but an output folder is needed there; give another --out")
@@ -244,7 +237,6 @@ def locked_folder(path: str, command: str, flag: str = "--out"):
     if has_scheme(path):
         yield
         return
-    import os
 
     folder = os.path.abspath(path)
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -284,7 +276,6 @@ def _lock(folder: str, shown: str, command: str, flag: str) -> int:
     import datetime
     import fcntl
     import json
-    import os
     import socket
 
     lock_path = os.path.join(folder, LOCK_NAME)
@@ -319,7 +310,6 @@ def _lock(folder: str, shown: str, command: str, flag: str) -> int:
 def _holder(fd: int) -> str:
     """Who holds a lock file, in words, from what it holds."""
     import json
-    import os
     import socket
 
     try:
@@ -329,19 +319,26 @@ def _holder(fd: int) -> str:
         return "it has just started"
     command = command if len(command) <= 400 else command[:397] + "..."
     words = f"pid {pid} on host {host}, `{command}` since {started}"
-    if host == socket.gethostname():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            words += f"; pid {pid} has ended, but processes it started still hold the folder"
-        except (OSError, ValueError):
-            pass
+    if host == socket.gethostname() and not _running(pid):
+        words += f"; pid {pid} has ended, but processes it started still hold the folder"
     return words
+
+
+def _running(pid) -> bool:
+    """Whether process ``pid`` of this host is there (one of another user counts; a malformed pid does not)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, but another user's
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _remove_empty(folders: list[str]) -> None:
     """Remove the folders (deepest first) that are empty, up to the first that is not."""
-    import os
 
     for folder in folders:
         try:
@@ -393,7 +390,6 @@ def stat_files(paths: list[str]) -> list[FileStat | None]:
     local file, nothing read. Paths on an object store (gs://, s3://) are listed one folder at a time (one listing
     per distinct parent folder, not one request per object); their time is the object's last update (a
     replaced object is a new object with a new time)."""
-    import os
 
     stats: list[FileStat | None] = [None] * len(paths)
     remote: dict[str, list[int]] = {}
@@ -430,7 +426,6 @@ def delete_temp_folders(folder: str) -> None:
         delete(glob(join(escape(folder), "beam-temp-*", "*")))
         return
     import glob as _glob
-    import os
     import shutil
 
     for path in _glob.glob(join(escape(folder), "beam-temp-*")):
@@ -456,7 +451,6 @@ def local_path(path: str) -> str:
     if not has_scheme(path):
         return path
     import hashlib
-    import os
     import shutil
     import tempfile
 
@@ -500,7 +494,6 @@ def upload_folder(local: str, target: str, last: tuple[str, ...] = ()) -> list[s
     """Copy every file under the local folder ``local`` to ``target`` (any Beam filesystem), the files whose
     relative paths are in ``last`` after all others (an index's record, so that a copy cut short is never taken
     for a complete one); returns the target paths."""
-    import os
 
     files = sorted(os.path.relpath(os.path.join(root, n), local).replace(os.sep, "/")
                    for root, _, names in os.walk(local) for n in names)

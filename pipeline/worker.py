@@ -30,8 +30,8 @@ def process_identity(pid: int) -> str | None:
             os.kill(pid, 0)
         except ProcessLookupError:
             return None
-        except PermissionError:
-            pass
+        except PermissionError:  # there, but another user's
+            return ""
         return ""
     fields = stat[stat.rindex(")") + 2:].split()  # after "pid (command name) "
     return None if fields[0] in ("Z", "X") else fields[19]  # state; starttime (stat's 22nd field)

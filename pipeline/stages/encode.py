@@ -136,10 +136,11 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     out_prefix = features_prefix(out, out_kind)
     outputs = (f"{FEATURE_PREFIX[out_kind]}-*",)
     if not force and test_pipeline is None and cfg.check_reusable(record_path, config):
-        problem = verify_files(out, cfg.load_json(record_path).get("files"), outputs)  # before any footer is read
+        stored = cfg.load_json(record_path)
+        problem = verify_files(out, stored.get("files"), outputs)  # before any footer is read
         if not problem and _complete(out_prefix, record_path):
             log.info("encode: reusing %s (same features and encoder; --force recomputes)", out)
-            return {**cfg.load_json(record_path), "cost": costs.reused()}
+            return {**stored, "cost": costs.reused()}
         if problem:
             log.warning("encode: cannot reuse %s: %s; encoding again", out, problem)
     job = beamjob.start(out, beam_args, workers, threads, images=images, test_pipeline=test_pipeline,

@@ -22,7 +22,14 @@ from features.registry import EXTRACTORS, make_extractor
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError, parse_dead_letters
-from pipeline.featuresets import FEATURE_PREFIX, features_prefix, record_files, tree_bytes, verify_files
+from pipeline.featuresets import (
+    FEATURE_PREFIX,
+    features_prefix,
+    record_files,
+    some_names,
+    tree_bytes,
+    verify_files,
+)
 from pipeline.images import DecodeConfig
 from pipeline.manifest import changed_images, manifest_fingerprint, read_manifest
 from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
@@ -254,8 +261,7 @@ def _not_reusable(out: str, record: dict, paths: dict[str, str]) -> str:
     if changed is None:
         return "its manifest shards hold no image sizes and times (written before Cairn recorded them)"
     if changed:
-        shown = ", ".join(f"{i} ({p})" for i, p in changed[:5]) + (f" and {len(changed) - 5} more"
-                                                                    if len(changed) > 5 else "")
+        shown = some_names([f"{i} ({p})" for i, p in changed], 5)
         return (f"{len(changed)} of {table.num_rows} images changed since they were extracted (size or "
                 f"modification time): {shown}")
     return ""

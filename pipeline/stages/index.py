@@ -57,6 +57,11 @@ def _part(table):
     return vectors_of(table), table.column("id").to_pylist(), labels_of(table)
 
 
+def _parts(tables: list):
+    """Database parts from table loaders (parquet_io.id_ordered_parts)."""
+    return [lambda table=table: _part(table()) for table in tables]
+
+
 def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), progress: bool = False,
                 beam: str = "off", beam_args: list[str] | None = None, workers: int = 0, test_pipeline=None,
                 threads: int = 0) -> dict:
@@ -84,13 +89,12 @@ def build_index(features: str, out: str, config: IndexConfig = IndexConfig(), pr
     if _on_workers(beam, beam_args):  # each worker adds whole shards: index ids follow the shards' order
         # the training sample is drawn in image-id order, as the local build draws it: both train alike
         with id_ordered_parts(paths) as (tables, ordered):
-            sample = ([lambda table=table: _part(table()) for table in tables], ordered)
+            sample = (_parts(tables), ordered)
             index = build_on_workers(paths, counts, shard_parts(paths), dim, config, meta, out, beam_args, workers,
                                      test_pipeline, progress, threads, sample=sample)
     else:  # index ids in image-id order, whatever the number of workers that wrote the shards
         with id_ordered_parts(paths) as (tables, counts):
-            parts = [lambda table=table: _part(table()) for table in tables]
-            index = VectorIndex.build_parts(parts, counts, dim, config, meta, folder=out, progress=progress)
+            index = VectorIndex.build_parts(_parts(tables), counts, dim, config, meta, folder=out, progress=progress)
     index.build_info["source"] = fs.absolute(features)  # the features it was built from (recognition tuning)
     index.save(out)
     size = sum(os.path.getsize(os.path.join(out, n)) for n in ("index.faiss", "index.ivfdata")

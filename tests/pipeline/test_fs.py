@@ -102,7 +102,7 @@ def test_a_file_in_the_way_is_one_line(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(CairnError, match="is a file, but an output folder is needed there; give another --out"), \
             fs.locked_folder(str(tmp_path / "f"), "cairn extract"):
-        pass
+        raise AssertionError("a file was locked as an output folder")
 
 
 def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_no_partial_file(tmp_path, monkeypatch):
