@@ -36,7 +36,9 @@ never loses to it on validation; then the votes, margins, penalties and, for ver
 inliers); then ``min_confidence`` by validation accuracy, with the landmark and the no-landmark validation
 queries weighted as ``1 - nonlandmark_prior`` and ``nonlandmark_prior`` (the share of queries expected to show
 no database landmark), weighed against validation GAP (``gap_weight``: dropping a right answer lowers GAP;
-dropping a wrong one does not).
+dropping a wrong one does not). Once the queries have their answers, :func:`query_threshold` fits the threshold
+to them instead (``threshold_from="queries"``): the validation's unseen landmarks are the database's own, and a
+real one can look much more like the database.
 """
 
 from __future__ import annotations
@@ -248,6 +250,9 @@ class TuneConfig:
     weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)  # non-landmark penalty weights tried
     nonlandmark_prior: float = 0.5  # expected share of queries without a database landmark (threshold choice)
     gap_weight: float = 0.5  # the threshold maximises gap_weight x GAP + (1 - gap_weight) x accuracy
+    threshold_from: str = "queries"  # "queries": the threshold that fits the query set (see query_threshold);
+    #                                   "validation": the one that fits the validation queries
+    min_threshold_queries: int = 100  # fewer answered queries than this: the validation threshold
     min_win_share: float = 0.95  # another rule replaces the top-1 rule only when it wins this share of resamples
     resamples: int = 200  # bootstrap resamples of the validation queries for that comparison
     seed: int = 0  # the held-out choice
@@ -266,6 +271,10 @@ class TuneConfig:
             raise ValueError(f"gap_weight must be in [0, 1], not {self.gap_weight}")
         if self.landmark_queries < 1 or self.min_class_images < 3:
             raise ValueError("landmark_queries must be >= 1 and min_class_images >= 3")
+        if self.threshold_from not in ("queries", "validation"):
+            raise ValueError(f"threshold_from must be 'queries' or 'validation', not {self.threshold_from!r}")
+        if self.min_threshold_queries < 1:
+            raise ValueError(f"min_threshold_queries must be >= 1, not {self.min_threshold_queries}")
         if self.unseen_queries < 0 or self.verify_queries < 0:
             raise ValueError("unseen_queries and verify_queries must be >= 0")
         if not self.aggregates or any(a not in ("sum", "max") for a in self.aggregates):
@@ -289,6 +298,15 @@ class ValidationSplit:
     def held(self) -> np.ndarray:
         """Every held-out row (left out of every validation query's neighbours)."""
         return np.concatenate([self.landmark, self.nonlandmark])
+
+
+@dataclass(frozen=True)
+class Answers:
+    """Validation queries' answers under the tuned confidence, before any threshold."""
+
+    pred: np.ndarray  # [V] int64 landmark id (-1: no answer at all)
+    conf: np.ndarray  # [V] float32
+    truth: np.ndarray  # [V] int64 (-1: no landmark in the database)
 
 
 def id_keys(image_ids, seed: int, salt: str = "") -> np.ndarray:
@@ -368,11 +386,6 @@ def validation_neighbours(D: np.ndarray, I: np.ndarray, db_labels: np.ndarray, r
     other_class = db_labels[np.maximum(I[of_unseen], 0)] != own[:, None]
     unseen_D, unseen_I = keep_first(D[of_unseen], I[of_unseen], keep[of_unseen] & other_class, k)
     return seen_D, seen_I, unseen_D, unseen_I, of_unseen
-
-
-def drop_held_out(D: np.ndarray, I: np.ndarray, held_out: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first k neighbours of each row that are not in ``held_out`` (ids); padded with -inf / -1."""
-    return keep_first(D, I, ~np.isin(I, held_out), k)
 
 
 def gap_score(pred: np.ndarray, conf: np.ndarray, truth: np.ndarray) -> float:
@@ -479,12 +492,14 @@ def describe(config: VoteConfig) -> dict:
 
 
 def tune(D: np.ndarray, labels: np.ndarray, truth: np.ndarray, nonlandmark_sim: np.ndarray | None,
-         base: VoteConfig, config: TuneConfig = TuneConfig(), counts=None, verified=None) -> tuple[VoteConfig, dict]:
+         base: VoteConfig, config: TuneConfig = TuneConfig(), counts=None, verified=None,
+         ) -> tuple[VoteConfig, dict, Answers]:
     """Choose the confidence function by validation GAP, then ``min_confidence`` by validation accuracy (see the
     module docstring). ``D``/``labels`` [V, K]: the validation queries' neighbours (held-out images removed;
     unseen-landmark queries without their class); ``truth`` [V] (-1 = no landmark in the database).
     ``verified``: (similarities, labels, inliers) [V, K'] of the re-ranked neighbour lists, for methods that
-    verify. Returns (the tuned config, a record of what was tried and reached)."""
+    verify. Returns (the tuned config, a record of what was tried and reached, the validation queries' answers
+    under the tuned rule before its threshold: what :func:`query_threshold` needs)."""
     truth = np.asarray(truth, np.int64)
     prior = config.nonlandmark_prior
 
@@ -531,18 +546,18 @@ def tune(D: np.ndarray, labels: np.ndarray, truth: np.ndarray, nonlandmark_sim: 
                      "resamples; keeping the top-1 rule", best_gap, record["top1"]["gap"], 100 * wins,
                      config.resamples)
             best = candidates[0]
-    pred, conf = decide(best)
+    pred, conf = decide(best, threshold=False)
     threshold, curve = choose_threshold(pred, conf, truth, config)
     tuned = replace(best, min_confidence=threshold)
-    pred, conf = decide(tuned)
-    record["tuned"] = {**describe(tuned), **figures(pred, conf)}
+    answers = Answers(pred, conf, truth)
+    record["tuned"] = {**describe(tuned), **threshold_figures(answers, threshold, prior)}
     record["threshold_curve"] = curve
     record["tried"] = tried
     log.info("recognize: tuned on %d validation queries (%d of a database landmark): GAP %.3f -> %.3f (top-1 rule "
              "%.3f), accuracy %.3f -> %.3f (%s)", len(truth), record["landmark_queries"], record["untuned"]["gap"],
              record["tuned"]["gap"], record["top1"]["gap"], record["untuned"]["accuracy"],
              record["tuned"]["accuracy"], {k: v for k, v in describe(tuned).items() if k != "k"})
-    return tuned, record
+    return tuned, record, answers
 
 
 def bootstrap_wins(a: tuple, b: tuple, truth: np.ndarray, resamples: int, seed: int) -> float:
@@ -581,3 +596,109 @@ def choose_threshold(pred: np.ndarray, conf: np.ndarray, truth: np.ndarray, conf
     if best_t > 0 and best_t > float(answered.max()):  # every answer dropped: just above the best one
         return min(1.0, float(np.ceil(best_t * 1e6) / 1e6)), curve
     return float(np.floor(best_t * 1e6) / 1e6), curve  # never above a kept confidence
+
+
+def threshold_figures(answers: Answers, threshold: float, prior: float) -> dict:
+    """GAP, accuracy and prior-weighted accuracy of ``answers`` with the no-landmark ``threshold`` applied."""
+    p = np.where((answers.pred >= 0) & (answers.conf >= threshold), answers.pred, NO_LANDMARK)
+    g = gap_score(p, np.where(p >= 0, answers.conf, 0), answers.truth)
+    return {"gap": round(g, 6), "accuracy": round(accuracy_score(p, answers.truth), 6),
+            "weighted_accuracy": round(weighted_accuracy(p, answers.truth, prior), 6)}
+
+
+PRIOR_SUPPORT = 0.2  # the landmark share is estimated where at least this share of validation landmarks lie above
+MIN_THRESHOLD_LANDMARKS = 30  # fewer validation landmark queries than this: the validation threshold
+
+
+def landmark_share(above_q: np.ndarray, above_l: np.ndarray, n_q: int, n_v: int) -> float:
+    """The share of the queries that show a database landmark, from the shares of the queries (``above_q``, of
+    ``n_q``) and of the validation landmark queries (``above_l``, of ``n_v``) at or above each threshold (see
+    :func:`query_threshold`). The smallest ratio over the tail is biased low (the minimum of noisy ratios), so
+    each ratio first gets one standard error of its two binomial shares, as Scott (2015) bounds it."""
+    support = above_l >= PRIOR_SUPPORT
+    if not support.any():
+        return 1.0
+    q, lm = above_q[support], above_l[support]
+    ratio = q / lm
+    error = np.sqrt(q * (1 - q) / n_q + ratio ** 2 * lm * (1 - lm) / n_v) / lm
+    return float(np.clip(np.min(ratio + error), 0.0, 1.0))
+
+
+def query_threshold(validation: Answers, query_pred: np.ndarray, query_conf: np.ndarray, config: TuneConfig,
+                    ) -> tuple[float | None, dict]:
+    """The no-landmark threshold that fits the query set itself: the validation queries' *unseen* landmarks are
+    the database's own ones, and how much a real unseen landmark resembles the database's varies from one query
+    set to the next (on Porto, the held-out landmark's median top-1 similarity is 0.67 in one round and 0.78 in
+    another); the *landmark* queries' confidences, on the other hand, look like those of the real landmark
+    queries. So, with the queries' confidences (before any threshold) a mixture of landmark ones, distributed
+    like the validation landmark queries' (CDF ``F_L``; ``C_L(t)``: share of them right and at ``t`` or above),
+    and no-landmark ones:
+
+    - the landmark share of the queries, ``pi``, is estimated as in positive-unlabelled learning (mixture
+      proportion estimation: Elkan & Noto 2008, Scott 2015): ``min_t (1 - F_Q(t)) / (1 - F_L(t))`` over the
+      thresholds above which at least :data:`PRIOR_SUPPORT` of the validation landmarks lie (in the top tail the
+      queries are mostly landmark ones), each ratio raised by its standard error (:func:`landmark_share`);
+    - the accuracy at threshold ``t`` is then ``pi C_L(t) + (1 - pi) F_U(t)``, with ``(1 - pi) F_U(t) =
+      F_Q(t) - pi F_L(t)`` (the no-landmark queries dropped);
+    - GAP at ``t``: each right validation answer at ``c >= t`` counts the estimated precision of the answers at
+      ``c`` or above, ``pi C_L(c) / (1 - F_Q(c))``;
+
+    and the threshold maximises ``gap_weight`` x GAP + (1 - ``gap_weight``) x accuracy over the queries'
+    confidences. Only ranks enter, so it holds for any confidence (votes, calibrated inliers, a classifier's
+    probability). ``validation``: the validation queries' answers (their landmark ones are used); query_pred/
+    query_conf [Q]: the queries' answers before the threshold (pred -1: no answer). Returns (threshold, record),
+    or (None, record with the reason) when there are fewer than ``config.min_threshold_queries`` answered
+    queries or fewer than :data:`MIN_THRESHOLD_LANDMARKS` validation landmark queries: the shares of the top
+    tails are too uncertain then (the demo's 60 queries, 36 of them of a database landmark, and 17 validation
+    landmark queries gave estimates of 0.76 and 1.0 for two methods)."""
+    query_conf = np.asarray(query_conf, np.float64)
+    answered = np.sort(query_conf[np.asarray(query_pred) >= 0])
+    landmark = validation.truth >= 0
+    v_conf = np.where(validation.pred[landmark] >= 0, validation.conf[landmark], -np.inf).astype(np.float64)
+    right = (validation.pred[landmark] == validation.truth[landmark]) & np.isfinite(v_conf)
+    n_q, n_v = len(query_conf), len(v_conf)
+    record = {"queries": int(n_q), "answered_queries": int(len(answered)), "validation_landmark_queries": int(n_v)}
+    if len(answered) < config.min_threshold_queries or n_v < MIN_THRESHOLD_LANDMARKS:
+        record["skipped"] = (f"{len(answered)} answered queries (fewer than {config.min_threshold_queries})"
+                             if len(answered) < config.min_threshold_queries else
+                             f"{n_v} validation landmark queries (fewer than {MIN_THRESHOLD_LANDMARKS})")
+        return None, record
+    v_sorted, right_conf = np.sort(v_conf), np.sort(v_conf[right])
+
+    def below(sorted_values, t, n):  # share of n values strictly below t
+        return np.searchsorted(sorted_values, t, side="left") / n
+
+    def right_at_or_above(t):
+        return (len(right_conf) - np.searchsorted(right_conf, t, side="left")) / n_v
+
+    # F_Q counts the unanswered queries as below every threshold
+    points = np.unique(np.concatenate([answered, v_sorted[np.isfinite(v_sorted)]]))
+    above_q = 1 - (n_q - len(answered) + np.searchsorted(answered, points, side="left")) / n_q
+    above_l = 1 - below(v_sorted, points, n_v)
+    pi = landmark_share(above_q, above_l, n_q, n_v)
+    # candidate thresholds: 0 (keep every answer), every confidence of a query or a validation landmark, above
+    # them all (keep none); the answers kept change at the queries' confidences only, the estimates in between too
+    thresholds = np.append(np.unique(np.concatenate([[0.0], points])), np.nextafter(max(1.0, points[-1]), np.inf))
+    f_q = (n_q - len(answered) + np.searchsorted(answered, thresholds, side="left")) / n_q
+    f_l = below(v_sorted, thresholds, n_v)
+    dropped_no_landmark = np.clip(f_q - pi * f_l, 0.0, 1.0 - pi)
+    accuracy = pi * right_at_or_above(thresholds) + dropped_no_landmark
+    # GAP: the precision at each right validation answer's confidence, summed over those at or above t
+    above_c = 1 - (n_q - len(answered) + np.searchsorted(answered, right_conf, side="left")) / n_q
+    precision = np.minimum(1.0, pi * right_at_or_above(right_conf) / np.maximum(above_c, 1.0 / n_q))
+    tail = np.concatenate([np.cumsum(precision[::-1])[::-1], [0.0]]) / n_v
+    gap = tail[np.searchsorted(right_conf, thresholds, side="left")]
+    score = config.gap_weight * gap + (1 - config.gap_weight) * accuracy
+    best = int(np.argmax(score))  # the first best: the lowest threshold (fewest answers dropped)
+    # the same answers kept, with the threshold half-way between the last query dropped and the first one kept
+    first_kept = np.searchsorted(answered, thresholds[best], side="left")
+    if first_kept == 0:
+        t = 0.0
+    elif first_kept == len(answered):
+        t = float(min(1.0, np.nextafter(np.float32(answered[-1]), np.float32(2.0))))
+    else:
+        lo, hi = float(answered[first_kept - 1]), float(answered[first_kept])
+        t = min(hi, float(np.ceil((lo + (hi - lo) / 2) * 1e6) / 1e6))
+    record.update(landmark_share=round(pi, 6), threshold=t, estimated_accuracy=round(float(accuracy[best]), 6),
+                  estimated_gap=round(float(gap[best]), 6), estimated_gap_all_answers=round(float(gap[0]), 6))
+    return t, record

@@ -181,9 +181,14 @@ def add_vote_args(p) -> None:
                    help="the share of queries expected to show no database landmark, which weighs the two kinds of "
                         f"validation queries when the threshold is tuned (0..1, default {t.nonlandmark_prior})")
     g.add_argument("--gap-weight", type=finite_float, default=t.gap_weight,
-                   help="the tuned threshold maximises this x validation GAP + (1 - this) x validation accuracy: 1 "
-                        "answers every query (best for a GLR submission), 0 the most right yes/no answers "
-                        f"(default {t.gap_weight})")
+                   help="the tuned threshold maximises this x GAP + (1 - this) x accuracy: 1 answers every query "
+                        f"(best for a GLR submission), 0 the most right yes/no answers (default {t.gap_weight})")
+    g.add_argument("--threshold-from", choices=["queries", "validation"], default=t.threshold_from,
+                   help="fit the no-landmark threshold to the query set (default: the share of queries showing a "
+                        "database landmark is estimated from their confidences beside the validation landmark "
+                        "queries', then GAP and accuracy on the queries; needs "
+                        f"{t.min_threshold_queries}+ answered queries, else the validation threshold is used) or to "
+                        "the validation queries alone (each query's answer then does not depend on the others)")
     g.add_argument("--no-tune", action="store_true",
                    help="do not tune the confidence (top-1, votes, margin, non-landmark penalty, calibrated "
                         "inliers) and the threshold on validation queries made from the database: held-out "
@@ -202,7 +207,8 @@ def vote_args(args) -> tuple[VoteConfig, TuneConfig | None]:
         vc = VoteConfig(k=args.k, min_confidence=args.min_confidence, aggregate=args.aggregate,
                         class_norm=args.class_norm, nonlandmark_k=args.nonlandmark_k,
                         nonlandmark_weight=args.nonlandmark_weight, margin=args.margin)
-        tc = TuneConfig(nonlandmark_prior=args.nonlandmark_prior, gap_weight=args.gap_weight)
+        tc = TuneConfig(nonlandmark_prior=args.nonlandmark_prior, gap_weight=args.gap_weight,
+                        threshold_from=args.threshold_from)
     except ValueError as e:  # name the flag, not the field
         message = str(e)
         for field in ("nonlandmark_weight", "nonlandmark_prior", "nonlandmark_k", "class_norm", "gap_weight",

@@ -11,8 +11,12 @@ landmark, the penalty by similarity to the known non-landmark database images; f
 inlier count; for --classifier, its calibrated probability) and the threshold are first tuned on validation
 queries made from the database: held-out landmark images (several per class when classes are few, up to 2,000),
 the same images with their own landmark removed (a landmark the database does not have) and half of the known
-non-landmark images (the database features are the folder the index records, or --tune-db). The flags give
-the starting point and the values used without tuning. Writes:
+non-landmark images (the database features are the folder the index records, or --tune-db). The no-landmark
+threshold is then fitted to the query set (--threshold-from queries, the default): the validation's unseen
+landmarks are the database's own, while a real one may look much more like the database's; so the share of
+queries showing a database landmark is estimated from their confidences beside the validation landmark
+queries', and the threshold maximises the GAP and accuracy estimated on the queries. The flags give the
+starting point and the values used without tuning. Writes:
     OUT/predictions.csv     Google Landmark Recognition format: id,landmarks ("<landmark_id> <confidence>",
                             empty for no landmark)
     OUT/confidences.parquet query_id, landmark_id, confidence, kept: every query's best answer before the

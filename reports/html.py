@@ -148,7 +148,12 @@ def explain(chosen: dict) -> str:
         text += f", minus {chosen['margin']:g} x the best other landmark's"
     if chosen.get("nonlandmark_weight"):
         text += f", minus {chosen['nonlandmark_weight']:g} x the similarity to non-landmark images"
-    return text + f"; no landmark below {chosen.get('min_confidence', 0):.3g}"
+    text += f"; no landmark below {chosen.get('min_confidence', 0):.3g}"
+    fitted = chosen.get("query_threshold") or {}
+    if chosen.get("threshold_from") == "queries" and fitted.get("landmark_share") is not None:
+        text += (f", fitted to the queries (about {100 * fitted['landmark_share']:.0f}% of them estimated to show a "
+                 f"database landmark; validation's threshold: {fitted['validation_threshold']:.3g})")
+    return text
 
 
 def _data_uri(data: bytes, mime: str) -> str:

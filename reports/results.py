@@ -14,9 +14,11 @@ metrics.json (format "cairn-metrics", version 3) holds, per method, five groups 
              dim, bytes_per_image, feature_bytes_per_image, local_feature_bytes_per_image, index_bytes
     counts   queries, queries_with_landmark, predicted, dead_letters
     config   index_factory, vote, params (the method's part of the run's methods_config)
-    tuning   what tuning chose (rule, its parameters, min_confidence) and its validation figures (queries of a
-             database landmark, unseen-landmark and non-landmark queries; gap, accuracy, the plain top-1 rule's
-             gap); null when the method was not tuned (--no-tune)
+    tuning   what tuning chose (rule, its parameters, min_confidence, threshold_from), query_threshold (the
+             threshold fitted to the queries: their estimated landmark share, estimated accuracy and GAP, the
+             validation threshold) and its validation figures (queries of a database landmark, unseen-landmark
+             and non-landmark queries; gap, accuracy, the plain top-1 rule's gap); null when the method was not
+             tuned (--no-tune)
     detection  ap_50, mean_iou, annotated_images, detections_per_image, regions_per_image (+det methods; null
              for the others, and ap_50 / mean_iou null without --boxes)
 
@@ -277,6 +279,11 @@ def tuning_summary(costs: dict) -> dict | None:
         return None
     tuned = t["tuned"]
     chosen = {k: v for k, v in tuned.items() if k not in ("gap", "accuracy", "weighted_accuracy")}
+    fitted = t.get("query_threshold")  # the threshold fitted to the query set (or why it was not)
+    if fitted:
+        chosen["query_threshold"] = {k: fitted.get(k) for k in (
+            "landmark_share", "estimated_accuracy", "estimated_gap", "validation_threshold", "skipped")
+            if fitted.get(k) is not None}
     return {**chosen, "validation": {
         "queries": t.get("queries"), "landmark_queries": t.get("landmark_queries"),
         "unseen_queries": t.get("unseen_queries"), "nonlandmark_queries": t.get("nonlandmark_queries"),

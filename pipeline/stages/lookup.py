@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from index.faiss_index import VectorIndex
-from index.recognize import VoteConfig, drop_held_out, nonlandmark_similarity
+from index.recognize import VoteConfig, keep_first, nonlandmark_similarity
 from index.regions import RegionalIndex
 from pipeline import fs
 from pipeline.errors import CairnError
@@ -106,35 +106,32 @@ def search(index, xq, k: int, params: str | None = None, progress: bool = False)
     return index.search(xq, k, progress=progress)
 
 
-def nonlandmark_sims(index, xq, D: np.ndarray, I: np.ndarray, config: VoteConfig, held_out: np.ndarray | None = None,
+def nonlandmark_sims(index, xq, D: np.ndarray, I: np.ndarray, config: VoteConfig, own: np.ndarray | None = None,
                      ) -> np.ndarray | None:
     """[Q] mean similarity of each query to its ``config.nonlandmark_k`` nearest known non-landmark images.
 
     Exact from the index's own non-landmark index when it has one; otherwise from the non-landmark images among
     the neighbours in D, I (missing ones count as 0). None when the database has no non-landmark image.
-    ``held_out``: main-index ids to leave out (validation).
+    ``own`` [Q]: the main-index row each query is (validation queries made from the database), left out of its
+    own list: every other non-landmark image counts, as for a real query, which sees the whole database (leaving
+    out all the held-out ones would make the validation queries' penalty smaller than the real queries').
     """
     nk = config.nonlandmark_k
     sub = getattr(index, "nonlandmarks", None)
     if sub is not None:
-        extra = 0
-        nl_held = np.empty(0, np.int64)
-        if held_out is not None and len(held_out):
-            row_of = {image_id: r for r, image_id in enumerate(sub.image_ids)}
-            nl_held = np.array([row_of[index.image_ids[h]] for h in held_out if index.image_ids[h] in row_of],
-                               np.int64)
-            extra = min(len(nl_held), 4 * nk + 20)
-        Dn, In = search(sub, xq, nk + extra)
-        if len(nl_held):
-            Dn, In = drop_held_out(Dn, In, nl_held, nk)
-        return nonlandmark_similarity(Dn, nk)
+        if own is None:
+            return nonlandmark_similarity(search(sub, xq, nk)[0], nk)
+        row_of = {image_id: r for r, image_id in enumerate(sub.image_ids)}
+        own_sub = np.array([row_of.get(index.image_ids[r], -2) for r in own], np.int64)
+        Dn, In = search(sub, xq, nk + 1)
+        return nonlandmark_similarity(keep_first(Dn, In, In != own_sub[:, None], nk)[0], nk)
     if not (index.labels < 0).any():
         return None
+    if own is not None:  # the query itself is not among its neighbours
+        D, I = keep_first(D, I, I != np.asarray(own)[:, None], config.k)
     D, I = D[:, :config.k], I[:, :config.k]  # the voting neighbours, as in tuning
     labels = index.labels_of(I)
     mask = (labels < 0) & (I >= 0)
-    if held_out is not None and len(held_out):
-        mask &= ~np.isin(I, held_out)
     Dm = np.where(mask, D, -np.inf)
     Dm = -np.sort(-Dm, axis=1)[:, :nk]
     return nonlandmark_similarity(Dm, nk)

@@ -1,7 +1,8 @@
 """Recognition of a query features folder against an index (`cairn recognize`, and every method of `cairn
 compare`): search, optional spatial re-ranking, then a landmark and confidence per query from the neighbours
 (index/recognize.py: the top-1 rule, votes, calibrated inliers) or from a classifier, tuned first on validation
-queries made from the database (:func:`tune_on_database`, :func:`tune_classifier`). Writes OUT/predictions.csv
+queries made from the database (:func:`tune_on_database`, :func:`tune_classifier`), the no-landmark threshold
+then fitted to the query set (:func:`apply_query_threshold`). Writes OUT/predictions.csv
 (Google Landmark Recognition format), OUT/confidences.parquet (every answer before the no-landmark threshold),
 OUT/neighbours.parquet and OUT/recognize.json. Query sets too large for one process go to
 the Beam search job (pipeline/stages/search.py).
@@ -14,10 +15,12 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 
 from features.sift import prepare_descriptors
 from index.recognize import (
     NO_LANDMARK,
+    Answers,
     TuneConfig,
     VoteConfig,
     accuracy_score,
@@ -25,6 +28,8 @@ from index.recognize import (
     class_counts,
     gap_score,
     id_keys,
+    query_threshold,
+    threshold_figures,
     tune,
     validation_neighbours,
     validation_split,
@@ -38,7 +43,7 @@ from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
 from pipeline.featuresets import check_recorded_shards, features_metadata, features_prefix
-from pipeline.parquet_io import read_shards, write_table
+from pipeline.parquet_io import find_shards, read_file, read_shards, write_table
 from pipeline.schemas import labels_of, same_features, vectors_of
 from pipeline.stages import costs
 from pipeline.stages.lookup import (
@@ -100,10 +105,11 @@ def clamp_to_database(vote_config: VoteConfig, neighbours: int, database: int) -
 
 
 def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: TuneConfig,
-                     params: str | None = None, verify=None) -> tuple[VoteConfig, dict]:
+                     params: str | None = None, verify=None) -> tuple[VoteConfig, dict, Answers | None]:
     """Tune the confidence and the threshold on validation queries made from the database (index/recognize.py
     :func:`validation_split`, :func:`tune`). ``verify``: as :func:`recognize`'s; the validation queries are
-    verified too (at most ``tune_config.verify_queries`` of them)."""
+    verified too (at most ``tune_config.verify_queries`` of them). Returns (config, record, the validation
+    queries' answers, None when nothing could be held out)."""
     if verify is not None:  # every validation query costs top_k RANSACs: a smaller budget
         half = max(1, tune_config.verify_queries // 2)
         tune_config = replace(tune_config, landmark_queries=min(tune_config.landmark_queries, half),
@@ -113,7 +119,7 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
     if len(split.landmark) == 0:
         log.info("recognize: no class has %d+ database images to hold some out; recognition is not tuned",
                  tune_config.min_class_images)
-        return base, {"skipped": f"no class with {tune_config.min_class_images}+ images"}
+        return base, {"skipped": f"no class with {tune_config.min_class_images}+ images"}, None
     held = split.held
     xv, owner = read_rows(db_features, [index.image_ids[r] for r in held], with_owner=True)
     k = max(base.k, verify[2].top_k if verify is not None else 0)
@@ -125,7 +131,7 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
     D, I = search(index, xv, depth, params)
     rows = held[owner]  # the held-out database row of each searched vector
     seen_D, seen_I, un_D, un_I, of_unseen = validation_neighbours(D, I, index.labels, rows, split, k)
-    sims = nonlandmark_sims(index, xv, seen_D, seen_I, base, held_out=held)
+    sims = nonlandmark_sims(index, xv, D, I, base, own=rows)  # as a real query's: every other image counts
     un_owner = np.searchsorted(split.unseen, rows[of_unseen])  # position among the unseen-landmark queries
     if len(owner) != len(held):  # regional features: one list per held-out image, the best of its regions
         seen_D, seen_I = merge_rows(owner, seen_D, seen_I, k)
@@ -157,10 +163,11 @@ def tune_on_database(index, db_features: str, base: VoteConfig, tune_config: Tun
     if short:
         log.info("recognize: %d of %d unseen-landmark validation queries have fewer than %d neighbours outside their "
                  "landmark (searched %d deep)", short, len(un_D), k, depth)
-    tuned, record = tune(D, index.labels_of(I), truth, sims, base, tune_config, class_counts(remaining), verified)
+    tuned, record, answers = tune(D, index.labels_of(I), truth, sims, base, tune_config, class_counts(remaining),
+                                  verified)
     record.update(landmark_queries=int(len(split.landmark)), unseen_queries=int(len(split.unseen)),
                   nonlandmark_queries=int(len(split.nonlandmark)))
-    return tuned, record
+    return tuned, record, answers
 
 
 def aligned_similarities(D: np.ndarray, I: np.ndarray, I2: np.ndarray) -> np.ndarray:
@@ -178,12 +185,13 @@ def aligned_similarities(D: np.ndarray, I: np.ndarray, I2: np.ndarray) -> np.nda
     return np.where(I2 >= 0, out, -np.inf).astype(np.float32)
 
 
-def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[float, dict]:
+def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[float, dict, Answers | None]:
     """The no-landmark threshold of a classifier's calibrated probability, learned like the vote's: a copy of the
     classifier (same hyperparameters) is trained on the database without some held-out images and without
     every image of some held-out classes; its answers to the held-out images of seen classes (landmark
     queries), of the held-out classes (unseen-landmark queries) and to held-out known non-landmark images
-    choose the threshold (index/recognize.py :func:`choose_threshold`). Returns (threshold, record)."""
+    choose the threshold (index/recognize.py :func:`choose_threshold`). Returns (threshold, record, those
+    queries' answers; None when there are too few classes)."""
     from sklearn.base import clone
 
     check_recorded_shards(db_features, "global")
@@ -193,7 +201,7 @@ def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[f
     ids = np.unique(y[split.landmark])
     if len(ids) < 3:
         return 0.0, {"skipped": f"{len(ids)} classes with {tune_config.min_class_images}+ images: a classifier "
-                     "needs 3 to hold one out and still learn two"}
+                     "needs 3 to hold one out and still learn two"}, None
     rng = np.random.default_rng(tune_config.seed)
     unseen = np.sort(rng.permutation(ids)[:max(1, int(round(len(ids) * 0.2)))])  # a fifth of the classes
     unseen_rows = np.nonzero(np.isin(y, unseen))[0]
@@ -223,7 +231,7 @@ def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[f
     log.info("recognize: classifier threshold %.4f tuned on %d validation queries (%d of unseen classes): "
              "accuracy %.3f -> %.3f", threshold, len(truth), len(unseen_rows), record["untuned"]["accuracy"],
              record["tuned"]["accuracy"])
-    return threshold, record
+    return threshold, record, Answers(pred, conf, truth)
 
 
 def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig = VoteConfig(),
@@ -243,19 +251,20 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     if regional and (classifier or verify is not None):
         raise CairnError(f"{features} holds detected regions (several rows per image); --classifier and "
                          "--verify-* take whole-image features: extract the queries without --detector")
-    tuning = None
+    tuning, validation = None, None
     if tune_config is not None and tune_config.enabled and classifier:
         if not db_features:
             raise CairnError("tuning needs the database features the classifier was trained on (--tune-db FOLDER)")
         started = time.perf_counter()
-        threshold, tuning = tune_classifier(load_classifier(classifier), db_features, tune_config)
+        threshold, tuning, validation = tune_classifier(load_classifier(classifier), db_features, tune_config)
         vote_config = replace(vote_config, min_confidence=threshold)
         tuning["seconds"] = round(time.perf_counter() - started, 3)
     elif tune_config is not None and tune_config.enabled:
         if not db_features:
             raise CairnError("tuning needs the database features the index was built from (--tune-db FOLDER)")
         started = time.perf_counter()
-        vote_config, tuning = tune_on_database(index, db_features, vote_config, tune_config, search_params, verify)
+        vote_config, tuning, validation = tune_on_database(index, db_features, vote_config, tune_config,
+                                                           search_params, verify)
         tuning["seconds"] = round(time.perf_counter() - started, 3)
     k = max(vote_config.k, neighbours, verify[2].top_k if verify else 0)
     started = time.perf_counter()
@@ -289,6 +298,7 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
         raw_pred, raw_conf = vote(verified_sims if vote_config.rule == "verified" else D, index.labels_of(I),
                                   vote_config, sims, class_counts(index.labels), inliers, threshold=False)
         rule = vote_config.rule
+    vote_config = apply_query_threshold(vote_config, tuning, validation, raw_pred, raw_conf, tune_config)
     kept = (raw_pred >= 0) & (raw_conf >= vote_config.min_confidence)
     pred, conf = np.where(kept, raw_pred, NO_LANDMARK), np.where(kept, raw_conf, 0.0).astype(np.float32)
     decide_seconds = time.perf_counter() - started
@@ -317,6 +327,34 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     log.info("recognize: %d queries, %d with a landmark prediction; search %.3f s", len(query_ids),
              record["counts"]["predicted"], search_seconds)
     return {**record, "cost": recognize_cost(record, int(getattr(index, "regions", index.ntotal)), classes)}
+
+
+def apply_query_threshold(vote_config: VoteConfig, tuning: dict | None, validation: Answers | None,
+                          raw_pred: np.ndarray, raw_conf: np.ndarray, tune_config: TuneConfig | None) -> VoteConfig:
+    """``vote_config`` with the no-landmark threshold fitted to the queries' answers before the threshold
+    (index/recognize.py :func:`query_threshold`), when tuning ran and ``tune_config.threshold_from`` is
+    "queries"; the validation threshold otherwise, or when there are too few queries. Records what it did in
+    ``tuning`` (``query_threshold``; ``tuned`` then holds the threshold used and the validation figures at it)."""
+    if tuning is None or validation is None or tune_config is None or "tuned" not in tuning:
+        return vote_config
+    tuned = tuning["tuned"]
+    tuned["threshold_from"] = "validation"
+    if tune_config.threshold_from != "queries":
+        return vote_config
+    threshold, record = query_threshold(validation, raw_pred, raw_conf, tune_config)
+    record["validation_threshold"] = vote_config.min_confidence
+    tuning["query_threshold"] = record
+    if threshold is None:
+        log.info("recognize: the validation threshold %.4f is kept: %s", vote_config.min_confidence,
+                 record["skipped"])
+        return vote_config
+    tuned.update(min_confidence=threshold, threshold_from="queries",
+                 **threshold_figures(validation, threshold, tune_config.nonlandmark_prior))
+    log.info("recognize: no-landmark threshold %.4f fitted to the %d queries (validation's: %.4f): about %.0f%% of "
+             "them show a database landmark; estimated accuracy %.3f, GAP %.3f", threshold, record["queries"],
+             vote_config.min_confidence, 100 * record["landmark_share"], record["estimated_accuracy"],
+             record["estimated_gap"])
+    return replace(vote_config, min_confidence=threshold)
 
 
 def recognize_cost(record: dict, database: int, classes: int | None = None) -> dict:
@@ -356,6 +394,36 @@ def _verify(index, query_ids, D, I, verify):
     return D, I, inliers, time.perf_counter() - started
 
 
+def threshold_beam_outputs(out: str, record: dict, vote_config: VoteConfig, validation: Answers | None,
+                           tune_config: TuneConfig) -> dict:
+    """The Beam search job's outputs with the threshold fitted to every query's answer (
+    :func:`apply_query_threshold`, which needs them all; the job applied the validation threshold): its
+    confidences-*.parquet shards are read back, and when the threshold moves, they, OUT/predictions.csv and
+    OUT/recognize.json are written again. Returns the updated record."""
+    tuning = record["tuning"]
+    paths = find_shards(fs.join(out, "confidences"))
+    tables = []
+    for path in paths:
+        with fs.FileSystems.open(path) as f:
+            tables.append(read_file(f))
+    table = pa.concat_tables(tables) if tables else confidences_table([], np.zeros(0), np.zeros(0), 0.0, "vote")
+    raw_pred = table.column("landmark_id").fill_null(NO_LANDMARK).to_numpy().astype(np.int64)
+    raw_conf = table.column("confidence").to_numpy()
+    new = apply_query_threshold(vote_config, tuning, validation, raw_pred, raw_conf, tune_config)
+    if new.min_confidence != vote_config.min_confidence:
+        for path, t in zip(paths, tables, strict=True):
+            write_table(confidences_table(t.column("query_id").to_pylist(),
+                                          t.column("landmark_id").fill_null(NO_LANDMARK).to_numpy(),
+                                          t.column("confidence").to_numpy(), new.min_confidence, new.rule), path)
+        kept = (raw_pred >= 0) & (raw_conf >= new.min_confidence)
+        write_submission(fs.join(out, "predictions.csv"), table.column("query_id").to_pylist(),
+                         np.where(kept, raw_pred, NO_LANDMARK), np.where(kept, raw_conf, 0.0))
+        record["config"]["vote"] = cfg.to_dict(new)
+        record["counts"]["predicted"] = int(kept.sum())
+    cfg.save_json(fs.join(out, "recognize.json"), record)
+    return record
+
+
 def recorded_source(index_dir: str) -> str | None:
     """The database features folder `cairn index` recorded, when it still exists."""
     path = fs.join(index_dir, "index.json")
@@ -387,10 +455,11 @@ def recognize_queries(index_dir: str, features: str, out: str, vote_config: Vote
             vote_config, neighbours = clamp_to_database(vote_config, neighbours, cfg.load_json(record)["count"])
         if tune_config is not None and tune_config.enabled:
             started = time.perf_counter()
-            vote_config, tuning = tune_on_database(load_any(index_dir), db_features, vote_config, tune_config,
-                                                   search_params)
+            vote_config, tuning, validation = tune_on_database(load_any(index_dir), db_features, vote_config,
+                                                               tune_config, search_params)
             tuning["seconds"] = round(time.perf_counter() - started, 3)
-        return recognize_beam(index_dir, features, out, vote_config, neighbours, search_params, workers=workers,
-                              beam_args=beam_args, test_pipeline=test_pipeline, tuning=tuning)
+        record = recognize_beam(index_dir, features, out, vote_config, neighbours, search_params, workers=workers,
+                                beam_args=beam_args, test_pipeline=test_pipeline, tuning=tuning)
+        return threshold_beam_outputs(out, record, vote_config, validation, tune_config) if tuning else record
     return recognize(index_dir, features, out, vote_config, neighbours, classifier=classifier, verify=verify,
                      tune_config=tune_config, db_features=db_features, search_params=search_params)

@@ -2,15 +2,18 @@ import numpy as np
 import pytest
 
 from index.recognize import (
+    Answers,
     TuneConfig,
     ValidationSplit,
     VoteConfig,
     calibrated,
     class_counts,
-    drop_held_out,
     fit_calibration,
+    keep_first,
     gap_score,
     nonlandmark_similarity,
+    query_threshold,
+    threshold_figures,
     tune,
     validation_neighbours,
     validation_split,
@@ -149,7 +152,7 @@ def test_unseen_landmark_queries_lose_every_image_of_their_own_class():
     assert un_I.tolist() == [[4, 7, 5]] and un_D.tolist() == [[np.float32(0.8), np.float32(0.6), np.float32(0.5)]]
     D = np.array([[0.9, 0.8, 0.7, 0.6]], np.float32)
     I = np.array([[4, 7, 1, -1]])
-    D2, I2 = drop_held_out(D, I, np.array([7]), 3)
+    D2, I2 = keep_first(D, I, ~np.isin(I, [7]), 3)
     assert I2.tolist() == [[4, 1, -1]] and np.isneginf(D2[0, 2])
 
 
@@ -169,7 +172,7 @@ def test_tuning_keeps_the_top1_rule_where_it_is_right_and_votes_are_wrong():
     D = -np.sort(-D, axis=1)
     sum_pred, sum_conf = vote(D, labels, VoteConfig(k=10))
     assert (sum_pred[:40] == 0).all()  # the vote is wrong on every landmark query
-    tuned, record = tune(D, labels, truth, None, VoteConfig(k=10), TuneConfig())
+    tuned, record, _ = tune(D, labels, truth, None, VoteConfig(k=10), TuneConfig())
     assert tuned.rule == "vote" and tuned.aggregate == "max" and tuned.margin == 0
     assert record["tuned"]["gap"] >= record["top1"]["gap"] - 1e-9 > gap_score(sum_pred, sum_conf, truth) + 0.5
     # the threshold sits between the landmark queries' 0.9 and the unseen ones' 0.7: every query right
@@ -193,7 +196,7 @@ def test_calibration_maps_more_inliers_to_a_higher_confidence():
     # the verified rule with it: the landmark queries rank above the others, and tuning prefers it
     pred, conf = vote(sims, labels, VoteConfig(rule="verified", calibration=(a, b, c)), inliers=inliers)
     assert (pred[:120] == 5).all() and conf[:120].min() > conf[120:].max()
-    tuned, record = tune(sims, labels, truth, None, VoteConfig(k=4), TuneConfig(), verified=(sims, labels, inliers))
+    tuned, record, _ = tune(sims, labels, truth, None, VoteConfig(k=4), TuneConfig(), verified=(sims, labels, inliers))
     assert tuned.rule == "verified" and record["tuned"]["gap"] > record["top1"]["gap"] + 0.3
     assert record["tuned"]["accuracy"] > 0.95
 
@@ -208,7 +211,7 @@ def test_tuning_uses_the_penalty_when_it_helps():
     D = np.clip(0.7 + 0.05 * rng.standard_normal((n, 5)), 0, 1).astype(np.float32)
     D = -np.sort(-D, axis=1)
     sims = np.where(truth >= 0, 0.2, 0.8).astype(np.float32) + 0.05 * rng.standard_normal(n).astype(np.float32)
-    tuned, record = tune(D, labels, truth, sims, VoteConfig(k=5), TuneConfig())
+    tuned, record, _ = tune(D, labels, truth, sims, VoteConfig(k=5), TuneConfig())
     assert tuned.nonlandmark_weight > 0
     assert record["tuned"]["gap"] > record["untuned"]["gap"] + 0.2
     assert record["tuned"]["accuracy"] > 0.9 > record["untuned"]["accuracy"]
@@ -238,3 +241,58 @@ def test_validation_split_follows_image_ids_not_rows():
     # without ids the rows decide: another order holds out other images
     plain, shuffled = validation_split(labels, config), validation_split(labels[perm], config)
     assert sorted(ids[plain.landmark]) != sorted(ids[perm][shuffled.landmark])
+
+
+def _open_set(rng, n_landmark, n_other, other_mean):
+    """Answers whose landmark queries are right at confidence ~N(0.85, 0.04) and whose no-landmark queries are
+    answered wrong at ~N(other_mean, 0.03)."""
+    truth = np.concatenate([rng.integers(0, 4, n_landmark), np.full(n_other, -1)])
+    conf = np.concatenate([rng.normal(0.85, 0.04, n_landmark), rng.normal(other_mean, 0.03, n_other)])
+    pred = np.where(truth >= 0, truth, rng.integers(0, 4, len(truth)))
+    return Answers(pred.astype(np.int64), np.clip(conf, 0, 1).astype(np.float32), truth.astype(np.int64))
+
+
+def test_the_query_threshold_follows_unseen_landmarks_that_look_like_the_database():
+    """Validation's unseen landmarks are the database's own (top-1 ~0.65); the queries' unseen landmark looks
+    much more like the database (~0.77), as on Porto. The validation threshold lets most of them through; the
+    threshold fitted to the queries estimates their landmark share and drops them."""
+    rng = np.random.default_rng(0)
+    validation = _open_set(rng, 300, 300, 0.65)
+    queries = _open_set(rng, 200, 300, 0.77)  # 40% of the queries show a database landmark
+    config = TuneConfig(gap_weight=0.0)
+    from index.recognize import choose_threshold
+    t_val, _ = choose_threshold(validation.pred, validation.conf, validation.truth, config)
+    t_q, record = query_threshold(validation, queries.pred, queries.conf, config)
+    assert abs(record["landmark_share"] - 0.4) < 0.06
+    acc_val = threshold_figures(queries, t_val, 0.5)["accuracy"]
+    acc_q = threshold_figures(queries, t_q, 0.5)["accuracy"]
+    best = max(threshold_figures(queries, t, 0.5)["accuracy"] for t in np.unique(queries.conf))
+    assert t_val < 0.75 < t_q < 0.85 and acc_q > acc_val + 0.3 and acc_q > best - 0.03
+    assert abs(record["estimated_accuracy"] - acc_q) < 0.05
+    # only ranks count: the same answers kept after any increasing transform of every confidence
+    squash = lambda a: Answers(a.pred, (a.conf ** 3).astype(np.float32), a.truth)  # noqa: E731
+    t3, _ = query_threshold(squash(validation), queries.pred, squash(queries).conf, config)
+    assert np.array_equal(squash(queries).conf >= t3, queries.conf >= t_q)
+    # when the queries' unseen landmarks look like validation's, the two thresholds keep alike
+    easy = _open_set(rng, 200, 300, 0.65)
+    t_easy, _ = query_threshold(validation, easy.pred, easy.conf, config)
+    assert threshold_figures(easy, t_easy, 0.5)["accuracy"] >= threshold_figures(easy, t_val, 0.5)["accuracy"] - 0.02
+
+
+def test_the_query_threshold_weighs_gap_and_needs_enough_queries():
+    rng = np.random.default_rng(1)
+    validation = _open_set(rng, 300, 300, 0.65)
+    queries = _open_set(rng, 200, 300, 0.77)
+    # GAP alone never gains from dropping an answer: every answer is kept
+    t, record = query_threshold(validation, queries.pred, queries.conf, TuneConfig(gap_weight=1.0))
+    assert t == 0.0 and record["estimated_gap"] == record["estimated_gap_all_answers"]
+    # queries without any answer count as dropped whatever the threshold, and too few answered ones fall back
+    pred = queries.pred.copy()
+    pred[40:] = -1
+    t, record = query_threshold(validation, pred, queries.conf, TuneConfig(min_threshold_queries=50))
+    assert t is None and "40 answered queries" in record["skipped"]
+    t, record = query_threshold(Answers(validation.pred[:5], validation.conf[:5], validation.truth[:5]),
+                                queries.pred, queries.conf, TuneConfig())
+    assert t is None and "validation landmark queries" in record["skipped"]
+    with pytest.raises(ValueError, match="threshold_from"):
+        TuneConfig(threshold_from="test")

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from index.faiss_index import VectorIndex
-from index.recognize import TuneConfig
+from index.recognize import TuneConfig, VoteConfig
 from index.synthetic import VectorSet, VectorSetConfig
 from jobs import index as index_job
 from jobs import neighbours as neighbours_job
@@ -147,9 +147,53 @@ def test_beam_search_job_records_its_tuning(vectors, tmp_path):
     record = json.loads((tmp_path / "beam" / "recognize.json").read_text())
     tuned = record["tuning"]["tuned"]
     assert record["tuning"]["queries"] > 0 and tuned["min_confidence"] == record["config"]["vote"]["min_confidence"]
-    conf = pq.read_table(sorted((tmp_path / "beam").glob("confidences-*.parquet")))
+    shards = sorted((tmp_path / "beam").glob("confidences-*.parquet"))
+    conf = pq.read_table(shards)
     kept = conf.column("kept").to_numpy(zero_copy_only=False)
     assert np.array_equal(kept, conf.column("confidence").to_numpy() >= tuned["min_confidence"])
+    # the threshold is fitted to all the queries after the job (it needs every answer), as in one process
+    assert tuned["threshold_from"] == "queries" and record["tuning"]["query_threshold"]["queries"] == 400
+    assert json.loads(pq.read_schema(shards[0]).metadata[b"cairn"])["threshold"] == tuned["min_confidence"]
+    assert main(["recognize", "--index", str(ix), "--features", str(root / "queries"), "--out",
+                 str(tmp_path / "local"), "--beam", "off"]) == 0
+    local = json.loads((tmp_path / "local" / "recognize.json").read_text())["tuning"]
+    assert local["tuned"]["min_confidence"] == tuned["min_confidence"]
+    assert _predictions(tmp_path / "local" / "predictions.csv") == _predictions(tmp_path / "beam" / "predictions.csv")
+    assert record["counts"]["predicted"] == sum(1 for v in _predictions(tmp_path / "beam" / "predictions.csv").values()
+                                                if v)
+    # from the validation queries alone: no query-set record, the validation threshold
+    assert main(["recognize", "--index", str(ix), "--features", str(root / "queries"), "--out",
+                 str(tmp_path / "val"), "--beam", "off", "--threshold-from", "validation"]) == 0
+    val = json.loads((tmp_path / "val" / "recognize.json").read_text())["tuning"]
+    assert val["tuned"]["threshold_from"] == "validation" and "query_threshold" not in val
+    assert val["tuned"]["min_confidence"] == local["query_threshold"]["validation_threshold"]
+
+
+def test_validation_queries_get_the_non_landmark_penalty_a_real_query_gets(vectors, tmp_path):
+    """A validation query made from a database image is penalised by its similarity to every *other* known
+    non-landmark image, as a real query is by all of them: leaving out all the held-out ones (half of them)
+    made the validation's penalty smaller and its confidences higher than the real queries'."""
+    from index.recognize import validation_split
+    from index.sparse_index import load_any
+    from pipeline.stages.lookup import nonlandmark_sims, read_rows, search
+
+    root, _ = vectors
+    ix = tmp_path / "ix"
+    assert main(["index", "--features", str(root / "db"), "--out", str(ix), "--factory", "Flat"]) == 0
+    index = load_any(str(ix))
+    split = validation_split(index.labels, TuneConfig(), index.image_ids)
+    held = split.held
+    x = read_rows(str(root / "db"), [index.image_ids[r] for r in held])
+    D, I = search(index, x, 40)
+    config = VoteConfig()
+    sims = nonlandmark_sims(index, x, D, I, config, own=held)
+    every = read_rows(str(root / "db"), list(index.image_ids))
+    clutter = np.nonzero(index.labels < 0)[0]
+    S = x @ every[clutter].T
+    S[held[:, None] == clutter[None, :]] = -np.inf  # itself
+    expected = np.mean(-np.sort(-S, axis=1)[:, :config.nonlandmark_k], axis=1)
+    np.testing.assert_allclose(sims, expected, atol=1e-5)
+    assert len(split.nonlandmark) > 0 and np.isin(clutter, split.nonlandmark).sum() < len(clutter)
 
 
 def test_dimension_mismatch_and_bad_flags_are_clear_errors(vectors, tmp_path, capsys):
@@ -189,7 +233,7 @@ def test_a_classifier_learns_its_no_landmark_threshold_on_unseen_classes(vectors
     table, _ = read_shards(features_prefix(str(root / "db"), "global"))
     X, y = vectors_of(table), labels_of(table)
     model = NearestClassMean().fit(X, y)
-    threshold, record = tune_classifier(model, str(root / "db"), TuneConfig())
+    threshold, record, _ = tune_classifier(model, str(root / "db"), TuneConfig())
     assert 0 < threshold < 1 and record["unseen_classes"] == 12 and record["unseen_queries"] > 0
     assert record["tuned"]["accuracy"] > record["untuned"]["accuracy"]
     path = tmp_path / "classifier.npz"
