@@ -188,7 +188,8 @@ def add_vote_args(p) -> None:
                         "database landmark is estimated from their confidences beside the validation landmark "
                         "queries', then GAP and accuracy on the queries; needs "
                         f"{t.min_threshold_queries}+ answered queries, else the validation threshold is used) or to "
-                        "the validation queries alone (each query's answer then does not depend on the others)")
+                        "the validation queries alone (each query's answer then does not depend on the others); "
+                        "--classifier always uses the validation threshold")
     g.add_argument("--no-tune", action="store_true",
                    help="do not tune the confidence (top-1, votes, margin, non-landmark penalty, calibrated "
                         "inliers) and the threshold on validation queries made from the database: held-out "

@@ -247,6 +247,8 @@ def test_a_classifier_learns_its_no_landmark_threshold_on_unseen_classes(vectors
         runs[name] = _predictions(tmp_path / name / "predictions.csv")
     rec = json.loads((tmp_path / "tuned" / "recognize.json").read_text())
     assert rec["tuning"]["rule"] == "classifier" and rec["tuning"]["tuned"]["min_confidence"] > 0
+    # a classifier keeps its validation threshold: its validation copies' probabilities are not the queries'
+    assert rec["tuning"]["tuned"]["threshold_from"] == "validation" and "skipped" in rec["tuning"]["query_threshold"]
 
     def accuracy(preds):
         return np.mean([(int(preds[q].split()[0]) if preds[q] else None) == t for q, t in truth.items()])
