@@ -1,6 +1,8 @@
 """Exported Keras models with Cairn's metadata: one ``.keras`` file (Keras' own zip format) with ``cairn.json``
 added to the archive, loaded in Keras' safe mode (no Python code is deserialised, only Cairn's registered
-layers). Embedding models (features/embedding.py), DELF models (features/delf.py) and detectors
+layers: ``import features.layers`` registers them as ``cairn>Preprocess``, ``cairn>GeM`` and
+``cairn>L2Normalize``, and plain ``keras.saving.load_model`` then opens every exported model; models are exported
+without their training's loss and optimizer). Embedding models (features/embedding.py), DELF models (features/delf.py) and detectors
 (features/detect.py) differ only in their format name and metadata.
 """
 
@@ -21,6 +23,10 @@ def save_with_metadata(model, path: str, metadata: dict, what: str = "a model") 
     if not path.endswith(".keras"):
         raise ValueError(f"{what} is saved as a .keras file, not {path!r}")
     tmp = path + ".tmp.keras"
+    if getattr(model, "compiled", False):  # a trained model's loss (a closure) and optimizer stay behind: plain
+        import keras  # keras.saving.load_model could not rebuild them
+
+        model = keras.Model(model.inputs, model.outputs, name=model.name)
     try:
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as z:
