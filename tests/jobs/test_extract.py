@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.extract import run
@@ -69,6 +70,10 @@ def test_multi_process_equals_in_process(tmp_path, tiny_synth):
     assert ta.column("id").to_pylist() == tb.column("id").to_pylist()
     np.testing.assert_array_equal(vectors_of(ta), vectors_of(tb))
     assert a["counts"] == b["counts"]
+    # the validated manifest's shards say what they are, as every Parquet file Cairn writes does
+    manifest = pq.read_schema(next((tmp_path / "a").glob("manifest-*.parquet")))
+    meta = json.loads(manifest.metadata[b"cairn"])
+    assert meta["kind"] == "manifest" and meta["source"].endswith("train.csv") and "mtime_ns" in meta["columns"]
 
 
 def test_rerun_reuses_only_with_the_same_config(tmp_path, tiny_synth, caplog):
