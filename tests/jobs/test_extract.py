@@ -288,3 +288,18 @@ def test_readers_refuse_shards_the_record_does_not_list(tmp_path, tiny_synth):
     with pytest.raises(CairnError, match="features-00000-of-00002.parquet, features-00001-of-00002.parquet not "
                                          "written by the job"):
         build_index(str(a), str(tmp_path / "index"))
+
+
+def test_a_terminal_sees_the_images_done_of_a_multi_process_extraction(tmp_path, tiny_synth, capsys, monkeypatch):
+    """The longest stage showed nothing at all on a terminal: the workers now count the images they read into a
+    scratch folder, which the launching process adds up into a bar; the folder is gone afterwards."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    record = extract(str(tiny_synth / "train.csv"), str(tmp_path / "out"), workers=2, threads=1,
+                     show_progress=True)
+    n = record["counts"]["inputs"]
+    err = capsys.readouterr().err
+    assert f"{n}/{n}" in err and "extract" in err and "img/s" in err
+    assert list((tmp_path / "scratch").iterdir()) == []
