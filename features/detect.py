@@ -1,5 +1,5 @@
 """Landmark detection, the geometry shared by training (models/detector.py) and inference: anchors, box encoding,
-non-maximum suppression.
+non-maximum suppression (OpenCV's).
 
 Boxes are [N, 4] float32 (xmin, ymin, xmax, ymax) in continuous pixel coordinates (area = (xmax - xmin) x
 (ymax - ymin)), as in features/boxes.py.
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from features.backbones import BackboneConfig, build_backbone
-from features.boxes import iou_matrix
 from features.cnn import file_sha256
 from features.keras_io import load_with_metadata, save_with_metadata
 from features.model_ops import load_saved_model
@@ -102,20 +102,20 @@ def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.5, max_out: int = 100,
         score_threshold: float = -np.inf) -> np.ndarray:
-    """Greedy non-maximum suppression: indices of the kept boxes, best score first. A box is dropped when its IoU
-    with an already kept, higher-scoring box exceeds ``iou_threshold``, or its score is below ``score_threshold``
-    (ties in score: the lower index first)."""
+    """Greedy non-maximum suppression (OpenCV's ``cv2.dnn.NMSBoxes``): indices of the kept boxes, best score
+    first. A box is dropped when its IoU with an already kept, higher-scoring box exceeds ``iou_threshold``, or
+    its score is below ``score_threshold`` (ties in score: the lower index first)."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     scores = np.asarray(scores, np.float32).reshape(-1)
-    order = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] >= score_threshold]
-    keep: list[int] = []
-    while order and len(keep) < max_out:
-        i = order.pop(0)
-        keep.append(i)
-        if order:
-            overlap = iou_matrix(boxes[[i]], boxes[order])[0]
-            order = [j for j, o in zip(order, overlap, strict=True) if o <= iou_threshold]
-    return np.array(keep, dtype=np.int64)
+    candidates = np.flatnonzero(scores >= score_threshold)
+    if len(candidates) == 0 or max_out < 1:
+        return np.zeros(0, np.int64)
+    # OpenCV wants scores >= 0 and only their order matters: their ranks among the candidates (ties stay ties)
+    _, rank = np.unique(scores[candidates], return_inverse=True)
+    b = boxes[candidates].astype(np.float64)
+    xywh = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
+    kept = cv2.dnn.NMSBoxes(xywh.tolist(), ((rank + 1) / (rank.max() + 1)).tolist(), 0.0, float(iou_threshold))
+    return candidates[np.asarray(kept, np.int64).reshape(-1)][:max_out]
 
 
 # ---------------------------------------------------------------------------------------------------------------

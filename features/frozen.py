@@ -25,6 +25,7 @@ from features.model_ops import check_tflite, load_saved_model
 from features.preprocessing import preprocess
 from pipeline.errors import CairnError
 from pipeline.fs import local_path
+from pipeline.resources import quiet_native_start_up
 
 log = logging.getLogger(__name__)
 TFLITE_IDENTIFIER = b"TFL3"  # the flatbuffer file identifier of TFLite models, at bytes 4..8
@@ -48,7 +49,13 @@ def read_tflite(path: str) -> bytes:
 
 
 def tflite_interpreter(path: str, threads: int | None = None):
-    """A TFLite interpreter for ``path``: LiteRT's (ai_edge_litert) when installed, else TensorFlow's."""
+    """A TFLite interpreter for ``path``: LiteRT's (ai_edge_litert) when installed, else TensorFlow's (its
+    start-up lines on stderr dropped: pipeline.resources.quiet_native_start_up)."""
+    with quiet_native_start_up():
+        return _interpreter(path, threads)
+
+
+def _interpreter(path: str, threads: int | None):
     path = local_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TFLite model not found: {path}")

@@ -1,6 +1,8 @@
 """Exported Keras models with Cairn's metadata: one ``.keras`` file (Keras' own zip format) with ``cairn.json``
 added to the archive, loaded in Keras' safe mode (no Python code is deserialised, only Cairn's registered
-layers). Embedding models (features/embedding.py), DELF models (features/delf.py) and detectors
+layers: ``import features.layers`` registers them as ``cairn>Preprocess``, ``cairn>GeM`` and
+``cairn>L2Normalize``, and plain ``keras.saving.load_model`` then opens every exported model; models are exported
+without their training's loss and optimizer). Embedding models (features/embedding.py), DELF models (features/delf.py) and detectors
 (features/detect.py) differ only in their format name and metadata.
 """
 
@@ -12,6 +14,7 @@ import os
 import zipfile
 
 from pipeline.fs import local_path
+from pipeline.resources import quiet_native_start_up
 
 METADATA_MEMBER = "cairn.json"
 
@@ -21,6 +24,10 @@ def save_with_metadata(model, path: str, metadata: dict, what: str = "a model") 
     if not path.endswith(".keras"):
         raise ValueError(f"{what} is saved as a .keras file, not {path!r}")
     tmp = path + ".tmp.keras"
+    if getattr(model, "compiled", False):  # a trained model's loss (a closure) and optimizer stay behind: plain
+        import keras  # keras.saving.load_model could not rebuild them
+
+        model = keras.Model(model.inputs, model.outputs, name=model.name)
     try:
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as z:
@@ -48,10 +55,12 @@ def read_metadata(path: str, fmt: str, version: int, what: str, hint: str) -> di
 
 def load_with_metadata(path: str, fmt: str, version: int, what: str, hint: str):
     """(keras.Model, metadata) of an exported model, loaded in Keras' safe mode."""
-    import keras
+    with quiet_native_start_up():  # TensorFlow's start-up lines
+        import keras
 
-    import features.layers  # noqa: F401 - registers Cairn's layers for deserialisation
+        import features.layers  # noqa: F401 - registers Cairn's layers for deserialisation
 
     path = local_path(path)  # a model on gs:// etc.: downloaded once per worker process
     metadata = read_metadata(path, fmt, version, what, hint)
-    return keras.saving.load_model(path, compile=False, safe_mode=True), metadata
+    with quiet_native_start_up():
+        return keras.saving.load_model(path, compile=False, safe_mode=True), metadata

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -53,7 +54,10 @@ ID_TABLE_SCHEMA = pa.schema(
         pa.field("faiss_id", pa.int64(), nullable=False),
         pa.field("id", pa.string(), nullable=False),
         pa.field("landmark_id", pa.int64(), nullable=True),
-    ]
+    ],
+    metadata={b"cairn": json.dumps({"kind": "index ids", "faiss_id": "the row FAISS returns from a search of "
+                                    "index.faiss (the BoVW index: of postings.npz)", "landmark_id": "null: a known "
+                                    "non-landmark image"}).encode()},
 )
 FORMAT_VERSION = 2  # index.json layout
 # the files of an index folder whose checksums index.json records (the FAISS index and the inverted file alike);

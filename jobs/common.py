@@ -287,14 +287,29 @@ def report_config(args) -> ReportConfig:
         raise CairnError(f"report: {e}") from None
 
 
+def method_list(text: str) -> list[str]:
+    """One --methods value: a name, or names separated by commas ("hog,sift-bovw")."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no method name in {text!r}")
+    return names
+
+
+def method_names(values: list[list[str]] | None) -> list[str] | None:
+    """--methods as one list of names, in order, each once (None when not given)."""
+    if not values:
+        return None
+    return list(dict.fromkeys(n for names in values for n in names))
+
+
 def add_compare_args(p: argparse.ArgumentParser) -> None:
     """The flags of `cairn compare` (and of the runs `cairn plan` measures)."""
     p.add_argument("--train", required=True, help="database manifest (CSV id,path,landmark_id; Parquet; or folder)")
     p.add_argument("--queries", required=True, help="query manifest (empty landmark_id = no landmark)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help=f"methods to compare (default: every method built: {' '.join(methods.available())}; "
-                        "cnn-pretrained only with --set cnn_pretrained.model=PATH)")
+    p.add_argument("--methods", nargs="+", default=None, type=method_list,
+                   help=f"methods to compare, separated by spaces or commas (default: every method built: "
+                        f"{' '.join(methods.available())}; cnn-pretrained only with --set cnn_pretrained.model=PATH)")
     p.add_argument("--boxes", default="",
                    help="landmark boxes of the images (CSV id,xmin,ymin,xmax,ymax[,width,height], or image_path "
                         "instead of id, or PASCAL VOC XML): cnn+det and cnn-pretrained+det train their detector on the "
@@ -309,7 +324,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 def compare_kwargs(args, beam_args: list[str]) -> dict:
     """pipeline.run.compare.compare's arguments from parsed compare flags."""
     config = parse_overrides(args.set)
-    names = args.methods or methods.defaults(bool(config.cnn_pretrained.model),
+    names = method_names(args.methods) or methods.defaults(bool(config.cnn_pretrained.model),
                                              bool(args.boxes or config.detect.detect.model))
     vote, tune = vote_args(args)
     return dict(train=args.train, queries=args.queries, out=args.out, method_names=names,

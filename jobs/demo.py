@@ -30,8 +30,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
     p.add_argument("--classes", type=int, default=SynthConfig.classes, help="landmark classes")
     p.add_argument("--views", type=int, default=SynthConfig.views, help="database images of the largest class")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="methods to compare (default: every built method; cnn-pretrained needs --pretrained)")
+    p.add_argument("--methods", nargs="+", default=None, type=common.method_list,
+                   help="methods to compare, separated by spaces or commas (default: every built method; "
+                        "cnn-pretrained needs --pretrained)")
     p.add_argument("--pretrained", default="",
                    help="a TFLite MobileNet v1 ImageNet extractor: cnn-pretrained's model and cnn's initial weights")
     p.add_argument("--bad-inputs", action="store_true",
@@ -51,9 +52,9 @@ def run(argv=None, test_pipeline=None) -> dict:
     report = common.report_config(args)
     with common.writing(args.out, "demo", argv):
         made, metrics = demo(args.out, SynthConfig(seed=args.seed, classes=args.classes, views=args.views),
-                             args.methods, args.pretrained, args.set, args.bad_inputs, workers=args.workers,
-                             threads=args.threads_per_worker, beam_args=beam_args, force=args.force, vote=vote,
-                             tune=tune, report=report, test_pipeline=test_pipeline)
+                             common.method_names(args.methods), args.pretrained, args.set, args.bad_inputs,
+                             workers=args.workers, threads=args.threads_per_worker, beam_args=beam_args,
+                             force=args.force, vote=vote, tune=tune, report=report, test_pipeline=test_pipeline)
     data, run_dir = os.path.join(args.out, "data"), os.path.join(args.out, "run")
     print()
     print(common.summary_table(metrics))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -85,8 +86,13 @@ class Manifest:
         file (pipeline.fs.stat_files): what a job records of its inputs so that a rerun can tell whether they
         changed (:func:`changed_images`)."""
         stats = fs.stat_files(self.paths)
-        return self.to_table().append_column("size", pa.array([s and s[0] for s in stats], pa.int64())) \
+        table = self.to_table().append_column("size", pa.array([s and s[0] for s in stats], pa.int64())) \
             .append_column("mtime_ns", pa.array([s and s[1] for s in stats], pa.int64()))
+        return table.replace_schema_metadata({b"cairn": json.dumps({
+            "kind": "manifest", "source": self.source,
+            "columns": {"id": "image id", "path": "the image file, resolved", "landmark_id": "null: no landmark",
+                        "size": "bytes when the job read it (null: missing)",
+                        "mtime_ns": "modification time then, in ns"}}, allow_nan=False).encode()})
 
 
 class _Builder:

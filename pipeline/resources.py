@@ -8,9 +8,11 @@ it, because importing it just to set threads costs seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +95,42 @@ def limit_threads(threads: int) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
         except RuntimeError:  # TF already initialised its thread pools in this process
             log.debug("TensorFlow threads already fixed in this process")
+
+
+# What TensorFlow's C++ side writes to the process's stderr on start-up, whatever TF_CPP_MIN_LOG_LEVEL says
+NATIVE_START_UP_NOISE = (
+    "All log messages before absl::InitializeLog() is called are written to STDERR",
+    "oneDNN custom operations are on",
+    "Created TensorFlow Lite XNNPACK delegate",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "To enable the following instructions",
+)
+
+
+@contextlib.contextmanager
+def quiet_native_start_up():
+    """Run the block (TensorFlow's import, a model's load) with the process's stderr (file descriptor 2, which C++
+    writes to directly) caught; afterwards every caught line that is not :data:`NATIVE_START_UP_NOISE` is written
+    to stderr, so that nothing else is lost. Other threads' stderr output in the meantime is caught and passed on
+    too, after the block."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr is not a file (a notebook, a test's capture)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not any(noise in line for noise in NATIVE_START_UP_NOISE)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

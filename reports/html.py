@@ -101,8 +101,9 @@ figure.ok img{border-color:#2ca02c}figure.bad img{border-color:#d62728}figure.na
 figure.q img{border-color:#33404c}
 .tag{display:inline-block;padding:0 6px;border-radius:8px;font-size:.8em;color:#fff}
 .tag.ok{background:#2ca02c}.tag.bad{background:#d62728}
-.acc{min-width:56px}pre{background:#f6f8fa;padding:12px;overflow:auto;font-size:.8em;max-height:480px}
-details{margin:8px 0}.scroll{overflow-x:auto;max-width:100%}figure img.thumb{height:auto}
+.acc{min-width:44px}pre{background:#f6f8fa;padding:12px;overflow:auto;font-size:.8em;max-height:480px}
+details{margin:8px 0}.scroll{overflow-x:auto;max-width:100%}th.vertical{vertical-align:bottom;padding:4px 2px}
+th.vertical span{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap}figure img.thumb{height:auto}
 """
 
 
@@ -154,6 +155,20 @@ def explain(chosen: dict) -> str:
         text += (f", fitted to the queries (about {100 * fitted['landmark_share']:.0f}% of them estimated to show a "
                  f"database landmark; validation's threshold: {fitted['validation_threshold']:.3g})")
     return text
+
+
+def _confidence(c: float) -> str:
+    """A confidence for people: 3 significant digits (a re-ranking score of 0.0008 is not "0.00")."""
+    return f"{float(c):.3g}"
+
+
+def _short(v) -> str:
+    """A setting's value in a table: floats at 4 significant digits, lists of them alike."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_short(x) for x in v) + "]"
+    return str(v)
 
 
 def _data_uri(data: bytes, mime: str) -> str:
@@ -406,7 +421,7 @@ dotted line is the threshold used. Right: GAP and accuracy of these queries for 
         most = with_queries[:k]
         least = [c for c in with_queries[::-1][:k] if c not in most][::-1]
         names = list(self.res.methods)
-        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        head = "".join(f'<th class="vertical"><span>{html.escape(n)}</span></th>' for n in names)
 
         def rows(classes):
             out = []
@@ -473,7 +488,7 @@ right, a landmark the method did not recognise at all.</p>
             m = self.res.methods[name]
             p, c = m.pred[qi], m.conf[qi]
             ok = p == t
-            answer = f"{html.escape(self.label(p))}" + (f" ({c:.2f})" if p is not None else "")
+            answer = f"{html.escape(self.label(p))}" + (f" ({_confidence(c)})" if p is not None else "")
             figs = []
             for rank, (db, score, lab) in enumerate(m.neighbours.get(q, [])[: self.config.neighbours], start=1):
                 if t is None:
@@ -666,7 +681,8 @@ and mean IoU score the cropped query boxes against the annotated ones (<code>--b
             ok = bool(right[i])
             ex = self.class_example.get(target[i])
             tag = f'<span class="tag {"ok" if ok else "bad"}">{"right" if ok else "wrong"}</span>'
-            answer = (f"answered <b>{html.escape(self.label(m.pred[i]))}</b> ({m.conf[i]:.2f})" if m.pred[i] is not None
+            answer = (f"answered <b>{html.escape(self.label(m.pred[i]))}</b> ({_confidence(m.conf[i])})"
+                      if m.pred[i] is not None
                       else f"no answer; nearest landmark <b>{html.escape(self.label(target[i]))}</b>")
             blocks.append(
                 f'<div class="query"><div class="row">{self.figure(self.query_path[q], f"query {q[:10]}", "q")}'
@@ -738,7 +754,8 @@ images)</th></tr>{per_method}</table>
     def _vote(vote) -> str:
         if vote is None:
             return "(none: a classifier answers)"
-        return html.escape(json.dumps(vote, sort_keys=True)[:300])
+        figures = ("gap", "accuracy", "weighted_accuracy")  # the validation's, shown in the open-set section
+        return html.escape(", ".join(f"{k}={_short(v)}" for k, v in sorted(vote.items()) if k not in figures))
 
     def definitions(self) -> str:
         rows = "".join(f'<tr><td class="name"><code>{html.escape(k)}</code></td><td class="name" '

@@ -34,7 +34,7 @@ from pipeline.images import DecodeConfig
 from pipeline.manifest import changed_images, manifest_fingerprint, read_manifest
 from pipeline.parquet_io import SHARD_TEMPLATE, find_shards, read_shards, shard_pattern, write_table_shards
 from pipeline.schemas import global_features_schema
-from pipeline.stages import beamjob, costs
+from pipeline.stages import beamjob, costs, progress
 from pipeline.stages.inference import (
     DetectAndEmbed,
     DetectorModelHandler,
@@ -81,12 +81,14 @@ def _old_outputs(out: str) -> list[str]:
 
 def extract(manifest_path: str, out: str, method: str = "hog", params: dict | None = None,
             decode: DecodeConfig = DecodeConfig(), workers: int = 0, threads: int = 0, num_shards: int = 0,
-            beam_args: list[str] | None = None, force: bool = False, test_pipeline=None, detect=None) -> dict:
+            beam_args: list[str] | None = None, force: bool = False, test_pipeline=None, detect=None,
+            show_progress: bool | None = None) -> dict:
     """Run the extraction job; returns the record written to OUT/extract.json.
 
     ``workers`` 0 picks DirectRunner worker processes automatically; ``threads`` 0 gives each cores / workers.
     ``detect`` (features.detect.DetectConfig): embed the full image and each detected landmark region, one row
-    per region (cnn only).
+    per region (cnn only). ``show_progress``: a bar of the images read on stderr (None: on a terminal with a
+    local runner; pipeline/stages/progress.py).
     """
     if method not in EXTRACTORS:
         raise CairnError(f"method {method!r} is not an extractor (a method that needs its own pipeline); "
@@ -135,12 +137,16 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     log.info("extract: %d images (%d rejected by the manifest) with %s on %s (%d worker%s, %d thread%s each)",
              len(manifest), len(manifest.dead_letters), method, runner, workers, "s"[: workers > 1],
              threads, "s"[: threads > 1])
+    show_progress = progress.wanted(runner) if show_progress is None else show_progress
+    counts_folder = progress.folder(show_progress and test_pipeline is None and len(manifest) > 0)
     if len(manifest):
         rows = (
             p
             | "ReadManifest" >> beam.io.ReadFromParquet(shard_pattern(paths["manifest"]))
             | "Spread" >> beam.Reshuffle()
         )
+        if counts_folder is not None:
+            rows = rows | "Progress" >> progress.counted(counts_folder)
     else:
         rows = p | "NoRows" >> beam.Create([])
     if detected is not None:  # detect, crop the regions, embed each, gather them per image
@@ -169,7 +175,8 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     manifest_dead = p | "ManifestDeadLetters" >> beam.Create(manifest.dead_letters)
     _ = (dead, manifest_dead) | "AllDead" >> beam.Flatten() | "WriteDead" >> WriteDeadLetters(
         paths["dead_letters"])
-    seconds = job.run()
+    with progress.watch(counts_folder, len(manifest), "extract"):
+        seconds = job.run()
 
     counts = reconcile(manifest.total_rows, paths, regional=detected is not None)
     record = {

@@ -13,7 +13,6 @@ A batch whose inference raises becomes one dead letter per image (``with_excepti
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
@@ -27,26 +26,10 @@ from features.detect import DetectConfig, make_detector, regions_of
 from features.local import local_features_table
 from pipeline.errors import DeadLetter
 from pipeline.images import DecodeConfig, ImageError, load_image
-from pipeline.resources import limit_threads
+from pipeline.resources import limit_threads, quiet_native_start_up
 
 DEAD = "dead"
 NAMESPACE = "cairn"
-
-
-class _WrongBeamMemoryWarning(logging.Filter):
-    """Drops Beam's "Resource module is not available for current platform" warning, which is wrong on Linux:
-    Beam 2.77's RunInference imports ``resource`` in one try block with its torch-based ModelManager, so
-    without torch it believes ``resource`` is missing and warns on every model load (it only loses a memory
-    metric)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Resource module is not available" not in record.getMessage()
-
-
-def _quiet_beam_memory_warning() -> None:
-    root = logging.getLogger()
-    if not any(isinstance(f, _WrongBeamMemoryWarning) for f in root.filters):
-        root.addFilter(_WrongBeamMemoryWarning())
 
 
 def config_params(params: dict) -> dict:
@@ -75,14 +58,15 @@ class _BatchedHandler(ModelHandler):
         self.factory = factory
 
     def load_model(self):
-        _quiet_beam_memory_warning()
         limit_threads(self.threads)
         if self.factory is not None:
             return self.factory(self.params, self.threads)
-        import tensorflow  # noqa: F401 - imported first so that limit_threads can size its pools
+        with quiet_native_start_up():
+            import tensorflow  # noqa: F401 - imported first so that limit_threads can size its pools
 
         limit_threads(self.threads)
-        return self.build()
+        with quiet_native_start_up():
+            return self.build()
 
     def batch_elements_kwargs(self):
         return {"min_batch_size": 1, "max_batch_size": self.batch_size}

@@ -30,8 +30,27 @@ NEIGHBOURS_SCHEMA = pa.schema([
 ])
 
 
-def neighbours_table(query_ids: list[str], D: np.ndarray, I: np.ndarray, index) -> pa.Table:
-    """Long table: one row per (query, rank) for the neighbours that exist (vectorised: no per-row Python)."""
+COSINE = "cosine"  # the neighbours' score: cosine similarity of the (L2-normalised) vectors searched
+RERANKED = "reranked"  # after spatial verification: index/rerank.py's re-ranking score (see SCORE_MEANINGS)
+SCORE_MEANINGS = {
+    COSINE: "cosine similarity of the query's and the image's vectors (L2-normalised; for BoVW, of their tf-idf "
+            "vectors; with detected regions, the best over the query's and the image's regions)",
+    RERANKED: "spatial re-ranking score in [0, 1]: verified neighbours (min_inliers or more RANSAC inliers among "
+              "the top_k) score 0.999 x min(inliers, saturation) / saturation + 0.001 x cosine, the others "
+              "0.001 x cosine (0.000001 x cosine beyond the top_k) (features/verify.py rerank)",
+}
+
+
+def neighbours_schema(score: str = COSINE) -> pa.Schema:
+    """The neighbours' schema, with what ``score`` means in its ``cairn`` metadata (``score``: cosine or
+    reranked, ``score_meaning``: in words)."""
+    return NEIGHBOURS_SCHEMA.with_metadata({b"cairn": json.dumps(
+        {"kind": "neighbours", "score": score, "score_meaning": SCORE_MEANINGS[score]}, allow_nan=False).encode()})
+
+
+def neighbours_table(query_ids: list[str], D: np.ndarray, I: np.ndarray, index, score: str = COSINE) -> pa.Table:
+    """Long table: one row per (query, rank) for the neighbours that exist (vectorised: no per-row Python);
+    ``score``: what D holds (:data:`COSINE`, or :data:`RERANKED` after spatial verification)."""
     valid = I >= 0
     q_rows, ranks = np.nonzero(valid)
     ids = I[valid]
@@ -43,7 +62,7 @@ def neighbours_table(query_ids: list[str], D: np.ndarray, I: np.ndarray, index) 
         "id": db_ids.take(pa.array(ids)),
         "score": D[valid].astype(np.float32),
         "landmark_id": pa.array(labels, pa.int64(), mask=labels < 0),
-    }, schema=NEIGHBOURS_SCHEMA)
+    }, schema=neighbours_schema(score))
 
 
 CONFIDENCES_SCHEMA = pa.schema([

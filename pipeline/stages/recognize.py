@@ -48,6 +48,8 @@ from pipeline.schemas import labels_of, same_features, vectors_of
 from pipeline.stages import costs
 from pipeline.stages.lookup import (
     BEAM_MIN_QUERIES,
+    COSINE,
+    RERANKED,
     check_same_features,
     confidences_table,
     group_max,
@@ -307,7 +309,8 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
     write_table(confidences_table(query_ids, raw_pred, raw_conf, vote_config.min_confidence, rule),
                 fs.join(out, "confidences.parquet"))
     keep = min(neighbours, I.shape[1])
-    write_table(neighbours_table(query_ids, D[:, :keep], I[:, :keep], index), fs.join(out, "neighbours.parquet"))
+    write_table(neighbours_table(query_ids, D[:, :keep], I[:, :keep], index, RERANKED if verify else COSINE),
+                fs.join(out, "neighbours.parquet"))
     record = {
         "config": {"index": index_dir, "features": features, "vote": cfg.to_dict(vote_config),
                    "neighbours": neighbours, "classifier": classifier, "search_params": search_params,

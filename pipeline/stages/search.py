@@ -37,10 +37,10 @@ from pipeline.resources import limit_threads
 from pipeline.schemas import vectors_of
 from pipeline.stages import beamjob
 from pipeline.stages.lookup import (
-    NEIGHBOURS_SCHEMA,
     check_same_features,
     confidences_schema,
     confidences_table,
+    neighbours_schema,
     neighbours_table,
     nonlandmark_sims,
     search,
@@ -168,7 +168,7 @@ def recognize_beam(index_dir: str, features: str, out: str, vote_config: VoteCon
     _ = results.predictions | "WritePredictions" >> beam.io.WriteToText(
         fs.join(out, listing), shard_name_template="", header="id,landmarks" if predict else "id")
     _ = results.neighbours | "WriteNeighbours" >> beam.io.WriteToParquetBatched(
-        fs.join(out, "neighbours"), NEIGHBOURS_SCHEMA, num_shards=max(1, len(find_shards(prefix))),
+        fs.join(out, "neighbours"), neighbours_schema(), num_shards=max(1, len(find_shards(prefix))),
         shard_name_template=SHARD_TEMPLATE, file_name_suffix=".parquet", codec="zstd")
     if predict:  # every answer before the no-landmark threshold, as the local path's confidences.parquet
         _ = results.confidences | "WriteConfidences" >> beam.io.WriteToParquetBatched(

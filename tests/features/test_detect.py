@@ -15,6 +15,33 @@ def test_nms_hand_computed():
     assert list(nms(np.zeros((0, 4)), np.zeros(0))) == []
 
 
+def _greedy_nms(boxes, scores, iou_threshold, max_out, score_threshold):
+    """The textbook loop nms() used to be, as the reference for OpenCV's."""
+    from features.boxes import iou_matrix
+
+    order = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] >= score_threshold]
+    keep = []
+    while order and len(keep) < max_out:
+        i = order.pop(0)
+        keep.append(i)
+        if order:
+            overlap = iou_matrix(boxes[[i]], boxes[order])[0]
+            order = [j for j, o in zip(order, overlap, strict=True) if o <= iou_threshold]
+    return keep
+
+
+def test_nms_equals_the_greedy_loop_on_random_boxes_with_ties():
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        n = int(rng.integers(1, 60))
+        corner = rng.uniform(0, 100, (n, 2))
+        boxes = np.concatenate([corner, corner + rng.uniform(1, 60, (n, 2))], 1).astype(np.float32)
+        scores = (rng.choice([-0.5, 0.1, 0.5, 0.9], n) if trial % 2 else rng.normal(0, 1, n)).astype(np.float32)
+        iou, max_out = float(rng.choice([0.3, 0.5, 0.7])), int(rng.choice([1, 3, 100]))
+        floor = float(rng.choice([-np.inf, 0.0, 0.2]))
+        assert list(nms(boxes, scores, iou, max_out, floor)) == _greedy_nms(boxes, scores, iou, max_out, floor), trial
+
+
 def test_anchors_tile_every_cell_with_every_scale_and_ratio():
     anchors = generate_anchors((64, 96), strides=(16, 32), scales=((0.25,), (0.5, 1.0)), ratios=(1.0, 2.0))
     # level 16: 4 x 6 cells x 2 shapes; level 32: 2 x 3 cells x 4 shapes

@@ -136,6 +136,30 @@ def test_on_disk_merge_equals_in_memory_and_reloads(corpus, tmp_path):
     np.testing.assert_array_equal(mem.search(xq, 10)[1], back.search(xq, 10)[1])
 
 
+def test_a_moved_on_disk_index_opens_with_plain_faiss_by_the_readme_recipe(corpus, tmp_path):
+    """The recipe of README "Outputs": IO_FLAG_ONDISK_SAME_DIR finds index.ivfdata beside index.faiss wherever
+    the folder went (FAISS records the path it was written at), and index.json's search parameters."""
+    import json
+    import shutil
+
+    import faiss
+    import pyarrow.parquet as pq
+
+    xb, yb, xq, _ = corpus
+    config = IndexConfig(factory="IVF64,PQ16x4", search="nprobe=8", shard_size=5000, train_size=5000, on_disk="on")
+    built = VectorIndex.build(xb, _ids(len(xb)), yb, config, folder=str(tmp_path / "ix"))
+    built.save(str(tmp_path / "ix"))
+    expected = built.search(xq, 10)[1]
+    moved = tmp_path / "elsewhere" / "ix"
+    shutil.move(str(tmp_path / "ix"), str(moved))
+    index = faiss.read_index(str(moved / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    faiss.ParameterSpace().set_index_parameters(index, json.loads((moved / "index.json").read_text())["search_params"])
+    _, rows = index.search(np.ascontiguousarray(xq, np.float32), 10)
+    np.testing.assert_array_equal(rows, expected)
+    ids = pq.read_table(moved / "ids.parquet").column("id").to_pylist()  # faiss_id = row
+    assert ids[rows[0, 0]] == _ids(len(xb))[rows[0, 0]]
+
+
 def test_auto_on_disk_when_the_budget_is_exceeded(corpus, tmp_path):
     xb, yb, xq, _ = corpus
     config = IndexConfig(factory="IVF64,Flat", memory_budget=1 << 20, nonlandmark_index=False)  # 1 MiB < 5 MB

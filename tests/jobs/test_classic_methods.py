@@ -65,6 +65,12 @@ def test_reranking_reorders_neighbours_by_inliers(classic_run):
     for q, ranked in sv.items():
         assert {i for i, _ in ranked} == {i for i, _ in base[q]}  # same neighbours, possibly re-ordered
         assert np.all(np.diff([s for _, s in ranked]) <= 1e-7)  # scores follow the new order
+    # each file says what its score is: a cosine, or after verification the re-ranking score
+    for name, score in (("sift-bovw", "cosine"), ("sift-bovw+sv", "reranked")):
+        meta = json.loads(pq.read_schema(classic_run / "neighbours" / f"{name}.parquet").metadata[b"cairn"])
+        assert meta["kind"] == "neighbours" and meta["score"] == score and meta["score_meaning"], name
+    ids = pq.read_schema(classic_run / "work" / "sift-bovw" / "index" / "ids.parquet")
+    assert json.loads(ids.metadata[b"cairn"])["kind"] == "index ids"
 
 
 def test_rerun_reuses_everything_and_gives_the_same_metrics(classic_run, tiny_synth):

@@ -120,3 +120,27 @@ def test_synth_then_demo_end_to_end(small_demo):
     again = _cairn("demo", "--out", str(small_demo), "--bad-inputs", *SMALL_DEMO,
                    *(["--pretrained", str(PRETRAINED)] if PRETRAINED.is_file() else []))
     assert again.returncode == 0 and "reusing" in again.stderr
+
+
+def test_known_harmless_worker_warnings_stay_off_the_terminal(capsys):
+    """Beam forwards every worker's warnings to the launching process through a logger below the root one; a
+    filter on the root logger never saw them (it only filters records logged there), a handler filter does."""
+    import logging
+
+    from jobs.logs import setup_logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    setup_logging()
+    try:
+        worker = logging.getLogger("apache_beam.runners.portability.local_job_service")
+        for message in ("Resource module is not available for current platform, memory usage cannot be fetched.",
+                        "No semi_persistent_directory found:  User registered objects ..."):
+            worker.warning('Worker: severity: WARN timestamp { seconds: 1 } message: "%s"', message)
+        worker.warning("Worker: severity: WARN message: \"something that matters\"")
+        err = capsys.readouterr().err
+    finally:  # pytest's own logging again
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert "something that matters" in err
+    assert "Resource module" not in err and "semi_persistent_directory" not in err

@@ -26,3 +26,17 @@ def test_beam_pipeline_options_still_go_to_beam():
             "--experiments=a", "--save_main_session", "--flink_master=flink:8081"]
     args, beam_args = common.parse_beam_job(compare.build_parser(), [*COMPARE, "--workers", "2", *beam])
     assert args.workers == 2 and beam_args == beam
+
+
+@pytest.mark.parametrize("argv", [["--methods", "hog,sift-bovw"], ["--methods", "hog", "sift-bovw"],
+                                  ["--methods", "hog, sift-bovw,"], ["--methods", "hog,", "sift-bovw", "hog"]])
+def test_methods_take_commas_as_well_as_spaces(argv):
+    """`--methods hog,sift-bovw` failed with "unknown method 'hog,sift-bovw'"."""
+    args, _ = common.parse_beam_job(compare.build_parser(), [*COMPARE, *argv])
+    assert common.compare_kwargs(args, [])["method_names"] == ["hog", "sift-bovw"]
+
+
+def test_methods_without_a_name_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        common.parse_beam_job(compare.build_parser(), [*COMPARE, "--methods", ","])
+    assert e.value.code == 2 and "no method name in ','" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.extract import run
@@ -69,6 +70,10 @@ def test_multi_process_equals_in_process(tmp_path, tiny_synth):
     assert ta.column("id").to_pylist() == tb.column("id").to_pylist()
     np.testing.assert_array_equal(vectors_of(ta), vectors_of(tb))
     assert a["counts"] == b["counts"]
+    # the validated manifest's shards say what they are, as every Parquet file Cairn writes does
+    manifest = pq.read_schema(next((tmp_path / "a").glob("manifest-*.parquet")))
+    meta = json.loads(manifest.metadata[b"cairn"])
+    assert meta["kind"] == "manifest" and meta["source"].endswith("train.csv") and "mtime_ns" in meta["columns"]
 
 
 def test_rerun_reuses_only_with_the_same_config(tmp_path, tiny_synth, caplog):
@@ -283,3 +288,18 @@ def test_readers_refuse_shards_the_record_does_not_list(tmp_path, tiny_synth):
     with pytest.raises(CairnError, match="features-00000-of-00002.parquet, features-00001-of-00002.parquet not "
                                          "written by the job"):
         build_index(str(a), str(tmp_path / "index"))
+
+
+def test_a_terminal_sees_the_images_done_of_a_multi_process_extraction(tmp_path, tiny_synth, capsys, monkeypatch):
+    """The longest stage showed nothing at all on a terminal: the workers now count the images they read into a
+    scratch folder, which the launching process adds up into a bar; the folder is gone afterwards."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    record = extract(str(tiny_synth / "train.csv"), str(tmp_path / "out"), workers=2, threads=1,
+                     show_progress=True)
+    n = record["counts"]["inputs"]
+    err = capsys.readouterr().err
+    assert f"{n}/{n}" in err and "extract" in err and "img/s" in err
+    assert list((tmp_path / "scratch").iterdir()) == []

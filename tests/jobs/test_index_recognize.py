@@ -124,6 +124,8 @@ def test_beam_search_job_equals_the_local_path(vectors, tmp_path):
         [("query_id", "ascending"), ("rank", "ascending")])
     assert local.column("id").to_pylist() == beam.column("id").to_pylist()
     np.testing.assert_allclose(local.column("score").to_numpy(), beam.column("score").to_numpy(), rtol=1e-6)
+    for path in [tmp_path / "local" / "neighbours.parquet", *(tmp_path / "beam").glob("neighbours-*.parquet")]:
+        assert json.loads(pq.read_schema(path).metadata[b"cairn"])["score"] == "cosine", path
     record = json.loads((tmp_path / "beam" / "recognize.json").read_text())
     assert record["counts"]["queries"] == 400 and record["counts"]["neighbour_rows"] == 4000
     # the answers before the threshold too, with the threshold and the rule in their metadata

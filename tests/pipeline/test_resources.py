@@ -1,3 +1,7 @@
+import subprocess
+import sys
+import textwrap
+
 import cv2
 import faiss
 
@@ -25,3 +29,21 @@ def test_large_buffers_stay_in_the_heap_on_glibc():
     assert isinstance(result, bool)
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert result  # mallopt accepted both settings
+
+
+def test_native_start_up_lines_are_dropped_and_every_other_line_is_kept():
+    """TensorFlow's C++ writes its start-up notices to file descriptor 2 (not through Python's logging), once per
+    process; the block's other stderr output still reaches the terminal."""
+    code = textwrap.dedent("""
+        import os, sys
+        from pipeline.resources import quiet_native_start_up
+        with quiet_native_start_up():
+            os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
+            os.write(2, b"I0000 00:00:1 port.cc:153] oneDNN custom operations are on. You may see ...\\n")
+            os.write(2, b"a real problem\\n")
+            print("python's own stderr", file=sys.stderr)
+        os.write(2, b"after\\n")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["a real problem", "python's own stderr", "after"]

@@ -80,3 +80,13 @@ def test_plots_leave_out_undefined_figures():
                                   "cnn": {"gap": 0.5, "images_per_second": 2.0, "bytes_per_image": 20}}, families)
     assert plots.pr_curves({"hog": (np.array([1.0]), np.array([0.5]), None)}, families)
     assert plots.recall_at_k({"hog": {"1": None, "5": None}, "cnn": {"1": 0.5, "5": 0.7}}, families)
+
+
+def test_confidences_and_settings_are_written_for_people():
+    """A re-ranking score of 0.0008 printed as "(0.00)", and the vote table showed raw JSON with 17-digit floats."""
+    from reports.html import Page, _confidence, _short
+
+    assert _confidence(0.000812345) == "0.000812" and _confidence(0.85) == "0.85" and _confidence(1.0) == "1"
+    assert _short(0.30820312500000004) == "0.3082" and _short([2.299704, -8.834364]) == "[2.3, -8.834]"
+    text = Page._vote({"rule": "vote", "min_confidence": 0.952531000001, "k": 10, "gap": 0.015, "accuracy": 0.5})
+    assert text == "k=10, min_confidence=0.9525, rule=vote"
