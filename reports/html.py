@@ -87,13 +87,14 @@ h1{margin:24px 0 4px}h2{margin-top:40px;border-bottom:2px solid #dde3e9;padding-
 p.lead{color:#4a5560;margin-top:0}.note{color:#5b6670;font-size:.92em}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:.86em}
 th,td{border:1px solid #d5dbe1;padding:3px 6px;text-align:right;white-space:nowrap}
-th{background:#f1f4f7}td.name,th.name{text-align:left}td.best{font-weight:700;background:#e3f4e1}
+th{background:#f1f4f7}td.name,th.name{text-align:left}td.text{white-space:normal;min-width:260px}td.best{font-weight:700;background:#e3f4e1}
 tr.deep td.name{border-left:4px solid #d62728}tr.baseline td.name{border-left:4px solid #1f77b4}
 .fam{font-size:.8em;color:#5b6670}
 nav a{margin-right:14px}.plot{max-width:100%;height:auto;border:1px solid #e4e8ec}
 .grid{display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start;margin:4px 0 14px}
 .query{border:1px solid #d5dbe1;border-radius:6px;padding:8px;margin:10px 0;background:#fafbfc}
-.row{display:flex;gap:6px;align-items:center;margin:4px 0}
+.row{display:flex;gap:6px;align-items:center;margin:4px 0}.row.wrap{flex-wrap:wrap}
+.swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px;vertical-align:middle}
 .row .lab{width:210px;font-size:.85em;flex:none}
 figure{margin:0;text-align:center;font-size:.75em;color:#33404c}
 figure img{display:block;border:4px solid #cfd6dc;border-radius:3px}
@@ -309,6 +310,7 @@ are drawn in blue with circles, deep methods in red with squares. Definitions ar
             f'<tr class="{m.family}"><td class="name">{html.escape(n)}</td><td class="name">{m.family}</td>'
             f'<td class="name">{html.escape(m.summary)}</td></tr>' for n, m in self.res.methods.items())
         rows = []
+        style = plots.styles(self.families)
         for name, e in entries.items():
             cells = []
             for key, _, fmt, _ in SUMMARY_COLUMNS:
@@ -317,7 +319,10 @@ are drawn in blue with circles, deep methods in red with squares. Definitions ar
                 none = "n/a" if key.startswith("quality.") else "–"  # an undefined figure (metrics.json null)
                 cells.append(f'<td{cls} data-key="{key}" data-value="{html.escape(json.dumps(v))}">'
                              f'{_fmt(v, fmt, none)}</td>')
-            rows.append(f'<tr class="{e["family"]}" data-method="{html.escape(name)}"><td class="name">'
+            colour, marker = style[name]  # the method's colour and marker in every plot
+            rows.append(f'<tr class="{e["family"]}" data-method="{html.escape(name)}" data-colour="{colour}" '
+                        f'data-marker="{html.escape(marker)}"><td class="name"><span class="swatch" '
+                        f'style="background:{colour}" title="its colour in the plots"></span>'
                         f'{html.escape(name)} <span class="fam">{e["family"]}</span></td>{"".join(cells)}</tr>')
         notes = "".join(f'<p class="note">n/a: {html.escape(n)}</p>'
                         for n in sorted({e["quality"].get("note") for e in entries.values()} - {None}))
@@ -386,7 +391,7 @@ neighbours.</p>
             tuning = entry.get("tuning") or {}
             val = tuning.get("validation") or {}
             chosen = explain(tuning) if tuning else ""
-            rows.append(f"<tr><td class=\"name\">{html.escape(name)}</td><td class=\"name\">"
+            rows.append(f"<tr><td class=\"name\">{html.escape(name)}</td><td class=\"name text\">"
                         f"{html.escape(chosen) or 'not tuned'}</td>"
                         + "".join(f"<td>{_fmt(val.get(k), f)}</td>" for k, f in (
                             ("landmark_queries", "{:,}"), ("unseen_queries", "{:,}"), ("nonlandmark_queries", "{:,}"),
@@ -400,9 +405,12 @@ neighbours.</p>
 <p>Most photos users query show no landmark the database has, and GAP punishes every confident wrong answer. Each
 method ranks its answers by a confidence and answers "no landmark" below a threshold; both were tuned on validation
 queries made from the database itself: held-out landmark images, the same images with their own landmark removed
-from their neighbours (a landmark the database does not have) and held-out non-landmark images. The table shows
-what tuning chose and its validation figures beside the plain top-1 rule (the nearest image's landmark, ranked by
-its similarity); AUC: how well the confidence tells these queries with a database landmark from those without.</p>
+from their neighbours (a landmark the database does not have) and held-out non-landmark images. With 100 or more
+answered queries, the neighbour methods' threshold is then fitted to the queries themselves: the share of them
+that show a database landmark is estimated from their confidences beside the validation landmark queries' (a real
+unseen landmark can look much more like the database's than the validation's do). The table shows what tuning
+chose and its validation figures beside the plain top-1 rule (the nearest image's landmark, ranked by its
+similarity); AUC: how well the confidence tells these queries with a database landmark from those without.</p>
 <div class="scroll"><table><tr><th class="name">method</th><th class="name">chosen</th><th>val. landmark</th>
 <th>val. unseen</th><th>val. non-landmark</th><th>val. GAP</th><th>val. GAP top-1</th><th>val. accuracy</th>
 <th>AUC (queries)</th></tr>{''.join(rows)}</table></div>
@@ -561,7 +569,7 @@ and mean IoU score the cropped query boxes against the annotated ones (<code>--b
         return "".join(out)
 
     def _box_examples(self, table) -> str:
-        from PIL import Image, ImageDraw
+        from PIL import Image, ImageDraw, ImageFont
 
         dets, sizes = detections_of(table)
         boxes = self.res.run["config"].get("boxes") or ""
@@ -589,6 +597,7 @@ and mean IoU score the cropped query boxes against the annotated ones (<code>--b
             sx, sy = img.shape[1] / w, img.shape[0] / h
             pil = Image.fromarray(img)
             draw = ImageDraw.Draw(pil)
+            font = ImageFont.load_default(size=max(13, img.shape[0] // 12))  # readable at the thumbnail's size
             gt = truth.get(q, np.zeros((0, 4), np.float32))
             for b in gt:
                 draw.rectangle(_rect(b, sx, sy), outline=(40, 110, 240), width=2)
@@ -596,11 +605,13 @@ and mean IoU score the cropped query boxes against the annotated ones (<code>--b
                 hit = len(gt) and float(iou_matrix(b[None], gt).max()) >= 0.5
                 colour = (30, 160, 60) if hit else (210, 40, 40)
                 draw.rectangle(_rect(b, sx, sy), outline=colour, width=2)
-                draw.text((b[0] * sx + 3, b[1] * sy + 2), f"{score:.2f}", fill=colour)
+                at = (b[0] * sx + 3, b[1] * sy + 2)
+                draw.rectangle(draw.textbbox(at, f"{score:.2f}", font=font), fill=(255, 255, 255))
+                draw.text(at, f"{score:.2f}", fill=colour, font=font)
             caption = f"{q[:10]}: {len(by_image.get(q, []))} box(es)" + ("" if len(gt) else ", no landmark")
             figs.append(f'<figure>{_img(_jpeg(np.asarray(pil)), caption, "image/jpeg", "thumb")}'
                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-        return f'<div class="row">{"".join(figs)}</div>' if figs else "<p>No query image could be shown.</p>"
+        return f'<div class="row wrap">{"".join(figs)}</div>' if figs else "<p>No query image could be shown.</p>"
 
     def gradcam(self) -> str:
         head = '<h2 id="gradcam">Grad-CAM: where the deep model looked</h2>'
@@ -737,7 +748,7 @@ counts as unanswered in GAP and accuracy. Full list: <code>dead_letters.csv</cod
                                                                        or "(none: DirectRunner)")]
         per_method = "".join(
             f'<tr><td class="name">{html.escape(n)}</td><td class="name">{html.escape(str(e["config"]["index_factory"]))}'
-            f'</td><td class="name"><code>{self._vote(e["config"]["vote"])}</code></td></tr>'
+            f'</td><td class="name text"><code>{self._vote(e["config"]["vote"])}</code></td></tr>'
             for n, e in self.metrics["methods"].items())
         table = "".join(f'<tr><td class="name">{html.escape(k)}</td><td class="name">{html.escape(str(v))}</td></tr>'
                         for k, v in rows)

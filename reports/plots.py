@@ -1,7 +1,8 @@
 """The report's plots, drawn with matplotlib (Agg, no display) and returned as PNG bytes to inline in the HTML.
 
-Baseline methods are drawn in blues/greens with circles, deep ones in oranges/reds with squares, so that the
-family reads at a glance in every plot.
+Every method has its own colour and marker, the same in every plot and every run (:func:`styles`): baseline
+methods in cool colours with dashed lines, deep ones in warm colours with solid lines, so that the family reads
+at a glance too.
 """
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ import io
 
 import numpy as np
 
-BASELINE_COLOURS = ("#1f77b4", "#2ca02c", "#17becf", "#7f7f7f", "#9467bd", "#8c564b", "#bcbd22")
-DEEP_COLOURS = ("#d62728", "#ff7f0e", "#e377c2", "#a0522d", "#ff1493")
+# 8 cool and 8 warm colours, each with a marker of its own: 16 methods without two alike
+BASELINE_STYLES = (("#1f77b4", "o"), ("#2ca02c", "^"), ("#17becf", "v"), ("#9467bd", "D"), ("#7f7f7f", "<"),
+                   ("#bcbd22", ">"), ("#08306b", "p"), ("#00441b", "h"))
+DEEP_STYLES = (("#d62728", "s"), ("#ff7f0e", "P"), ("#e377c2", "X"), ("#8c564b", "*"), ("#ff1493", "d"),
+               ("#b8860b", "H"), ("#7f0000", "8"), ("#f4a582", "p"))
+# the built methods' places, so that a method keeps its style whichever others a run compares
+KNOWN = {"baseline": ("hog", "hog-linear", "sift-bovw", "sift-bovw+sv", "sift-vlad", "sift-vlad-linear"),
+         "deep": ("cnn", "cnn-untrained", "cnn-pretrained", "cnn+delf", "delf+sv", "cnn+det", "cnn-pretrained+det")}
 
 
 def _pyplot():
@@ -24,14 +31,20 @@ def _pyplot():
 
 
 def styles(families: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """method -> (colour, marker), stable for a given method order."""
-    out, counters = {}, {"baseline": 0, "deep": 0}
-    for name, family in families.items():
-        kind = "deep" if family == "deep" else "baseline"
-        palette = DEEP_COLOURS if kind == "deep" else BASELINE_COLOURS
-        out[name] = (palette[counters[kind] % len(palette)], "s" if kind == "deep" else "o")
-        counters[kind] += 1
-    return out
+    """method -> (colour, marker): a built method's own (:data:`KNOWN`), the others the free ones of their
+    family's palette in name order; all distinct for up to 8 methods per family (beyond, the palette repeats)."""
+    out = {}
+    for kind, palette in (("baseline", BASELINE_STYLES), ("deep", DEEP_STYLES)):
+        names = [n for n, f in families.items() if (f == "deep") == (kind == "deep")]
+        taken = {KNOWN[kind].index(n) for n in names if n in KNOWN[kind]}
+        free = [i for i in range(len(palette)) if i not in taken]
+        others = sorted(n for n in names if n not in KNOWN[kind])
+        for k, name in enumerate(others):
+            out[name] = palette[free[k] if k < len(free) else k % len(palette)]
+        for name in names:
+            if name in KNOWN[kind]:
+                out[name] = palette[KNOWN[kind].index(name)]
+    return {name: out[name] for name in families}
 
 
 def _png(fig) -> bytes:
@@ -58,7 +71,6 @@ def quality_vs_cost(points: dict[str, dict], families: dict[str, str]) -> bytes:
             colour, marker = style[name]
             ax.scatter([x], [p["gap"]], s=70, c=colour, marker=marker, edgecolors="black", linewidths=0.5,
                        label=name, zorder=3)
-            ax.annotate(name, (x, p["gap"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("GAP")
@@ -67,10 +79,40 @@ def quality_vs_cost(points: dict[str, dict], families: dict[str, str]) -> bytes:
         ax.set_title(f"GAP vs {'speed' if key == 'images_per_second' else 'storage'} (better: up and {better})",
                      fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8,
-                   bbox_to_anchor=(0.5, -0.12))
+    if handles:  # beside the plots, one method per line: below them it covered the axes' labels
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    for ax, key in ((axes[0], "images_per_second"), (axes[1], "bytes_per_image")):
+        _label_points(fig, ax, [(p[key], p["gap"], name) for name, p in points.items()
+                                if p.get(key) and p[key] > 0 and p.get("gap") is not None])
     return _png(fig)
+
+
+# where a point's name may go, in points from the marker: right, left, above, below, then further out
+LABEL_OFFSETS = ((7, 3), (7, -11), (-7, 3), (-7, -11), (0, 9), (0, -17), (12, 12), (12, -20), (-12, 12),
+                 (-12, -20), (18, -4), (-18, -4), (7, 20), (-7, 20), (7, -28), (-7, -28), (30, 4), (-30, 4))
+
+
+def _label_points(fig, ax, points: list[tuple[float, float, str]]) -> None:
+    """Names beside the points where they overlap no other name and no marker (the first free place of
+    :data:`LABEL_OFFSETS`); a point with no free place keeps only its legend entry and colour."""
+    from matplotlib.transforms import Bbox
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    pixels = [ax.transData.transform((x, y)) for x, y, _ in points]
+    blocked = [Bbox.from_extents(px - 6, py - 6, px + 6, py + 6) for px, py in pixels]  # the markers
+    inside = ax.get_window_extent(renderer)
+    for x, y, name in points:
+        for dx, dy in LABEL_OFFSETS:
+            text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                               ha="left" if dx > 0 else "right" if dx < 0 else "center")
+            box = text.get_window_extent(renderer)
+            free = inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
+            if free and not any(box.overlaps(other) for other in blocked):
+                blocked.append(box)
+                break
+            text.remove()
 
 
 def pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], families: dict[str, str]) -> bytes:

@@ -162,6 +162,31 @@ def test_the_demo_report_renders_in_headless_chromium(report):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "report-first-screen.png"
         browser.screenshot(str(shot))
+        check_layout(browser, ARTIFACTS, "report")
     img = Image.open(shot)
     assert img.format == "PNG" and img.size == (1280, 900)
     assert len(img.convert("L").getcolors(1 << 16) or []) > 50  # not a blank page
+
+
+def check_layout(browser, artifacts, prefix: str, width: int = 1400) -> None:
+    """The loaded report at ``width`` px: nothing wider than the page (no sideways scrolling; the per-class
+    table and the detection row used to be), every image inside the page's width, every method its own colour
+    and marker in the plots; a screenshot of every section in ``artifacts`` (PREFIX-SECTION.png) to look at."""
+    browser.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": 1000, "deviceScaleFactor": 1,
+                                                       "mobile": False})
+    wide = browser.evaluate(
+        "Array.from(document.querySelectorAll('body *')).filter(e => e.getBoundingClientRect().right > "
+        "window.innerWidth + 1).map(e => e.tagName + '.' + e.className + ' ' + "
+        "Math.round(e.getBoundingClientRect().right)).slice(0, 10)")
+    assert wide == [] and browser.evaluate("document.documentElement.scrollWidth") <= width, wide
+    outside = browser.evaluate(
+        "Array.from(document.images).filter(i => i.getBoundingClientRect().left < 0 || "
+        "i.getBoundingClientRect().right > window.innerWidth + 1).map(i => i.alt).slice(0, 10)")
+    assert outside == []
+    styles = browser.evaluate("Array.from(document.querySelectorAll('#summary-table tr[data-method]')).map(tr => "
+                              "[tr.dataset.method, tr.dataset.colour, tr.dataset.marker])")
+    assert styles and len({c for _, c, _ in styles}) == len(styles), styles  # a colour of its own
+    assert len({(c, m) for _, c, m in styles}) == len(styles)
+    for section in browser.evaluate("Array.from(document.querySelectorAll('h2[id]')).map(h => h.id)"):
+        browser.evaluate(f"document.getElementById('{section}').scrollIntoView()")
+        browser.screenshot(str(artifacts / f"{prefix}-{section}.png"))
