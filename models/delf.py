@@ -36,7 +36,7 @@ from features.delf import (
 )
 from features.pca import PCAWhitening
 from models.data import AugmentConfig, training_dataset
-from models.finetune import labelled_cache, read_stage_history, step_timer
+from models.finetune import labelled_cache, read_stage_history, step_timer, tensorboard
 from pipeline import config as cfg
 from pipeline.errors import CairnError
 from pipeline.images import DecodeConfig, ImageError, load_image
@@ -160,7 +160,8 @@ def train_delf(records: list[tuple[str, str, int | None]], out: str, config: Del
     if not cfg.check_reusable(marker, requested):
         import shutil
 
-        for path in (checkpoints, *(os.path.join(out, f"history-stage{s}.csv") for s in (1, 2))):
+        for path in (checkpoints, os.path.join(out, "logs"), *(os.path.join(out, f"history-stage{s}.csv")
+                                                             for s in (1, 2))):
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
@@ -183,7 +184,7 @@ def train_delf(records: list[tuple[str, str, int | None]], out: str, config: Del
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         callbacks = [keras.callbacks.BackupAndRestore(os.path.join(checkpoints, f"stage{stage}")),
                      keras.callbacks.CSVLogger(os.path.join(out, f"history-stage{stage}.csv"), append=True),
-                     keras.callbacks.TerminateOnNaN(), timer]
+                     tensorboard(out, stage), keras.callbacks.TerminateOnNaN(), timer]
         model.fit(data, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=1 if progress else 2)
         if stage == 1:  # whole or not at all: a half-written file must not count as "stage 1 done"
             delf.save_weights(stage1_weights + ".tmp.weights.h5")

@@ -268,8 +268,9 @@ def _batches(images: list[np.ndarray], boxes: list[np.ndarray], config: Detector
 def train_detector(images: list[np.ndarray], boxes: list[np.ndarray], out: str,
                    config: DetectorConfig = DetectorConfig()) -> dict:
     """Train on decoded images ([H, W, 3] uint8) and their boxes ([N, 4] in their pixels; none for a negative
-    image); writes OUT/model.keras (with cairn.json: backbone, input size, anchors), OUT/history.csv and
-    OUT/checkpoints/ (per epoch, for resuming; removed when training ends). Returns a JSON-ready record."""
+    image); writes OUT/model.keras (with cairn.json: backbone, input size, anchors), OUT/history.csv, OUT/logs/
+    (TensorBoard) and OUT/checkpoints/ (per epoch, for resuming; removed when training ends). Returns a
+    JSON-ready record."""
     import math
     import os
     import shutil
@@ -286,9 +287,13 @@ def train_detector(images: list[np.ndarray], boxes: list[np.ndarray], out: str,
     steps = config.steps_per_epoch or max(1, math.ceil(len(images) / config.batch_size))
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   loss=detection_loss(config.focal_gamma, config.focal_alpha))
-    # BackupAndRestore: a killed run resumes from its last finished epoch (weights, optimizer, epoch count)
+    # BackupAndRestore: a killed run resumes from its last finished epoch (weights, optimizer, epoch count); a new
+    # run starts its TensorBoard logs afresh
+    if not os.path.isdir(os.path.join(out, "checkpoints")):
+        shutil.rmtree(os.path.join(out, "logs"), ignore_errors=True)
     callbacks = [keras.callbacks.BackupAndRestore(os.path.join(out, "checkpoints")),
                  keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
+                 keras.callbacks.TensorBoard(os.path.join(out, "logs"), update_freq="epoch"),
                  keras.callbacks.TerminateOnNaN()]
     fit = model.fit(_batches(images, boxes, config, steps), epochs=config.epochs, callbacks=callbacks, verbose=2)
     losses = [float(v) for v in fit.history.get("loss", [])]

@@ -15,7 +15,8 @@ For users:
     checkpoints/stage1.weights.h5); checkpoints of any other run are discarded first;
   - early stopping on the validation loss (a held-out share of the classes with 2+ images), restoring the
     best weights; without enough held-out images, on the training loss;
-  - TensorBoard logs in logs/ (``tensorboard --logdir OUT/logs``) and history-stage*.csv;
+  - TensorBoard logs in logs/ (``tensorboard --logdir OUT/logs``: train and validation on one epoch axis
+    for both stages) and history-stage*.csv;
   - mixed precision (float16 compute, float32 variables, loss scaling) and tf.distribute.MirroredStrategy
     over all GPUs when GPUs are present (``mixed_precision``/``distribute`` "auto"); the CPU path otherwise;
   - a progress bar per epoch on a terminal, one line per epoch in logs.
@@ -217,6 +218,22 @@ def _checkpoints_for(out: str, requested: dict) -> None:
     cfg.save_json(marker, {"config": requested})
 
 
+def tensorboard(out: str, stage: int = 1):
+    """Keras' TensorBoard callback writing to OUT/logs (``tensorboard --logdir OUT/logs``: the runs ``train``
+    and, where there is a validation split, ``validation``) on one epoch axis for the whole training: epoch e of
+    stage 2 is logged at (stage 1's epochs, from history-stage1.csv) + e, where Keras would start again at 0."""
+    import keras
+
+    first = sum(len(figures.get("loss", [])) for name, figures in read_stage_history(out).items()
+                if int(name.removeprefix("stage")) < stage)
+
+    class ContinuousTensorBoard(keras.callbacks.TensorBoard):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(first + epoch, logs)
+
+    return ContinuousTensorBoard(os.path.join(out, "logs"), update_freq="epoch")
+
+
 def read_stage_history(out: str) -> dict[str, dict[str, list[float]]]:
     """{"stage1": {figure: per-epoch values}, "stage2": ...} from OUT/history-stage*.csv (Keras' CSVLogger,
     appended across resumes); a stage without a file is left out."""
@@ -337,7 +354,7 @@ def finetune(records: list[tuple[str, str, int | None]], out: str, config: Finet
                           metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         callbacks = [
             keras.callbacks.BackupAndRestore(os.path.join(checkpoints, f"stage{stage}")),
-            keras.callbacks.TensorBoard(os.path.join(out, "logs", f"stage{stage}"), update_freq="epoch"),
+            tensorboard(out, stage),
             keras.callbacks.CSVLogger(os.path.join(out, f"history-stage{stage}.csv"), append=True),
             keras.callbacks.TerminateOnNaN(),
             timer,

@@ -205,3 +205,17 @@ def rerecord_shards(folder) -> None:
     record = json.loads(record_path.read_text())
     record["files"] = record_files(str(folder), OUTPUT_FILES)
     record_path.write_text(json.dumps(record, indent=2))
+
+
+def tensorboard_scalars(log_dir) -> dict[str, dict[str, list[int]]]:
+    """{run ("train", "validation"): {tag: the steps it was logged at}} of the TensorBoard event files under
+    ``log_dir`` (what `tensorboard --logdir` would plot)."""
+    import tensorflow as tf
+
+    runs: dict[str, dict[str, list[int]]] = {}
+    for path in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        run = path.parent.relative_to(log_dir).as_posix()
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                runs.setdefault(run, {}).setdefault(value.tag, []).append(int(event.step))
+    return runs

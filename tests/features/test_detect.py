@@ -127,6 +127,9 @@ def test_the_detector_trains_exports_and_finds_boxes_on_the_tiny_set(tiny_synth,
     config = DetectorConfig(backbone=BackboneConfig("mobilenet_v2"), input_size=64, epochs=2, batch_size=4)
     record = train_detector(images, boxes, str(tmp_path / "det"), config)
     assert len(record["loss"]) == 2 and all(np.isfinite(record["loss"]))
+    from tests.conftest import tensorboard_scalars
+
+    assert sorted(tensorboard_scalars(tmp_path / "det" / "logs")["train"]["epoch_loss"]) == [0, 1]
     det = Detector(str(tmp_path / "det" / "model.keras"), score_threshold=0.0, max_boxes=3)
     found, scores = det.detect(images[0])
     h, w = images[0].shape[:2]

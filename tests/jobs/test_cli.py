@@ -114,6 +114,11 @@ def test_synth_then_demo_end_to_end(small_demo):
     detection = metrics["methods"]["cnn+det"]["detection"]
     assert 0 <= detection["ap_50"] <= 1 and detection["annotated_images"] > 0 and detection["regions_per_image"] >= 1
 
+    # every trainer writes TensorBoard logs, on one axis for all its stages (DELF: 1 epoch each here)
+    from tests.conftest import tensorboard_scalars
+
+    assert sorted(tensorboard_scalars(run / "work" / "delf" / "model" / "logs")["train"]["epoch_loss"]) == [0, 1]
+    assert tensorboard_scalars(run / "work" / "detector" / "logs")["train"]["epoch_loss"]
     delf = json.loads((run / "work" / "delf" / "local" / "train" / "extract.json").read_text())
     assert delf["counts"]["inputs"] == delf["counts"]["outputs"] + delf["counts"]["dead_letters"]
     assert delf["dim"] == 40 and delf["kind"] == "local"  # PCA-projected DELF descriptors

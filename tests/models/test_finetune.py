@@ -191,6 +191,24 @@ def test_softmax_head_with_validation_and_early_stopping(tmp_path, tiny_synth):
     assert meta["training"]["head"] == "softmax" and "val_loss" in meta["training"] and "loss" in meta["training"]
 
 
+def test_tensorboard_shows_both_stages_on_one_axis_with_validation(tmp_path, tiny_synth):
+    """Stage 2 used to start its own step axis at 0 in its own folder: TensorBoard drew the two stages on top of
+    each other. Now one run per kind (train, validation) and one axis of epochs."""
+    import dataclasses
+
+    from models.finetune import finetune
+    from pipeline.manifest import read_manifest
+    from tests.conftest import tensorboard_scalars
+
+    config = dataclasses.replace(TINY_FT, loss="softmax", head_epochs=1, epochs=2, validation_fraction=0.5,
+                                 patience=0)
+    finetune(list(read_manifest(str(tiny_synth / "train.csv")).records()), str(tmp_path), config)
+    runs = tensorboard_scalars(tmp_path / "logs")
+    assert sorted(runs) == ["train", "validation"]
+    assert sorted(runs["train"]["epoch_loss"]) == [0, 1, 2]
+    assert sorted(runs["validation"]["epoch_loss"]) == [0, 1, 2]
+
+
 def test_disk_cache_is_decoded_again_when_an_image_changed_in_place(tmp_path, tiny_synth, caplog):
     """Issue 23 item 2: the decoded-image cache is keyed on each file's size and modification time too."""
     import logging
