@@ -610,14 +610,15 @@ PRIOR_SUPPORT = 0.2  # the landmark share is estimated where at least this share
 MIN_THRESHOLD_LANDMARKS = 30  # fewer validation landmark queries than this: the validation threshold
 
 
-def landmark_share(above_q: np.ndarray, above_l: np.ndarray, n_q: int, n_v: int) -> float:
+def landmark_share(above_q: np.ndarray, above_l: np.ndarray, n_q: int, n_v: int) -> float | None:
     """The share of the queries that show a database landmark, from the shares of the queries (``above_q``, of
     ``n_q``) and of the validation landmark queries (``above_l``, of ``n_v``) at or above each threshold (see
     :func:`query_threshold`). The smallest ratio over the tail is biased low (the minimum of noisy ratios), so
-    each ratio first gets one standard error of its two binomial shares, as Scott (2015) bounds it."""
+    each ratio first gets one standard error of its two binomial shares, as Scott (2015) bounds it. None when
+    fewer than :data:`PRIOR_SUPPORT` of the validation landmark queries have an answer at all."""
     support = above_l >= PRIOR_SUPPORT
     if not support.any():
-        return 1.0
+        return None
     q, lm = above_q[support], above_l[support]
     ratio = q / lm
     error = np.sqrt(q * (1 - q) / n_q + ratio ** 2 * lm * (1 - lm) / n_v) / lm
@@ -652,9 +653,10 @@ def query_threshold(validation: Answers, query_pred: np.ndarray, query_conf: np.
     tails are too uncertain then (the demo's 60 queries, 36 of them of a database landmark, and 17 validation
     landmark queries gave estimates of 0.76 and 1.0 for two methods)."""
     query_conf = np.asarray(query_conf, np.float64)
-    answered = np.sort(query_conf[np.asarray(query_pred) >= 0])
+    answered = np.sort(query_conf[(np.asarray(query_pred) >= 0) & np.isfinite(query_conf)])
     landmark = validation.truth >= 0
-    v_conf = np.where(validation.pred[landmark] >= 0, validation.conf[landmark], -np.inf).astype(np.float64)
+    v_conf = np.where((validation.pred[landmark] >= 0) & np.isfinite(validation.conf[landmark]),
+                      validation.conf[landmark], -np.inf).astype(np.float64)
     right = (validation.pred[landmark] == validation.truth[landmark]) & np.isfinite(v_conf)
     n_q, n_v = len(query_conf), len(v_conf)
     record = {"queries": int(n_q), "answered_queries": int(len(answered)), "validation_landmark_queries": int(n_v)}
@@ -676,9 +678,14 @@ def query_threshold(validation: Answers, query_pred: np.ndarray, query_conf: np.
     above_q = 1 - (n_q - len(answered) + np.searchsorted(answered, points, side="left")) / n_q
     above_l = 1 - below(v_sorted, points, n_v)
     pi = landmark_share(above_q, above_l, n_q, n_v)
+    if pi is None:
+        record["skipped"] = f"fewer than {PRIOR_SUPPORT:.0%} of the validation landmark queries have an answer"
+        return None, record
     # candidate thresholds: 0 (keep every answer), every confidence of a query or a validation landmark, above
     # them all (keep none); the answers kept change at the queries' confidences only, the estimates in between too
-    thresholds = np.append(np.unique(np.concatenate([[0.0], points])), np.nextafter(max(1.0, points[-1]), np.inf))
+    thresholds = np.unique(np.concatenate([[0.0], points]))
+    if answered[-1] < 1.0:  # "no landmark" for every query is a threshold (min_confidence is at most 1)
+        thresholds = np.append(thresholds, np.nextafter(max(1.0, points[-1]), np.inf))
     f_q = (n_q - len(answered) + np.searchsorted(answered, thresholds, side="left")) / n_q
     f_l = below(v_sorted, thresholds, n_v)
     dropped_no_landmark = np.clip(f_q - pi * f_l, 0.0, 1.0 - pi)

@@ -411,14 +411,16 @@ def threshold_beam_outputs(out: str, record: dict, vote_config: VoteConfig, vali
     """The Beam search job's outputs with the threshold fitted to every query's answer (
     :func:`apply_query_threshold`, which needs them all; the job applied the validation threshold): its
     confidences-*.parquet shards are read back, and when the threshold moves, they, OUT/predictions.csv and
-    OUT/recognize.json are written again. Returns the updated record."""
+    OUT/recognize.json are written again (each file atomically; a crash in between leaves shards of two
+    thresholds, which every reader refuses with "rerun the job", and the command fails). Returns the updated
+    record."""
     tuning = record["tuning"]
     paths = find_shards(fs.join(out, "confidences"))
     tables = []
     for path in paths:
         with fs.FileSystems.open(path) as f:
             tables.append(read_file(f))
-    table = pa.concat_tables(tables) if tables else confidences_table([], np.zeros(0), np.zeros(0), 0.0, "vote")
+    table = pa.concat_tables(tables)  # find_shards raises when the job wrote none
     raw_pred = table.column("landmark_id").fill_null(NO_LANDMARK).to_numpy().astype(np.int64)
     raw_conf = table.column("confidence").to_numpy()
     new = apply_query_threshold(vote_config, tuning, validation, raw_pred, raw_conf, tune_config)

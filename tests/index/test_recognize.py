@@ -296,3 +296,18 @@ def test_the_query_threshold_weighs_gap_and_needs_enough_queries():
     assert t is None and "validation landmark queries" in record["skipped"]
     with pytest.raises(ValueError, match="threshold_from"):
         TuneConfig(threshold_from="test")
+
+
+def test_the_query_threshold_skips_what_it_cannot_estimate_and_never_keeps_what_it_dropped():
+    rng = np.random.default_rng(2)
+    validation = _open_set(rng, 300, 300, 0.65)
+    queries = _open_set(rng, 200, 300, 0.77)
+    # validation landmark queries almost never answered: no estimate of the landmark share, no query threshold
+    silent = Answers(np.where(validation.truth >= 0, -1, validation.pred), validation.conf, validation.truth)
+    t, record = query_threshold(silent, queries.pred, queries.conf, TuneConfig())
+    assert t is None and "have an answer" in record["skipped"]
+    # a non-finite confidence counts as no answer
+    conf = queries.conf.copy()
+    conf[:5] = np.nan
+    t, record = query_threshold(validation, queries.pred, conf, TuneConfig())
+    assert record["answered_queries"] == len(conf) - 5 and 0 < t < 1
