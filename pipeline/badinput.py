@@ -221,12 +221,13 @@ def _split_records(folder: str, split: str, rows: list[dict], rng: np.random.Gen
         if kind in variants:
             ext, data = variants[kind]
             path = f"{sub}/{kind}{ext}"
-            fs.write_bytes(os.path.join(folder, path), data)
+            _write_if_changed(os.path.join(folder, path), data)
             add(kind, image_id, path, base["landmark_id"])
         elif kind.startswith("path-"):
             name = {"path-spaces-non-ascii": "Torre dos Clérigos — vista 2 ü.jpg",
                     "path-quoted-comma": 'Ribeira, "north" side.jpg', "path-absolute": "absolute.jpg"}[kind]
-            fs.copy_file(os.path.join(folder, base["path"]), os.path.join(folder, sub, name))
+            with open(os.path.join(folder, base["path"]), "rb") as f:
+                _write_if_changed(os.path.join(folder, sub, name), f.read())
             path = os.path.abspath(os.path.join(folder, sub, name)) if kind == "path-absolute" else f"{sub}/{name}"
             add(kind, image_id, path, base["landmark_id"])
         elif kind == "missing-file":
@@ -240,6 +241,17 @@ def _split_records(folder: str, split: str, rows: list[dict], rng: np.random.Gen
                      "landmark-id-negative": "-4"}[kind]
             add(kind, image_id, base["path"], label)
     return out_rows, records
+
+
+def _write_if_changed(path: str, data: bytes) -> None:
+    """Write ``path`` whole (or not at all: a full disk, a killed run) unless it already holds ``data``: a file
+    written again gets a new modification time, and every job that read it would take it for a changed image
+    and compute again (a rerun of `cairn demo --bad-inputs` extracted half of its images again)."""
+    if os.path.isfile(path) and os.path.getsize(path) == len(data):
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return
+    fs.write_bytes(path, data)
 
 
 def add_bad_inputs(folder: str, seed: int = 0) -> dict[str, str]:
@@ -271,11 +283,11 @@ def add_bad_inputs(folder: str, seed: int = 0) -> dict[str, str]:
             w.writerows([r["id"], r["path"], r["landmark_id"]] for r in rows)
             w.writerows(bad_rows)
             text = buf.getvalue()
-        fs.write_text(paths[split], text)
+        _write_if_changed(paths[split], text.encode("utf-8"))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     w.writerows(described)
-    fs.write_text(paths["records"], buf.getvalue())  # every file whole or absent (a full disk, a killed run)
-    fs.write_text(paths["missing_columns"], "id,landmark_id\nimage-1,3\n")
+    _write_if_changed(paths["records"], buf.getvalue().encode("utf-8"))
+    _write_if_changed(paths["missing_columns"], b"id,landmark_id\nimage-1,3\n")
     return paths

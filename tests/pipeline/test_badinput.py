@@ -107,3 +107,21 @@ def test_the_bad_manifests_read_as_promised(tmp_path):
                     assert e.value.stage == r["expected"]
     with pytest.raises(ManifestError, match="needs 'id' and 'path'"):
         read_manifest(paths["missing_columns"])
+
+
+def test_making_the_bad_inputs_again_leaves_their_files_untouched(tmp_path):
+    """Every file written anew got a new modification time, and the next run of `cairn demo --bad-inputs` took
+    half of its images for changed ones and extracted them again (a rerun that should reuse everything)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i in range(3):
+        Image.fromarray(np.roll(_photo(), 9 * i, axis=1)).save(images / f"{i}.jpg", quality=90)
+        rows.append(f"img-{i},images/{i}.jpg,{i}")
+    for split in ("train", "queries"):
+        (tmp_path / f"{split}.csv").write_text("id,path,landmark_id\n" + "\n".join(rows) + "\n")
+    add_bad_inputs(str(tmp_path))
+    made = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and "images" not in p.parts}
+    assert len(made) > 2 * len(KINDS) // 2
+    add_bad_inputs(str(tmp_path))
+    assert {p: p.stat().st_mtime_ns for p in made} == made
