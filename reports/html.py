@@ -87,7 +87,7 @@ h1{margin:24px 0 4px}h2{margin-top:40px;border-bottom:2px solid #dde3e9;padding-
 p.lead{color:#4a5560;margin-top:0}.note{color:#5b6670;font-size:.92em}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:.86em}
 th,td{border:1px solid #d5dbe1;padding:3px 6px;text-align:right;white-space:nowrap}
-th{background:#f1f4f7}td.name,th.name{text-align:left}td.text{white-space:normal;min-width:260px}td.best{font-weight:700;background:#e3f4e1}
+th{background:#f1f4f7}td.name,th.name{text-align:left}td.text{white-space:normal;min-width:260px;overflow-wrap:anywhere}td.best{font-weight:700;background:#e3f4e1}
 tr.deep td.name{border-left:4px solid #d62728}tr.baseline td.name{border-left:4px solid #1f77b4}
 .fam{font-size:.8em;color:#5b6670}
 nav a{margin-right:14px}.plot{max-width:100%;height:auto;border:1px solid #e4e8ec}
@@ -728,7 +728,7 @@ that looks at the building, not the sky or the people in front of it, is what we
             seen.add(key)
             examples.append(f'<tr><td class="name">{html.escape(r["split"])}</td><td class="name">'
                             f'{html.escape(r["id"])}</td><td class="name">{html.escape(r["stage"])}</td>'
-                            f'<td class="name">{html.escape(r["reason"])}</td></tr>')
+                            f'<td class="name text">{html.escape(r["reason"])}</td></tr>')
         return f"""
 <h2 id="dead">Dead letters</h2>
 <p>Images a method could not use (unreadable, corrupt, too small...). They are not dropped silently: a dead query
@@ -750,8 +750,8 @@ counts as unanswered in GAP and accuracy. Full list: <code>dead_letters.csv</cod
             f'<tr><td class="name">{html.escape(n)}</td><td class="name">{html.escape(str(e["config"]["index_factory"]))}'
             f'</td><td class="name text"><code>{self._vote(e["config"]["vote"])}</code></td></tr>'
             for n, e in self.metrics["methods"].items())
-        table = "".join(f'<tr><td class="name">{html.escape(k)}</td><td class="name">{html.escape(str(v))}</td></tr>'
-                        for k, v in rows)
+        table = "".join(f'<tr><td class="name">{html.escape(k)}</td><td class="name text">{html.escape(str(v))}</td>'
+                        "</tr>" for k, v in rows)
         full = html.escape(json.dumps(self.res.run, indent=2, sort_keys=True))
         return f"""
 <h2 id="config">Run config</h2>
