@@ -75,15 +75,20 @@ def test_sixteen_bit_png_keeps_the_picture():
     assert np.abs(img.astype(int) - photo).max() <= 1
 
 
-def test_the_bad_manifests_read_as_promised(tmp_path):
-    images = tmp_path / "images"
+def _three_image_set(folder) -> None:
+    """A data set of 3 photos in FOLDER (train.csv and queries.csv list the same three)."""
+    images = folder / "images"
     images.mkdir()
     rows = []
     for i in range(3):
         Image.fromarray(np.roll(_photo(), 9 * i, axis=1)).save(images / f"{i}.jpg", quality=90)
         rows.append(f"img-{i},images/{i}.jpg,{i}")
     for split in ("train", "queries"):
-        (tmp_path / f"{split}.csv").write_text("id,path,landmark_id\n" + "\n".join(rows) + "\n")
+        (folder / f"{split}.csv").write_text("id,path,landmark_id\n" + "\n".join(rows) + "\n")
+
+
+def test_the_bad_manifests_read_as_promised(tmp_path):
+    _three_image_set(tmp_path)
     paths = add_bad_inputs(str(tmp_path))
     raw = (tmp_path / "train-bad.csv").read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw and b'"' in raw  # BOM, CRLF, quoted fields
@@ -112,14 +117,7 @@ def test_the_bad_manifests_read_as_promised(tmp_path):
 def test_making_the_bad_inputs_again_leaves_their_files_untouched(tmp_path):
     """Every file written anew got a new modification time, and the next run of `cairn demo --bad-inputs` took
     half of its images for changed ones and extracted them again (a rerun that should reuse everything)."""
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = []
-    for i in range(3):
-        Image.fromarray(np.roll(_photo(), 9 * i, axis=1)).save(images / f"{i}.jpg", quality=90)
-        rows.append(f"img-{i},images/{i}.jpg,{i}")
-    for split in ("train", "queries"):
-        (tmp_path / f"{split}.csv").write_text("id,path,landmark_id\n" + "\n".join(rows) + "\n")
+    _three_image_set(tmp_path)
     add_bad_inputs(str(tmp_path))
     made = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and "images" not in p.parts}
     assert len(made) > 2 * len(KINDS) // 2
