@@ -55,12 +55,11 @@ def read_metadata(path: str, fmt: str, version: int, what: str, hint: str) -> di
 
 def load_with_metadata(path: str, fmt: str, version: int, what: str, hint: str):
     """(keras.Model, metadata) of an exported model, loaded in Keras' safe mode."""
+    path = local_path(path)  # a model on gs:// etc.: downloaded once per worker process
+    metadata = read_metadata(path, fmt, version, what, hint)
     with quiet_native_start_up():  # TensorFlow's start-up lines
         import keras
 
         import features.layers  # noqa: F401 - registers Cairn's layers for deserialisation
 
-    path = local_path(path)  # a model on gs:// etc.: downloaded once per worker process
-    metadata = read_metadata(path, fmt, version, what, hint)
-    with quiet_native_start_up():
         return keras.saving.load_model(path, compile=False, safe_mode=True), metadata

@@ -670,12 +670,14 @@ def query_threshold(validation: Answers, query_pred: np.ndarray, query_conf: np.
     def below(sorted_values, t, n):  # share of n values strictly below t
         return np.searchsorted(sorted_values, t, side="left") / n
 
+    def queries_below(t):  # F_Q: the unanswered queries count as below every threshold
+        return (n_q - len(answered)) / n_q + below(answered, t, n_q)
+
     def right_at_or_above(t):
         return (len(right_conf) - np.searchsorted(right_conf, t, side="left")) / n_v
 
-    # F_Q counts the unanswered queries as below every threshold
     points = np.unique(np.concatenate([answered, v_sorted[np.isfinite(v_sorted)]]))
-    above_q = 1 - (n_q - len(answered) + np.searchsorted(answered, points, side="left")) / n_q
+    above_q = 1 - queries_below(points)
     above_l = 1 - below(v_sorted, points, n_v)
     pi = landmark_share(above_q, above_l, n_q, n_v)
     if pi is None:
@@ -686,12 +688,12 @@ def query_threshold(validation: Answers, query_pred: np.ndarray, query_conf: np.
     thresholds = np.unique(np.concatenate([[0.0], points]))
     if answered[-1] < 1.0:  # "no landmark" for every query is a threshold (min_confidence is at most 1)
         thresholds = np.append(thresholds, np.nextafter(max(1.0, points[-1]), np.inf))
-    f_q = (n_q - len(answered) + np.searchsorted(answered, thresholds, side="left")) / n_q
+    f_q = queries_below(thresholds)
     f_l = below(v_sorted, thresholds, n_v)
     dropped_no_landmark = np.clip(f_q - pi * f_l, 0.0, 1.0 - pi)
     accuracy = pi * right_at_or_above(thresholds) + dropped_no_landmark
     # GAP: the precision at each right validation answer's confidence, summed over those at or above t
-    above_c = 1 - (n_q - len(answered) + np.searchsorted(answered, right_conf, side="left")) / n_q
+    above_c = 1 - queries_below(right_conf)
     precision = np.minimum(1.0, pi * right_at_or_above(right_conf) / np.maximum(above_c, 1.0 / n_q))
     tail = np.concatenate([np.cumsum(precision[::-1])[::-1], [0.0]]) / n_v
     gap = tail[np.searchsorted(right_conf, thresholds, side="left")]

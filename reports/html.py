@@ -289,8 +289,9 @@ of which <b>{d['queries_with_landmark']:,}</b> show a landmark and {d['queries']
 <p>Every method below answers the same queries against the same database. For each query it predicts a landmark
 with a confidence, or "no landmark", and lists its nearest database images. <b>GAP</b> rewards right answers given
 with high confidence and punishes confident wrong ones (including a landmark "found" in a photo that shows none);
-<b>accuracy</b> counts right answers, where saying "no landmark" for such a photo is right. Baseline (classic) methods
-are drawn in blue with circles, deep methods in red with squares. Definitions are at the <a href="#definitions">end
+<b>accuracy</b> counts right answers, where saying "no landmark" for such a photo is right. Every method has its own
+colour and marker in the plots (baseline methods cool colours, deep ones warm; the swatch in the summary table).
+Definitions are at the <a href="#definitions">end
 </a>.</p>
 <nav><a href="#summary">Summary</a><a href="#cost">Quality vs cost</a><a href="#curves">Curves</a>
 <a href="#no-landmark">No landmark</a><a href="#classes">Per class</a><a href="#confused">Confusions</a><a href="#grids">Examples</a>

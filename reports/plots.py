@@ -62,14 +62,14 @@ def quality_vs_cost(points: dict[str, dict], families: dict[str, str]) -> bytes:
     plt = _pyplot()
     style = styles(families)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    shown = {}  # axis -> [(x, GAP, method)] of the points drawn on it
     for ax, key, label, better in ((axes[0], "images_per_second", "extraction speed (images/s, log scale)", "right"),
                                    (axes[1], "bytes_per_image", "bytes per database image (log scale)", "left")):
-        for name, p in points.items():
-            x = p.get(key)
-            if not x or x <= 0 or p.get("gap") is None:
-                continue
+        shown[ax] = [(p[key], p["gap"], name) for name, p in points.items()
+                     if p.get(key) and p[key] > 0 and p.get("gap") is not None]
+        for x, gap, name in shown[ax]:
             colour, marker = style[name]
-            ax.scatter([x], [p["gap"]], s=70, c=colour, marker=marker, edgecolors="black", linewidths=0.5,
+            ax.scatter([x], [gap], s=70, c=colour, marker=marker, edgecolors="black", linewidths=0.5,
                        label=name, zorder=3)
         ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -82,9 +82,8 @@ def quality_vs_cost(points: dict[str, dict], families: dict[str, str]) -> bytes:
     if handles:  # beside the plots, one method per line: below them it covered the axes' labels
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
-    for ax, key in ((axes[0], "images_per_second"), (axes[1], "bytes_per_image")):
-        _label_points(fig, ax, [(p[key], p["gap"], name) for name, p in points.items()
-                                if p.get(key) and p[key] > 0 and p.get("gap") is not None])
+    for ax, drawn in shown.items():
+        _label_points(fig, ax, drawn)
     return _png(fig)
 
 

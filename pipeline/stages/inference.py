@@ -64,8 +64,7 @@ class _BatchedHandler(ModelHandler):
         with quiet_native_start_up():
             import tensorflow  # noqa: F401 - imported first so that limit_threads can size its pools
 
-        limit_threads(self.threads)
-        with quiet_native_start_up():
+            limit_threads(self.threads)
             return self.build()
 
     def batch_elements_kwargs(self):

@@ -23,10 +23,8 @@ from index.recognize import (
     Answers,
     TuneConfig,
     VoteConfig,
-    accuracy_score,
     choose_threshold,
     class_counts,
-    gap_score,
     id_keys,
     query_threshold,
     threshold_figures,
@@ -187,13 +185,12 @@ def aligned_similarities(D: np.ndarray, I: np.ndarray, I2: np.ndarray) -> np.nda
     return np.where(I2 >= 0, out, -np.inf).astype(np.float32)
 
 
-def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[float, dict, Answers | None]:
+def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[float, dict]:
     """The no-landmark threshold of a classifier's calibrated probability, learned like the vote's: a copy of the
     classifier (same hyperparameters) is trained on the database without some held-out images and without
     every image of some held-out classes; its answers to the held-out images of seen classes (landmark
     queries), of the held-out classes (unseen-landmark queries) and to held-out known non-landmark images
-    choose the threshold (index/recognize.py :func:`choose_threshold`). Returns (threshold, record, those
-    queries' answers; None when there are too few classes)."""
+    choose the threshold (index/recognize.py :func:`choose_threshold`). Returns (threshold, record)."""
     from sklearn.base import clone
 
     check_recorded_shards(db_features, "global")
@@ -203,7 +200,7 @@ def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[f
     ids = np.unique(y[split.landmark])
     if len(ids) < 3:
         return 0.0, {"skipped": f"{len(ids)} classes with {tune_config.min_class_images}+ images: a classifier "
-                     "needs 3 to hold one out and still learn two"}, None
+                     "needs 3 to hold one out and still learn two"}
     rng = np.random.default_rng(tune_config.seed)
     unseen = np.sort(rng.permutation(ids)[:max(1, int(round(len(ids) * 0.2)))])  # a fifth of the classes
     unseen_rows = np.nonzero(np.isin(y, unseen))[0]
@@ -220,20 +217,18 @@ def tune_classifier(model, db_features: str, tune_config: TuneConfig) -> tuple[f
     pred[pred < 0], conf[pred < 0] = NO_LANDMARK, 0.0
     truth = np.concatenate([y[seen_rows], np.full(len(unseen_rows) + len(split.nonlandmark), NO_LANDMARK)])
     threshold, curve = choose_threshold(pred, conf, truth, tune_config)
-    kept = np.where(conf >= threshold, pred, NO_LANDMARK)
+    answers = Answers(pred, conf, truth)
     record = {"rule": "classifier", "queries": int(len(truth)), "landmark_queries": int(len(seen_rows)),
               "unseen_queries": int(len(unseen_rows)), "unseen_classes": int(len(unseen)),
               "nonlandmark_queries": int(len(split.nonlandmark)), "train_images": int(train.sum()),
-              "untuned": {"gap": round(gap_score(pred, conf, truth), 6),
-                          "accuracy": round(accuracy_score(pred, truth), 6)},
+              "untuned": threshold_figures(answers, 0.0, tune_config.nonlandmark_prior),
               "tuned": {"rule": "classifier", "min_confidence": threshold,
-                        "gap": round(gap_score(kept, np.where(kept >= 0, conf, 0), truth), 6),
-                        "accuracy": round(accuracy_score(kept, truth), 6)},
+                        **threshold_figures(answers, threshold, tune_config.nonlandmark_prior)},
               "threshold_curve": curve, "train_seconds": round(time.perf_counter() - started, 3)}
     log.info("recognize: classifier threshold %.4f tuned on %d validation queries (%d of unseen classes): "
              "accuracy %.3f -> %.3f", threshold, len(truth), len(unseen_rows), record["untuned"]["accuracy"],
              record["tuned"]["accuracy"])
-    return threshold, record, Answers(pred, conf, truth)
+    return threshold, record
 
 
 def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig = VoteConfig(),
@@ -258,7 +253,7 @@ def recognize(index_dir: str, features: str, out: str, vote_config: VoteConfig =
         if not db_features:
             raise CairnError("tuning needs the database features the classifier was trained on (--tune-db FOLDER)")
         started = time.perf_counter()
-        threshold, tuning, validation = tune_classifier(load_classifier(classifier), db_features, tune_config)
+        threshold, tuning = tune_classifier(load_classifier(classifier), db_features, tune_config)
         vote_config = replace(vote_config, min_confidence=threshold)
         tuning["seconds"] = round(time.perf_counter() - started, 3)
     elif tune_config is not None and tune_config.enabled:
@@ -338,7 +333,7 @@ def apply_query_threshold(vote_config: VoteConfig, tuning: dict | None, validati
     (index/recognize.py :func:`query_threshold`), when tuning ran and ``tune_config.threshold_from`` is
     "queries"; the validation threshold otherwise, or when there are too few queries. Records what it did in
     ``tuning`` (``query_threshold``; ``tuned`` then holds the threshold used and the validation figures at it)."""
-    if tuning is None or validation is None or tune_config is None or "tuned" not in tuning:
+    if tuning is None or tune_config is None or "tuned" not in tuning:
         return vote_config
     tuned = tuning["tuned"]
     tuned["threshold_from"] = "validation"
@@ -352,6 +347,8 @@ def apply_query_threshold(vote_config: VoteConfig, tuning: dict | None, validati
         # queries), and both thresholds lost GAP and accuracy against the validation threshold
         tuning["query_threshold"] = {"skipped": "a classifier's threshold is learned on validation queries only",
                                      "validation_threshold": vote_config.min_confidence}
+        return vote_config
+    if validation is None:  # tune_on_database gives its validation answers whenever it tuned
         return vote_config
     threshold, record = query_threshold(validation, raw_pred, raw_conf, tune_config)
     record["validation_threshold"] = vote_config.min_confidence

@@ -235,7 +235,7 @@ def test_a_classifier_learns_its_no_landmark_threshold_on_unseen_classes(vectors
     table, _ = read_shards(features_prefix(str(root / "db"), "global"))
     X, y = vectors_of(table), labels_of(table)
     model = NearestClassMean().fit(X, y)
-    threshold, record, _ = tune_classifier(model, str(root / "db"), TuneConfig())
+    threshold, record = tune_classifier(model, str(root / "db"), TuneConfig())
     assert 0 < threshold < 1 and record["unseen_classes"] == 12 and record["unseen_queries"] > 0
     assert record["tuned"]["accuracy"] > record["untuned"]["accuracy"]
     path = tmp_path / "classifier.npz"
