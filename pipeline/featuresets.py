@@ -6,10 +6,17 @@ A features folder (written by `cairn extract` or `cairn encode`) holds one kind 
     local-SSSSS-of-NNNNN.parquet      local features: keypoints, scales, ..., descriptors per image
     sparse-SSSSS-of-NNNNN.parquet     sparse vectors (BoVW): indices and values per image
 
-beside the job's record (extract.json or encode.json). The shards' footers carry the ``cairn`` metadata: the
-method, its config, the dimension.
+and nothing else, so that pandas (``pd.read_parquet(folder)``), ``pyarrow.dataset``, DuckDB
+(``'folder/*.parquet'``), Spark and autofaiss (which also reads sub-folders) read it as one data set. What the job
+keeps about the features is in the sibling folder ``<folder>.cairn/`` (:func:`side_folder`):
 
-The record lists every file the job wrote under ``files`` (:func:`record_files`: name -> bytes, sha256, rows),
+    extract.json or encode.json       the job's record
+    manifest-SSSSS-of-NNNNN.parquet   the validated manifest the extraction read
+    dead_letters.csv                  the images it could not use, with the reason
+
+The shards' footers carry the ``cairn`` metadata: the method, its config, the dimension.
+
+The record lists every file the job wrote under ``files`` (:func:`record_files`: file name -> bytes, sha256, rows),
 so that a shard copied in from elsewhere, truncated or replaced is told from the job's own: a rerun verifies the
 checksums before it reuses the outputs (:func:`verify_files`), and every reader of a folder's features refuses
 a shard the record does not list or whose size differs (:func:`features_kind`).
@@ -31,6 +38,30 @@ from pipeline.schemas import cairn_metadata
 log = logging.getLogger(__name__)
 
 FEATURE_PREFIX = {"global": "features", "local": "local", "sparse": "sparse"}  # shard name per feature kind
+SIDE_SUFFIX = ".cairn"  # <folder>.cairn/ beside a features folder holds what is not features
+
+
+def side_folder(folder: str) -> str:
+    """The folder beside a features folder where its job keeps its record, manifest shards and dead letters:
+    ``<folder>.cairn``. CairnError for a folder that has no sibling (a filesystem or bucket root)."""
+    remote = fs.has_scheme(folder)
+    name = folder.rstrip("/") if remote else os.path.abspath(folder)
+    root = "/" not in name.split("://", 1)[1] if remote else name == "/"
+    if root:
+        raise CairnError(f"--out {folder} is a {'bucket' if remote else 'filesystem'} root; a features folder "
+                         f"needs a parent for its {SIDE_SUFFIX} folder: give a folder inside it")
+    return name + SIDE_SUFFIX
+
+
+def side_path(folder: str, name: str) -> str:
+    """Where a job keeps ``name`` (its record, the manifest shards' prefix, the dead letters) for the features of
+    ``folder``: in :func:`side_folder`."""
+    return fs.join(side_folder(folder), name)
+
+
+def shard_globs(folder: str, kinds: tuple[str, ...] = tuple(FEATURE_PREFIX)) -> list[str]:
+    """Glob patterns of the feature shards of ``kinds`` in ``folder``."""
+    return [fs.join(fs.escape(folder), f"{FEATURE_PREFIX[kind]}-*") for kind in kinds]
 
 
 def features_prefix(out: str, kind: str = "global") -> str:
@@ -52,14 +83,14 @@ def features_kind(folder: str) -> str:
 JOB_RECORDS = ("extract.json", "encode.json")  # the records of the jobs that write features folders
 
 
-def record_files(folder: str, patterns: list[str] | tuple[str, ...]) -> dict[str, dict]:
-    """What a job records of the files it wrote under ``folder`` (those matching the glob ``patterns``): name ->
+def record_files(patterns: list[str] | tuple[str, ...]) -> dict[str, dict]:
+    """What a job records of the files it wrote (those matching the glob ``patterns``, each a path): file name ->
     {"bytes", "mtime_ns", "sha256", "rows", "footer_sha256" (Parquet files: from the footer:
     parquet_io.footer_sha256; others: None)}. Reads each local file once; on an object store (gs://, s3://),
     where an object cannot change without a new update time, "sha256" is None: the job's outputs are not
     downloaded again to be hashed."""
     files = {}
-    for name, (path, size, mtime) in sorted(_listed(folder, patterns).items()):
+    for name, (path, size, mtime) in sorted(_listed(patterns).items()):
         rows, footer = None, None
         if name.endswith(".parquet"):
             with fs.FileSystems.open(path) as f:
@@ -70,16 +101,16 @@ def record_files(folder: str, patterns: list[str] | tuple[str, ...]) -> dict[str
     return files
 
 
-def _listed(folder: str, patterns: list[str] | tuple[str, ...]) -> dict[str, tuple[str, int, int]]:
-    """File name -> (path, size, mtime_ns) of the files directly under ``folder`` matching the glob ``patterns``
-    (one listing per pattern)."""
+def _listed(patterns: list[str] | tuple[str, ...]) -> dict[str, tuple[str, int, int]]:
+    """File name -> (path, size, mtime_ns) of the files matching the glob ``patterns`` (one listing per pattern;
+    the names of a job's outputs are unique across the folders it writes)."""
     return {os.path.basename(path): (path, *stat) for pattern in patterns
-            for path, stat in fs.glob_stats(fs.join(fs.escape(folder), pattern)).items()}
+            for path, stat in fs.glob_stats(pattern).items()}
 
 
-def verify_files(folder: str, recorded: dict[str, dict] | None, patterns: list[str] | tuple[str, ...],
+def verify_files(recorded: dict[str, dict] | None, patterns: list[str] | tuple[str, ...],
                  checksums: bool = True) -> str:
-    """Why the files under ``folder`` matching ``patterns`` are not the ``recorded`` ones (:func:`record_files`),
+    """Why the files matching the glob ``patterns`` are not the ``recorded`` ones (:func:`record_files`),
     or "" when they are: a file the record does not list (copied in), one it lists that is gone, another size
     (truncated or replaced), another Parquet footer (other rows: two small reads per file), or, with
     ``checksums``, other bytes: every file whose modification time is not the recorded one is read and its
@@ -87,7 +118,7 @@ def verify_files(folder: str, recorded: dict[str, dict] | None, patterns: list[s
     features are far larger than what a rerun should read to decide whether to reuse them)."""
     if recorded is None:
         return "its record lists no files (written before Cairn recorded them)"
-    found = _listed(folder, patterns)
+    found = _listed(patterns)
     extra = sorted(set(found) - set(recorded))
     if extra:
         return f"{some_names(extra)} not written by the job that recorded it (copied in?)"
@@ -114,9 +145,21 @@ def some_names(names: list[str], first: int = 3) -> str:
     return ", ".join(names[:first]) + (f" and {len(names) - first} more" if len(names) > first else "")
 
 
+def record_path(folder: str, name: str) -> str:
+    """Where the record ``name`` (extract.json, encode.json) of a features folder is: in its
+    :func:`side_folder`, or in the folder itself for one written before the records moved out of it (still
+    read; a rerun of its job rewrites it in the new layout)."""
+    legacy = fs.join(folder, name)
+    if fs.exists(legacy):
+        path = side_path(folder, name)
+        return legacy if not fs.exists(path) else path
+    return side_path(folder, name)
+
+
 def job_records(folder: str) -> dict[str, dict]:
     """The records of the jobs that wrote a features folder (extract.json, encode.json), by file name."""
-    return {name: cfg.load_json(fs.join(folder, name)) for name in JOB_RECORDS if fs.exists(fs.join(folder, name))}
+    paths = {name: record_path(folder, name) for name in JOB_RECORDS}
+    return {name: cfg.load_json(path) for name, path in paths.items() if fs.exists(path)}
 
 
 def check_recorded_shards(folder: str, kind: str) -> None:
@@ -133,7 +176,7 @@ def check_recorded_shards(folder: str, kind: str) -> None:
         return
     recorded = {name: f for r in records.values() for name, f in r["files"].items()
                 if name.startswith(f"{FEATURE_PREFIX[kind]}-")}
-    problem = verify_files(folder, recorded, [f"{FEATURE_PREFIX[kind]}-*"], checksums=False)
+    problem = verify_files(recorded, shard_globs(folder, (kind,)), checksums=False)
     if problem:
         raise CairnError(f"{folder}: {problem}; its features are not what {' / '.join(records)} records. Rerun "
                          "the job that wrote the folder (it recomputes what does not match), or remove the file")
@@ -154,16 +197,14 @@ def features_fingerprint(folder: str) -> str:
     encode.json), its row count and the checksums of the feature shards it recorded (so that features extracted
     again from changed images are new to what was trained on them; a shard's time is left out: the same
     content written again is the same features). Cheap at any scale (the record only, no feature bytes read)."""
-    for name in JOB_RECORDS:
-        path = fs.join(folder, name)
-        if fs.exists(path):
-            record = cfg.load_json(path)
-            shards = tuple(f"{prefix}-" for prefix in FEATURE_PREFIX.values())
-            content = {n: f.get("sha256") or f.get("footer_sha256") for n, f in (record.get("files") or {}).items()
-                       if n.startswith(shards)}
-            return cfg.fingerprint({"config": record.get("config"), "counts": record.get("counts"),
-                                    **({"shards": content} if content else {})})
-    raise CairnError(f"{folder} has no extract.json or encode.json; it was not written by `cairn extract/encode`")
+    shards = tuple(f"{prefix}-" for prefix in FEATURE_PREFIX.values())
+    for record in job_records(folder).values():  # the first of JOB_RECORDS there is
+        content = {n: f.get("sha256") or f.get("footer_sha256") for n, f in (record.get("files") or {}).items()
+                   if n.startswith(shards)}
+        return cfg.fingerprint({"config": record.get("config"), "counts": record.get("counts"),
+                                **({"shards": content} if content else {})})
+    raise CairnError(f"{side_folder(folder)} has no extract.json or encode.json; {folder} was not written by "
+                     "`cairn extract/encode`")
 
 
 def shards_bytes(prefix: str) -> int:

@@ -27,7 +27,7 @@ from features.embedding import load_embedding_model
 from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError
-from pipeline.featuresets import features_prefix
+from pipeline.featuresets import features_prefix, record_path
 from pipeline.images import DecodeConfig, ImageError, load_image
 from pipeline.parquet_io import find_shards
 from pipeline.schemas import vectors_of
@@ -635,7 +635,7 @@ and mean IoU score the cropped query boxes against the annotated ones (<code>--b
             m = self.res.methods.get(name)
             if m is None or not m.keras_embedding:
                 continue
-            record = fs.join(self.res.run_dir, "work", name, "embeddings", "train", "extract.json")
+            record = record_path(fs.join(self.res.run_dir, "work", name, "embeddings", "train"), "extract.json")
             if not fs.exists(record):
                 continue
             extractor = cfg.load_json(record)["config"]["extractor"]

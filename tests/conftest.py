@@ -193,17 +193,23 @@ def call_with_hang_guard(fn, fifo, timeout: float = 60.0):
     return finished, result.get("value")
 
 
+def side(folder) -> Path:
+    """The folder beside a features folder where its job keeps its record, manifest shards and dead letters
+    (pipeline.featuresets.side_folder)."""
+    return Path(f"{folder}.cairn")
+
+
 def rerecord_shards(folder) -> None:
     """After a test rewrote a features folder's shards by hand (to shard the same rows otherwise, as other workers
-    would), record them in its extract.json, as the job does for what it writes (readers refuse unrecorded shards)."""
+    would), record them in its FOLDER.cairn/extract.json, as the job does for what it writes (readers refuse unrecorded shards)."""
     import json
 
     from pipeline.featuresets import record_files
-    from pipeline.stages.extract import OUTPUT_FILES
+    from pipeline.stages.extract import output_files
 
-    record_path = Path(folder) / "extract.json"
+    record_path = side(folder) / "extract.json"
     record = json.loads(record_path.read_text())
-    record["files"] = record_files(str(folder), OUTPUT_FILES)
+    record["files"] = record_files(output_files(str(folder)))
     record_path.write_text(json.dumps(record, indent=2))
 
 

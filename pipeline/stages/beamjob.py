@@ -1,7 +1,7 @@
 """The one setup every Cairn Beam job shares: options, workers, the pipeline, dry runs, old outputs cleared.
 
     job = beamjob.start(out, beam_args, workers, threads, images=n, test_pipeline=tp,
-                        clear=["features-*", "dead_letters.csv"])
+                        clear=["features-*"], clear_globs=[side + "/dead_letters.csv"])
     ... build the pipeline on job.pipeline, writing under job.out ...
     seconds = job.run()
 
@@ -49,12 +49,14 @@ class BeamJob:
 
 
 def start(out: str, beam_args: list[str] | None = None, workers: int = 0, threads: int = 0, images: int = 0,
-          test_pipeline=None, clear: tuple[str, ...] | list[str] = (), dry_run: str = "redirect",
-          dry_run_message: str = "") -> BeamJob:
+          test_pipeline=None, clear: tuple[str, ...] | list[str] = (), clear_globs: tuple[str, ...] | list[str] = (),
+          dry_run: str = "redirect", dry_run_message: str = "") -> BeamJob:
     """Set a Beam job up: ``workers`` 0 chooses DirectRunner worker processes for ``images`` inputs
     (pipeline.options.resolve_workers), ``threads`` 0 gives each cores / workers; the pipeline is
     ``test_pipeline`` or one built from ``beam_args``. ``clear``: glob patterns under OUT of the previous run's
-    outputs, deleted (with the temporary folders of a killed run) once the options are known to be good.
+    outputs, deleted (with the temporary folders of a killed run) once the options are known to be good;
+    ``clear_globs``: whole glob patterns of outputs outside OUT (a features folder's OUT.cairn), deleted with
+    their temporary folders only when the job writes to OUT (not on a dry run).
     ``dry_run``: "redirect" writes a dry run's outputs under a temporary folder; "refuse" raises DryRun with
     ``dry_run_message`` ({runner}: the runner's name)."""
     workers = resolve_workers(workers, images)
@@ -64,9 +66,12 @@ def start(out: str, beam_args: list[str] | None = None, workers: int = 0, thread
     if dry_run == "refuse" and is_dry_run(options):
         raise DryRun((dry_run_message or "dry run: the options were validated for --runner={runner}").format(
             runner=runner_name(options)))
-    out = dry_run_output(out, options)  # a dry run leaves the outputs alone
+    redirected = dry_run_output(out, options)  # a dry run leaves the outputs alone
+    clear_globs = clear_globs if redirected == out else ()
+    out = redirected
     fs.makedirs(out)
     old = [p for pattern in clear for p in fs.glob(fs.join(fs.escape(out), pattern))]
-    fs.delete(old)
-    fs.delete_temp_folders(out)  # a killed run's unfinished shards
+    fs.delete(old + [p for pattern in clear_globs for p in fs.glob(pattern)])
+    for folder in {out, *(fs.dirname(pattern) for pattern in clear_globs)}:
+        fs.delete_temp_folders(folder)  # a killed run's unfinished shards
     return BeamJob(p, options, runner_name(options), workers, threads, out)

@@ -24,6 +24,9 @@ from pipeline.featuresets import (
     features_metadata,
     features_prefix,
     record_files,
+    shard_globs,
+    side_folder,
+    side_path,
     tree_bytes,
     verify_files,
 )
@@ -101,7 +104,7 @@ def iter_subset(out: str, part_images: int | None = None):
 
 def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads: int = 0,
            beam_args: list[str] | None = None, force: bool = False, test_pipeline=None) -> dict:
-    """Run the encoding job; returns the record written to OUT/encode.json, with its cost."""
+    """Run the encoding job; returns the record written to OUT.cairn/encode.json, with its cost."""
     fs.check_output_folder(out)
     if fs.absolute(out).rstrip("/") == fs.absolute(features).rstrip("/"):
         raise CairnError(f"--out {out} is the --features folder; write the encoded vectors to another folder")
@@ -121,7 +124,7 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
                          "extract with the same config or retrain the encoder")
     in_prefix = features_prefix(features, kind)
     images = count_rows(in_prefix)
-    record_path = fs.join(out, "encode.json")
+    record_path = side_path(out, "encode.json")
     metadata = {"method": train_record.get("method") or header["kind"],
                 "config": {"features": source.get("config"), "encoder": header["config"],
                            "encoder_sha256": cfg.file_fingerprint(encoder_path)},
@@ -134,21 +137,23 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
     config = {"features": fs.absolute(features), "features_fingerprint": features_fingerprint(features),
               "encoder": fs.absolute(encoder_path), "metadata": metadata}
     out_prefix = features_prefix(out, out_kind)
-    outputs = (f"{FEATURE_PREFIX[out_kind]}-*",)
+    outputs = shard_globs(out, (out_kind,))
     if not force and test_pipeline is None and cfg.check_reusable(record_path, config):
         stored = cfg.load_json(record_path)
-        problem = verify_files(out, stored.get("files"), outputs)  # before any footer is read
+        problem = verify_files(stored.get("files"), outputs)  # before any footer is read
         if not problem and _complete(out_prefix, record_path):
             log.info("encode: reusing %s (same features and encoder; --force recomputes)", out)
             return {**stored, "cost": costs.reused()}
         if problem:
             log.warning("encode: cannot reuse %s: %s; encoding again", out, problem)
     job = beamjob.start(out, beam_args, workers, threads, images=images, test_pipeline=test_pipeline,
-                        clear=(f"{FEATURE_PREFIX[out_kind]}-*", "encode.json"))
+                        clear=(f"{FEATURE_PREFIX[out_kind]}-*", "encode.json"),  # and the record of before OUT.cairn
+                        clear_globs=[record_path])
     p, workers, threads = job.pipeline, job.workers, job.threads
     if out != job.out:  # a dry run leaves the outputs alone
         out = job.out
-        out_prefix, record_path = features_prefix(out, out_kind), fs.join(out, "encode.json")
+        out_prefix, record_path = features_prefix(out, out_kind), side_path(out, "encode.json")
+        outputs = shard_globs(out, (out_kind,))
     dim = int(encoder.dim_out if header["kind"] == "pca_whitening" else encoder.dim)
     schema = (sparse_features_schema(dim, metadata) if out_kind == "sparse"
               else global_features_schema(dim, metadata, regional=bool(source.get("regions"))))
@@ -167,9 +172,9 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
               "runner": job.runner, "workers": workers, "threads_per_worker": threads,
               "seconds": round(seconds, 3),
               "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
-              "files": record_files(out, outputs)}
+              "files": record_files(outputs)}
     cfg.save_json(record_path, record)
-    record = {**record, "cost": costs.beam_cost("encode", record, tree_bytes(out))}
+    record = {**record, "cost": costs.beam_cost("encode", record, tree_bytes(out) + tree_bytes(side_folder(out)))}
     log.info("encode: %d images -> %d %s vectors of dim %d in %.1f s", images, written, out_kind, dim, seconds)
     return record
 

@@ -23,9 +23,11 @@ from pipeline import config as cfg
 from pipeline import fs
 from pipeline.errors import CairnError, parse_dead_letters
 from pipeline.featuresets import (
-    FEATURE_PREFIX,
     features_prefix,
     record_files,
+    shard_globs,
+    side_folder,
+    side_path,
     some_names,
     tree_bytes,
     verify_files,
@@ -63,27 +65,36 @@ class ExtractConfig:
 def outputs(out: str, kind: str = "global") -> dict[str, str]:
     return {
         "features": features_prefix(out, kind),
-        "manifest": fs.join(out, "manifest"),
-        "dead_letters": fs.join(out, "dead_letters.csv"),
-        "record": fs.join(out, "extract.json"),
+        "manifest": side_path(out, "manifest"),
+        "dead_letters": side_path(out, "dead_letters.csv"),
+        "record": side_path(out, "extract.json"),
     }
 
 
-# glob patterns under OUT of the files an extraction writes beside its record: every feature kind's shards, the
-# manifest shards, the dead letters (the record lists them with their checksums: featuresets.record_files)
-OUTPUT_FILES = (*(f"{prefix}-*" for prefix in FEATURE_PREFIX.values()), "manifest-*", "dead_letters.csv")
+def output_files(out: str) -> list[str]:
+    """Glob patterns of the files an extraction into OUT writes beside its record: every feature kind's shards in
+    OUT, the manifest shards and the dead letters in OUT.cairn (the record lists them with their checksums:
+    featuresets.record_files)."""
+    side = fs.escape(side_folder(out))
+    return [*shard_globs(out), fs.join(side, "manifest-*"), fs.join(side, "dead_letters.csv")]
+
+
+# where the side files were before they moved to OUT.cairn: in OUT, in the way of Parquet data set readers
+LEGACY_FILES = ("manifest-*", "dead_letters.csv", "extract.json")
 
 
 def _old_outputs(out: str) -> list[str]:
-    """Glob patterns under OUT of a previous extraction's outputs (every feature kind, the manifest shards)."""
-    return [*OUTPUT_FILES, "extract.json"]
+    """Glob patterns of a previous extraction's outputs (every feature kind, the manifest shards, the dead
+    letters, the record, and the side files of the layout that kept them in OUT)."""
+    return [*output_files(out), fs.join(fs.escape(side_folder(out)), "extract.json"),
+            *(fs.join(fs.escape(out), name) for name in LEGACY_FILES)]
 
 
 def extract(manifest_path: str, out: str, method: str = "hog", params: dict | None = None,
             decode: DecodeConfig = DecodeConfig(), workers: int = 0, threads: int = 0, num_shards: int = 0,
             beam_args: list[str] | None = None, force: bool = False, test_pipeline=None, detect=None,
             show_progress: bool | None = None) -> dict:
-    """Run the extraction job; returns the record written to OUT/extract.json.
+    """Run the extraction job; returns the record written to OUT.cairn/extract.json.
 
     ``workers`` 0 picks DirectRunner worker processes automatically; ``threads`` 0 gives each cores / workers.
     ``detect`` (features.detect.DetectConfig): embed the full image and each detected landmark region, one row
@@ -121,7 +132,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         log.warning("extract: cannot reuse %s: %s; extracting again", out, problem)
     num_shards = min(num_shards or math.ceil(len(manifest) / ROWS_PER_SHARD), max(1, len(manifest)))
     job = beamjob.start(out, beam_args, workers, threads, images=len(manifest), test_pipeline=test_pipeline,
-                        clear=_old_outputs(out))
+                        clear_globs=_old_outputs(out))
     p, workers, threads, runner = job.pipeline, job.workers, job.threads, job.runner
     out = job.out  # a dry run writes its manifest shards to a temporary folder instead
     paths = outputs(out, kind)
@@ -192,10 +203,10 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         "regional": detected is not None,
         "label_names": {str(k): v for k, v in sorted(manifest.label_names.items())},
         "outputs": {k: v for k, v in paths.items() if k != "record"},
-        "files": record_files(out, OUTPUT_FILES),
+        "files": record_files(output_files(out)),
     }
     cfg.save_json(paths["record"], record)
-    record = {**record, "cost": costs.beam_cost("extract", record, tree_bytes(out))}
+    record = {**record, "cost": costs.beam_cost("extract", record, tree_bytes(out) + tree_bytes(side_folder(out)))}
     log.info("extract: %d inputs = %d features + %d dead letters (%s); %.1f s, %.1f images/s",
              counts["inputs"], counts["outputs"], counts["dead_letters"], _by_stage(counts), seconds,
              record["images_per_second"] or 0)
@@ -258,7 +269,7 @@ def _not_reusable(out: str, record: dict, paths: dict[str, str]) -> str:
     a file under OUT that is not the one the job wrote (featuresets.verify_files: names, sizes, Parquet footers,
     and the sha256 of every file whose time changed), or an image whose size or modification time is not what
     the job recorded before reading it (one stat per image)."""
-    problem = verify_files(out, record.get("files"), OUTPUT_FILES)
+    problem = verify_files(record.get("files"), output_files(out))
     if problem:
         return problem
     if not fs.glob(shard_pattern(paths["manifest"])):  # no accepted manifest row: no image to check

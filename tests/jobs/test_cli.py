@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from jobs import cli
-from tests.conftest import PRETRAINED, SMALL_DEMO
+from tests.conftest import PRETRAINED, SMALL_DEMO, side
 
 
 def _cairn(*args, **kw):
@@ -119,7 +119,7 @@ def test_synth_then_demo_end_to_end(small_demo):
 
     assert sorted(tensorboard_scalars(run / "work" / "delf" / "model" / "logs")["train"]["epoch_loss"]) == [0, 1]
     assert tensorboard_scalars(run / "work" / "detector" / "logs")["train"]["epoch_loss"]
-    delf = json.loads((run / "work" / "delf" / "local" / "train" / "extract.json").read_text())
+    delf = json.loads((side(run / "work" / "delf" / "local" / "train") / "extract.json").read_text())
     assert delf["counts"]["inputs"] == delf["counts"]["outputs"] + delf["counts"]["dead_letters"]
     assert delf["dim"] == 40 and delf["kind"] == "local"  # PCA-projected DELF descriptors
     again = _cairn("demo", "--out", str(small_demo), "--bad-inputs", *SMALL_DEMO,

@@ -11,6 +11,7 @@ from features.backbones import BackboneConfig
 from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
 from pipeline.run.compare import compare
 from pipeline.run.settings import parse_overrides
+from tests.conftest import side
 from tests.jobs.test_compare import KEYS, flat
 
 
@@ -29,7 +30,7 @@ def test_cnn_pretrained_with_pca_whitening(tmp_path, tiny_synth, caplog):
     m = flat(metrics["methods"]["cnn-pretrained"])
     assert KEYS == set(m) and m["dim"] == 4 and m["bytes_per_image"] == 16 and m["train_seconds"] >= 0
     assert (out / "work" / "cnn-pretrained" / "pca-model" / "encoder.npz").is_file()  # learned on the database
-    extract = json.loads((out / "work" / "cnn-pretrained" / "embeddings" / "train" / "extract.json").read_text())
+    extract = json.loads((side(out / "work" / "cnn-pretrained" / "embeddings" / "train") / "extract.json").read_text())
     assert extract["config"]["extractor"]["model"]["dim"] == 16 and extract["counts"]["outputs"] == 20
     # a rerun with the same config reuses the embeddings; another model file is a new config
     with caplog.at_level(logging.INFO):

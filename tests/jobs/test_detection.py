@@ -13,6 +13,7 @@ import pytest
 from features.detect import DetectConfig
 from pipeline.errors import CairnError
 from pipeline.run.settings import parse_overrides
+from tests.conftest import side
 
 FAST = ["detect.train.backbone.name=mobilenet_v2", "detect.train.input_size=64", "detect.train.epochs=2",
         "detect.train.batch_size=4"]
@@ -100,7 +101,7 @@ def test_extract_with_a_detector_writes_every_region_and_reconciles(regional):
         for r in image_rows:
             x0, y0, x1, y1 = r["box"]
             assert 0 <= x0 < x1 <= r["width"] and 0 <= y0 < y1 <= r["height"] and 0 <= r["box_score"] <= 1
-    dead = (home / "q" / "dead_letters.csv").read_text()
+    dead = (side(home / "q") / "dead_letters.csv").read_text()
     assert "corrupt" in dead and ",decode," in dead
 
 

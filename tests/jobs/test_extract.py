@@ -14,7 +14,7 @@ from pipeline.images import DecodeConfig
 from pipeline.parquet_io import read_shards
 from pipeline.schemas import cairn_metadata, vectors_of
 from pipeline.stages.extract import extract
-from tests.conftest import call_with_hang_guard, write_manifest
+from tests.conftest import call_with_hang_guard, side, write_manifest
 
 
 def _mixed_manifest(tmp_path, tiny_synth, bad_images):
@@ -34,7 +34,7 @@ def test_multi_process_run_reconciles_every_record(tmp_path, tiny_synth, bad_ima
     assert record["workers"] == 2 and record["runner"] == "DirectRunner"
 
     table, meta = read_shards(str(out / "features"))
-    dead = parse_dead_letters((out / "dead_letters.csv").read_text())
+    dead = parse_dead_letters((side(out) / "dead_letters.csv").read_text())
     feature_ids = set(table.column("id").to_pylist())
     dead_by_id = {(d.id, d.stage): d for d in dead}
     expected_ok = {r["id"] for r in good} | {f"bad-{n}" for n, (_, e) in bad_images.items() if e == "ok"}
@@ -57,7 +57,7 @@ def test_multi_process_run_reconciles_every_record(tmp_path, tiny_synth, bad_ima
     assert np.allclose(list(norms.values()), 1, atol=1e-4)
     assert meta["method"] == "hog" and meta["dim"] == 1764 and meta["config"]["size"] == 128
     assert len(list(out.glob("features-*-of-00002.parquet"))) == 2
-    assert json.loads((out / "extract.json").read_text())["config"]["decode"]["max_side"] == 1024
+    assert json.loads((side(out) / "extract.json").read_text())["config"]["decode"]["max_side"] == 1024
 
 
 def test_multi_process_equals_in_process(tmp_path, tiny_synth):
@@ -71,7 +71,7 @@ def test_multi_process_equals_in_process(tmp_path, tiny_synth):
     np.testing.assert_array_equal(vectors_of(ta), vectors_of(tb))
     assert a["counts"] == b["counts"]
     # the validated manifest's shards say what they are, as every Parquet file Cairn writes does
-    manifest = pq.read_schema(next((tmp_path / "a").glob("manifest-*.parquet")))
+    manifest = pq.read_schema(next(side(tmp_path / "a").glob("manifest-*.parquet")))
     meta = json.loads(manifest.metadata[b"cairn"])
     assert meta["kind"] == "manifest" and meta["source"].endswith("train.csv") and "mtime_ns" in meta["columns"]
 
@@ -151,7 +151,7 @@ def test_a_fifo_a_device_and_an_oversized_file_become_dead_letters_not_a_hang(tm
     finished, record = call_with_hang_guard(lambda: extract(str(manifest), str(out), workers=1, decode=decode), fifo)
     assert finished, "the extraction hung on the FIFO"
     assert isinstance(record, dict), record
-    dead = {d.id: d for d in parse_dead_letters((out / "dead_letters.csv").read_text())}
+    dead = {d.id: d for d in parse_dead_letters((side(out) / "dead_letters.csv").read_text())}
     assert set(dead) == {"fifo", "zero", "big"} and {d.stage for d in dead.values()} == {"read"}
     assert "FIFO" in dead["fifo"].reason and "character device" in dead["zero"].reason
     assert "--max-image-bytes" in dead["big"].reason

@@ -17,7 +17,7 @@ from pipeline.schemas import sparse_matrix_of, vectors_of
 from pipeline.stages import encode as encode_stage
 from pipeline.stages.encode import encode, iter_subset, read_sample, sample_descriptors
 from pipeline.stages.extract import extract
-from tests.conftest import rerecord_shards, write_manifest
+from tests.conftest import rerecord_shards, side, write_manifest
 
 SMALL_OVERRIDES = ["bovw.vocabulary.k=32", "vlad.vocabulary.k=4", "vlad.pca_dim=6", "vlad.pca_min_images=0",
                    "bovw.vocabulary.niter=5", "vlad.vocabulary.niter=5"]
@@ -148,7 +148,7 @@ def test_every_beam_job_runs_in_the_test_pipeline_it_is_given(local, tiny_synth,
     assert len(ran) == 1  # the descriptor sampling
     encode_job.run(["--features", str(local / "sift"), "--encoder", str(tmp_path / "m" / "encoder.npz"), "--out",
                     str(tmp_path / "v")], test_pipeline=pipeline())
-    assert len(ran) == 2 and (tmp_path / "v" / "encode.json").exists()
+    assert len(ran) == 2 and (side(tmp_path / "v") / "encode.json").exists()
     compare(str(tiny_synth / "train.csv"), str(tiny_synth / "queries.csv"), str(tmp_path / "run"), ["hog"],
             workers=1, report=None, test_pipeline=pipeline)
     assert len(ran) == 4 and len(set(map(id, ran))) == 4  # each extraction (database, queries) its own pipeline

@@ -12,6 +12,7 @@ from pipeline.run import methods, recipes
 from pipeline.run.compare import compare
 from pipeline.run.settings import MethodsConfig
 from pipeline.submission import read_submission
+from tests.conftest import side
 
 
 def _tiny_hog(config: MethodsConfig, ctx: recipes.RunContext) -> dict:
@@ -52,7 +53,7 @@ def test_a_method_registered_through_the_registry_runs_through_cairn_compare(toy
     assert accounting["tiny-hog"]["index"].endswith("work/tiny-hog/index")
     assert "tiny-hog" in (out / "report.html").read_text()
     # its own features, not hog's: the same extractor at another size is another folder
-    assert (out / "work" / "tiny-hog" / "hog" / "train" / "extract.json").exists()
+    assert (side(out / "work" / "tiny-hog" / "hog" / "train") / "extract.json").exists()
     # the run says what its methods are: a report drawn again without the toy registered still knows it
     del methods.METHODS["tiny-hog"]
     assert main(["report", str(out), "--gradcam", "0"]) == 0

@@ -112,7 +112,8 @@ def test_the_report_has_every_section_with_content(report):
 
 def test_cairn_report_rebuilds_without_recomputing(report, tmp_path):
     run, _, before = report
-    records = sorted(run.glob("work/**/extract.json"))
+    records = sorted(run.glob("work/**/*.cairn/extract.json"))
+    assert records
     stamps = [p.stat().st_mtime_ns for p in records]
     (run / "report.html").unlink()
     result = cairn("report", str(run), "--baseline", "sift-bovw", "--deep", "cnn-untrained", "--gradcam", "0")
