@@ -329,6 +329,7 @@ def test_a_shard_copied_in_from_another_folder_is_refused_or_recomputed(hog_run,
     not reuse the folder and writes the database's features again."""
     train = tmp_path / "train"
     shutil.copytree(hog_run / "train", train)
+    shutil.copytree(side(hog_run / "train"), side(train))  # a features folder moves with its record
     shard = "features-00000-of-00001.parquet"
     shutil.copy(hog_run / "queries" / shard, train / shard)
     _one_line_error(cairn("index", "--features", str(train), "--out", str(tmp_path / "index")),

@@ -31,7 +31,7 @@ from pipeline.schemas import vectors_of
 from pipeline.stages.encode import encode
 from pipeline.stages.extract import extract
 from pipeline.stages.index import build_index
-from tests.conftest import rerecord_shards
+from tests.conftest import rerecord_shards, side
 
 pytestmark = pytest.mark.slow
 
@@ -299,11 +299,12 @@ def test_dataflow_command_lines_translate_and_validate_offline(tmp_path, tiny_sy
 
     out = tmp_path / "extract"
     extract(str(tiny_synth / "train.csv"), str(out), workers=1)
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in (*out.iterdir(), *side(out).iterdir())}
     assert main(["extract", "--manifest", str(tiny_synth / "train.csv"), "--out", str(out), "--method", "hog",
                  "--force", *DATAFLOW]) == 0  # --force: not reused, even on a dry run
     assert "dry run: the pipeline was built and validated for --runner=DataflowRunner" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the outputs were left alone
+    after = {p.name: p.stat().st_mtime_ns for p in (*out.iterdir(), *side(out).iterdir())}
+    assert after == before  # the outputs, and the record, manifest and dead letters beside them, were left alone
     build_index(str(hog / "train"), str(tmp_path / "index"), IndexConfig(factory="Flat"))
     assert main(["recognize", "--index", str(tmp_path / "index"), "--features", str(hog / "queries"), "--out",
                  str(tmp_path / "rec"), "--beam", "on", *DATAFLOW]) == 0

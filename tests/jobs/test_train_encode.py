@@ -158,6 +158,7 @@ def _reshard(src, dst, kind: str, shards: int, seed: int):
     """A copy of the features folder ``src`` whose rows are shuffled into ``shards`` shards: what another number
     of workers may write."""
     shutil.copytree(src, dst)
+    shutil.copytree(side(src), side(dst))
     prefix = features_prefix(str(dst), kind)
     for path in find_shards(prefix):
         os.remove(path)
