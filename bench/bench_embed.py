@@ -1,12 +1,17 @@
-"""Benchmark "embed": CNN embedding throughput in the Beam job vs the model called directly, and training steps.
+"""Benchmark "embed": CNN embedding throughput in the Beam job vs hand-written loops, and training steps.
 
-Per backbone (ResNet50, MobileNetV2; GeM head, 224 px, random weights: speed does not depend on the weights):
-  - reference: the exported model called directly on prepared batches of 32 (`model.predict_on_batch`), the
-    images already decoded and resized, with the same thread count;
+Per model (ResNet50 and MobileNetV2 with a GeM head at 224 px, random weights: speed does not depend on the
+weights; and cnn-pretrained, the ImageNet MobileNet TFLite of ../shared/weights, when it is there), on 512
+640x480 JPEGs:
+  - reference: the best loop a user would write by hand for the same work: read + decode + resize in a pool of
+    as many threads as the model has (``ThreadPoolExecutor.map``, every image submitted at once, so decoding
+    runs ahead of the model), then the extractor's ``embed`` on batches of 32, model loaded beforehand;
+  - the model alone on prepared batches (``embed``, images decoded and resized beforehand): the ceiling;
   - the same model through `cairn extract --method cnn` (Beam DirectRunner, one in-process worker, RunInference
-    with batches of up to 32), which also reads, decodes and resizes every JPEG: the ratio is what the job
-    costs over bare inference. Run on all images and on the first 32, so that the fixed start-up (pipeline,
-    TensorFlow, model load) can be separated from the per-image cost;
+    with batches of up to 32), which reads, decodes and resizes every JPEG ahead of the model in a pool
+    (pipeline/stages/inference.py). Run on all images and on the first 32, so that the fixed start-up
+    (pipeline, TensorFlow, model load) can be separated from the per-image cost. Its vectors are compared with
+    the reference's (largest absolute difference);
   - a training step (batch 16, ArcFace head, backbone trainable) of models/finetune.py, median over steps
     after the first.
 """
@@ -19,7 +24,7 @@ import time
 
 import numpy as np
 
-from bench.common import entry, offline_beam_args, summary
+from bench.common import ROOT, entry, offline_beam_args, skipped, summary
 
 log = logging.getLogger(__name__)
 
@@ -43,65 +48,108 @@ def _images(folder: str, n: int, seed: int = 3) -> str:
     return os.path.join(folder, "train.csv")
 
 
-def run(workdir: str, quick: bool) -> list[dict]:
-    import keras
+def handwritten(paths: list[str], extractor, threads: int, batch: int = BATCH) -> np.ndarray:
+    """The hand-written reference: decode + resize in a pool of ``threads`` threads, every image submitted at
+    once (the pool decodes ahead while the model runs), the model on batches of ``batch``; [N, dim] vectors."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    from pipeline.images import load_image
+
+    out, buf = [], []
+    with ThreadPoolExecutor(threads) as pool:
+        for image in pool.map(lambda p: extractor.prepare(load_image(p)), paths):
+            buf.append(image)
+            if len(buf) == batch:
+                out.append(extractor.embed(np.stack(buf)))
+                buf = []
+    if buf:
+        out.append(extractor.embed(np.stack(buf)))
+    return np.concatenate(out)
+
+
+def _job_vectors(folder: str, ids: list[str]) -> np.ndarray:
+    from pipeline.parquet_io import read_shards
+    from pipeline.schemas import vectors_of
+
+    table, _ = read_shards(os.path.join(folder, "features"))
+    row = {i: r for r, i in enumerate(table.column("id").to_pylist())}
+    return vectors_of(table)[[row[i] for i in ids]]
+
+
+def _model_entries(group: str, params: dict, rows, manifest: str, small: str, workdir: str, label: str,
+                   threads: int) -> list[dict]:
+    """The reference, the model alone, and the Beam job (whole and start-up excluded) for one model."""
+    from features.cnn import CnnConfig, CnnExtractor
+    from pipeline.images import load_image
+    from pipeline.stages.extract import extract
+
+    ref = "hand-written: decode + resize in a thread pool ahead of the model"
+    extractor = CnnExtractor(CnnConfig(**params), threads=threads)
+    extractor.embed(np.stack([extractor.prepare(load_image(rows.paths[0]))] * BATCH))  # warm-up (graph tracing)
+    times, vectors = [], None
+    for _ in range(2):
+        start = time.perf_counter()
+        vectors = handwritten(rows.paths, extractor, threads)
+        times.append(time.perf_counter() - start)
+    reference = len(rows.paths) / min(times)
+    entries = [entry(group, ref, round(reference, 2), "images/s", repeats=len(times), images=len(rows.paths),
+                     **summary(times))]
+    xb = np.stack([extractor.prepare(load_image(p)) for p in rows.paths])
+    batches = [xb[i:i + BATCH] for i in range(0, len(xb), BATCH)]
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        for b in batches:
+            extractor.embed(b)
+        times.append(time.perf_counter() - start)
+    entries.append(entry(group, "the model alone on prepared batches (no decoding)", round(len(xb) / min(times), 2),
+                         "images/s", ref, repeats=len(times), **summary(times)))
+    log.info("embed %s: hand-written %.1f images/s, model alone %.1f", label, reference, len(xb) / min(times))
+    jobs = {}
+    for size, m in (("small", small), ("all", manifest)):
+        out = os.path.join(workdir, f"beam-{label}-{size}")
+        record = extract(m, out, "cnn", {**params, "batch_size": BATCH}, workers=1, threads=threads,
+                         beam_args=offline_beam_args(workdir), force=True)
+        jobs[size] = (record["counts"]["outputs"], record["seconds"], out)
+    (n_small, t_small, _), (n_all, t_all, out) = jobs["small"], jobs["all"]
+    difference = float(np.abs(_job_vectors(out, list(rows.ids)) - vectors).max())
+    entries.append(entry(group, "cairn extract --method cnn (Beam job, whole)", round(n_all / t_all, 2), "images/s",
+                         ref, note="pipeline start and model load included", job_seconds=t_all, images=n_all,
+                         max_abs_difference_from_reference=difference))
+    if t_all > t_small:
+        steady = (n_all - n_small) / (t_all - t_small)
+        entries.append(entry(group, "cairn extract --method cnn, start-up excluded (estimate)", round(steady, 2),
+                             "images/s", ref, note=f"(N - {n_small}) / (T_N - T_{n_small}): the per-image cost once "
+                             "the pipeline runs", fixed_seconds=round(t_small - n_small / steady, 3)))
+    entries.append(entry(group, "largest difference of a vector component, job vs reference", f"{difference:.1e}",
+                         "", better="", note="the job's vectors are the reference's"))
+    log.info("embed %s: Beam job %.1f images/s (%d in %.1f s, %d in %.1f s); vectors differ by at most %.1e", label,
+             n_all / t_all, n_all, t_all, n_small, t_small, difference)
+    return entries
+
+
+def run(workdir: str, quick: bool) -> list[dict]:
     from features.backbones import BackboneConfig
-    from features.cnn import resize_square
     from features.embedding import HeadConfig, build_embedding_model, model_metadata, save_embedding_model
     from models.finetune import FinetuneConfig, finetune
-    from pipeline.images import load_image
     from pipeline.manifest import read_manifest
     from pipeline.resources import limit_threads
-    from pipeline.stages.extract import extract
 
     threads = os.cpu_count() or 1
     limit_threads(threads)
-    n = 96 if quick else 256
+    n = 96 if quick else 512
     manifest = _images(os.path.join(workdir, "data"), n)
     rows = read_manifest(manifest)
     small = os.path.join(workdir, "data", "small.csv")
     with open(manifest) as f, open(small, "w") as g:
         g.writelines(line for i, line in enumerate(f) if i <= 32)  # header + the first 32 images
     entries = []
-    xb = np.stack([resize_square(load_image(p), SIZE) for p in rows.paths])  # what the job's Prepare step does
     for name in BACKBONES:
         group = f"{name} at {SIZE} px, {threads} threads"
         backbone, head = BackboneConfig(name), HeadConfig(dim=0)
         path = os.path.join(workdir, f"{name}.keras")
         save_embedding_model(build_embedding_model(backbone, head), path, model_metadata(backbone, head, SIZE))
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
-        batches = [xb[i:i + BATCH].astype(np.float32) for i in range(0, len(xb), BATCH)]
-        model.predict_on_batch(batches[0])  # warm-up (graph tracing)
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            for b in batches:
-                model.predict_on_batch(b)
-            times.append(time.perf_counter() - start)
-        direct = len(xb) / min(times)
-        entries.append(entry(group, "model.predict_on_batch (prepared batches)", round(direct, 2), "images/s",
-                             repeats=len(times), images=len(xb), **summary(times)))
-        log.info("embed %s: direct %.1f images/s", name, direct)
-        jobs = {}
-        for label, m in (("small", small), ("all", manifest)):
-            record = extract(m, os.path.join(workdir, f"beam-{name}-{label}"), "cnn",
-                             {"model": path, "batch_size": BATCH}, workers=1, threads=threads,
-                             beam_args=offline_beam_args(workdir), force=True)
-            jobs[label] = (record["counts"]["outputs"], record["seconds"])
-        (n_small, t_small), (n_all, t_all) = jobs["small"], jobs["all"]
-        beam_rate = n_all / t_all
-        ref = "model.predict_on_batch (prepared batches)"
-        entries.append(entry(group, "cairn extract --method cnn (Beam job, whole)", round(beam_rate, 2), "images/s",
-                             ref, note="reads, decodes and resizes 640x480 JPEGs; pipeline start and model load "
-                             "included", job_seconds=t_all, images=n_all))
-        if t_all > t_small:
-            steady = (n_all - n_small) / (t_all - t_small)
-            entries.append(entry(group, "cairn extract --method cnn, start-up excluded (estimate)", round(steady, 2),
-                                 "images/s", ref, note=f"(N - {n_small}) / (T_N - T_{n_small}): the per-image "
-                                 "cost once the pipeline runs", fixed_seconds=round(t_small - n_small / steady, 3)))
-        log.info("embed %s: Beam job %.1f images/s (%d in %.1f s, %d in %.1f s)", name, beam_rate, n_all, t_all,
-                 n_small, t_small)
+        entries += _model_entries(group, {"model": path}, rows, manifest, small, workdir, name, threads)
 
         steps = 3 if quick else 5
         config = FinetuneConfig(backbone=backbone, head=HeadConfig(dim=512), input_size=SIZE, epochs=1,
@@ -112,4 +160,11 @@ def run(workdir: str, quick: bool) -> list[dict]:
                              trained["step_seconds"], "s", better="lower", steps=steps,
                              images_per_second=trained["train_images_per_second"]))
         log.info("embed %s: training step %.2f s", name, trained["step_seconds"])
+    tflite = os.path.join(ROOT, "..", "shared", "weights", "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite")
+    group = f"cnn-pretrained (ImageNet MobileNet v1 TFLite) at 224 px, {threads} threads"
+    if os.path.exists(tflite):
+        entries += _model_entries(group, {"model": os.path.normpath(tflite)}, rows, manifest, small, workdir,
+                                  "cnn-pretrained", threads)
+    else:
+        entries.append(skipped(group, "cnn-pretrained", f"{tflite} is not there (../shared is absent)"))
     return entries

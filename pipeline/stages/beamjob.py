@@ -14,7 +14,7 @@ run's outputs and the temporary folders of a killed run are deleted before the n
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline import fs
 from pipeline.errors import DryRun
@@ -40,12 +40,36 @@ class BeamJob:
     workers: int  # DirectRunner worker processes
     threads: int  # CPU threads each worker gives the numeric libraries
     out: str  # the folder the job writes to (a temporary one for a dry run)
+    created: float = field(default_factory=time.perf_counter)  # when start() set it up
+    startup: dict = field(default_factory=dict)  # after run(): what the start-up cost (:meth:`run`)
 
     def run(self) -> float:
-        """Run the pipeline to the end; returns its wall seconds."""
+        """Run the pipeline to the end; returns its wall seconds. ``startup`` then holds the seconds spent
+        building the pipeline before it ran (``build_seconds``: since :func:`start`) and, for a job with
+        RunInference, the slowest model load of a worker (``model_load_seconds``, from Beam's
+        ``load_model_latency_milli_secs``)."""
         started = time.perf_counter()
-        run_and_wait(self.pipeline)
-        return time.perf_counter() - started
+        result = run_and_wait(self.pipeline)
+        seconds = time.perf_counter() - started
+        self.startup = {"build_seconds": round(started - self.created, 3)}
+        loads = _model_load_seconds(result)
+        if loads is not None:
+            self.startup["model_load_seconds"] = loads
+        return seconds
+
+
+def _model_load_seconds(result) -> float | None:
+    """The longest model load RunInference reported in ``result``'s metrics (None: none, or a runner that
+    reports no metrics)."""
+    try:
+        from apache_beam.metrics.metric import MetricsFilter
+
+        found = result.metrics().query(MetricsFilter())["distributions"]
+    except Exception:  # noqa: BLE001 - a runner without metrics: nothing to report
+        return None
+    loads = [d.committed.max for d in found if d.key.metric.name.endswith("load_model_latency_milli_secs")
+             and d.committed is not None and d.committed.count]
+    return round(max(loads) / 1000, 3) if loads else None
 
 
 def start(out: str, beam_args: list[str] | None = None, workers: int = 0, threads: int = 0, images: int = 0,

@@ -44,7 +44,7 @@ from pipeline.stages.inference import (
     EmbedImages,
     LocalModelHandler,
 )
-from pipeline.stages.transforms import DEAD, DecodeAndExtract, Rebatch, WriteDeadLetters
+from pipeline.stages.transforms import DEAD, DecodeAndExtract, Rebatch, RowsToTables, WriteDeadLetters
 
 log = logging.getLogger(__name__)
 ROWS_PER_SHARD = 20_000
@@ -176,10 +176,11 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         results = rows | "DecodeAndExtract" >> beam.ParDo(
             DecodeAndExtract(method, params or {}, decode, threads)).with_outputs(DEAD, main="features")
         features, dead = results.features, results[DEAD]
-    write = beam.io.WriteToParquet  # dict rows, buffered into row groups by the sink
     if kind == "local":  # one-row Arrow tables: batch them into row groups first
-        features, write = features | "Rebatch" >> Rebatch(), beam.io.WriteToParquetBatched
-    _ = features | "WriteFeatures" >> write(
+        features = features | "Rebatch" >> Rebatch()
+    else:  # dict rows: into Arrow tables with the vectors stacked (the sink would convert each vector alone)
+        features = features | "ToTables" >> RowsToTables(schema)
+    _ = features | "WriteFeatures" >> beam.io.WriteToParquetBatched(
         paths["features"], schema, num_shards=num_shards, shard_name_template=SHARD_TEMPLATE,
         file_name_suffix=".parquet", codec="zstd",
     )
@@ -198,6 +199,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         "threads_per_worker": threads,
         "seconds": round(seconds, 3),
         "images_per_second": round(counts["outputs"] / seconds, 2) if seconds > 0 else None,
+        "startup": job.startup,
         "dim": extractor.dim,
         "kind": kind,
         "regional": detected is not None,

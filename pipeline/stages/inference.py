@@ -1,6 +1,7 @@
 """Batched CNN inference in Beam: a RunInference model handler for Cairn's embedding models.
 
-    rows -> PrepareImages (decode + resize; dead letters) -> ((id, landmark_id, path), [S, S, 3] uint8)
+    rows -> PrepareImages (decode + resize in a thread pool, ahead of inference; dead letters)
+         -> ((id, landmark_id, path), [S, S, 3] uint8)
          -> RunInference(KeyedModelHandler(EmbeddingModelHandler)) -> ((id, landmark_id, path), PredictionResult)
          -> {"id", "landmark_id", "vector"} rows for the global-features Parquet schema
 
@@ -9,16 +10,27 @@ its thread limits, and ``run_inference(batch, model)`` is side-effect free: a li
 PredictionResult per image out. Beam batches the elements (``batch_size`` per call). Beam's own TensorFlow
 handlers need extra packages (tfx-bsl) and know nothing of TFLite or of Cairn's metadata, hence this one.
 A batch whose inference raises becomes one dead letter per image (``with_exception_handling``).
+
+Decoding overlaps inference: PrepareImages decodes and resizes in a pool of ``threads`` threads (JPEG decoding
+and OpenCV resizing release the GIL), up to ``prefetch`` images ahead of the one it hands on, so that while
+RunInference runs a batch (it runs in the same fused stage, on the same thread as PrepareImages' ``process``)
+the pool prepares the next. Elements leave in the order they came; a bundle's last ones leave in
+``finish_bundle``.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from features.cnn import CnnConfig, CnnExtractor, resize_square
 from features.delf import DelfConfig, DelfExtractor
@@ -95,33 +107,80 @@ class EmbeddingModelHandler(_BatchedHandler):
         return sum(x.nbytes for x in batch)
 
 
+def ahead_of(handler) -> dict:
+    """PrepareImages' pool for the model ``handler`` it feeds: as many threads as the model has, two batches
+    ahead."""
+    return {"threads": max(1, handler.threads), "prefetch": 2 * handler.batch_size}
+
+
 class PrepareImages(beam.DoFn):
     """{id, path, landmark_id} -> ((id, landmark_id, path), prepared image); failures -> dead letters.
 
     The prepared image is ``resize_square(image, size)`` when ``size`` is an int, ``size(image)`` when it is a
-    (picklable) function; with ``with_size`` the value is (prepared image, (decoded width, height))."""
+    (picklable) function; with ``with_size`` the value is (prepared image, (decoded width, height)).
+    ``threads`` > 0: images are prepared in a pool of that many threads, up to ``prefetch`` ahead of the one
+    handed on (0: one at a time in ``process``)."""
 
-    def __init__(self, size, decode: DecodeConfig, with_size: bool = False):
+    def __init__(self, size, decode: DecodeConfig, with_size: bool = False, threads: int = 0, prefetch: int = 64):
         self.size = size
         self.decode = decode
         self.with_size = with_size
+        self.threads = threads
+        self.prefetch = prefetch
         self.failed = {stage: Metrics.counter(NAMESPACE, f"dead_{stage}") for stage in ("read", "decode")}
+        self.pool = None
+        self.pending = collections.deque()
 
-    def process(self, row: dict):
+    def setup(self):
+        if self.threads > 0:
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cairn-decode")
+
+    def teardown(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def start_bundle(self):
+        self.pending = collections.deque()
+
+    def _prepare(self, row: dict):
+        """(key, value) of a row, or (None, (stage, reason)) when it cannot be read or decoded (no exception
+        leaves: this runs in the pool)."""
+        key = (row["id"], row["landmark_id"], row.get("path") or "")
         try:
             image = load_image(row["path"], self.decode)
         except ImageError as e:
-            self.failed[e.stage].inc()
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(row["id"], e.stage, e.reason, row.get("path") or ""))
-            return
+            return None, (e.stage, e.reason)
         except Exception as e:  # noqa: BLE001 - never let one file stop the job
-            self.failed["decode"].inc()
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(row["id"], "decode", f"{type(e).__name__}: {e}",
-                                                            row.get("path") or ""))
-            return
+            return None, ("decode", f"{type(e).__name__}: {e}")
         prepared = resize_square(image, self.size) if isinstance(self.size, int) else self.size(image)
-        key = (row["id"], row["landmark_id"], row.get("path") or "")
-        yield key, ((prepared, (image.shape[1], image.shape[0])) if self.with_size else prepared)
+        return key, ((prepared, (image.shape[1], image.shape[0])) if self.with_size else prepared)
+
+    def _output(self, row: dict, prepared):
+        key, value = prepared
+        if key is None:
+            stage, reason = value
+            self.failed[stage].inc()
+            return beam.pvalue.TaggedOutput(DEAD, DeadLetter(row["id"], stage, reason, row.get("path") or ""))
+        return key, value
+
+    def process(self, row: dict):
+        if self.pool is None:
+            yield self._output(row, self._prepare(row))
+            return
+        self.pending.append((row, self.pool.submit(self._prepare, row)))
+        # hand on every image that is ready, in order, and wait for the oldest beyond the prefetch depth
+        while self.pending and (len(self.pending) > self.prefetch or self.pending[0][1].done()):
+            first, future = self.pending.popleft()
+            yield self._output(first, future.result())
+
+    def finish_bundle(self):
+        while self.pending:
+            first, future = self.pending.popleft()
+            out = self._output(first, future.result())
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, MIN_TIMESTAMP, [GlobalWindow()]))
+            else:
+                yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
 
 
 class _ToRows(beam.DoFn):
@@ -302,7 +361,8 @@ class DetectAndEmbed(beam.PTransform):
         self.detect_params = detect_params
 
     def expand(self, rows):
-        prepared = rows | "Decode" >> beam.ParDo(PrepareImages(keep_image, self.decode)).with_outputs(
+        prepared = rows | "Decode" >> beam.ParDo(PrepareImages(keep_image, self.decode,
+                                                                **ahead_of(self.detect_handler))).with_outputs(
             DEAD, main="images")
         detected, det_other = prepared.images | "Detect" >> RunInference(
             KeyedModelHandler(self.detect_handler)).with_exception_handling()
@@ -344,7 +404,8 @@ class EmbedImages(beam.PTransform):
 
     def expand(self, rows):
         local = self.local_schema is not None
-        prepared = rows | "Prepare" >> beam.ParDo(PrepareImages(self.size, self.decode, with_size=local)).with_outputs(
+        prepared = rows | "Prepare" >> beam.ParDo(PrepareImages(self.size, self.decode, with_size=local,
+                                                                **ahead_of(self.handler))).with_outputs(
             DEAD, main="images")
         main, other = prepared.images | "Embed" >> RunInference(
             KeyedModelHandler(self.handler)).with_exception_handling()

@@ -303,3 +303,22 @@ def test_a_terminal_sees_the_images_done_of_a_multi_process_extraction(tmp_path,
     err = capsys.readouterr().err
     assert f"{n}/{n}" in err and "extract" in err and "img/s" in err
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_the_cnn_job_gives_the_extractor_s_vectors_and_records_its_start_up(tmp_path, tiny_synth, tiny_embedder):
+    """Issue 25: decoding ahead of the model in a pool changes no vector (each is the extractor's own on that
+    image), and the record splits the start-up out: pipeline construction, and the model load for a job that
+    has a model."""
+    from features.cnn import CnnConfig, CnnExtractor
+    from pipeline.images import load_image
+
+    record = extract(str(tiny_synth / "train.csv"), str(tmp_path / "cnn"), method="cnn",
+                     params={"model": tiny_embedder, "batch_size": 3}, workers=1, threads=2)
+    table, _ = read_shards(str(tmp_path / "cnn" / "features"))
+    extractor = CnnExtractor(CnnConfig(model=tiny_embedder), threads=1)
+    paths = {r["id"]: tiny_synth / r["path"] for r in csv.DictReader(open(tiny_synth / "train.csv"))}
+    expected = np.stack([extractor.extract(load_image(str(paths[i]))) for i in table.column("id").to_pylist()])
+    assert table.num_rows == len(paths) and np.allclose(vectors_of(table), expected, atol=1e-5)
+    assert record["startup"]["build_seconds"] > 0 and record["startup"]["model_load_seconds"] > 0
+    hog = extract(str(tiny_synth / "train.csv"), str(tmp_path / "hog"), workers=1)
+    assert hog["startup"]["build_seconds"] > 0 and "model_load_seconds" not in hog["startup"]

@@ -62,3 +62,75 @@ def test_embed_images_in_a_test_pipeline(tmp_path, tiny_synth):
                                    for i, (k, v) in enumerate(expected.items())]), label="features")
         assert_that(dead | beam.Map(lambda d: (d.id, d.stage)),
                     equal_to([("missing", "read"), ("black", "extract")]), label="dead")
+
+
+def _rows_with_failures(tmp_path, tiny_synth) -> list[dict]:
+    rows = [{"id": r["id"], "path": str(tiny_synth / r["path"]), "landmark_id": int(r["landmark_id"] or 0)}
+            for r in csv.DictReader(open(tiny_synth / "train.csv"))]
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    rows.insert(3, {"id": "missing", "path": str(tmp_path / "nope.jpg"), "landmark_id": 1})
+    rows.insert(7, {"id": "corrupt", "path": str(tmp_path / "corrupt.jpg"), "landmark_id": 1})
+    return rows
+
+
+def _slow_resize(image):
+    """resize_square to 32 px after a pause: the image just submitted is never ready when process() returns."""
+    import time
+
+    from features.cnn import resize_square
+
+    time.sleep(0.05)
+    return resize_square(image, 32)
+
+
+def test_prepare_images_ahead_in_a_pool_hands_on_every_row_in_order(tmp_path, tiny_synth):
+    """Issue 25: decoding in a thread pool ahead of inference hands on what one-at-a-time decoding does, in the
+    same order, the last ones of a bundle from finish_bundle (as windowed values, as Beam requires there)."""
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from pipeline.stages.inference import DEAD, PrepareImages
+
+    rows = _rows_with_failures(tmp_path, tiny_synth)
+
+    def run(fn):
+        fn.setup()
+        fn.start_bundle()
+        out = [o for row in rows for o in fn.process(row)]
+        during = len(out)
+        out += list(fn.finish_bundle())
+        fn.teardown()
+        unwrapped = []
+        for o in out:
+            if isinstance(o, beam.pvalue.TaggedOutput):
+                value = o.value.value if isinstance(o.value, WindowedValue) else o.value
+                unwrapped.append((o.tag, value.id, value.stage))
+            else:
+                value = o.value if isinstance(o, WindowedValue) else o
+                unwrapped.append(("images", value[0][0], value[1].tobytes()))
+        return unwrapped, during, out
+
+    one_at_a_time, during, _ = run(PrepareImages(32, DecodeConfig()))
+    assert during == len(rows)
+    ahead, during, raw = run(PrepareImages(_slow_resize, DecodeConfig(), threads=3, prefetch=4))
+    assert ahead == one_at_a_time
+    assert [t[1] for t in ahead] == [r["id"] for r in rows]
+    assert ("DEAD", "missing", "read") not in ahead and (DEAD, "missing", "read") in ahead
+    assert (DEAD, "corrupt", "decode") in ahead
+    assert during < len(rows) and all(isinstance(o.value if isinstance(o, beam.pvalue.TaggedOutput) else o,
+                                                 WindowedValue) for o in raw[during:])
+
+
+def test_prepare_images_ahead_in_a_beam_pipeline(tmp_path, tiny_synth):
+    from pipeline.stages.inference import DEAD, PrepareImages
+
+    rows = _rows_with_failures(tmp_path, tiny_synth)
+    one = PrepareImages(32, DecodeConfig())
+    expected = [one._prepare(r) for r in rows]
+    images = [(k[0], v.tobytes()) for k, v in expected if k is not None]
+    with BeamTestPipeline(argv=["--runner=DirectRunner"]) as p:
+        prepared = p | beam.Create(rows) | beam.ParDo(PrepareImages(32, DecodeConfig(), threads=2, prefetch=3)
+                                                      ).with_outputs(DEAD, main="images")
+        assert_that(prepared.images | beam.Map(lambda kv: (kv[0][0], kv[1].tobytes())), equal_to(images),
+                    label="images")
+        assert_that(prepared[DEAD] | beam.Map(lambda d: (d.id, d.stage)),
+                    equal_to([("missing", "read"), ("corrupt", "decode")]), label="dead")
