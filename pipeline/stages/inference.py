@@ -80,7 +80,9 @@ class _BatchedHandler(ModelHandler):
             return self.build()
 
     def batch_elements_kwargs(self):
-        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+        """Full batches: Beam's adaptive batching starts at one element and grows, and a model runs small batches
+        at a fraction of its speed (a bundle's last batch may be smaller)."""
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
 
     def get_metrics_namespace(self) -> str:
         return self.namespace

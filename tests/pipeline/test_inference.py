@@ -34,7 +34,7 @@ def test_handler_batches_and_returns_one_result_per_image():
     batch = [np.full((32, 32, 3), v, np.uint8) for v in (10, 20, 30)]
     results = list(handler.run_inference(batch, model))
     assert [float(r.inference[0]) for r in results] == [10.0, 20.0, 30.0]
-    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 4}
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 4, "max_batch_size": 4}  # full batches
 
 
 def test_embed_images_in_a_test_pipeline(tmp_path, tiny_synth):
