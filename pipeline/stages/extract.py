@@ -44,7 +44,14 @@ from pipeline.stages.inference import (
     EmbedImages,
     LocalModelHandler,
 )
-from pipeline.stages.transforms import DEAD, DecodeAndExtract, Rebatch, RowsToTables, WriteDeadLetters
+from pipeline.stages.transforms import (
+    DEAD,
+    EXTRACT_BATCH,
+    DecodeAndExtract,
+    Rebatch,
+    RowsToTables,
+    WriteDeadLetters,
+)
 
 log = logging.getLogger(__name__)
 ROWS_PER_SHARD = 20_000
@@ -160,6 +167,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
             rows = rows | "Progress" >> progress.counted(counts_folder)
     else:
         rows = p | "NoRows" >> beam.Create([])
+    per_image = True  # the model paths give a row (or a one-row table) per image
     if detected is not None:  # detect, crop the regions, embed each, gather them per image
         handlers = (DetectorModelHandler(cfg.to_dict(detect), threads, detect.batch_size),
                     EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size))
@@ -172,13 +180,16 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     elif getattr(extractor, "batched", False):  # CNN: decode + resize, then batched inference with RunInference
         handler = EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size)
         features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_size, extractor.dim, decode)
-    else:
-        results = rows | "DecodeAndExtract" >> beam.ParDo(
-            DecodeAndExtract(method, params or {}, decode, threads)).with_outputs(DEAD, main="features")
+    else:  # decode + extract in the worker, a batch of images per call, one Arrow table per batch
+        per_image = False
+        results = (rows
+                   | "Batch" >> beam.BatchElements(min_batch_size=EXTRACT_BATCH, max_batch_size=EXTRACT_BATCH)
+                   | "DecodeAndExtract" >> beam.ParDo(DecodeAndExtract(method, params or {}, decode, threads, schema))
+                   .with_outputs(DEAD, main="features"))
         features, dead = results.features, results[DEAD]
-    if kind == "local":  # one-row Arrow tables: batch them into row groups first
+    if per_image and kind == "local":  # one-row Arrow tables: batch them into row groups first
         features = features | "Rebatch" >> Rebatch()
-    else:  # dict rows: into Arrow tables with the vectors stacked (the sink would convert each vector alone)
+    elif per_image:  # dict rows: into Arrow tables with the vectors stacked (the sink would convert each vector alone)
         features = features | "ToTables" >> RowsToTables(schema)
     _ = features | "WriteFeatures" >> beam.io.WriteToParquetBatched(
         paths["features"], schema, num_shards=num_shards, shard_name_template=SHARD_TEMPLATE,
