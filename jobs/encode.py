@@ -3,7 +3,7 @@
     local features (sift)  + bovw encoder  -> OUT/sparse-SSSSS-of-NNNNN.parquet    tf-idf bag of visual words
     local features (sift)  + vlad encoder  -> OUT/features-SSSSS-of-NNNNN.parquet  VLAD (+ PCA-whitening)
     global features (hog)  + pca encoder   -> OUT/features-SSSSS-of-NNNNN.parquet  PCA-whitened descriptors
-Encoders are written by `cairn train`. OUT/_cairn/encode.json holds the config, the counts, the timing and the shards
+Encoders are written by `cairn train`. OUT.cairn/encode.json holds the config, the counts, the timing and the shards
 it wrote (bytes, rows, sha256); every input row gives exactly one output row (an image without keypoints gives
 an empty or zero vector), which the job checks. A rerun with the same inputs and encoder reuses the outputs
 once every shard's checksum matches its record; a shard missing, added, truncated or changed is encoded again.

@@ -1,15 +1,15 @@
 """cairn extract: a Beam job from a manifest to descriptors in sharded Parquet, with dead letters.
 
-Outputs in OUT (only feature shards at the top, so that pandas, pyarrow.dataset, DuckDB and autofaiss read
-OUT as one data set; what the job keeps beside them is in OUT/_cairn/, which those readers skip):
-    features-SSSSS-of-NNNNN.parquet          global descriptors (hog): id, landmark_id, vector
-    local-SSSSS-of-NNNNN.parquet             local features (sift): keypoints, scales, orientations, scores,
-                                             descriptors per image (schemas in pipeline/schemas.py)
-    _cairn/dead_letters.csv                  id,stage,reason,path for every record that could not be used
-    _cairn/manifest-SSSSS-of-NNNNN.parquet   the validated manifest the job read (id, path, landmark_id), with
-                                             each image file's size and mtime_ns when the job started
-    _cairn/extract.json                      the resolved config, the record counts, the timing, and every file
-                                             above with its bytes, rows and sha256 ("files")
+Outputs: OUT holds only the feature shards, so that pandas, pyarrow.dataset, DuckDB and autofaiss read it as one
+data set; what the job keeps about them is in the folder beside it, OUT.cairn (move or copy the two together):
+    OUT/features-SSSSS-of-NNNNN.parquet         global descriptors (hog): id, landmark_id, vector
+    OUT/local-SSSSS-of-NNNNN.parquet            local features (sift): keypoints, scales, orientations, scores,
+                                                descriptors per image (schemas in pipeline/schemas.py)
+    OUT.cairn/dead_letters.csv                  id,stage,reason,path for every record that could not be used
+    OUT.cairn/manifest-SSSSS-of-NNNNN.parquet   the validated manifest the job read (id, path, landmark_id),
+                                                with each image file's size and mtime_ns when the job started
+    OUT.cairn/extract.json                      the resolved config, the record counts, the timing and start-up,
+                                                and every file above with its bytes, rows and sha256 ("files")
 
 With --detector (cnn), each image is decoded, its landmark boxes detected (batched), and the full image plus
 the top boxes are cropped and embedded: features-*.parquet then has one row per region (region 0 = the full
@@ -19,7 +19,7 @@ their regions' similarities).
 
 Every manifest row ends in exactly one of features or dead letters; the job checks this at the end and
 fails if it does not hold. A rerun with the same config and manifest reuses the outputs only when every file
-is the one _cairn/extract.json records (its sha256 is checked) and every image has the size and modification time it
+is the one OUT.cairn/extract.json records (its sha256 is checked) and every image has the size and modification time it
 had (one stat per image; remote images: one listing per folder); otherwise it says why (which files, which
 images) and extracts again. A different config replaces them. Commands that read a features folder refuse
 shards its record does not list or whose size or Parquet footer differ from it.
