@@ -187,10 +187,9 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
                    | "DecodeAndExtract" >> beam.ParDo(DecodeAndExtract(method, params or {}, decode, threads, schema))
                    .with_outputs(DEAD, main="features"))
         features, dead = results.features, results[DEAD]
-    if per_image and kind == "local":  # one-row Arrow tables: batch them into row groups first
-        features = features | "Rebatch" >> Rebatch()
-    elif per_image:  # dict rows: into Arrow tables with the vectors stacked (the sink would convert each vector alone)
-        features = features | "ToTables" >> RowsToTables(schema)
+    if per_image and kind == "global":  # dict rows: into Arrow tables with the vectors stacked (the sink would
+        features = features | "ToTables" >> RowsToTables(schema)  # convert each vector alone)
+    features = features | "Rebatch" >> Rebatch()  # row groups of about 64 MiB
     _ = features | "WriteFeatures" >> beam.io.WriteToParquetBatched(
         paths["features"], schema, num_shards=num_shards, shard_name_template=SHARD_TEMPLATE,
         file_name_suffix=".parquet", codec="zstd",
