@@ -175,7 +175,8 @@ def encode(features: str, encoder_path: str, out: str, workers: int = 0, threads
               "files": record_files(outputs)}
     cfg.save_json(record_path, record)
     record = {**record, "cost": costs.beam_cost("encode", record, tree_bytes(out) + tree_bytes(side_folder(out)))}
-    log.info("encode: %d images -> %d %s vectors of dim %d in %.1f s", images, written, out_kind, dim, seconds)
+    log.info("encode: %d images -> %d %s vectors of dim %d in %.1f s (record beside them: %s)", images, written,
+             out_kind, dim, seconds, record_path)
     return record
 
 

@@ -222,6 +222,8 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     log.info("extract: %d inputs = %d features + %d dead letters (%s); %.1f s, %.1f images/s",
              counts["inputs"], counts["outputs"], counts["dead_letters"], _by_stage(counts), seconds,
              record["images_per_second"] or 0)
+    log.info("extract: features in %s; the record, manifest and dead letters beside it in %s", out,
+             side_folder(out))
     if detected is not None:
         log.info("extract: %d regions, %d of them detected boxes (%.2f per image)", counts["regions"],
                  counts["detected_boxes"], counts["detected_boxes"] / max(1, counts["outputs"]))
