@@ -28,9 +28,6 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 
 from features.cnn import CnnConfig, CnnExtractor, resize_square
 from features.delf import DelfConfig, DelfExtractor
@@ -39,9 +36,7 @@ from features.local import local_features_table
 from pipeline.errors import DeadLetter
 from pipeline.images import DecodeConfig, ImageError, load_image
 from pipeline.resources import limit_threads, quiet_native_start_up
-
-DEAD = "dead"
-NAMESPACE = "cairn"
+from pipeline.stages.transforms import DEAD, NAMESPACE, at_bundle_end
 
 
 def config_params(params: dict) -> dict:
@@ -178,11 +173,7 @@ class PrepareImages(beam.DoFn):
     def finish_bundle(self):
         while self.pending:
             first, future = self.pending.popleft()
-            out = self._output(first, future.result())
-            if isinstance(out, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, MIN_TIMESTAMP, [GlobalWindow()]))
-            else:
-                yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
+            yield at_bundle_end(self._output(first, future.result()))
 
 
 class _ToRows(beam.DoFn):

@@ -10,6 +10,7 @@ import logging
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
@@ -25,6 +26,14 @@ from pipeline.schemas import global_features_table
 log = logging.getLogger(__name__)
 DEAD = "dead"  # tag of the dead-letter output
 NAMESPACE = "cairn"
+
+
+def at_bundle_end(value):
+    """``value`` (or a TaggedOutput of it) as ``finish_bundle`` must yield it: a windowed value, in the global
+    window, at the start of time (what a bounded source's elements carry)."""
+    if isinstance(value, beam.pvalue.TaggedOutput):
+        return beam.pvalue.TaggedOutput(value.tag, at_bundle_end(value.value))
+    return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
 
 
 EXTRACT_BATCH = 64  # images per DecodeAndExtract call: Beam's per-element cost is paid once per batch
@@ -108,8 +117,6 @@ class _Coalesce(beam.DoFn):
         self.buffer, self.size = [], 0
 
     def _flush(self):
-        import pyarrow as pa
-
         table = pa.concat_tables(self.buffer).combine_chunks()
         self.buffer, self.size = [], 0
         return table
@@ -122,7 +129,7 @@ class _Coalesce(beam.DoFn):
 
     def finish_bundle(self):
         if self.buffer:
-            yield WindowedValue(self._flush(), MIN_TIMESTAMP, [GlobalWindow()])
+            yield at_bundle_end(self._flush())
 
 
 class Rebatch(beam.PTransform):
@@ -144,8 +151,6 @@ def rows_to_table(rows: list[dict], schema):
     """Global-feature dict rows ({id, landmark_id, vector, and the regional columns}) -> one Arrow table in
     ``schema``, the vectors stacked into one buffer (pyarrow converts a list of numpy vectors element by element:
     0.5 ms per 1,764-d HoG row, more than the descriptor costs)."""
-    import pyarrow as pa
-
     extra = None
     if len(schema.names) > 3:  # regional rows: region, box, box_score, width, height
         fields = [schema.field(name) for name in schema.names[3:]]
