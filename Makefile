@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: setup demo test test-fast fuzz bench bench-scale porto lint browser clean help
+.PHONY: setup demo test test-fast fuzz bench bench-scale bench-plan porto lint browser clean help
 
 help:
 	@echo "make setup   create $(VENV) with the pinned dependencies (GPU=1 for the CUDA builds of TF and FAISS)"
@@ -17,6 +17,7 @@ help:
 	@echo "make fuzz    a longer, fresh fuzzing of the manifest reader and image loader (CI runs a short, fixed one)"
 	@echo "make bench   benchmarks; figures in BENCHMARKS.md and bench/results.json"
 	@echo "make bench-scale  3,200 and 20,000 synthetic images through every method, and cairn plan's projections"
+	@echo "make bench-plan   cairn plan's million-image projection, this checkout against a baseline commit"
 	@echo "make porto   the real-data checks on ../shared/data/porto (leave-one-out; open set), into BENCHMARKS.md"
 	@echo "make lint    ruff, and the import contracts of the layers (import-linter; README \"Layout\")"
 	@echo "make browser install Debian's chromium (headless, for the HTML report tests) when it is missing"
@@ -66,6 +67,11 @@ bench: setup
 # `cairn plan`'s projections of those runs and of a million images; figures in BENCHMARKS.md (section "scale")
 bench-scale: setup
 	$(BIN)/python -m bench.run --only scale
+
+# `cairn plan`'s million-image projection with this checkout and with bench/bench_plan.py's BASELINE commit, in
+# one run (section "plan" of BENCHMARKS.md; about half an hour)
+bench-plan: setup
+	$(BIN)/python -m bench.run --only plan
 
 # leave-one-out retrieval and kNN accuracy on the shared Porto photos, and the open-set rounds (one landmark held
 # out of the database per round: GAP, accuracy and AUC beside the plain top-1 rule)

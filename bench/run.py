@@ -35,8 +35,10 @@ BENCHMARKS = {
     "porto": "bench.bench_porto",
     "open_set": "bench.bench_open_set",
     "scale": "bench.bench_scale",
+    "plan": "bench.bench_plan",
 }
-ON_DEMAND = ("scale",)  # run only when named (--only scale, `make bench-scale`): about two hours
+# run only when named: scale (`make bench-scale`) about two hours, plan (`make bench-plan`) about half an hour
+ON_DEMAND = ("scale", "plan")
 COMMAND = "make bench"
 QUICK_COMMAND = ".venv/bin/python -m bench.run --quick"
 
