@@ -51,6 +51,7 @@ from pipeline.stages.transforms import (
     Rebatch,
     RowsToTables,
     WriteDeadLetters,
+    row_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -157,17 +158,21 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
              threads, "s"[: threads > 1])
     show_progress = progress.wanted(runner) if show_progress is None else show_progress
     counts_folder = progress.folder(show_progress and test_pipeline is None and len(manifest) > 0)
-    if len(manifest):
-        rows = (
-            p
-            | "ReadManifest" >> beam.io.ReadFromParquet(shard_pattern(paths["manifest"]))
-            | "Spread" >> beam.Reshuffle()
-        )
-        if counts_folder is not None:
-            rows = rows | "Progress" >> progress.counted(counts_folder)
-    else:
+    # the model paths take a row per image (RunInference batches them); HoG and SIFT take chunks of EXTRACT_BATCH
+    # rows from the read on, so that the shuffle and every step after it pay Beam's per-element cost per chunk
+    per_image = detected is not None or getattr(extractor, "batched", False)
+    if not len(manifest):
         rows = p | "NoRows" >> beam.Create([])
-    per_image = True  # the model paths give a row (or a one-row table) per image
+    elif per_image:
+        rows = p | "ReadManifest" >> beam.io.ReadFromParquet(shard_pattern(paths["manifest"]))
+    else:
+        rows = (p
+                | "ReadManifest" >> beam.io.ReadFromParquetBatched(shard_pattern(paths["manifest"]))
+                | "Chunk" >> beam.FlatMap(row_chunks, EXTRACT_BATCH))
+    if len(manifest):
+        rows = rows | "Spread" >> beam.Reshuffle()
+        if counts_folder is not None:
+            rows = rows | "Progress" >> progress.counted(counts_folder, per_element=1 if per_image else len)
     if detected is not None:  # detect, crop the regions, embed each, gather them per image
         handlers = (DetectorModelHandler(cfg.to_dict(detect), threads, detect.batch_size),
                     EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size))
@@ -180,10 +185,8 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     elif getattr(extractor, "batched", False):  # CNN: decode + resize, then batched inference with RunInference
         handler = EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size)
         features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_size, extractor.dim, decode)
-    else:  # decode + extract in the worker, a batch of images per call, one Arrow table per batch
-        per_image = False
+    else:  # decode + extract in the worker, a chunk of images per call, one Arrow table per chunk
         results = (rows
-                   | "Batch" >> beam.BatchElements(min_batch_size=EXTRACT_BATCH, max_batch_size=EXTRACT_BATCH)
                    | "DecodeAndExtract" >> beam.ParDo(DecodeAndExtract(method, params or {}, decode, threads, schema))
                    .with_outputs(DEAD, main="features"))
         features, dead = results.features, results[DEAD]

@@ -41,10 +41,12 @@ def wanted(runner: str) -> bool:
 
 
 class CountImages(beam.DoFn):
-    """Passes every element on and counts it in FOLDER/<process>-<random>: one file per DoFn instance."""
+    """Passes every element on and counts it in FOLDER/<process>-<random>: one file per DoFn instance.
+    ``per_element``: the images an element holds, a number or a function of the element (``len`` for chunks)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, per_element=1):
         self.folder = folder
+        self.per_element = per_element
         self.path = None
         self.count = 0
         self.written = 0.0
@@ -66,7 +68,7 @@ class CountImages(beam.DoFn):
         self.written = time.monotonic()
 
     def process(self, element):
-        self.count += 1
+        self.count += self.per_element if isinstance(self.per_element, int) else self.per_element(element)
         if time.monotonic() - self.written >= WRITE_EVERY:
             self._write()
         yield element
@@ -75,8 +77,8 @@ class CountImages(beam.DoFn):
         self._write()
 
 
-def counted(folder: str) -> beam.ParDo:
-    return beam.ParDo(CountImages(folder))
+def counted(folder: str, per_element=1) -> beam.ParDo:
+    return beam.ParDo(CountImages(folder, per_element))
 
 
 def read_counts(folder: str) -> int:

@@ -39,8 +39,14 @@ def at_bundle_end(value):
 EXTRACT_BATCH = 64  # images per DecodeAndExtract call: Beam's per-element cost is paid once per batch
 
 
+def row_chunks(table: pa.Table, size: int):
+    """A table of manifest rows (ReadFromParquetBatched) -> lists of at most ``size`` row dicts, in order."""
+    for start in range(0, table.num_rows, size):
+        yield table.slice(start, size).to_pylist()
+
+
 class DecodeAndExtract(beam.DoFn):
-    """A batch of rows [{id, path, landmark_id}, ...] (beam.BatchElements) -> one Arrow table of their features in
+    """A chunk of rows [{id, path, landmark_id}, ...] (row_chunks) -> one Arrow table of their features in
     ``schema`` (global descriptors, or local features for a local extractor), for WriteToParquetBatched;
     failures -> TaggedOutput(DEAD, DeadLetter), one per image. Per image it is the same work as one call
     per image (decode, extract); per batch, the Beam costs of an element (invocation, output, the sink's row

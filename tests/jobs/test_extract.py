@@ -322,3 +322,27 @@ def test_the_cnn_job_gives_the_extractor_s_vectors_and_records_its_start_up(tmp_
     assert record["startup"]["build_seconds"] > 0 and record["startup"]["model_load_seconds"] > 0
     hog = extract(str(tiny_synth / "train.csv"), str(tmp_path / "hog"), workers=1)
     assert hog["startup"]["build_seconds"] > 0 and "model_load_seconds" not in hog["startup"]
+
+
+def test_hog_and_sift_rows_travel_in_chunks_that_lose_and_reorder_nothing(tmp_path):
+    """Issue 25: the manifest is read as tables and cut into chunks of EXTRACT_BATCH rows, which cross the shuffle
+    and the progress count as one element each; every row is in exactly one chunk, in order, and the progress
+    counts images, not chunks."""
+    import pyarrow as pa
+
+    from pipeline.stages.progress import CountImages, read_counts
+    from pipeline.stages.transforms import EXTRACT_BATCH, row_chunks
+
+    n = 2 * EXTRACT_BATCH + 5
+    table = pa.table({"id": [f"i{k}" for k in range(n)], "landmark_id": list(range(n))})
+    chunks = list(row_chunks(table, EXTRACT_BATCH))
+    assert [len(c) for c in chunks] == [EXTRACT_BATCH, EXTRACT_BATCH, 5]
+    assert [r["id"] for c in chunks for r in c] == table.column("id").to_pylist()
+    assert chunks[2][4] == {"id": f"i{n - 1}", "landmark_id": n - 1}
+
+    counter = CountImages(str(tmp_path), per_element=len)
+    counter.setup()
+    for c in chunks:
+        assert list(counter.process(c)) == [c]
+    counter.finish_bundle()
+    assert read_counts(str(tmp_path)) == n
