@@ -28,6 +28,7 @@ from pipeline.run.settings import MethodsConfig
 from pipeline.stages.encode import encode
 from pipeline.stages.extract import check_detector, extract, resolve_detector
 from pipeline.stages.index import build_index
+from pipeline.stages.inference import SharedModels
 from pipeline.stages.recognize import recognize
 from pipeline.stages.train import train_classifier, train_pca
 
@@ -91,12 +92,13 @@ def extract_both(ctx: RunContext, extractor: str, params: dict, folder: str,
     """Extract database and query features into WORK/folder/{train,queries}; returns their records."""
     manifests = {"train": ctx.train, "queries": ctx.queries}
     records = {}
+    models = SharedModels()  # the query extraction reuses the model the database's loaded, when in one process
     for split in ctx.splits:
         out = fs.join(ctx.work, folder, split)
         records[split] = _stage("extract", out, lambda split=split, out=out: extract(
             manifests[split], out, method=extractor, params=params, decode=ctx.decode, workers=ctx.workers,
             threads=ctx.threads, beam_args=list(ctx.beam_args), force=ctx.force, detect=detect,
-            test_pipeline=_pipeline(ctx)), images=split,
+            test_pipeline=_pipeline(ctx), shared_models=models), images=split,
             name=f"extract {extractor}{'+det' if detect else ''}", split=split)
         counts = records[split]["counts"]
         if split == "train" and not counts["outputs"]:

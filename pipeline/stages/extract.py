@@ -43,6 +43,7 @@ from pipeline.stages.inference import (
     EmbeddingModelHandler,
     EmbedImages,
     LocalModelHandler,
+    SharedModels,
 )
 from pipeline.stages.transforms import (
     DEAD,
@@ -101,13 +102,14 @@ def _old_outputs(out: str) -> list[str]:
 def extract(manifest_path: str, out: str, method: str = "hog", params: dict | None = None,
             decode: DecodeConfig = DecodeConfig(), workers: int = 0, threads: int = 0, num_shards: int = 0,
             beam_args: list[str] | None = None, force: bool = False, test_pipeline=None, detect=None,
-            show_progress: bool | None = None) -> dict:
+            show_progress: bool | None = None, shared_models: SharedModels | None = None) -> dict:
     """Run the extraction job; returns the record written to OUT.cairn/extract.json.
 
     ``workers`` 0 picks DirectRunner worker processes automatically; ``threads`` 0 gives each cores / workers.
     ``detect`` (features.detect.DetectConfig): embed the full image and each detected landmark region, one row
     per region (cnn only). ``show_progress``: a bar of the images read on stderr (None: on a terminal with a
-    local runner; pipeline/stages/progress.py).
+    local runner; pipeline/stages/progress.py). ``shared_models`` (inference.SharedModels): the models are
+    acquired through it, so that another extraction given the same object reuses them in the same process.
     """
     if method not in EXTRACTORS:
         raise CairnError(f"method {method!r} is not an extractor (a method that needs its own pipeline); "
@@ -161,6 +163,10 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     # the model paths take a row per image (RunInference batches them); HoG and SIFT take chunks of EXTRACT_BATCH
     # rows from the read on, so that the shuffle and every step after it pay Beam's per-element cost per chunk
     per_image = detected is not None or getattr(extractor, "batched", False)
+
+    def shared(role: str):
+        return shared_models.handle(role) if shared_models is not None else None
+
     if not len(manifest):
         rows = p | "NoRows" >> beam.Create([])
     elif per_image:
@@ -174,16 +180,17 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         if counts_folder is not None:
             rows = rows | "Progress" >> progress.counted(counts_folder, per_element=1 if per_image else len)
     if detected is not None:  # detect, crop the regions, embed each, gather them per image
-        handlers = (DetectorModelHandler(cfg.to_dict(detect), threads, detect.batch_size),
-                    EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size))
+        handlers = (DetectorModelHandler(cfg.to_dict(detect), threads, detect.batch_size,
+                                         shared=shared("detector")),
+                    EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size, shared=shared("embed")))
         features, dead = rows | "DetectAndEmbed" >> DetectAndEmbed(*handlers, extractor.prepare_size, extractor.dim,
                                                                    decode, cfg.to_dict(detect))
     elif getattr(extractor, "batched", False) and kind == "local":  # DELF: pyramid + attention, batched by shape
-        handler = LocalModelHandler(params or {}, threads, extractor.config.batch_size)
+        handler = LocalModelHandler(params or {}, threads, extractor.config.batch_size, shared=shared("local"))
         features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_function(), extractor.dim, decode,
                                                        local_schema=schema)
     elif getattr(extractor, "batched", False):  # CNN: decode + resize, then batched inference with RunInference
-        handler = EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size)
+        handler = EmbeddingModelHandler(params or {}, threads, extractor.config.batch_size, shared=shared("embed"))
         features, dead = rows | "Embed" >> EmbedImages(handler, extractor.prepare_size, extractor.dim, decode)
     else:  # decode + extract in the worker, a chunk of images per call, one Arrow table per chunk
         results = (rows

@@ -21,6 +21,7 @@ the pool prepares the next. Elements leave in the order they came; a bundle's la
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +29,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.utils.shared import Shared
 
 from features.cnn import CnnConfig, CnnExtractor, resize_square
 from features.delf import DelfConfig, DelfExtractor
@@ -51,20 +53,47 @@ def _batch_error(error) -> str:
     return f"inference failed: {error}"[:500]
 
 
+class SharedModels:
+    """The models of a run's stages, loaded once per process for all the stages given this object: the launcher
+    makes it (extract_both: one for a method's database and query extractions) and each stage's handlers take a
+    Beam ``Shared`` handle from it per role, which travels pickled with the stage to the workers. A stage that
+    runs in a process where an earlier one loaded the same model (same handler, params and threads) gets that
+    model, already warmed up, instead of loading and tracing it again; a model with other params is loaded anew.
+    Beam keeps the last model acquired in a process alive (apache_beam.utils.shared); worker processes started
+    for one stage share nothing with the next."""
+
+    def __init__(self):
+        self.handles: dict[str, Shared] = {}
+
+    def handle(self, role: str) -> Shared:
+        if role not in self.handles:
+            self.handles[role] = Shared()
+        return self.handles[role]
+
+
 class _BatchedHandler(ModelHandler):
     """What Cairn's handlers share: the params of the model object, its thread limits, the batch size, an optional
-    ``factory(params, threads)`` (for tests) in place of the subclass's ``build()``."""
+    ``factory(params, threads)`` (for tests) in place of the subclass's ``build()``, and an optional Beam
+    ``Shared`` handle (SharedModels) through which the model is acquired."""
 
     namespace = "cairn"
 
-    def __init__(self, params: dict, threads: int = 1, batch_size: int = 32, factory=None):
+    def __init__(self, params: dict, threads: int = 1, batch_size: int = 32, factory=None, shared: Shared | None = None):
         super().__init__()
         self.params = dict(params)
         self.threads = threads
         self.batch_size = batch_size
         self.factory = factory
+        self.shared = shared
 
     def load_model(self):
+        if self.shared is None:
+            return self._load()
+        identity = json.dumps([type(self).__name__, getattr(self.factory, "__qualname__", None), self.params,
+                               self.threads], sort_keys=True, default=repr)
+        return self.shared.acquire(self._load, tag=identity)
+
+    def _load(self):
         limit_threads(self.threads)
         if self.factory is not None:
             return self.factory(self.params, self.threads)

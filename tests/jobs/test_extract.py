@@ -346,3 +346,34 @@ def test_hog_and_sift_rows_travel_in_chunks_that_lose_and_reorder_nothing(tmp_pa
         assert list(counter.process(c)) == [c]
     counter.finish_bundle()
     assert read_counts(str(tmp_path)) == n
+
+
+def test_the_query_extraction_reuses_the_model_the_database_extraction_loaded(tmp_path, tiny_synth, tiny_embedder,
+                                                                             monkeypatch):
+    """Issue 25 part 4: the stages of a run that share a SharedModels (a method's database and query extractions)
+    load a model once per process; the second stage's vectors are the same, and other params load their own."""
+    from pipeline.stages.inference import EmbeddingModelHandler, SharedModels
+
+    built = []
+    original = EmbeddingModelHandler.build
+
+    def build(self):
+        built.append(self.params["batch_size"])
+        return original(self)
+
+    monkeypatch.setattr(EmbeddingModelHandler, "build", build)
+    manifest = str(tiny_synth / "train.csv")
+    params = {"model": tiny_embedder, "batch_size": 3}
+    models = SharedModels()
+    for out in ("database", "queries"):
+        extract(manifest, str(tmp_path / out), method="cnn", params=params, workers=1, threads=1,
+                shared_models=models)
+    assert built == [3]
+    first, _ = read_shards(str(tmp_path / "database" / "features"))
+    second, _ = read_shards(str(tmp_path / "queries" / "features"))
+    assert np.array_equal(vectors_of(first.sort_by("id")), vectors_of(second.sort_by("id")))
+
+    extract(manifest, str(tmp_path / "other"), method="cnn", params={**params, "batch_size": 2}, workers=1,
+            threads=1, shared_models=models)
+    extract(manifest, str(tmp_path / "alone"), method="cnn", params=params, workers=1, threads=1)
+    assert built == [3, 2, 3]
