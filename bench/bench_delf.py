@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from bench.bench_embed import _images
+from bench.bench_embed import _images, copies_manifest
 from bench.common import entry, offline_beam_args, summary
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,7 @@ def _whole_job(group: str, params: dict, rows, extractor, workdir: str, threads:
     against the hand-written loop on the same list (its model already loaded)."""
     from pipeline.stages.extract import extract
 
-    paths = list(rows.paths) * copies
-    manifest = os.path.join(workdir, "data", "whole.csv")
-    with open(manifest, "w") as f:
-        f.write("id,path,landmark_id\n")
-        f.writelines(f"{i}-{k},{p},{'' if y is None else y}\n" for k in range(copies) for i, p, y in rows.records())
+    manifest, paths = copies_manifest(rows, copies, os.path.join(workdir, "data", "whole.csv"))
     start = time.perf_counter()
     handwritten(paths, extractor, threads, params["batch_size"])
     hand = time.perf_counter() - start

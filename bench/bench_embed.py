@@ -135,17 +135,22 @@ def _model_entries(group: str, params: dict, rows, manifest: str, small: str, wo
     return entries
 
 
+def copies_manifest(rows, copies: int, path: str) -> tuple[str, list[str]]:
+    """A manifest at ``path`` listing the manifest ``rows``' images ``copies`` times over, each copy its own id
+    (ID-K); returns it and its image paths in order (the hand-written loop's list)."""
+    with open(path, "w") as f:
+        f.write("id,path,landmark_id\n")
+        f.writelines(f"{i}-{k},{p},{'' if y is None else y}\n" for k in range(copies) for i, p, y in rows.records())
+    return path, list(rows.paths) * copies
+
+
 def _whole_job(group: str, params: dict, rows, extractor, workdir: str, label: str, threads: int,
                copies: int) -> list[dict]:
     """The whole job, start-up included, on ``copies`` times the images (each copy its own ids; the same files)
     against the hand-written loop on the same list (its model already loaded)."""
     from pipeline.stages.extract import extract
 
-    paths = list(rows.paths) * copies
-    manifest = os.path.join(workdir, "data", "whole.csv")
-    with open(manifest, "w") as f:
-        f.write("id,path,landmark_id\n")
-        f.writelines(f"{i}-{k},{p},{'' if y is None else y}\n" for k in range(copies) for i, p, y in rows.records())
+    manifest, paths = copies_manifest(rows, copies, os.path.join(workdir, "data", "whole.csv"))
     start = time.perf_counter()
     handwritten(paths, extractor, threads)
     hand = time.perf_counter() - start
