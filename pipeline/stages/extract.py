@@ -161,8 +161,10 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     show_progress = progress.wanted(runner) if show_progress is None else show_progress
     counts_folder = progress.folder(show_progress and test_pipeline is None and len(manifest) > 0)
     # the model paths take a row per image (RunInference batches them); HoG and SIFT take chunks of EXTRACT_BATCH
-    # rows from the read on, so that the shuffle and every step after it pay Beam's per-element cost per chunk
+    # rows from the read on, so that the shuffle and every step after it pay Beam's per-element cost per chunk;
+    # a small manifest on several workers gets smaller chunks, at least four per worker to spread
     per_image = detected is not None or getattr(extractor, "batched", False)
+    chunk = max(1, min(EXTRACT_BATCH, math.ceil(len(manifest) / (4 * workers))))
 
     def shared(role: str):
         return shared_models.handle(role) if shared_models is not None else None
@@ -174,7 +176,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
     else:
         rows = (p
                 | "ReadManifest" >> beam.io.ReadFromParquetBatched(shard_pattern(paths["manifest"]))
-                | "Chunk" >> beam.FlatMap(row_chunks, EXTRACT_BATCH))
+                | "Chunk" >> beam.FlatMap(row_chunks, chunk))
     if len(manifest):
         rows = rows | "Spread" >> beam.Reshuffle()
         if counts_folder is not None:
