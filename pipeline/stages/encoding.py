@@ -27,7 +27,7 @@ from features.sift import prepare_descriptors
 from features.vocabulary import BoVWEncoder, VLADEncoder
 from pipeline.errors import CairnError
 from pipeline.resources import limit_threads
-from pipeline.schemas import global_features_table, sparse_features_table, vectors_of
+from pipeline.schemas import descriptor_layout, global_features_table, sparse_features_table, vectors_of
 
 SUBSET = "subset"  # tag of the whole-row image sample
 NAMESPACE = "cairn"
@@ -66,8 +66,10 @@ def sample_rows(table: pa.Table, per_image: int, seed: int) -> np.ndarray:
             chosen.append(f.descriptors[f_idx])
         else:
             chosen.append(f.descriptors)
-    dim = table.schema.field("descriptors").type.value_type.list_size
-    return np.concatenate(chosen) if chosen else np.zeros((0, dim), np.float32)
+    if chosen:
+        return np.concatenate(chosen)
+    dim, _ = descriptor_layout(table.schema)
+    return np.zeros((0, dim or 0), np.float32)
 
 
 def descriptor_table(desc: np.ndarray) -> pa.Table:

@@ -40,8 +40,9 @@ def test_round_trip_with_empty_and_non_empty_images(dtype, tmp_path):
     table = local_features_table(["a", "b", "c", "d", "e"], [1, None, 2, None, 3], feats, schema)
     assert table.num_rows == 5 and table.schema.equals(schema, check_metadata=True)
     assert table.column("landmark_id").to_pylist() == [1, None, 2, None, 3]
-    value_type = pa.uint8() if dtype == "uint8" else pa.float32()
-    assert table.column("descriptors").type.value_type.value_type == value_type
+    # uint8 descriptors are DIM-byte values (one Parquet value per keypoint), float32 ones lists of DIM floats
+    want_type = pa.list_(pa.binary()) if dtype == "uint8" else pa.list_(pa.list_(pa.float32(), DIM))
+    assert table.column("descriptors").type == want_type
     for got, want in zip(local_features_from_table(table), feats, strict=True):
         assert_same(got, want)
     # ... and through a Parquet file, the form the pipeline stores
@@ -94,6 +95,53 @@ def test_unpack_list_whose_values_are_a_slice():
     values = pa.array(np.arange(6, dtype=np.float32))
     scalars = pa.ListArray.from_arrays(pa.array([0, 2, 5], pa.int32()), values)
     np.testing.assert_array_equal(_unpack(scalars.slice(1), None, np.float32)[0], [2, 3, 4])
+
+
+def test_uint8_descriptors_are_one_binary_value_per_keypoint_in_their_byte_order():
+    feats = [make(2, 0, np.uint8), make(3, 1, np.uint8)]
+    table = local_features_table(["a", "b"], [0, 1], feats, local_features_schema(DIM, "uint8"))
+    assert table.column("descriptors").to_pylist() == [[row.tobytes() for row in f.descriptors] for f in feats]
+
+
+def test_version_1_uint8_descriptors_as_lists_of_bytes_are_still_read(tmp_path):
+    """Folders written before version 2 hold list<fixed_size_list<uint8>[dim]>: the same features come back."""
+    feats = [make(3, 0, np.uint8), make(0, 1, np.uint8), make(2, 2, np.uint8)]
+    table = local_features_table(list("abc"), [0, None, 2], feats, local_features_schema(DIM, "uint8"))
+    lengths = np.array([len(f) for f in feats])
+    old = pa.ListArray.from_arrays(
+        pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32()),
+        pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate([f.descriptors for f in feats]).reshape(-1)), DIM))
+    v1 = table.set_column(table.schema.get_field_index("descriptors"), "descriptors", old)
+    assert v1.schema.field("descriptors").type == pa.list_(pa.list_(pa.uint8(), DIM))
+    pq.write_table(v1, tmp_path / "local-00000-of-00001.parquet")
+    read = pq.read_table(tmp_path / "local-00000-of-00001.parquet")
+    for got, want in zip(local_features_from_table(read), feats, strict=True):
+        assert_same(got, want)
+    for got, want in zip(local_features_from_table(read.slice(1, 2)), feats[1:], strict=True):
+        assert_same(got, want)
+
+
+def test_unpack_binary_values_that_are_a_slice():
+    rows = np.arange(6 * 4, dtype=np.uint8).reshape(6, 4)
+    child = pa.array([r.tobytes() for r in rows], pa.binary()).slice(1)  # rows 1..5
+    lists = pa.ListArray.from_arrays(pa.array([0, 2, 2, 5], pa.int32()), child)
+    first, empty, last = _unpack(lists, 4, np.uint8)
+    np.testing.assert_array_equal(first, rows[1:3])
+    assert empty.shape == (0, 4) and empty.dtype == np.uint8
+    np.testing.assert_array_equal(last, rows[3:6])
+    (only,) = _unpack(lists.slice(2), 4, np.uint8)
+    np.testing.assert_array_equal(only, rows[3:6])
+    # without a width (a table that lost its metadata) the values' own length is the width
+    np.testing.assert_array_equal(_unpack(lists, None, np.uint8)[2], rows[3:6])
+
+
+def test_a_descriptor_of_the_wrong_length_is_an_error_not_a_misread():
+    values = pa.array([b"\x01\x02\x03\x04", b"\x05\x06\x07"], pa.binary())
+    lists = pa.ListArray.from_arrays(pa.array([0, 2], pa.int32()), values)
+    with pytest.raises(ValueError, match="3 bytes where the features have 4"):
+        _unpack(lists, 4, np.uint8)
+    with pytest.raises(ValueError, match="3 bytes where the features have 4"):
+        _unpack(lists, None, np.uint8)
 
 
 def test_empty_constructor():

@@ -49,7 +49,7 @@ def test_sift_features_are_extracted_once_for_every_sift_method(classic_run):
     local = folders[0]
     shards = list((local / "train").glob("local-*.parquet"))
     meta = json.loads(pq.read_schema(shards[0]).metadata[b"cairn"])
-    assert meta["schema"] == "cairn.local_features/1" and meta["postprocess"] == "rootsift"
+    assert meta["schema"] == "cairn.local_features/2" and meta["postprocess"] == "rootsift"
 
 
 def test_reranking_reorders_neighbours_by_inliers(classic_run):
