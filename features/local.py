@@ -105,6 +105,8 @@ def _unpack(column: pa.ChunkedArray | pa.Array, width: int | None, dtype) -> lis
     if isinstance(column, pa.ChunkedArray):
         return [part for chunk in column.chunks for part in _unpack(chunk, width, dtype)]
     col = column
+    if len(col) == 0:  # an empty chunk may have no offsets buffer at all
+        return []
     # List offsets index the child array as it is seen through its own offset, and flatten() applies the
     # slices of both the list and its child, so rebasing on offsets[0] is all a sliced array needs.
     offsets = col.offsets.to_numpy()

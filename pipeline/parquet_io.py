@@ -76,8 +76,15 @@ def read_file(f, columns: list[str] | None = None) -> pa.Table:
     Not ``pq.read_table(f)``: that scans through Arrow's dataset layer, whose pool threads can drop the last
     reference to the Python file after the read returns; when that happens while the interpreter exits (a job
     that fails right after reading), the thread needs the GIL that is gone and the process aborts ("terminate
-    called without an active exception")."""
-    return pq.ParquetFile(f).read(columns=columns)
+    called without an active exception").
+
+    Row group by row group: a whole-file read of a column of binary values (SIFT's descriptors) over 2 GiB
+    fails in Arrow ("Nested data conversions not implemented for chunked array outputs"); a row group is
+    about 64 MiB (pipeline/stages/transforms.Rebatch)."""
+    reader = pq.ParquetFile(f)
+    if reader.num_row_groups <= 1:
+        return reader.read(columns=columns)
+    return pa.concat_tables([reader.read_row_group(i, columns=columns) for i in range(reader.num_row_groups)])
 
 
 def read_shards(prefix: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:

@@ -123,6 +123,8 @@ class _Coalesce(beam.DoFn):
         self.buffer, self.size = [], 0
 
     def _flush(self):
+        # combined: the Parquet writer and the coder pay per chunk (a 2,080-row HoG table in 64-row chunks took
+        # 0.44 s to write and pickle, against 0.08 s in one chunk; the combine itself 2 ms)
         table = pa.concat_tables(self.buffer).combine_chunks()
         self.buffer, self.size = [], 0
         return table
