@@ -180,10 +180,8 @@ def run(workdir: str, quick: bool) -> list[dict]:
     entries.append(entry(group, "cairn extract --method delf (Beam job, whole)", round(n_all / t_all, 2),
                          "images/s", hand, note="reads and decodes the JPEGs too; pipeline start and model load "
                          "included", job_seconds=t_all, images=n_all))
-    if t_all > t_small:
-        steady = (n_all - n_small) / (t_all - t_small)
-        entries.append(entry(group, "cairn extract --method delf, start-up excluded (estimate)", round(steady, 2),
-                             "images/s", hand, note=f"(N - {n_small}) / (T_N - T_{n_small})"))
+    entries += startup_excluded(group, "cairn extract --method delf, start-up excluded (estimate)", n_all, t_all,
+                                (n_small, t_small), hand)
     log.info("delf: Beam job %.1f images/s (%d in %.1f s)", n_all / t_all, n_all, t_all)
     if not quick:
         entries += _whole_job(group, params, rows, ex, workdir, threads, WHOLE_COPIES, (n_small, t_small))

@@ -122,11 +122,8 @@ def _model_entries(group: str, params: dict, rows, manifest: str, small: str, wo
     entries.append(entry(group, "cairn extract --method cnn (Beam job, whole)", round(n_all / t_all, 2), "images/s",
                          ref, note="pipeline start and model load included", job_seconds=t_all, images=n_all,
                          max_abs_difference_from_reference=difference))
-    if t_all > t_small:
-        steady = (n_all - n_small) / (t_all - t_small)
-        entries.append(entry(group, "cairn extract --method cnn, start-up excluded (estimate)", round(steady, 2),
-                             "images/s", ref, note=f"(N - {n_small}) / (T_N - T_{n_small}): the per-image cost once "
-                             "the pipeline runs", fixed_seconds=round(t_small - n_small / steady, 3)))
+    entries += startup_excluded(group, "cairn extract --method cnn, start-up excluded (estimate)", n_all, t_all,
+                                (n_small, t_small), ref)
     entries.append(entry(group, "largest difference of a vector component, job vs reference", f"{difference:.1e}",
                          "", better="", note="the job's vectors are the reference's"))
     log.info("embed %s: Beam job %.1f images/s (%d in %.1f s, %d in %.1f s); vectors differ by at most %.1e", label,
@@ -142,9 +139,10 @@ def startup_excluded(group: str, what: str, n: int, seconds: float, small: tuple
     n_small, t_small = small
     if seconds <= t_small:
         return []
-    return [entry(group, what, round((n - n_small) / (seconds - t_small), 2), "images/s", ref,
+    steady = (n - n_small) / (seconds - t_small)
+    return [entry(group, what, round(steady, 2), "images/s", ref,
                   note=f"(N - {n_small}) / (T_N - T_{n_small}) with N = {n:,}: the per-image cost once the pipeline "
-                  "runs", job_seconds=round(seconds, 3))]
+                  "runs", job_seconds=round(seconds, 3), fixed_seconds=round(t_small - n_small / steady, 3))]
 
 
 def copies_manifest(rows, copies: int, path: str) -> tuple[str, list[str]]:
