@@ -92,19 +92,20 @@ def extract_both(ctx: RunContext, extractor: str, params: dict, folder: str,
     """Extract database and query features into WORK/folder/{train,queries}; returns their records."""
     manifests = {"train": ctx.train, "queries": ctx.queries}
     records = {}
-    models = SharedModels()  # the query extraction reuses the model the database's loaded, when in one process
-    for split in ctx.splits:
-        out = fs.join(ctx.work, folder, split)
-        records[split] = _stage("extract", out, lambda split=split, out=out: extract(
-            manifests[split], out, method=extractor, params=params, decode=ctx.decode, workers=ctx.workers,
-            threads=ctx.threads, beam_args=list(ctx.beam_args), force=ctx.force, detect=detect,
-            test_pipeline=_pipeline(ctx), shared_models=models), images=split,
-            name=f"extract {extractor}{'+det' if detect else ''}", split=split)
-        counts = records[split]["counts"]
-        if split == "train" and not counts["outputs"]:
-            stages = ", ".join(f"{k} {v}" for k, v in sorted(counts["dead_by_stage"].items()))
-            raise NoDatabaseImages(f"every database image ({counts['inputs']} manifest rows) is a dead letter of the "
-                                   f"{extractor} extraction ({stages}): there is nothing to index", records)
+    # the query extraction reuses the model the database's loaded, when in one process; released at the end
+    with SharedModels() as models:
+        for split in ctx.splits:
+            out = fs.join(ctx.work, folder, split)
+            records[split] = _stage("extract", out, lambda split=split, out=out: extract(
+                manifests[split], out, method=extractor, params=params, decode=ctx.decode, workers=ctx.workers,
+                threads=ctx.threads, beam_args=list(ctx.beam_args), force=ctx.force, detect=detect,
+                test_pipeline=_pipeline(ctx), shared_models=models), images=split,
+                name=f"extract {extractor}{'+det' if detect else ''}", split=split)
+            counts = records[split]["counts"]
+            if split == "train" and not counts["outputs"]:
+                stages = ", ".join(f"{k} {v}" for k, v in sorted(counts["dead_by_stage"].items()))
+                raise NoDatabaseImages(f"every database image ({counts['inputs']} manifest rows) is a dead letter of the "
+                                       f"{extractor} extraction ({stages}): there is nothing to index", records)
     return records
 
 

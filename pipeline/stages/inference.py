@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import collections
 import json
+import threading
+import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,7 +31,6 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
-from apache_beam.utils.shared import Shared
 
 from features.cnn import CnnConfig, CnnExtractor, resize_square
 from features.delf import DelfConfig, DelfExtractor
@@ -56,29 +57,71 @@ def _batch_error(error) -> str:
 class SharedModels:
     """The models of a run's stages, loaded once per process for all the stages given this object: the launcher
     makes it (extract_both: one for a method's database and query extractions) and each stage's handlers take a
-    Beam ``Shared`` handle from it per role, which travels pickled with the stage to the workers. A stage that
-    runs in a process where an earlier one loaded the same model (same handler, params and threads) gets that
-    model, already warmed up, instead of loading and tracing it again; a model with other params is loaded anew.
-    Beam keeps the last model acquired in a process alive (apache_beam.utils.shared); worker processes started
-    for one stage share nothing with the next."""
+    handle from it per role (a string, which travels pickled with the stage to the workers). A stage that runs in
+    a process where an earlier one loaded the same model (same handler, params and threads) for the same handle
+    gets that model, already warmed up, instead of loading and tracing it again; a model with other params is
+    loaded anew and takes the old one's place.
+
+    The process holds the models itself (``_HELD``), by strong reference, until ``release()`` (the launcher's
+    ``with`` block) or the worker process ends. Beam's ``apache_beam.utils.shared`` was not enough: it keeps
+    only the last object acquired in the process alive, and RunInference acquires a fresh one of its own in
+    every setup (its model status), so that whether the model outlived the first stage depended on when Python's
+    cycle collector last ran. Worker processes started for one stage share nothing with the next."""
 
     def __init__(self):
-        self.handles: dict[str, Shared] = {}
+        self.handles: dict[str, str] = {}
 
-    def handle(self, role: str) -> Shared:
+    def handle(self, role: str) -> str:
         if role not in self.handles:
-            self.handles[role] = Shared()
+            self.handles[role] = f"{role}-{uuid.uuid4().hex}"
         return self.handles[role]
+
+    def release(self):
+        """Drop the models this object's stages loaded in this process (other processes keep theirs until they
+        end)."""
+        with _HELD_LOCK:
+            for handle in self.handles.values():
+                _HELD.pop(handle, None)
+                _LOADING.pop(handle, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# SharedModels handle -> (identity of the model, model); the lock per handle makes a second thread wait for the
+# model the first is loading rather than load its own
+_HELD: dict[str, tuple[str, object]] = {}
+_HELD_LOCK = threading.Lock()
+_LOADING: dict[str, threading.Lock] = {}
+
+
+def _acquire(handle: str, identity: str, load):
+    with _HELD_LOCK:
+        lock = _LOADING.setdefault(handle, threading.Lock())
+    with lock:
+        with _HELD_LOCK:
+            held = _HELD.get(handle)
+        if held is not None and held[0] == identity:
+            return held[1]
+        with _HELD_LOCK:  # the old model goes before the new one loads
+            _HELD.pop(handle, None)
+        model = load()
+        with _HELD_LOCK:
+            _HELD[handle] = (identity, model)
+        return model
 
 
 class _BatchedHandler(ModelHandler):
     """What Cairn's handlers share: the params of the model object, its thread limits, the batch size, an optional
-    ``factory(params, threads)`` (for tests) in place of the subclass's ``build()``, and an optional Beam
-    ``Shared`` handle (SharedModels) through which the model is acquired."""
+    ``factory(params, threads)`` (for tests) in place of the subclass's ``build()``, and an optional handle
+    of a SharedModels through which the model is acquired."""
 
     namespace = "cairn"
 
-    def __init__(self, params: dict, threads: int = 1, batch_size: int = 32, factory=None, shared: Shared | None = None):
+    def __init__(self, params: dict, threads: int = 1, batch_size: int = 32, factory=None, shared: str | None = None):
         super().__init__()
         self.params = dict(params)
         self.threads = threads
@@ -91,7 +134,7 @@ class _BatchedHandler(ModelHandler):
             return self._load()
         identity = json.dumps([type(self).__name__, getattr(self.factory, "__qualname__", None), self.params,
                                self.threads], sort_keys=True, default=repr)
-        return self.shared.acquire(self._load, tag=identity)
+        return _acquire(self.shared, identity, self._load)
 
     def _load(self):
         limit_threads(self.threads)

@@ -351,7 +351,12 @@ def test_hog_and_sift_rows_travel_in_chunks_that_lose_and_reorder_nothing(tmp_pa
 def test_the_query_extraction_reuses_the_model_the_database_extraction_loaded(tmp_path, tiny_synth, tiny_embedder,
                                                                              monkeypatch):
     """Issue 25 part 4: the stages of a run that share a SharedModels (a method's database and query extractions)
-    load a model once per process; the second stage's vectors are the same, and other params load their own."""
+    load a model once per process; the second stage's vectors are the same, and other params load their own.
+    The cycle collector runs between the stages: the model must outlive the first stage because SharedModels
+    holds it, not because the first stage's objects happen to be uncollected (CI once saw [3, 3] that way)."""
+    import gc
+
+    from pipeline.stages import inference
     from pipeline.stages.inference import EmbeddingModelHandler, SharedModels
 
     built = []
@@ -368,6 +373,7 @@ def test_the_query_extraction_reuses_the_model_the_database_extraction_loaded(tm
     for out in ("database", "queries"):
         extract(manifest, str(tmp_path / out), method="cnn", params=params, workers=1, threads=1,
                 shared_models=models)
+        gc.collect()
     assert built == [3]
     first, _ = read_shards(str(tmp_path / "database" / "features"))
     second, _ = read_shards(str(tmp_path / "queries" / "features"))
@@ -377,3 +383,6 @@ def test_the_query_extraction_reuses_the_model_the_database_extraction_loaded(tm
             threads=1, shared_models=models)
     extract(manifest, str(tmp_path / "alone"), method="cnn", params=params, workers=1, threads=1)
     assert built == [3, 2, 3]
+    assert models.handles["embed"] in inference._HELD
+    models.release()  # the launcher's `with` block: the process lets the model go
+    assert models.handles["embed"] not in inference._HELD

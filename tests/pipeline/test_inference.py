@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import pickle
 
 import apache_beam as beam
 import numpy as np
@@ -134,3 +135,38 @@ def test_prepare_images_ahead_in_a_beam_pipeline(tmp_path, tiny_synth):
                     label="images")
         assert_that(prepared[DEAD] | beam.Map(lambda d: (d.id, d.stage)),
                     equal_to([("missing", "read"), ("corrupt", "decode")]), label="dead")
+
+
+LOADS = []
+
+
+def counting_factory(params, threads):
+    LOADS.append(params["model"])
+    return FakeModel()
+
+
+def test_shared_models_hold_every_role_until_released_and_reload_on_other_params():
+    """A stage's detector and embedder (two roles, one fused stage) both stay loaded between stages of a run,
+    whatever else the process acquires through Beam's Shared meanwhile; other params take the role's place."""
+    import gc
+
+    from apache_beam.utils.shared import Shared
+
+    from pipeline.stages.inference import SharedModels
+
+    loads = LOADS
+    loads.clear()
+    factory = counting_factory
+    models = SharedModels()
+    handlers = [EmbeddingModelHandler({"model": role}, factory=factory, shared=models.handle(role))
+                for role in ("detector", "embed")]
+    first = [id(h.load_model()) for h in handlers]  # the first stage ends: nothing of it holds the models
+    Shared().acquire(lambda: FakeModel())  # displaces Beam's one kept-alive object, as RunInference's setup does
+    gc.collect()
+    again = [pickle.loads(pickle.dumps(h)).load_model() for h in handlers]  # as the next stage's workers do
+    assert loads == ["detector", "embed"] and [id(m) for m in again] == first
+
+    other = EmbeddingModelHandler({"model": "embed", "v": 2}, factory=factory, shared=models.handle("embed"))
+    assert other.load_model() is not again[1] and loads[-1] == "embed" and len(loads) == 3
+    models.release()
+    assert handlers[0].load_model() is not again[0] and len(loads) == 4
