@@ -61,8 +61,10 @@ def build_parser():
                         f"max_boxes={d.max_boxes}, min_side={d.min_side}, margin={d.margin}, "
                         f"full_image={d.full_image}, iou_threshold={d.iou_threshold}, "
                         f"fallback_threshold={d.fallback_threshold}, batch_size={d.batch_size}")
-    p.add_argument("--num-shards", type=int, default=0,
-                   help=f"output shards (default: one per {ROWS_PER_SHARD:,} images)")
+    p.add_argument("--num-shards", type=int, default=0, metavar="N",
+                   help=f"exactly N output shards, the features sent through a shuffle to the worker writing "
+                        f"each (default 0: written by the workers that extract them, a shard per worker bundle "
+                        f"and per {ROWS_PER_SHARD:,} images, with no shuffle)")
     common.add_beam_job_args(p)
     return p
 

@@ -46,6 +46,10 @@ def dirname(path: str) -> str:
     return FileSystems.split(path)[0]
 
 
+def basename(path: str) -> str:
+    return FileSystems.split(path)[1]
+
+
 def exists(path: str) -> bool:
     return FileSystems.exists(path)
 
@@ -433,6 +437,17 @@ def delete_temp_folders(folder: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.remove(path)
+
+
+def delete_tree(folder: str) -> None:
+    """Remove a folder and everything in it (on object stores, the objects under that prefix); nothing if it is
+    not there."""
+    if has_scheme(folder):
+        delete(glob(join(escape(folder), "*")))
+        return
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 _LOCAL_COPIES: dict[str, str] = {}

@@ -1,6 +1,7 @@
 """Sharded Parquet files on any Beam filesystem: ``prefix-SSSSS-of-NNNNN.parquet``.
 
-Beam jobs write shards with :func:`beam.io.WriteToParquetBatched` (see pipeline/stages/transforms.py); this module writes
+Beam jobs write shards with :func:`beam.io.WriteToParquetBatched` or, where the features are made, with
+pipeline/stages/shards.py; this module writes
 small tables from one process (id tables, manifests) and reads shard sets back as one table with the
 metadata of the files, checking that every shard agrees.
 

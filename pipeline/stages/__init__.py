@@ -8,7 +8,8 @@
     neighbours.py   the k nearest database images of the queries
     synth.py        the synthetic landmark set
 Each returns its record with a ``cost`` (costs.py). The Beam jobs share one setup (beamjob.py) and take a
-``test_pipeline``; their DoFns and model handlers are in transforms.py, inference.py and encoding.py.
+``test_pipeline``; their DoFns and model handlers are in transforms.py, inference.py and encoding.py, and
+the writer of feature shards where they are made in shards.py.
 Stages import index/, models/, reports/, features/ and pipeline's data contracts; never the orchestration above
 them (pipeline/run/) or the command (jobs/).
 """

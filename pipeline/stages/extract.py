@@ -45,6 +45,7 @@ from pipeline.stages.inference import (
     LocalModelHandler,
     SharedModels,
 )
+from pipeline.stages.shards import WriteShards
 from pipeline.stages.transforms import (
     DEAD,
     EXTRACT_BATCH,
@@ -140,6 +141,7 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
             log.info("extract: reusing %s (same config, manifest and images; --force recomputes)", out)
             return {**record, "cost": costs.reused()}
         log.warning("extract: cannot reuse %s: %s; extracting again", out, problem)
+    fixed_shards = num_shards  # 0: the features' shards follow the work (stages/shards.py)
     num_shards = min(num_shards or math.ceil(len(manifest) / ROWS_PER_SHARD), max(1, len(manifest)))
     job = beamjob.start(out, beam_args, workers, threads, images=len(manifest), test_pipeline=test_pipeline,
                         clear_globs=_old_outputs(out))
@@ -201,11 +203,14 @@ def extract(manifest_path: str, out: str, method: str = "hog", params: dict | No
         features, dead = results.features, results[DEAD]
     if per_image and kind == "global":  # dict rows: into Arrow tables with the vectors stacked (the sink would
         features = features | "ToTables" >> RowsToTables(schema)  # convert each vector alone)
-    features = features | "Rebatch" >> Rebatch()  # row groups of about 64 MiB
-    _ = features | "WriteFeatures" >> beam.io.WriteToParquetBatched(
-        paths["features"], schema, num_shards=num_shards, shard_name_template=SHARD_TEMPLATE,
-        file_name_suffix=".parquet", codec="zstd",
-    )
+    if fixed_shards:  # exactly that many: every table through Beam's shuffle to the worker writing its shard
+        features = features | "Rebatch" >> Rebatch()  # row groups of about 64 MiB
+        _ = features | "WriteFeatures" >> beam.io.WriteToParquetBatched(
+            paths["features"], schema, num_shards=num_shards,
+            shard_name_template=SHARD_TEMPLATE, file_name_suffix=".parquet", codec="zstd",
+        )
+    else:  # written where they are made, a shard per bundle and per ROWS_PER_SHARD rows, 64 MiB row groups
+        _ = features | "WriteFeatures" >> WriteShards(paths["features"], schema, ROWS_PER_SHARD)
     manifest_dead = p | "ManifestDeadLetters" >> beam.Create(manifest.dead_letters)
     _ = (dead, manifest_dead) | "AllDead" >> beam.Flatten() | "WriteDead" >> WriteDeadLetters(
         paths["dead_letters"])

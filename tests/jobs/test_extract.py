@@ -386,3 +386,25 @@ def test_the_query_extraction_reuses_the_model_the_database_extraction_loaded(tm
     assert models.handles["embed"] in inference._HELD
     models.release()  # the launcher's `with` block: the process lets the model go
     assert models.handles["embed"] not in inference._HELD
+
+
+def test_automatic_shards_follow_the_work_and_hold_at_most_rows_per_shard(tmp_path, tiny_synth, monkeypatch):
+    """Without --num-shards the features are written by the workers that extract them (no shuffle of the
+    vectors): a shard per worker bundle and per ROWS_PER_SHARD rows, a complete set, every image once."""
+    from pipeline.stages import extract as stage
+
+    monkeypatch.setattr(stage, "ROWS_PER_SHARD", 5)
+    manifest = str(tiny_synth / "train.csv")
+    out = tmp_path / "out"
+    record = extract(manifest, str(out), workers=2, threads=1, beam_args=["--runner=DirectRunner"])
+    shards = sorted(out.glob("features-*.parquet"))
+    rows = [pq.ParquetFile(s).metadata.num_rows for s in shards]
+    images = sum(1 for _ in open(manifest)) - 1
+    assert len(shards) >= 4 and max(rows) <= 5 and sum(rows) == record["counts"]["outputs"] == images
+    assert all(s.name.endswith(f"-of-{len(shards):05d}.parquet") for s in shards)
+    assert sorted(p.name for p in out.iterdir()) == [s.name for s in shards]  # no temporary folder left
+    table, _ = read_shards(str(out / "features"))
+    alone = extract(manifest, str(tmp_path / "fixed"), workers=1, threads=1, num_shards=1)
+    fixed, _ = read_shards(str(tmp_path / "fixed" / "features"))
+    assert alone["counts"]["outputs"] == images
+    assert np.array_equal(vectors_of(table.sort_by("id")), vectors_of(fixed.sort_by("id")))

@@ -1,0 +1,156 @@
+"""Arrow tables -> Parquet shards ``prefix-SSSSS-of-NNNNN.parquet``, written by the workers that made the tables.
+
+    tables -> WriteParts (in the producing stage: a part file of at most ``max_rows`` rows at a time, under a
+              ``beam-temp-*`` folder beside the shards)
+           -> the parts' names (a few strings through one small shuffle)
+           -> Finalize (renamed to the shard names in order of their first id; the temporary folder removed)
+
+Beam's Parquet sink with a fixed ``num_shards`` sends every table through a GroupByKey to the worker that
+writes its shard: the features are encoded, grouped, encoded again and decoded in a stage of their own after
+the last image is done. For HoG on 8,320 images (61 MB of vectors) that was 0.95 s between the last image and
+the first byte written, on one core, against 10 s of extraction. Written where they are made, the features
+cross no shuffle, and on a cluster no worker waits for the others' vectors. The shard count follows the work:
+one part per worker bundle, and another whenever a part reaches ``max_rows``, so that no shard holds more
+rows than the readers that take a shard at a time expect (the index build, the encoders).
+
+The writer writes dictionary pages and statistics for the plain columns only (id, landmark_id, sizes): the
+vector and descriptor columns never repeat a value and no reader filters on their minimum, and skipping both
+cut the write of those 61 MB from 0.43 s to 0.25 s. Lists keep the names Beam's sink gave them (``item``), so
+that shards are laid out as before.
+
+A bundle that fails leaves its part in the temporary folder; only the parts of bundles that committed reach
+Finalize, which removes the folder with whatever else is in it. A run killed before Finalize leaves no shard;
+one killed during it leaves an incomplete shard set, which readers refuse (parquet_io.find_shards) and the
+next run clears (beamjob.start: the prefix's shards and the ``beam-temp-*`` folders).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import fs
+from pipeline.parquet_io import shard_name, write_table
+from pipeline.stages.transforms import ROW_GROUP_BYTES, at_bundle_end
+
+
+def plain_columns(schema: pa.Schema) -> list[str]:
+    """The columns that take dictionary pages and statistics: those of a non-nested type."""
+    return [f.name for f in schema if not pa.types.is_nested(f.type)]
+
+
+class _WriteParts(beam.DoFn):
+    """Tables -> (first id, rows, path) of each part file it writes. The tables are buffered into row groups of
+    about ``row_group_bytes`` (or what is left at a part's end or a bundle's), written as they are, in chunks
+    (concatenated, not combined: the writer takes chunked columns at the same speed). A part is opened by the
+    first row group of a bundle and after the last one closed, which it is when it reaches ``max_rows``; a
+    bundle's last part is closed in ``finish_bundle``."""
+
+    def __init__(self, temp: str, schema: pa.Schema, max_rows: int, row_group_bytes: int, codec: str):
+        self.temp = temp
+        self.schema = schema
+        self.max_rows = max_rows
+        self.row_group_bytes = row_group_bytes
+        self.codec = codec
+        self.part = None
+        self.buffer, self.buffered, self.size = [], 0, 0
+
+    def start_bundle(self):
+        self.part = None
+        self.buffer, self.buffered, self.size = [], 0, 0
+
+    def _take(self, rows: int) -> pa.Table:
+        """The first ``rows`` buffered rows as one table; the rest stay buffered."""
+        table = pa.concat_tables(self.buffer)
+        head, tail = table.slice(0, rows), table.slice(rows)
+        self.buffer = [tail] if tail.num_rows else []
+        self.buffered, self.size = tail.num_rows, tail.nbytes
+        return head
+
+    def _write(self, table: pa.Table):
+        if self.part is None:
+            path = fs.join(self.temp, f"{uuid.uuid4().hex}.parquet")
+            stream = FileSystems.create(path, mime_type="application/x-parquet", compression_type="uncompressed")
+            plain = plain_columns(self.schema)
+            writer = pq.ParquetWriter(stream, self.schema, compression=self.codec, use_dictionary=plain,
+                                      write_statistics=plain, use_compliant_nested_type=False)
+            self.part = {"path": path, "stream": stream, "writer": writer, "rows": 0,
+                         "first": table.column("id")[0].as_py()}
+        self.part["writer"].write_table(table)
+        self.part["rows"] += table.num_rows
+
+    def _close(self):
+        part, self.part = self.part, None
+        part["writer"].close()
+        part["stream"].close()
+        return part["first"], part["rows"], part["path"]
+
+    def process(self, table: pa.Table):
+        if not table.num_rows:
+            return
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        self.size += table.nbytes
+        while (self.part["rows"] if self.part else 0) + self.buffered >= self.max_rows:
+            self._write(self._take(self.max_rows - (self.part["rows"] if self.part else 0)))
+            yield self._close()
+        if self.size >= self.row_group_bytes:
+            self._write(self._take(self.buffered))
+
+    def finish_bundle(self):
+        if self.buffered:
+            self._write(self._take(self.buffered))
+        if self.part is not None:
+            yield at_bundle_end(self._close())
+
+    def teardown(self):
+        if self.part is not None:  # a failed bundle: its part is left for Finalize's clean-up
+            for closing in (self.part["writer"].close, self.part["stream"].close):
+                try:
+                    closing()
+                except Exception:  # noqa: BLE001, S110 - the bundle already failed with its own error
+                    pass
+            self.part = None
+
+
+def finalize(parts: list, prefix: str, temp: str, schema: pa.Schema) -> list[str]:
+    """Rename the committed parts to ``prefix``'s shard names, in order of their first id; no part (no rows):
+    one empty shard with the schema. Removes ``temp``. Idempotent, as a retried step must be: a part already
+    renamed is not renamed again."""
+    parts = sorted(parts)
+    count = max(1, len(parts))
+    shards = [shard_name(prefix, i, count) for i in range(count)]
+    if not parts:
+        write_table(schema.empty_table(), shards[0])
+    for (_, _, path), shard in zip(parts, shards, strict=False):
+        if fs.exists(path):
+            FileSystems.rename([path], [shard])
+        elif not fs.exists(shard):
+            raise RuntimeError(f"{path}: a part of {prefix} is gone before it was renamed to {shard}")
+    fs.delete_tree(temp)
+    return shards
+
+
+class WriteShards(beam.PTransform):
+    """Arrow tables in ``schema`` -> the shard set ``prefix-SSSSS-of-NNNNN.parquet`` (module docstring); the
+    output is the list of shard paths, once the set is complete."""
+
+    def __init__(self, prefix: str, schema: pa.Schema, max_rows: int, row_group_bytes: int = ROW_GROUP_BYTES,
+                 codec: str = "zstd"):
+        super().__init__()
+        self.prefix = prefix
+        self.schema = schema
+        self.max_rows = max(1, max_rows)
+        self.row_group_bytes = row_group_bytes
+        self.codec = codec
+
+    def expand(self, tables):
+        temp = fs.join(fs.dirname(self.prefix), f"beam-temp-{fs.basename(self.prefix)}-{uuid.uuid4().hex}")
+        return (tables
+                | "WriteParts" >> beam.ParDo(_WriteParts(temp, self.schema, self.max_rows, self.row_group_bytes, self.codec))
+                | "Parts" >> beam.combiners.ToList()
+                | "Finalize" >> beam.Map(finalize, self.prefix, temp, self.schema))
