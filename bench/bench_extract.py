@@ -41,7 +41,9 @@ DESCRIPTION = (
     "(N - 4) / (T_N - T_4), an estimate of the throughput once the pipeline runs. On the synthetic images the "
     "manifest lists the 520 images 16 times over for HoG (8,320 rows) and four times over for SIFT (2,080 rows), "
     "each copy its own id (the bare loop reads the same list), so that T_N - T_4 is seconds of work (HoG: 1 ms "
-    "an image); each time is the best of 3 runs. "
+    "an image). Each repeat runs the bare loop, then the job on 4 images, then on N, one after the other, so "
+    "that the machine's drift (its speed moves by 10 to 15% over minutes) weighs on the reference and the job "
+    "alike; each figure is the best of its runs (the bare loop's over the repeats of every worker count). "
     "Beam flags: `--runner=DirectRunner` (run on Beam's FnApiRunner, see pipeline/options.py). "
     "Ratios are value / bare loop on the same images."
 )
@@ -127,8 +129,10 @@ def bare_loop(paths: list[str], desc: str, method: str = "hog") -> int:
 
 
 def _beam_runs(manifest: str, tiny: str, out: str, workers: int, n: int, repeats: int, beam_args: list[str],
-               method: str = "hog") -> dict:
-    """Time the extract job on the full and the tiny manifest; returns times and the fitted rates."""
+               method: str = "hog", reference=None) -> dict:
+    """Time the extract job on the full and the tiny manifest; returns times and the fitted rates. Each repeat
+    runs ``reference()`` first (the bare loop, which times itself), so that the machine's drift weighs on the
+    reference and the job alike."""
     from pipeline.stages.extract import extract
 
     def job(path: str, dest: str) -> dict:
@@ -143,6 +147,8 @@ def _beam_runs(manifest: str, tiny: str, out: str, workers: int, n: int, repeats
     tiny_times, full_times, inner, inside = [], [], [], []
     with _time_inside_the_extractor() as spent:  # in this process only: the 1-worker job's
         for _ in tqdm(range(repeats), desc=f"beam {workers} worker(s)", unit="run", leave=False):
+            if reference is not None:
+                reference()
             start = time.perf_counter()
             job(tiny, os.path.join(out, f"tiny-w{workers}"))
             tiny_times.append(time.perf_counter() - start)
@@ -190,13 +196,19 @@ def _measure(group: str, rows: list[tuple[str, str, int]], workdir: str, workers
     paths = [p for _, p, _ in rows]
 
     bare_loop(paths[:TINY], "warm-up", method)
-    times = time_runs(lambda: bare_loop(paths, f"bare loop {method}", method), repeats)
+    times = []
+
+    def reference():
+        times.extend(time_runs(lambda: bare_loop(paths, f"bare loop {method}", method), 1))
+
+    runs = {workers: _beam_runs(manifest, tiny, os.path.join(workdir, "beam"), workers, n, repeats, beam_args,
+                                method, reference) for workers in workers_list}
     ref = "bare loop, 1 process, 1 thread"
-    entries = [entry(group, ref, n / min(times), "images/s", repeats=repeats, images=n, **summary(times))]
+    entries = [entry(group, ref, n / min(times), "images/s", repeats=len(times), images=n, **summary(times))]
     log.info("extract [%s]: bare loop %.1f images/s", group, n / min(times))
     for workers in workers_list:
         label = "1 worker (in-process)" if workers == 1 else f"{workers} workers (processes)"
-        r = _beam_runs(manifest, tiny, os.path.join(workdir, "beam"), workers, n, repeats, beam_args, method)
+        r = runs[workers]
         log.info("extract [%s]: Beam %s %.1f images/s (start-up excluded: %s), fixed overhead %.2f s", group,
                  label, r["rate"], f"{r['steady']:.1f}" if r["steady"] else "n/a", r["overhead_s"])
         entries.append(entry(group, f"Beam job, {label}", r["rate"], "images/s", ref, repeats=repeats,
