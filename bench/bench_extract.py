@@ -41,9 +41,9 @@ DESCRIPTION = (
     "(N - 4) / (T_N - T_4), an estimate of the throughput once the pipeline runs. On the synthetic images the "
     "manifest lists the 520 images 16 times over for HoG (8,320 rows) and four times over for SIFT (2,080 rows), "
     "each copy its own id (the bare loop reads the same list), so that T_N - T_4 is seconds of work (HoG: 1 ms "
-    "an image). Each repeat runs the bare loop, then the job on 4 images, then on N, one after the other, so "
-    "that the machine's drift (its speed moves by 10 to 15% over minutes) weighs on the reference and the job "
-    "alike; each figure is the best of its runs. The bare loop runs beside the first worker count's runs only "
+    "an image). Each repeat runs the bare loop, the job on 4 images and the job on N one after the other (the "
+    "loop first in even repeats, last in odd ones), so that the machine's drift (its speed moves by 10 to 20% "
+    "over minutes) weighs on the reference and the job alike; each figure is the best of its runs. The bare loop runs beside the first worker count's runs only "
     "(the in-process job for the synthetic images; the 2-worker job for Porto's), 5 times for HoG's 8,320 rows, "
     "3 for the rest. "
     "Beam flags: `--runner=DirectRunner` (run on Beam's FnApiRunner, see pipeline/options.py). "
@@ -135,8 +135,9 @@ def bare_loop(paths: list[str], desc: str, method: str = "hog") -> int:
 def _beam_runs(manifest: str, tiny: str, out: str, workers: int, n: int, repeats: int, beam_args: list[str],
                method: str = "hog", reference=None) -> dict:
     """Time the extract job on the full and the tiny manifest; returns times and the fitted rates. Each repeat
-    runs ``reference()`` first (the bare loop, which times itself), so that the machine's drift weighs on the
-    reference and the job alike."""
+    also runs ``reference()`` (the bare loop, which times itself), so that the machine's drift weighs on the
+    reference and the job alike: before the jobs in even repeats, after them in odd ones, so that a machine
+    that slows (or speeds up) under sustained load does not favour whichever runs first."""
     from pipeline.stages.extract import extract
 
     def job(path: str, dest: str) -> dict:
@@ -150,8 +151,8 @@ def _beam_runs(manifest: str, tiny: str, out: str, workers: int, n: int, repeats
     job(tiny, os.path.join(out, f"warmup-w{workers}"))
     tiny_times, full_times, inner, inside = [], [], [], []
     with _time_inside_the_extractor() as spent:  # in this process only: the 1-worker job's
-        for _ in tqdm(range(repeats), desc=f"beam {workers} worker(s)", unit="run", leave=False):
-            if reference is not None:
+        for repeat in tqdm(range(repeats), desc=f"beam {workers} worker(s)", unit="run", leave=False):
+            if reference is not None and repeat % 2 == 0:
                 reference()
             start = time.perf_counter()
             job(tiny, os.path.join(out, f"tiny-w{workers}"))
@@ -162,6 +163,8 @@ def _beam_runs(manifest: str, tiny: str, out: str, workers: int, n: int, repeats
             full_times.append(time.perf_counter() - start)
             inner.append(record["seconds"])
             inside.append(spent[0])
+            if reference is not None and repeat % 2 == 1:
+                reference()
     t_full, t_tiny = min(full_times), min(tiny_times)
     steady = (n - TINY) / (t_full - t_tiny) if t_full > t_tiny else None
     return {"rate": n / t_full, "steady": steady, "overhead_s": t_tiny, "full": summary(full_times),

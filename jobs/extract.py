@@ -64,7 +64,7 @@ def build_parser():
     p.add_argument("--num-shards", type=int, default=0, metavar="N",
                    help=f"exactly N output shards, the features sent through a shuffle to the worker writing "
                         f"each (default 0: written by the workers that extract them, a shard per worker bundle "
-                        f"and per {ROWS_PER_SHARD:,} images, with no shuffle)")
+                        f"and per {ROWS_PER_SHARD:,} rows, with no shuffle)")
     common.add_beam_job_args(p)
     return p
 

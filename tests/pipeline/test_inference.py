@@ -170,3 +170,4 @@ def test_shared_models_hold_every_role_until_released_and_reload_on_other_params
     assert other.load_model() is not again[1] and loads[-1] == "embed" and len(loads) == 3
     models.release()
     assert handlers[0].load_model() is not again[0] and len(loads) == 4
+    models.release()  # nothing of this test stays in the process

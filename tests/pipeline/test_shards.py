@@ -68,17 +68,71 @@ def test_no_rows_make_one_empty_shard_with_the_schema(tmp_path):
     assert table.num_rows == 0 and table.schema.equals(SCHEMA, check_metadata=False)
 
 
+def test_a_row_group_flush_then_a_part_boundary_and_tables_ending_on_it(tmp_path):
+    """Tables of 3, 2 and 5 rows with parts of 5 (the second table ends a part exactly) and row groups of about
+    one table: every row once, no part over 5 rows, no empty part."""
+    ids = [f"i{n:03d}" for n in range(10)]
+    tables = _tables([ids[:3], ids[3:5], ids[5:]])
+    prefix = _write(tmp_path, tables, max_rows=5, row_group_bytes=tables[0].nbytes)
+    rows = [pq.ParquetFile(s).metadata.num_rows for s in find_shards(prefix)]
+    assert rows == [5, 5]
+    table, _ = read_shards(prefix)
+    assert table.column("id").to_pylist() == ids
+
+
+def _parts(temp, sizes: dict[str, int]) -> list[tuple]:
+    temp.mkdir(exist_ok=True)
+    parts = []
+    for first, rows in sizes.items():
+        path = temp / f"{first}.parquet"
+        ids = [f"{first}-{k:02d}" for k in range(rows)]
+        vectors = np.zeros((rows, 8), np.float32)
+        pq.write_table(global_features_table(ids, [1] * rows, vectors, SCHEMA), path)
+        parts.append((ids[0], rows, str(path)))
+    return parts
+
+
 def test_finalize_renames_what_committed_removes_the_rest_and_can_run_again(tmp_path):
     temp = tmp_path / "beam-temp-features-x"
-    temp.mkdir()
-    parts = []
-    for first in ("i005", "i001"):
-        path = temp / f"{first}.parquet"
-        pq.write_table(_tables([[first]])[0], path)
-        parts.append((first, 1, str(path)))
+    parts = _parts(temp, {"i005": 3, "i001": 4})
     (temp / "failed-bundle.parquet").write_bytes(b"a part of a bundle that did not commit")
     prefix = str(tmp_path / "features")
-    shards = finalize(parts, prefix, str(temp), SCHEMA)
-    assert [pq.read_table(s).column("id")[0].as_py() for s in shards] == ["i001", "i005"]
+    shards = finalize(parts, prefix, str(temp), SCHEMA, max_rows=10)
+    assert [pq.read_table(s).column("id")[0].as_py() for s in shards] == ["i001-00", "i005-00"]
     assert not temp.exists()
-    assert finalize(parts, prefix, str(temp), SCHEMA) == shards  # a retried finalize step
+    assert finalize(parts, prefix, str(temp), SCHEMA, max_rows=10) == shards  # a retried finalize step
+
+
+def test_finalize_merges_the_small_parts_of_many_small_bundles(tmp_path):
+    """Parts under max_rows / 10 rows (a runner's small bundles) go together into shards of up to max_rows;
+    larger parts stay as they are."""
+    temp = tmp_path / "beam-temp-features-x"
+    sizes = {f"a{k:02d}": 30 for k in range(40)} | {"b00": 500, "c00": 150}  # 100 is a tenth of 1,000
+    parts = _parts(temp, sizes)
+    prefix = str(tmp_path / "features")
+    shards = finalize(parts, prefix, str(temp), SCHEMA, max_rows=1000)
+    rows = {pq.read_table(s).column("id")[0].as_py(): pq.ParquetFile(s).metadata.num_rows for s in shards}
+    assert rows == {"a00-00": 990, "a33-00": 210, "b00-00": 500, "c00-00": 150}  # 33 x 30 rows, then 7 x 30
+    table, _ = read_shards(prefix)
+    assert table.num_rows == sum(sizes.values()) == len(set(table.column("id").to_pylist()))
+
+
+def test_finalize_after_a_retry_that_stopped_half_way(tmp_path):
+    """The big part was renamed to its shard before a crash; the retry merges the eleven small parts and
+    renames the rest, and the set is whole."""
+    temp = tmp_path / "beam-temp-features-x"
+    parts = _parts(temp, {"i001": 40} | {f"s{k:02d}": 2 for k in range(11)})
+    prefix = str(tmp_path / "features")
+    big = temp / "i001.parquet"
+    big.rename(tmp_path / "features-00000-of-00002.parquet")
+    shards = finalize(parts, prefix, str(temp), SCHEMA, max_rows=50)
+    table, _ = read_shards(prefix)
+    assert len(shards) == 2 and table.num_rows == 62 and not temp.exists()
+    assert pq.ParquetFile(shards[1]).metadata.num_rows == 22
+
+
+def test_a_few_small_parts_stay_as_they_are(tmp_path):
+    """Ten small parts (a 10-worker job on a few images) are not rewritten: one shard each."""
+    temp = tmp_path / "beam-temp-features-x"
+    parts = _parts(temp, {f"a{k:02d}": 30 for k in range(10)})
+    assert len(finalize(parts, str(tmp_path / "features"), str(temp), SCHEMA, max_rows=1000)) == 10
