@@ -30,6 +30,7 @@ next run clears (beamjob.start: the prefix's shards and the ``beam-temp-*`` fold
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import apache_beam as beam
@@ -120,10 +121,8 @@ class _WriteParts(beam.DoFn):
     def teardown(self):
         if self.part is not None:  # a failed bundle: its part is left for Finalize's clean-up
             for closing in (self.part["writer"].close, self.part["stream"].close):
-                try:
+                with contextlib.suppress(Exception):  # the bundle already failed with its own error
                     closing()
-                except Exception:  # noqa: BLE001, S110 - the bundle already failed with its own error
-                    pass
             self.part = None
 
 
