@@ -69,7 +69,8 @@ bench-scale: setup
 	$(BIN)/python -m bench.run --only scale
 
 # `cairn plan`'s million-image projection with this checkout and with bench/bench_plan.py's BASELINE commit, in
-# one run (section "plan" of BENCHMARKS.md; about half an hour)
+# one run, twice each in the order baseline, this, this, baseline; then the extraction jobs of the last sample with
+# either commit's code in turn (section "plan" of BENCHMARKS.md; about an hour)
 bench-plan: setup
 	$(BIN)/python -m bench.run --only plan
 

@@ -37,7 +37,7 @@ BENCHMARKS = {
     "scale": "bench.bench_scale",
     "plan": "bench.bench_plan",
 }
-# run only when named: scale (`make bench-scale`) about two hours, plan (`make bench-plan`) about half an hour
+# run only when named: scale (`make bench-scale`) about two hours, plan (`make bench-plan`) about an hour
 ON_DEMAND = ("scale", "plan")
 COMMAND = "make bench"
 QUICK_COMMAND = ".venv/bin/python -m bench.run --quick"
