@@ -16,6 +16,9 @@ as fast as this one.
 Prints, per stage and in all, the projected time, the storage written (features, models, indices) and the
 memory each index takes (CPU, or GPU with --device gpu), with every assumption; writes OUT/plan.json and
 OUT/plan.csv. The measured run it is checked against is in BENCHMARKS.md (section "scale", `make bench-scale`).
+Read the total as an estimate and the small stages as rough: with the default samples on a 2-core machine, two
+plans of the same run differed by 4% and 9% in total, and a stage of a few seconds on the samples (the report, HoG's
+extraction) by up to five times (`make bench-plan`); a larger --sample narrows both.
 """
 
 from __future__ import annotations
