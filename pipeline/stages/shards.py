@@ -158,9 +158,8 @@ def _merge(paths: list[str], target: str, schema: pa.Schema, row_group_bytes: in
     table = pa.concat_tables(tables)
     per_group = max(1, int(row_group_bytes * table.num_rows / max(1, table.nbytes)))
     stream, writer = _open_writer(target, schema, codec)
-    writer.write_table(table, row_group_size=per_group)
-    writer.close()
-    stream.close()
+    with stream, writer:  # the writer closes first, then its stream, also when the write fails
+        writer.write_table(table, row_group_size=per_group)
 
 
 def finalize(parts: list, prefix: str, temp: str, schema: pa.Schema, max_rows: int,
@@ -180,7 +179,7 @@ def finalize(parts: list, prefix: str, temp: str, schema: pa.Schema, max_rows: i
         source = paths[0]
         if len(paths) > 1:
             source = fs.join(temp, f"merged-{i:05d}.parquet")
-            if all(fs.exists(p) for p in paths):
+            if not fs.exists(shard) and all(fs.exists(p) for p in paths):  # a retry does not merge them again
                 _merge(paths, source, schema, row_group_bytes, codec)
         if fs.exists(source):
             sources.append(source)

@@ -136,3 +136,19 @@ def test_a_few_small_parts_stay_as_they_are(tmp_path):
     temp = tmp_path / "beam-temp-features-x"
     parts = _parts(temp, {f"a{k:02d}": 30 for k in range(10)})
     assert len(finalize(parts, str(tmp_path / "features"), str(temp), SCHEMA, max_rows=1000)) == 10
+
+
+def test_a_retry_after_the_renames_does_not_merge_again(tmp_path, monkeypatch):
+    """A finalize step that renamed everything but died before removing its temporary folder: the retry finds
+    the merged shard in place and rewrites nothing."""
+    from pipeline.stages import shards as module
+
+    temp = tmp_path / "beam-temp-features-x"
+    parts = _parts(temp, {f"s{k:02d}": 2 for k in range(11)})
+    prefix = str(tmp_path / "features")
+    monkeypatch.setattr(module.fs, "delete_tree", lambda path: None)  # the crash before the clean-up
+    shards = finalize(parts, prefix, str(temp), SCHEMA, max_rows=50)
+    merges = []
+    monkeypatch.setattr(module, "_merge", lambda *args: merges.append(args))
+    assert finalize(parts, prefix, str(temp), SCHEMA, max_rows=50) == shards and merges == []
+    assert pq.ParquetFile(shards[0]).metadata.num_rows == 22
